@@ -1,0 +1,68 @@
+# netboot-appliance: every target a fresh Debian bookworm machine needs, as root.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# pytest exits 5 when a tier selects no test; that is not a failure of the tier.
+PYTEST := tools/pytest-tier $(PY)
+STAMPS := build/.stamps
+
+# Debian packages for the servers' system tools, the test clients and the image builds.
+DEB_PACKAGES := \
+	iproute2 procps curl ca-certificates python3 python3-venv \
+	ipxe ovmf qemu-system-x86 qemu-utils \
+	dnsmasq-base isc-dhcp-client udhcpc kea-admin tftp-hpa atftp busybox \
+	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat
+
+.PHONY: all deps venv test test-unit test-integration test-netns test-vm lint bench clean
+
+all: venv
+
+deps: $(STAMPS)/deps
+$(STAMPS)/deps: Makefile
+	@mkdir -p $(STAMPS)
+	@missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $(DEB_PACKAGES) 2>/dev/null \
+		| awk '$$4 != "installed" {print $$1}'; \
+		for p in $(DEB_PACKAGES); do dpkg-query -W $$p >/dev/null 2>&1 || echo $$p; done); \
+	missing=$$(echo $$missing | tr ' ' '\n' | sort -u | tr '\n' ' '); \
+	if [ -n "$${missing// /}" ]; then \
+		echo "installing Debian packages: $$missing"; \
+		SUDO=; [ "$$(id -u)" -eq 0 ] || SUDO=sudo; \
+		$$SUDO apt-get update -q && \
+		DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q --no-install-recommends $$missing; \
+	fi
+	@touch $@
+
+venv: $(VENV)/.installed
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[server,agent,build,dev]'
+	@touch $@
+
+lint: venv
+	$(VENV)/bin/ruff check configserver nodeagent tests bench
+
+# Every tier, one pytest run each so that a failure in one does not hide the others.
+test: deps venv
+	$(PYTEST) -m "not integration and not netns and not vm" tests
+	$(PYTEST) -m integration tests
+	$(PYTEST) -m netns tests
+	$(PYTEST) -m vm tests
+
+test-unit: venv
+	$(PYTEST) -m "not integration and not netns and not vm" tests
+test-integration: venv
+	$(PYTEST) -m integration tests
+test-netns: deps venv
+	$(PYTEST) -m netns tests
+test-vm: deps venv
+	$(PYTEST) -m vm tests
+
+bench: deps venv
+	@set -e; for b in bench/*/run; do echo "== $$b"; $$b; done
+
+clean:
+	rm -rf $(VENV) build/.stamps .pytest_cache
+
+-include mk/*.mk

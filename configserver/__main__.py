@@ -1,0 +1,3 @@
+from configserver.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,212 @@
+"""The config server's configuration: frozen dataclasses, built only by the CLI.
+
+Library code receives a ``ServerConfig`` and never reads argv, the environment or files itself.
+``from_mapping`` turns the parsed TOML file plus command-line overrides into one; unknown keys and
+bad values raise ``ConfigError`` naming the key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import ipaddress
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from configserver.errors import ConfigError
+from configserver.model import UnknownMacPolicy
+
+DEFAULT_STATE_DIR = Path("/var/lib/netboot")
+DEFAULT_CONFIG_FILE = Path("/etc/netboot/configserver.toml")
+DEFAULT_IMAGES_DIR = Path("build/images")
+
+
+class DhcpMode(enum.StrEnum):
+    FULL = "full"
+    PROXY = "proxy"
+    OFF = "off"
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """A subnet the DHCP server is authoritative for (its own, or one behind a relay)."""
+
+    network: str
+    router: str | None = None
+    pool: tuple[str, str] | None = None
+    dns: tuple[str, ...] = ()
+    domain: str | None = None
+    mtu: int | None = None
+    lease_time: int | None = None
+
+
+@dataclass(frozen=True)
+class DhcpConfig:
+    mode: DhcpMode = DhcpMode.OFF
+    # The interface's own subnet; filled in from the interface's address when not given.
+    subnet: Subnet | None = None
+    # Further subnets reached through DHCP relays (giaddr inside them).
+    relayed: tuple[Subnet, ...] = ()
+    lease_time: int = 3600
+    # Listen ports (tests run servers unprivileged on high ports).
+    port: int = 67
+    client_port: int = 68
+    proxy_port: int = 4011
+    # UDP address to bind; default: all addresses of the interface (SO_BINDTODEVICE).
+    bind_address: str = "0.0.0.0"
+    decline_quarantine: int = 600
+
+
+@dataclass(frozen=True)
+class TftpConfig:
+    enabled: bool = True
+    port: int = 69
+    bind_address: str = "0.0.0.0"
+    max_transfers: int = 1000
+    max_transfers_per_client: int = 8
+    timeout: float = 1.0
+    retries: int = 5
+
+
+@dataclass(frozen=True)
+class HttpConfig:
+    listen: str = "0.0.0.0"
+    port: int = 8080
+    # URL the nodes use to reach this server; default: the interface's address and port.
+    public_url: str | None = None
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    state_dir: Path = DEFAULT_STATE_DIR
+    images_dir: Path = DEFAULT_IMAGES_DIR
+    interface: str | None = None
+    # The address nodes reach us at (DHCP siaddr, option 54, URLs); from the interface if unset.
+    server_address: str | None = None
+    ipxe_dir: Path | None = None
+    unknown_mac: UnknownMacPolicy | None = None
+    discovery_image: str | None = None
+    heartbeat_interval: float = 15.0
+    lost_after: float = 90.0
+    http: HttpConfig = field(default_factory=HttpConfig)
+    dhcp: DhcpConfig = field(default_factory=DhcpConfig)
+    tftp: TftpConfig = field(default_factory=TftpConfig)
+
+    @property
+    def registry_path(self) -> Path:
+        return self.state_dir / "registry.sqlite"
+
+    @property
+    def token_path(self) -> Path:
+        return self.state_dir / "admin.token"
+
+    @property
+    def endpoint_path(self) -> Path:
+        """Where a running server writes how the CLI reaches it."""
+        return self.state_dir / "server.json"
+
+
+def from_mapping(data: dict[str, Any]) -> ServerConfig:
+    """Build a ServerConfig from nested dicts (TOML layout), validating every value."""
+    return _build(ServerConfig, data, "")
+
+
+def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'} must be a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for key, value in data.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            raise ConfigError(f"unknown setting {prefix}{key}",
+                              hint="known: " + ", ".join(sorted(fields)))
+        kwargs[name] = _convert(fields[name].type, value, f"{prefix}{key}")
+    try:
+        config = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{prefix.rstrip('.') or 'config'}: {exc}") from None
+    _check(config, prefix)
+    return config
+
+
+_NESTED = {"HttpConfig": HttpConfig, "DhcpConfig": DhcpConfig, "TftpConfig": TftpConfig,
+           "Subnet": Subnet}
+
+
+def _convert(annotation: Any, value: Any, key: str) -> Any:  # noqa: PLR0911
+    text = str(annotation)
+    try:
+        for name, cls in _NESTED.items():
+            if text.startswith(name):
+                return value if isinstance(value, cls) else _build(cls, value, key + ".")
+        if text.startswith("tuple[Subnet"):
+            return tuple(v if isinstance(v, Subnet) else _build(Subnet, v, key + ".")
+                         for v in value)
+        if value is None:
+            return None
+        if "Path" in text:
+            return Path(value)
+        if "DhcpMode" in text:
+            return DhcpMode(value)
+        if "UnknownMacPolicy" in text:
+            return UnknownMacPolicy(value)
+        if text.startswith("tuple[str, str]"):
+            start, end = value.split("-", 1) if isinstance(value, str) else value
+            return (str(ipaddress.IPv4Address(start.strip())),
+                    str(ipaddress.IPv4Address(end.strip())))
+        if text.startswith("tuple[str"):
+            return tuple(str(v) for v in ([value] if isinstance(value, str) else value))
+        if text.startswith("bool"):
+            if isinstance(value, bool):
+                return value
+            if str(value).lower() in ("on", "true", "yes", "1"):
+                return True
+            if str(value).lower() in ("off", "false", "no", "0"):
+                return False
+            raise ValueError(value)
+        if text.startswith("int"):
+            if isinstance(value, bool):
+                raise ValueError(value)
+            return int(value)
+        if text.startswith("float"):
+            return float(value)
+        return str(value)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"invalid value {value!r} for {key}: {exc}") from None
+
+
+def _check(config: Any, prefix: str) -> None:
+    """Cross-field checks that the types alone cannot express."""
+    def port(value: int, name: str) -> None:
+        if not 0 <= value <= 65535:
+            raise ConfigError(f"{prefix}{name} must be a port number, not {value}")
+
+    if isinstance(config, HttpConfig):
+        port(config.port, "port")
+    elif isinstance(config, TftpConfig):
+        port(config.port, "port")
+    elif isinstance(config, DhcpConfig):
+        for name in ("port", "client_port", "proxy_port"):
+            port(getattr(config, name), name)
+        if config.lease_time < 60:
+            raise ConfigError(f"{prefix}lease_time must be at least 60 seconds")
+    elif isinstance(config, Subnet):
+        try:
+            net = ipaddress.IPv4Network(config.network, strict=False)
+        except ValueError:
+            raise ConfigError(f"{prefix}network: invalid IPv4 network {config.network!r}") from None
+        for addr in ([config.router] if config.router else []) + list(config.pool or ()):
+            try:
+                ok = ipaddress.IPv4Address(addr) in net
+            except ValueError:
+                ok = False
+            if not ok:
+                raise ConfigError(f"{prefix}: {addr} is not inside {net}")
+        if config.pool and (ipaddress.IPv4Address(config.pool[0])
+                            > ipaddress.IPv4Address(config.pool[1])):
+            raise ConfigError(f"{prefix}pool: start {config.pool[0]} is after end "
+                              f"{config.pool[1]}")

@@ -1,0 +1,111 @@
+"""The config server's one exception hierarchy.
+
+Every error that can reach a user carries an HTTP status and a stable, machine-readable code;
+the API renders them as JSON through one middleware and the CLI prints them as one line.
+"""
+
+from __future__ import annotations
+
+
+class NetbootError(Exception):
+    """Base of every error the config server raises on purpose."""
+
+    status = 500
+    code = "internal_error"
+    hint = ""
+
+    def __init__(self, message: str, *, hint: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+        if hint:
+            self.hint = hint
+
+    def to_json(self) -> dict[str, object]:
+        body: dict[str, object] = {"status": self.status, "code": self.code,
+                                   "message": self.message}
+        if self.hint:
+            body["hint"] = self.hint
+        return body
+
+
+class InvalidRequest(NetbootError):
+    status = 400
+    code = "invalid_request"
+
+
+class InvalidMac(InvalidRequest):
+    code = "invalid_mac"
+
+
+class InvalidHostname(InvalidRequest):
+    code = "invalid_hostname"
+
+
+class InvalidAddress(InvalidRequest):
+    code = "invalid_address"
+
+
+class InvalidRole(InvalidRequest):
+    code = "invalid_role"
+
+
+class UnknownRole(NetbootError):
+    status = 422
+    code = "unknown_role"
+
+
+class NotFound(NetbootError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(NetbootError):
+    status = 409
+    code = "conflict"
+
+
+class DuplicateMac(Conflict):
+    code = "duplicate_mac"
+
+
+class DuplicateAddress(Conflict):
+    code = "duplicate_ip"
+
+
+class DuplicateHostname(Conflict):
+    code = "duplicate_hostname"
+
+
+class RoleInUse(Conflict):
+    code = "role_in_use"
+
+
+class Unauthorized(NetbootError):
+    status = 401
+    code = "unauthorized"
+
+
+class RateLimited(NetbootError):
+    status = 429
+    code = "rate_limited"
+
+
+class ConfigError(NetbootError):
+    """Bad configuration file or command-line value (raised before anything serves)."""
+
+    status = 400
+    code = "config_error"
+
+
+class ServerUnavailable(NetbootError):
+    """The CLI could not reach a running server."""
+
+    status = 503
+    code = "server_unavailable"
+
+
+class StoreError(NetbootError):
+    """The state directory or its database cannot be used."""
+
+    status = 500
+    code = "store_error"
