@@ -56,6 +56,10 @@ class DhcpConfig:
     # UDP address to bind; default: all addresses of the interface (SO_BINDTODEVICE).
     bind_address: str = "0.0.0.0"
     decline_quarantine: int = 600
+    # iPXE binaries handed to firmware PXE (over TFTP) and UEFI HTTP boot (under /ipxe/).
+    bios_bootfile: str = "undionly.kpxe"
+    uefi_bootfile: str = "ipxe.efi"
+    arm64_bootfile: str = "ipxe-arm64.efi"
 
 
 @dataclass(frozen=True)
@@ -65,8 +69,13 @@ class TftpConfig:
     bind_address: str = "0.0.0.0"
     max_transfers: int = 1000
     max_transfers_per_client: int = 8
+    # Retransmission: adaptive between min_timeout and timeout unless the client sets one.
     timeout: float = 1.0
+    min_timeout: float = 0.02
     retries: int = 5
+    # Upper bounds for the blksize and windowsize options (RFC 2348, RFC 7440).
+    max_blksize: int = 65464
+    max_windowsize: int = 256
 
 
 @dataclass(frozen=True)
@@ -135,7 +144,7 @@ _NESTED = {"HttpConfig": HttpConfig, "DhcpConfig": DhcpConfig, "TftpConfig": Tft
            "Subnet": Subnet}
 
 
-def _convert(annotation: Any, value: Any, key: str) -> Any:  # noqa: PLR0911
+def _convert(annotation: Any, value: Any, key: str) -> Any:
     text = str(annotation)
     try:
         for name, cls in _NESTED.items():
@@ -185,9 +194,7 @@ def _check(config: Any, prefix: str) -> None:
         if not 0 <= value <= 65535:
             raise ConfigError(f"{prefix}{name} must be a port number, not {value}")
 
-    if isinstance(config, HttpConfig):
-        port(config.port, "port")
-    elif isinstance(config, TftpConfig):
+    if isinstance(config, (HttpConfig, TftpConfig)):
         port(config.port, "port")
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):

@@ -463,7 +463,7 @@ class SqliteRegistry:
             state = self._state(owner)
             if state is None:
                 return
-            if booting and state != NodeState.PENDING and state != NodeState.BOOTING:
+            if booting and state not in (NodeState.PENDING, NodeState.BOOTING):
                 self._db.execute("UPDATE nodes SET state=?, last_seen=? WHERE mac=?",
                                  (str(NodeState.BOOTING), now, owner))
                 self._event(owner, "state", {"from": str(state), "to": "booting"}, now)

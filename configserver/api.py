@@ -1,0 +1,317 @@
+"""The REST API (``/api/v1``): nodes, roles, boot events, bulk apply, settings and images.
+
+Reads are open; every write needs the admin bearer token. Request bodies are checked here for
+shape (types, unknown fields); the registry validates values and relationships on write.
+"""
+
+from __future__ import annotations
+
+import hmac
+from typing import Any
+
+from aiohttp import web
+
+from configserver.appkeys import ADMIN_TOKEN, CATALOG, REGISTRY
+from configserver.errors import InvalidRequest, NotFound, Unauthorized
+from configserver.model import Nic, NodeSpec, NodeState, Role, UnknownMacPolicy, normalize_mac
+from configserver.timeline import boot_timeline
+
+_SPEC_FIELDS = {"mac", "role", "hostname", "ip", "kernel_args", "tags", "nics"}
+_ROLE_FIELDS = {"name", "image", "template", "kernel_args", "hypervisor_args", "description"}
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/health", health)
+    r.add_get("/api/v1/nodes", list_nodes)
+    r.add_post("/api/v1/nodes", add_node)
+    r.add_get("/api/v1/nodes/{mac}", show_node)
+    r.add_patch("/api/v1/nodes/{mac}", update_node)
+    r.add_delete("/api/v1/nodes/{mac}", remove_node)
+    r.add_get("/api/v1/nodes/{mac}/events", node_events)
+    r.add_get("/api/v1/nodes/{mac}/inventory", node_inventory)
+    r.add_get("/api/v1/roles", list_roles)
+    r.add_post("/api/v1/roles", add_role)
+    r.add_get("/api/v1/roles/{name}", show_role)
+    r.add_patch("/api/v1/roles/{name}", update_role)
+    r.add_delete("/api/v1/roles/{name}", remove_role)
+    r.add_post("/api/v1/apply", apply_inventory)
+    r.add_get("/api/v1/export", export)
+    r.add_get("/api/v1/settings", show_settings)
+    r.add_patch("/api/v1/settings", update_settings)
+    r.add_get("/api/v1/images", list_images)
+
+
+def require_admin(request: web.Request) -> None:
+    header = request.headers.get("Authorization", "")
+    scheme, _, token = header.partition(" ")
+    expected = request.app[ADMIN_TOKEN]
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
+                                                             expected.encode()):
+        raise Unauthorized("this request needs the admin token",
+                           hint="send 'Authorization: Bearer <token>' (the state directory's "
+                                "admin.token)")
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    data = await request.json()
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def spec_from_json(data: Any, *, where: str = "node") -> NodeSpec:
+    """A NodeSpec from its JSON form, refusing unknown fields and wrong types."""
+    if not isinstance(data, dict):
+        raise InvalidRequest(f"{where} must be a JSON object")
+    unknown = set(data) - _SPEC_FIELDS
+    if unknown:
+        raise InvalidRequest(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    for key in ("mac", "role"):
+        if not isinstance(data.get(key), str):
+            raise InvalidRequest(f"{where}: '{key}' is required and must be a string")
+    for key in ("hostname", "ip", "kernel_args"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise InvalidRequest(f"{where}: '{key}' must be a string")
+    tags = data.get("tags", [])
+    if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
+        raise InvalidRequest(f"{where}: 'tags' must be a list of strings")
+    return NodeSpec(mac=data["mac"], role=data["role"], hostname=data.get("hostname") or None,
+                    ip=data.get("ip") or None, kernel_args=data.get("kernel_args") or "",
+                    tags=tuple(tags), extra_nics=_nics(data.get("nics", []), where))
+
+
+def _nics(data: Any, where: str) -> tuple[Nic, ...]:
+    if not isinstance(data, list):
+        raise InvalidRequest(f"{where}: 'nics' must be a list of {{mac, ip}} objects")
+    nics = []
+    for item in data:
+        if not isinstance(item, dict) or not isinstance(item.get("mac"), str) or (
+                item.get("ip") is not None and not isinstance(item["ip"], str)) or (
+                set(item) - {"mac", "ip"}):
+            raise InvalidRequest(f"{where}: each NIC is an object {{mac, ip}}")
+        nics.append(Nic(item["mac"], item.get("ip") or None))
+    return tuple(nics)
+
+
+def _node_changes(data: dict[str, Any]) -> dict[str, Any]:
+    unknown = set(data) - (_SPEC_FIELDS - {"mac"})
+    if unknown:
+        raise InvalidRequest(f"cannot change {', '.join(sorted(unknown))} of a node")
+    changes = dict(data)
+    if "nics" in changes:
+        changes["nics"] = _nics(changes["nics"], "node")
+    if "tags" in changes and (not isinstance(changes["tags"], list) or not all(
+            isinstance(t, str) for t in changes["tags"])):
+        raise InvalidRequest("'tags' must be a list of strings")
+    for key in ("role", "hostname", "ip", "kernel_args"):
+        if changes.get(key) is not None and not isinstance(changes[key], str):
+            raise InvalidRequest(f"'{key}' must be a string")
+    for key in ("hostname", "ip"):
+        if key in changes and not changes[key]:
+            changes[key] = None
+    return changes
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok"})
+
+
+async def list_nodes(request: web.Request) -> web.Response:
+    state = request.query.get("state")
+    try:
+        wanted = NodeState(state) if state else None
+    except ValueError:
+        raise InvalidRequest(f"unknown state {state!r}") from None
+    nodes = request.app[REGISTRY].list_nodes(state=wanted)
+    return web.json_response({"nodes": [n.to_json() for n in nodes]})
+
+
+async def add_node(request: web.Request) -> web.Response:
+    require_admin(request)
+    node = request.app[REGISTRY].add_node(spec_from_json(await _body(request)))
+    return web.json_response(node.to_json(), status=201)
+
+
+async def show_node(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    mac = normalize_mac(request.match_info["mac"])
+    node = registry.lookup(mac)
+    if node is None:
+        raise NotFound(f"no node with MAC {mac}")
+    events = registry.events(node.mac)
+    body = node.to_json()
+    body["timeline"] = boot_timeline(events)
+    body["inventory"] = registry.inventory(node.mac)
+    body["events"] = [e.to_json() for e in events[-50:]]
+    return web.json_response(body)
+
+
+async def update_node(request: web.Request) -> web.Response:
+    require_admin(request)
+    changes = _node_changes(await _body(request))
+    node = request.app[REGISTRY].update_node(request.match_info["mac"], changes)
+    return web.json_response(node.to_json())
+
+
+async def remove_node(request: web.Request) -> web.Response:
+    require_admin(request)
+    request.app[REGISTRY].remove_node(request.match_info["mac"])
+    return web.json_response({"removed": normalize_mac(request.match_info["mac"])})
+
+
+async def node_events(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    mac = normalize_mac(request.match_info["mac"])
+    try:
+        limit = max(1, min(int(request.query.get("limit", "500")), 5000))
+    except ValueError:
+        raise InvalidRequest("limit must be a number") from None
+    events = registry.events(mac, limit)
+    if not events and registry.lookup(mac) is None:
+        raise NotFound(f"no node with MAC {mac}")
+    return web.json_response({"mac": mac, "events": [e.to_json() for e in events],
+                              "timeline": boot_timeline(events)})
+
+
+async def node_inventory(request: web.Request) -> web.Response:
+    mac = normalize_mac(request.match_info["mac"])
+    inventory = request.app[REGISTRY].inventory(mac)
+    if inventory is None:
+        raise NotFound(f"no inventory for {mac}")
+    return web.json_response(inventory)
+
+
+def _role_from_json(data: dict[str, Any]) -> Role:
+    unknown = set(data) - _ROLE_FIELDS
+    if unknown:
+        raise InvalidRequest(f"role: unknown field(s) {', '.join(sorted(unknown))}")
+    if not isinstance(data.get("name"), str):
+        raise InvalidRequest("role: 'name' is required")
+    fields = {k: v for k, v in data.items() if v is not None}
+    for key, value in fields.items():
+        if not isinstance(value, str):
+            raise InvalidRequest(f"role: '{key}' must be a string")
+    fields.setdefault("image", fields["name"])
+    return Role(**fields)
+
+
+async def list_roles(request: web.Request) -> web.Response:
+    roles = request.app[REGISTRY].list_roles()
+    return web.json_response({"roles": [r.to_json() for r in roles]})
+
+
+async def add_role(request: web.Request) -> web.Response:
+    require_admin(request)
+    role = request.app[REGISTRY].add_role(_role_from_json(await _body(request)))
+    return web.json_response(role.to_json(), status=201)
+
+
+async def show_role(request: web.Request) -> web.Response:
+    role = request.app[REGISTRY].role(request.match_info["name"])
+    if role is None:
+        raise NotFound(f"no role {request.match_info['name']!r}")
+    body = role.to_json()
+    image = request.app[CATALOG].get(role.image)
+    body["image_built"] = image is not None
+    return web.json_response(body)
+
+
+async def update_role(request: web.Request) -> web.Response:
+    require_admin(request)
+    changes = await _body(request)
+    if not all(isinstance(v, str) for v in changes.values()):
+        raise InvalidRequest("role fields are strings")
+    role = request.app[REGISTRY].update_role(request.match_info["name"], changes)
+    return web.json_response(role.to_json())
+
+
+async def remove_role(request: web.Request) -> web.Response:
+    require_admin(request)
+    request.app[REGISTRY].remove_role(request.match_info["name"])
+    return web.json_response({"removed": request.match_info["name"]})
+
+
+async def apply_inventory(request: web.Request) -> web.Response:
+    """Declarative bulk create/update of nodes (and roles), in one transaction each."""
+    require_admin(request)
+    data = await _body(request)
+    unknown = set(data) - {"nodes", "roles", "prune"}
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    nodes, roles = data.get("nodes", []), data.get("roles", [])
+    if not isinstance(nodes, list) or not isinstance(roles, list):
+        raise InvalidRequest("'nodes' and 'roles' must be lists")
+    prune = data.get("prune", False)
+    if not isinstance(prune, bool):
+        raise InvalidRequest("'prune' must be true or false")
+    registry = request.app[REGISTRY]
+    role_specs = [_role_from_json(r) if isinstance(r, dict) else None for r in roles]
+    if None in role_specs:
+        raise InvalidRequest("each role is an object")
+    specs = [spec_from_json(n, where=f"node #{i + 1}") for i, n in enumerate(nodes)]
+    roles_changed = []
+    for role in role_specs:
+        assert role is not None
+        current = registry.role(role.name)
+        if current is None:
+            registry.add_role(role)
+            roles_changed.append(role.name)
+        else:
+            changes = {k: v for k, v in role.to_json().items()
+                       if k in _ROLE_FIELDS - {"name"} and v != getattr(current, k)
+                       and str(v) != str(getattr(current, k))}
+            if changes:
+                registry.update_role(role.name, changes)
+                roles_changed.append(role.name)
+    result = registry.apply(specs, prune=prune)
+    return web.json_response({**result.to_json(), "roles": roles_changed})
+
+
+async def export(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    nodes = [n for n in registry.list_nodes() if n.state != NodeState.PENDING]
+    roles = [r for r in registry.list_roles() if not r.builtin]
+    return web.json_response({
+        "roles": [{k: v for k, v in r.to_json().items() if k in _ROLE_FIELDS} for r in roles],
+        "nodes": [_spec_json(n.spec()) for n in nodes],
+    })
+
+
+def _spec_json(spec: NodeSpec) -> dict[str, Any]:
+    body: dict[str, Any] = {"mac": spec.mac, "role": spec.role}
+    if spec.hostname:
+        body["hostname"] = spec.hostname
+    if spec.ip:
+        body["ip"] = spec.ip
+    if spec.kernel_args:
+        body["kernel_args"] = spec.kernel_args
+    if spec.tags:
+        body["tags"] = list(spec.tags)
+    if spec.extra_nics:
+        body["nics"] = [{"mac": n.mac, **({"ip": n.ip} if n.ip else {})}
+                        for n in spec.extra_nics]
+    return body
+
+
+async def show_settings(request: web.Request) -> web.Response:
+    registry = request.app[REGISTRY]
+    return web.json_response({"unknown_mac": str(registry.unknown_mac_policy())})
+
+
+async def update_settings(request: web.Request) -> web.Response:
+    require_admin(request)
+    data = await _body(request)
+    if set(data) - {"unknown_mac"}:
+        raise InvalidRequest("only 'unknown_mac' can be set")
+    if "unknown_mac" in data:
+        try:
+            policy = UnknownMacPolicy(data["unknown_mac"])
+        except ValueError:
+            raise InvalidRequest("unknown_mac is 'ignore' or 'discover'") from None
+        request.app[REGISTRY].set_unknown_mac_policy(policy)
+    return await show_settings(request)
+
+
+async def list_images(request: web.Request) -> web.Response:
+    return web.json_response({"images": [i.to_json() for i in request.app[CATALOG].list()]})

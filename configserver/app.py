@@ -1,0 +1,61 @@
+"""Builds the config server's aiohttp application: REST API, HTTP boot and agent API."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+from aiohttp import web
+
+from configserver import api, boot
+from configserver.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
+from configserver.config import ServerConfig
+from configserver.errors import NetbootError
+from configserver.images import ImageCatalog
+from configserver.registry import Registry
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Render every error as JSON ``{status, code, message[, hint]}``."""
+    try:
+        return await handler(request)
+    except NetbootError as exc:
+        return _json_error(exc.status, exc.to_json())
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = {404: "not_found", 405: "method_not_allowed", 413: "too_large"}.get(
+            exc.status, "http_error")
+        return _json_error(exc.status, {"status": exc.status, "code": code,
+                                        "message": exc.reason})
+    except json.JSONDecodeError as exc:
+        return _json_error(400, {"status": 400, "code": "invalid_json",
+                                 "message": f"request body is not valid JSON: {exc}"})
+
+
+def _json_error(status: int, body: dict[str, object]) -> web.Response:
+    return web.json_response(body, status=status)
+
+
+def create_app(config: ServerConfig, registry: Registry, admin_token: str) -> web.Application:
+    """The whole HTTP side of the server; sockets and other services are the caller's."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024 * 1024)
+    app[CONFIG] = config
+    app[REGISTRY] = registry
+    app[ADMIN_TOKEN] = admin_token
+    app[CATALOG] = ImageCatalog(config.images_dir)
+    api.setup_routes(app)
+    boot.setup_routes(app)
+    try:
+        from configserver import agentapi
+    except ImportError:  # pragma: no cover - the agent API is part of every full install
+        log.warning("agent API not available")
+    else:
+        agentapi.setup_agent_api(app)
+    return app

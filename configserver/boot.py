@@ -1,0 +1,196 @@
+"""HTTP boot: per-node iPXE scripts and GRUB configs, iPXE binaries and image files.
+
+Every answer is decided by the registry (what the MAC is) and the image catalog (what the role's
+image ships); no path of the caller's choosing reaches the filesystem. Each fetch of a script or
+an image file is recorded in the node's boot timeline.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+from aiohttp import web
+
+from configserver.appkeys import CATALOG, CONFIG, REGISTRY
+from configserver.errors import InvalidMac, NotFound
+from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
+from configserver.render import (
+    BootPlan,
+    BootServer,
+    ScriptFormat,
+    ScriptRenderer,
+    boot_plan,
+    exit_plan,
+    waiting_plan,
+)
+
+log = logging.getLogger(__name__)
+
+RENDERER = web.AppKey("renderer", ScriptRenderer)
+# Maps a client IP to the MAC of its DHCP lease (the DHCP server replaces the default).
+RESOLVE_MAC = web.AppKey("resolve_mac", Callable)
+IPXE_DIR = web.AppKey("ipxe_dir", Path)
+
+_IPXE_BINARY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(efi|kpxe|kkpxe|pxe|lkrn)$")
+_FILE_STAGES = ("kernel", "initramfs", "hypervisor")
+
+DEFAULT_IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
+
+
+def find_ipxe_dir(configured: Path | None) -> Path:
+    """Where Debian's ipxe package put its binaries (or the configured directory)."""
+    if configured is not None:
+        return configured
+    for candidate in DEFAULT_IPXE_DIRS:
+        if (candidate / "undionly.kpxe").exists() or (candidate / "ipxe.efi").exists():
+            return candidate
+    return DEFAULT_IPXE_DIRS[0]
+
+
+def setup_routes(app: web.Application) -> None:
+    app[RENDERER] = ScriptRenderer()
+    registry = app[REGISTRY]
+
+    def by_reservation(ip: str) -> str | None:
+        node = registry.lookup_ip(ip)
+        return node.mac if node else None
+
+    app[RESOLVE_MAC] = by_reservation
+    app[IPXE_DIR] = find_ipxe_dir(app[CONFIG].ipxe_dir)
+    app.router.add_get("/boot/{mac}.ipxe", ipxe_script)
+    app.router.add_get("/boot/{mac}/grub.cfg", grub_config)
+    app.router.add_get("/ipxe/{name}", ipxe_binary)
+    app.router.add_get("/images/{image}/{name}", image_file)
+
+
+def _server(request: web.Request) -> BootServer:
+    public = request.app[CONFIG].http.public_url
+    if public:
+        return BootServer(public.rstrip("/"))
+    return BootServer(f"http://{request.host}")
+
+
+def _client_mac(request: web.Request) -> str | None:
+    """The MAC a request is on behalf of: the ``mac`` query iPXE adds, else the lease."""
+    text = request.query.get("mac")
+    if text:
+        try:
+            return normalize_mac(text)
+        except InvalidMac:
+            return None
+    if request.remote:
+        return request.app[RESOLVE_MAC](request.remote)
+    return None
+
+
+async def ipxe_script(request: web.Request) -> web.Response:
+    return _script(request, ScriptFormat.IPXE)
+
+
+async def grub_config(request: web.Request) -> web.Response:
+    return _script(request, ScriptFormat.GRUB)
+
+
+def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
+    app = request.app
+    config, registry = app[CONFIG], app[REGISTRY]
+    mac = normalize_mac(request.match_info["mac"])
+    server = _server(request)
+    node = registry.lookup(mac)
+    if node is None:
+        if registry.unknown_mac_policy() != UnknownMacPolicy.DISCOVER:
+            log.info("%s: unknown MAC asked for its boot script; sent back to firmware", mac)
+            plan = exit_plan(mac, server, f"{mac} is not registered here", fmt=fmt)
+            return _text(app[RENDERER].render(plan, fmt))
+        node = registry.discover(mac, {"via": "http", "client": request.remote,
+                                       **_client_facts(request)})
+        log.info("%s: discovered, recorded as pending", mac)
+    role: Role | None = None
+    if node.state == NodeState.PENDING or node.role is None:
+        if config.discovery_image:
+            role = Role("discovery", image=config.discovery_image,
+                        kernel_args="console=tty0 console=ttyS0,115200")
+        else:
+            plan = waiting_plan(mac, server, f"{mac} is waiting to be registered "
+                                f"(configserver node add {mac} --role ROLE)", fmt=fmt)
+            registry.record_event(node.mac, "http.script", {"format": fmt.value,
+                                                            "result": "pending"})
+            return _text(app[RENDERER].render(plan, fmt))
+    else:
+        role = registry.role(node.role)
+    if role is None:  # the registry refuses unknown roles, so this is a removed role
+        plan = waiting_plan(mac, server, f"role {node.role!r} does not exist", fmt=fmt)
+    else:
+        image = app[CATALOG].get(role.image)
+        plan = boot_plan(node, role, image, server, mac=mac, fmt=fmt)
+        if plan.kind in ("linux", "xen"):
+            plan = _with_mac_queries(plan, mac)
+    if plan.kind == "wait":
+        log.warning("%s: cannot boot: %s", mac, plan.message)
+    registry.record_event(node.mac, "http.script",
+                          {"format": fmt.value, "result": plan.kind,
+                           "client": request.remote, **({"message": plan.message}
+                                                        if plan.message else {})},
+                          booting=plan.kind in ("linux", "xen"))
+    return _text(app[RENDERER].render(plan, fmt))
+
+
+def _with_mac_queries(plan: BootPlan, mac: str) -> BootPlan:
+    """Tag image URLs with the MAC so each fetch lands in the right timeline."""
+    def tag(url: str) -> str:
+        return f"{url}?mac={mac}" if url else url
+
+    return replace(plan, kernel_url=tag(plan.kernel_url),
+                   initramfs_url=tag(plan.initramfs_url),
+                   hypervisor_url=tag(plan.hypervisor_url))
+
+
+def _client_facts(request: web.Request) -> dict[str, str]:
+    facts = {}
+    for key in ("arch", "platform", "manufacturer", "product", "serial", "uuid"):
+        value = request.query.get(key)
+        if value:
+            facts[key] = value[:128]
+    return facts
+
+
+def _text(body: str) -> web.Response:
+    return web.Response(text=body, content_type="text/plain",
+                        headers={"Cache-Control": "no-store"})
+
+
+async def ipxe_binary(request: web.Request) -> web.StreamResponse:
+    """iPXE binaries for UEFI HTTP Boot clients, from the located iPXE directory only."""
+    name = request.match_info["name"]
+    if not _IPXE_BINARY.match(name):
+        raise NotFound(f"no iPXE binary {name!r}")
+    path = request.app[IPXE_DIR] / name
+    if not path.is_file():
+        raise NotFound(f"no iPXE binary {name!r} in {request.app[IPXE_DIR]}")
+    mac = _client_mac(request)
+    if mac:
+        request.app[REGISTRY].record_event(mac, "http.ipxe", {"file": name}, booting=True)
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
+
+
+async def image_file(request: web.Request) -> web.StreamResponse:
+    """A file that a known image ships (sendfile, Range requests); nothing else."""
+    name, filename = request.match_info["image"], request.match_info["name"]
+    image = request.app[CATALOG].get(name)
+    path = image.path(filename) if image else None
+    if image is None or path is None:
+        raise NotFound(f"image {name!r} has no file {filename!r}")
+    if not path.is_file():
+        raise NotFound(f"image {name!r} lists {filename!r} but it is missing on disk")
+    stage = next((s for s in _FILE_STAGES if getattr(image, s) == filename), "file")
+    mac = _client_mac(request)
+    if mac:
+        detail = {"image": name, "file": filename, "client": request.remote}
+        if request.http_range.start is not None:
+            detail["range"] = request.headers.get("Range", "")
+        request.app[REGISTRY].record_event(mac, f"http.{stage}", detail)
+    return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

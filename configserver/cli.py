@@ -1,0 +1,307 @@
+"""``configserver``: the only place that reads argv, the environment and config files.
+
+Every command but ``serve`` talks to the running server through its API; on the server host the
+state directory tells where it listens and holds the admin token, so no other credential is
+needed. Errors are one line with a hint and a non-zero exit, never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from configserver import __version__
+from configserver.client import ApiClient
+from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
+from configserver.errors import ConfigError, NetbootError
+from configserver.inventory import format_inventory, parse_inventory
+
+log = logging.getLogger("configserver")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--state-dir", type=Path, default=argparse.SUPPRESS,
+                        help=f"state directory (default {DEFAULT_STATE_DIR}, "
+                             "or $NETBOOT_STATE_DIR)")
+    common.add_argument("--server", default=argparse.SUPPRESS,
+                        help="API URL (default: the server running on the state directory)")
+    common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
+                        help="print JSON")
+
+    parser = argparse.ArgumentParser(prog="configserver", parents=[common],
+                                     description="netboot-appliance config server")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    serve = sub.add_parser("serve", parents=[common], help="run DHCP, TFTP and HTTP boot")
+    serve.add_argument("--config", type=Path, help=f"TOML file (default {DEFAULT_CONFIG_FILE} "
+                                                   "if present)")
+    serve.add_argument("--images", type=Path, help="images directory (default build/images)")
+    serve.add_argument("--http-port", type=int)
+    serve.add_argument("--listen", help="HTTP listen address (default 0.0.0.0)")
+    serve.add_argument("--public-url", help="URL nodes use to reach this server")
+    serve.add_argument("--interface", help="serving interface for DHCP and TFTP")
+    serve.add_argument("--dhcp", choices=["full", "proxy", "off"])
+    serve.add_argument("--pool", help="dynamic DHCP pool START-END (full mode)")
+    serve.add_argument("--tftp", choices=["on", "off"])
+    serve.add_argument("--tftp-port", type=int)
+    serve.add_argument("--unknown-mac", choices=["ignore", "discover"])
+    serve.add_argument("--ipxe-dir", type=Path, help="where the iPXE binaries are")
+
+    node = sub.add_parser("node", parents=[common], help="registered machines")
+    nsub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
+    add = nsub.add_parser("add", parents=[common], help="register a machine")
+    add.add_argument("mac")
+    add.add_argument("--role", required=True)
+    _node_options(add)
+    lst = nsub.add_parser("list", parents=[common], help="list machines")
+    lst.add_argument("--pending", action="store_true", help="only discovered, unregistered")
+    lst.add_argument("--state", help="only machines in this state")
+    show = nsub.add_parser("show", parents=[common], help="one machine, with its timeline")
+    show.add_argument("mac")
+    set_ = nsub.add_parser("set", parents=[common], help="change a machine")
+    set_.add_argument("mac")
+    set_.add_argument("--role")
+    _node_options(set_)
+    rm = nsub.add_parser("rm", parents=[common], help="forget a machine")
+    rm.add_argument("mac")
+
+    role = sub.add_parser("role", parents=[common], help="roles (what machines boot)")
+    rsub = role.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rsub.add_parser("list", parents=[common], help="list roles")
+    for name, text in (("add", "add a custom role"), ("set", "change a role")):
+        r = rsub.add_parser(name, parents=[common], help=text)
+        r.add_argument("name")
+        r.add_argument("--image", help="image name (default: the role name)")
+        r.add_argument("--template", choices=["linux", "xen"])
+        r.add_argument("--kernel-args")
+        r.add_argument("--hypervisor-args")
+        r.add_argument("--description")
+    rrm = rsub.add_parser("rm", parents=[common], help="remove a custom role")
+    rrm.add_argument("name")
+
+    apply = sub.add_parser("apply", parents=[common], help="declarative bulk create/update")
+    apply.add_argument("-f", "--file", required=True, type=Path,
+                       help="inventory TOML ('-' = stdin)")
+    apply.add_argument("--prune", action="store_true", help="remove nodes not in the file")
+    sub.add_parser("export", parents=[common], help="print the inventory as TOML")
+    settings = sub.add_parser("settings", parents=[common], help="show or change settings")
+    settings.add_argument("--unknown-mac", choices=["ignore", "discover"])
+    sub.add_parser("images", parents=[common], help="list the images the server can boot")
+    farm = sub.add_parser("farm", help="QEMU test farm (up, status, down)", add_help=False)
+    farm.add_argument("farm_args", nargs=argparse.REMAINDER)
+    return parser
+
+
+def _node_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--hostname")
+    parser.add_argument("--ip", help="reserved IPv4 address of the primary NIC")
+    parser.add_argument("--kernel-args", help="extra kernel arguments for this machine")
+    parser.add_argument("--tag", action="append", dest="tags", help="a tag (repeatable)")
+    parser.add_argument("--nic", action="append", dest="nics", metavar="MAC[=IP]",
+                        help="a further NIC, with its reserved address (repeatable)")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    word = _command_word(argv)
+    if word is not None and argv[word] == "farm":
+        from configserver.farm.cli import main as farm_main
+
+        return farm_main(argv[word + 1:])
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    state_dir = getattr(args, "state_dir", None) or Path(
+        os.environ.get("NETBOOT_STATE_DIR", DEFAULT_STATE_DIR))
+    try:
+        if args.command == "serve":
+            return _serve(args, state_dir)
+        client = ApiClient.for_state_dir(state_dir, url=getattr(args, "server", None),
+                                         token=os.environ.get("NETBOOT_ADMIN_TOKEN"))
+        return COMMANDS[args.command](args, client)
+    except NetbootError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        print(f"configserver: error: {exc.message}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _command_word(argv: list[str]) -> int | None:
+    """Index of the first word that is not an option or an option's value."""
+    skip = False
+    for index, word in enumerate(argv):
+        if skip:
+            skip = False
+        elif word in ("--state-dir", "--server"):
+            skip = True
+        elif not word.startswith("-"):
+            return index
+    return None
+
+
+def server_config(args: argparse.Namespace, state_dir: Path) -> ServerConfig:
+    """The TOML file (if any) with the command line's overrides on top."""
+    data: dict[str, Any] = {}
+    path = args.config
+    if path is None and DEFAULT_CONFIG_FILE.exists():
+        path = DEFAULT_CONFIG_FILE
+    if path is not None:
+        try:
+            data = tomllib.loads(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    if getattr(args, "state_dir", None) or "state_dir" not in data:
+        data["state_dir"] = str(state_dir)
+    http, dhcp, tftp = (data.setdefault(k, {}) for k in ("http", "dhcp", "tftp"))
+    overrides = [
+        (data, "images_dir", args.images), (http, "port", args.http_port),
+        (http, "listen", args.listen), (http, "public_url", args.public_url),
+        (data, "interface", args.interface), (dhcp, "mode", args.dhcp),
+        (tftp, "enabled", args.tftp), (tftp, "port", args.tftp_port),
+        (data, "unknown_mac", args.unknown_mac), (data, "ipxe_dir", args.ipxe_dir),
+    ]
+    for table, key, value in overrides:
+        if value is not None:
+            table[key] = str(value) if isinstance(value, Path) else value
+    if args.pool:
+        subnet = dhcp.setdefault("subnet", {})
+        subnet["pool"] = args.pool
+        if "network" not in subnet:
+            from configserver.netif import interface_ipv4
+
+            if not args.interface and not data.get("interface"):
+                raise ConfigError("--pool needs --interface (or [dhcp.subnet] in the config)")
+            subnet["network"] = str(interface_ipv4(args.interface or data["interface"]).network)
+    return from_mapping(data)
+
+
+def _serve(args: argparse.Namespace, state_dir: Path) -> int:
+    config = server_config(args, state_dir)
+    log.info("configserver %s starting", __version__)
+    try:
+        asyncio.run(_serve_async(config))
+    except OSError as exc:
+        raise ConfigError(f"cannot serve: {exc}") from None
+    return 0
+
+
+async def _serve_async(config: ServerConfig) -> None:
+    from configserver.server import serve
+
+    await serve(config)
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True))
+    elif text:
+        print(text)
+    return 0
+
+
+def _node_body(args: argparse.Namespace) -> dict[str, Any]:
+    body: dict[str, Any] = {}
+    for key in ("role", "hostname", "ip", "kernel_args"):
+        value = getattr(args, key, None)
+        if value is not None:
+            body[key] = value
+    if args.tags is not None:
+        body["tags"] = args.tags
+    if args.nics is not None:
+        body["nics"] = [dict(zip(("mac", "ip"), n.split("=", 1), strict=False))
+                        for n in args.nics]
+    return body
+
+
+def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
+    from configserver import cliformat
+
+    if args.action == "add":
+        node = client.post("/api/v1/nodes", {"mac": args.mac, **_node_body(args)})
+        return _print(args, node, f"added {node['mac']} ({node['role']})")
+    if args.action == "list":
+        state = "pending" if args.pending else args.state
+        nodes = client.get("/api/v1/nodes" + (f"?state={state}" if state else ""))["nodes"]
+        return _print(args, nodes, cliformat.node_table(nodes))
+    if args.action == "show":
+        node = client.get(f"/api/v1/nodes/{args.mac}")
+        return _print(args, node, cliformat.node_details(node))
+    if args.action == "set":
+        body = _node_body(args)
+        if not body:
+            raise ConfigError("nothing to change", hint="see 'configserver node set --help'")
+        node = client.patch(f"/api/v1/nodes/{args.mac}", body)
+        return _print(args, node, f"updated {node['mac']}")
+    client.delete(f"/api/v1/nodes/{args.mac}")
+    return _print(args, {"removed": args.mac}, f"removed {args.mac}")
+
+
+def cmd_role(args: argparse.Namespace, client: ApiClient) -> int:
+    from configserver import cliformat
+
+    if args.action == "list":
+        roles = client.get("/api/v1/roles")["roles"]
+        return _print(args, roles, cliformat.role_table(roles))
+    if args.action == "rm":
+        client.delete(f"/api/v1/roles/{args.name}")
+        return _print(args, {"removed": args.name}, f"removed role {args.name}")
+    body = {k: getattr(args, k) for k in ("image", "template", "kernel_args",
+                                          "hypervisor_args", "description")
+            if getattr(args, k) is not None}
+    if args.action == "add":
+        role = client.post("/api/v1/roles", {"name": args.name, **body})
+        return _print(args, role, f"added role {role['name']} (image {role['image']}, "
+                                  f"{role['template']})")
+    role = client.patch(f"/api/v1/roles/{args.name}", body)
+    return _print(args, role, f"updated role {role['name']}")
+
+
+def cmd_apply(args: argparse.Namespace, client: ApiClient) -> int:
+    name = str(args.file)
+    try:
+        text = sys.stdin.read() if name == "-" else args.file.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {name}: {exc.strerror}") from None
+    body = parse_inventory(text, source=name)
+    body["prune"] = args.prune
+    result = client.post("/api/v1/apply", body)
+    summary = ", ".join(f"{len(result[k])} {k}" for k in ("created", "updated", "unchanged",
+                                                          "removed"))
+    return _print(args, result, f"applied {name}: {summary}")
+
+
+def cmd_export(args: argparse.Namespace, client: ApiClient) -> int:
+    data = client.get("/api/v1/export")
+    return _print(args, data, format_inventory(data).rstrip("\n"))
+
+
+def cmd_settings(args: argparse.Namespace, client: ApiClient) -> int:
+    if args.unknown_mac:
+        data = client.patch("/api/v1/settings", {"unknown_mac": args.unknown_mac})
+    else:
+        data = client.get("/api/v1/settings")
+    return _print(args, data, "\n".join(f"{k}: {v}" for k, v in data.items()))
+
+
+def cmd_images(args: argparse.Namespace, client: ApiClient) -> int:
+    from configserver import cliformat
+
+    images = client.get("/api/v1/images")["images"]
+    return _print(args, images, cliformat.image_table(images))
+
+
+COMMANDS = {"node": cmd_node, "role": cmd_role, "apply": cmd_apply, "export": cmd_export,
+            "settings": cmd_settings, "images": cmd_images}

@@ -1,0 +1,103 @@
+"""Human-readable tables and details for the CLI (pure: data in, text out)."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    cells = [[str(h) for h in headers]] + [["-" if c in (None, "") else str(c) for c in r]
+                                           for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                     for row in cells)
+
+
+def ago(moment: float | None, now: float | None = None) -> str:
+    if not moment:
+        return "never"
+    seconds = max(0, int((now or time.time()) - moment))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def node_table(nodes: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    if not nodes:
+        return "no nodes"
+    return table(("MAC", "ROLE", "HOSTNAME", "IP", "STATE", "LAST SEEN"),
+                 [(n["mac"], n["role"], n["hostname"], n["ip"], n["state"],
+                   ago(n.get("last_seen"), now)) for n in nodes])
+
+
+def node_details(node: dict[str, Any], now: float | None = None) -> str:
+    lines = [
+        f"MAC:             {node['mac']}",
+        f"Role:            {node['role'] or '-'}",
+        f"Hostname:        {node['hostname'] or '-'}",
+        f"State:           {node['state']}",
+        f"Last heartbeat:  {ago(node.get('last_heartbeat'), now)}",
+        f"Last seen:       {ago(node.get('last_seen'), now)}",
+    ]
+    for nic in node["nics"]:
+        lines.append(f"NIC:             {nic['mac']}  {nic['ip'] or '(dynamic)'}")
+    if node.get("kernel_args"):
+        lines.append(f"Kernel args:     {node['kernel_args']}")
+    if node.get("tags"):
+        lines.append(f"Tags:            {', '.join(node['tags'])}")
+    facts = {k: v for k, v in (node.get("facts") or {}).items() if k != "status"}
+    if facts:
+        lines.append("Facts:           " + ", ".join(f"{k}={v}" for k, v in facts.items()))
+    inventory = node.get("inventory")
+    if inventory:
+        lines.append("Inventory:       " + inventory_summary(inventory))
+    timeline = node.get("timeline") or []
+    if timeline:
+        lines.append("Boot timeline:")
+        lines.extend(f"  +{item['offset']:8.3f}s  {item['stage']:<10} ({item['event']})"
+                     for item in timeline)
+    events = node.get("events") or []
+    if events:
+        lines.append("Recent events:")
+        for event in events[-15:]:
+            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+            detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
+            lines.append(f"  {stamp}  {event['stage']:<16} {detail}".rstrip())
+    return "\n".join(lines)
+
+
+def inventory_summary(inventory: dict[str, Any]) -> str:
+    """One line: CPU, memory, disks, NICs (whatever the agent reported)."""
+    parts = []
+    cpu = inventory.get("cpu") or {}
+    if cpu:
+        parts.append(f"{cpu.get('count') or cpu.get('threads') or '?'} CPU "
+                     f"({cpu.get('model', '?')})")
+    memory = inventory.get("memory") or {}
+    total = memory.get("total_bytes") or memory.get("total")
+    if total:
+        parts.append(f"{int(total) / 2**30:.1f} GiB RAM")
+    disks = inventory.get("disks")
+    if isinstance(disks, list):
+        parts.append(f"{len(disks)} disk(s)")
+    nics = inventory.get("nics") or inventory.get("interfaces")
+    if isinstance(nics, list):
+        parts.append(f"{len(nics)} NIC(s)")
+    return ", ".join(parts) or "reported"
+
+
+def role_table(roles: Sequence[dict[str, Any]]) -> str:
+    return table(("ROLE", "IMAGE", "TEMPLATE", "BUILT-IN", "DESCRIPTION"),
+                 [(r["name"], r["image"], r["template"], "yes" if r["builtin"] else "no",
+                   r["description"]) for r in roles])
+
+
+def image_table(images: Sequence[dict[str, Any]]) -> str:
+    if not images:
+        return "no images built (see 'make images')"
+    return table(("IMAGE", "KERNEL", "INITRAMFS", "HYPERVISOR", "BUILT"),
+                 [(i["name"], i["kernel"], i["initramfs"], i["hypervisor"], i.get("built"))
+                  for i in images])

@@ -1,0 +1,135 @@
+"""Boot scripts as a pure function of (node, role, image, server): no I/O, no registry access.
+
+``boot_plan`` works out what a machine should boot (URLs, kernel command line); the jinja2
+templates only lay the plan out as an iPXE script or a GRUB configuration. Templates use
+``StrictUndefined``, so a missing variable is an error and never an empty string.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+import jinja2
+
+from configserver.images import Image
+from configserver.model import BootTemplate, Node, Role
+
+
+class ScriptFormat(enum.StrEnum):
+    IPXE = "ipxe"
+    GRUB = "grub"
+
+
+@dataclass(frozen=True)
+class BootServer:
+    """How nodes reach this server, as seen by the client that asked."""
+
+    base_url: str  # e.g. http://198.18.0.1:8080 (no trailing slash)
+
+    def url(self, path: str) -> str:
+        return f"{self.base_url}/{path.lstrip('/')}"
+
+
+@dataclass(frozen=True)
+class BootPlan:
+    """Everything a boot script needs; templates read nothing else."""
+
+    kind: str  # "linux", "xen", "wait" or "exit"
+    title: str
+    mac: str
+    script_url: str
+    kernel_url: str = ""
+    initramfs_url: str = ""
+    initramfs_name: str = ""
+    hypervisor_url: str = ""
+    kernel_cmdline: str = ""
+    hypervisor_cmdline: str = ""
+    message: str = ""
+    retry_seconds: int = 30
+
+
+def kernel_cmdline(node: Node, role: Role, server: BootServer, mac: str) -> str:
+    """The Linux command line: what the agent needs to find itself, then role and node args."""
+    parts = [
+        f"netboot.server={server.base_url}",
+        f"netboot.mac={mac}",
+        f"netboot.role={role.name}",
+    ]
+    if node.hostname:
+        parts.append(f"netboot.hostname={node.hostname}")
+    parts.append("BOOTIF=01-" + mac.replace(":", "-"))
+    parts.extend(a for a in (role.kernel_args, node.kernel_args) if a)
+    return " ".join(parts)
+
+
+def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *,
+              mac: str, fmt: ScriptFormat = ScriptFormat.IPXE) -> BootPlan:
+    """What ``node`` (asking through NIC ``mac``) boots; a ``wait`` plan if it cannot yet."""
+    script_url = _script_url(server, mac, fmt)
+    title = f"{node.hostname or mac} ({role.name})"
+    if image is None:
+        return BootPlan(kind="wait", title=title, mac=mac, script_url=script_url,
+                        message=f"image {role.image!r} of role {role.name} is not built yet")
+    if role.template == BootTemplate.XEN and not image.hypervisor:
+        return BootPlan(kind="wait", title=title, mac=mac, script_url=script_url,
+                        message=f"image {image.name!r} has no Xen hypervisor for role "
+                                f"{role.name}")
+    base = f"images/{image.name}/"
+    return BootPlan(
+        kind="xen" if role.template == BootTemplate.XEN else "linux",
+        title=title, mac=mac, script_url=script_url,
+        kernel_url=server.url(base + image.kernel),
+        initramfs_url=server.url(base + image.initramfs),
+        initramfs_name=image.initramfs,
+        hypervisor_url=server.url(base + image.hypervisor) if image.hypervisor else "",
+        kernel_cmdline=kernel_cmdline(node, role, server, mac),
+        hypervisor_cmdline=role.hypervisor_args,
+    )
+
+
+def waiting_plan(mac: str, server: BootServer, message: str, *,
+                 fmt: ScriptFormat = ScriptFormat.IPXE, retry_seconds: int = 30) -> BootPlan:
+    """A machine the registry does not (yet) let boot: say why and ask again later."""
+    return BootPlan(kind="wait", title=mac, mac=mac, script_url=_script_url(server, mac, fmt),
+                    message=message, retry_seconds=retry_seconds)
+
+
+def exit_plan(mac: str, server: BootServer, message: str, *,
+              fmt: ScriptFormat = ScriptFormat.IPXE) -> BootPlan:
+    """Hand the machine back to its firmware's next boot device."""
+    return BootPlan(kind="exit", title=mac, mac=mac, script_url=_script_url(server, mac, fmt),
+                    message=message)
+
+
+def _script_url(server: BootServer, mac: str, fmt: ScriptFormat) -> str:
+    if fmt == ScriptFormat.GRUB:
+        return server.url(f"boot/{mac}/grub.cfg")
+    return server.url(f"boot/{mac}.ipxe")
+
+
+def grub_path(url: str) -> str:
+    """``http://host:port/a/b`` as GRUB names it: ``(http,host:port)/a/b``."""
+    scheme, _, rest = url.partition("://")
+    host, _, path = rest.partition("/")
+    return f"({scheme},{host})/{path}"
+
+
+class ScriptRenderer:
+    """Renders boot plans with the packaged templates (loaded once, rendered many times)."""
+
+    def __init__(self) -> None:
+        self._env = jinja2.Environment(
+            loader=jinja2.PackageLoader("configserver", "templates"),
+            undefined=jinja2.StrictUndefined,
+            autoescape=False,
+            keep_trailing_newline=True,
+            trim_blocks=True,
+            lstrip_blocks=True,
+        )
+        self._env.filters["grub_path"] = grub_path
+
+    def render(self, plan: BootPlan, fmt: ScriptFormat = ScriptFormat.IPXE) -> str:
+        suffix = "ipxe" if fmt == ScriptFormat.IPXE else "cfg"
+        template = self._env.get_template(f"{fmt.value}/{plan.kind}.{suffix}.j2")
+        return template.render(plan=plan)

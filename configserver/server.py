@@ -1,0 +1,165 @@
+"""``configserver serve``: HTTP, DHCP and TFTP in one asyncio process around one registry."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+from contextlib import AsyncExitStack
+from pathlib import Path
+
+from aiohttp import web
+
+from configserver.app import create_app
+from configserver.boot import IPXE_DIR, RESOLVE_MAC
+from configserver.config import DhcpMode, ServerConfig, Subnet
+from configserver.errors import ConfigError, StoreError
+from configserver.netif import interface_ipv4
+from configserver.registry.sqlite import SqliteRegistry
+
+log = logging.getLogger(__name__)
+
+
+def ensure_admin_token(path: Path) -> str:
+    """The admin token, generated at first start into the state directory (mode 0600)."""
+    try:
+        token = path.read_text().strip()
+        if token:
+            return token
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StoreError(f"cannot read {path}: {exc}") from exc
+    token = secrets.token_urlsafe(32)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(token + "\n")
+    log.info("generated admin token in %s", path)
+    return token
+
+
+def sd_notify(message: str) -> None:
+    """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
+    address = os.environ.get("NOTIFY_SOCKET")
+    if not address:
+        return
+    if address.startswith("@"):
+        address = "\0" + address[1:]
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock, \
+            contextlib.suppress(OSError):
+        sock.sendto(message.encode(), address)
+
+
+def resolve(config: ServerConfig) -> tuple[ServerConfig, str | None]:
+    """Fill in what comes from the interface: our address and the DHCP subnet."""
+    address = config.server_address
+    if config.interface:
+        iface = interface_ipv4(config.interface)
+        address = address or str(iface.ip)
+        if config.dhcp.mode == DhcpMode.FULL and config.dhcp.subnet is None:
+            subnet = Subnet(network=str(iface.network))
+            config = dataclasses.replace(config, dhcp=dataclasses.replace(
+                config.dhcp, subnet=subnet))
+    elif config.dhcp.mode != DhcpMode.OFF:
+        raise ConfigError("DHCP needs --interface", hint="e.g. --interface eth1 --dhcp proxy")
+    if config.dhcp.mode == DhcpMode.FULL and config.dhcp.subnet is not None:
+        subnet = config.dhcp.subnet
+        if address and config.dhcp.subnet.router is None:
+            subnet = dataclasses.replace(subnet, router=address)
+        config = dataclasses.replace(config, dhcp=dataclasses.replace(config.dhcp,
+                                                                      subnet=subnet))
+    return config, address
+
+
+async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> None:
+    """Run until ``stop`` is set or SIGTERM/SIGINT arrives."""
+    config, address = resolve(config)
+    stop = stop or asyncio.Event()
+    loop = asyncio.get_running_loop()
+    async with AsyncExitStack() as stack:
+        config.state_dir.mkdir(parents=True, exist_ok=True)
+        registry = SqliteRegistry(config.registry_path)
+        stack.callback(registry.close)
+        token = ensure_admin_token(config.token_path)
+        if config.unknown_mac is not None:
+            registry.set_unknown_mac_policy(config.unknown_mac)
+
+        app = create_app(config, registry, token)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        await runner.setup()
+        stack.push_async_callback(runner.cleanup)
+        site = web.TCPSite(runner, config.http.listen, config.http.port,
+                           reuse_address=True, backlog=1024)
+        try:
+            await site.start()
+        except OSError as exc:
+            raise ConfigError(f"cannot listen on {config.http.listen}:{config.http.port}: "
+                              f"{exc.strerror}", hint="choose another --http-port") from None
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        host = address or (config.http.listen if config.http.listen not in ("0.0.0.0", "::")
+                           else "127.0.0.1")
+        http_base = (config.http.public_url or f"http://{host}:{port}").rstrip("/")
+        log.info("HTTP on %s:%d, nodes use %s", config.http.listen, port, http_base)
+
+        dhcp = None
+        if config.dhcp.mode != DhcpMode.OFF:
+            from configserver.dhcp.service import start_dhcp
+
+            assert address is not None
+            dhcp = await start_dhcp(config, registry, server_address=address,
+                                    http_base=http_base, tftp_enabled=_tftp_on(config))
+            stack.push_async_callback(dhcp.close)
+            leases = dhcp.mac_for_ip
+            by_reservation = app[RESOLVE_MAC]
+
+            def resolve_mac(ip: str) -> str | None:
+                return leases(ip) or by_reservation(ip)
+
+            app[RESOLVE_MAC] = resolve_mac
+            log.info("DHCP (%s) on %s", config.dhcp.mode, config.interface)
+        if _tftp_on(config):
+            from configserver.tftp.service import start_tftp
+
+            roots = {"": app[IPXE_DIR], "images/": config.images_dir}
+            tftp = await start_tftp(config, roots, resolve_mac=app[RESOLVE_MAC],
+                                    record_event=registry.record_event)
+            stack.push_async_callback(tftp.close)
+            log.info("TFTP on %s port %d", config.interface or config.tftp.bind_address,
+                     config.tftp.port)
+
+        endpoint = {"url": f"http://{_local(config.http.listen)}:{port}", "pid": os.getpid(),
+                    "boot_url": http_base}
+        config.endpoint_path.write_text(json.dumps(endpoint) + "\n")
+        stack.callback(_remove_endpoint, config.endpoint_path, os.getpid())
+
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+            stack.callback(loop.remove_signal_handler, sig)
+        sd_notify("READY=1\nSTATUS=serving")
+        log.info("config server ready (state %s, images %s)", config.state_dir,
+                 config.images_dir)
+        await stop.wait()
+        sd_notify("STOPPING=1")
+        log.info("config server stopping")
+
+
+def _tftp_on(config: ServerConfig) -> bool:
+    return config.tftp.enabled and (config.interface is not None
+                                    or config.tftp.bind_address != "0.0.0.0")
+
+
+def _local(listen: str) -> str:
+    return "127.0.0.1" if listen in ("0.0.0.0", "", "::") else listen
+
+
+def _remove_endpoint(path: Path, pid: int) -> None:
+    with contextlib.suppress(OSError, ValueError):
+        if json.loads(path.read_text()).get("pid") == pid:
+            path.unlink()

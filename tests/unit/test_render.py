@@ -1,0 +1,99 @@
+"""Golden-output tests of every boot template (regenerate: UPDATE_GOLDEN=1 pytest ...)."""
+
+import os
+from pathlib import Path
+
+import jinja2
+import pytest
+
+from configserver.images import Image
+from configserver.model import BUILTIN_ROLES, Nic, Node
+from configserver.render import (
+    BootPlan,
+    BootServer,
+    ScriptFormat,
+    ScriptRenderer,
+    boot_plan,
+    exit_plan,
+    grub_path,
+    waiting_plan,
+)
+
+GOLDEN = Path(__file__).parent / "golden"
+SERVER = BootServer("http://198.18.0.1:8080")
+ROLES = {r.name: r for r in BUILTIN_ROLES}
+MAC = "52:54:00:aa:bb:01"
+NODE = Node(mac=MAC, role="storage", hostname="sn1", nics=(Nic(MAC, "198.18.0.21"),),
+            kernel_args="quiet")
+DOM0 = Node(mac=MAC, role="dom0", hostname="hv1", nics=(Nic(MAC, "198.18.0.11"),))
+STORAGE_IMAGE = Image("storage", Path("/x/storage"), "vmlinuz", "initramfs.img",
+                      files=frozenset({"vmlinuz", "initramfs.img"}))
+DOM0_IMAGE = Image("dom0", Path("/x/dom0"), "vmlinuz", "initramfs.img", "xen",
+                   frozenset({"vmlinuz", "initramfs.img", "xen"}))
+
+CASES = {
+    "storage.ipxe": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC),
+                     ScriptFormat.IPXE),
+    "dom0.ipxe": (boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC),
+                  ScriptFormat.IPXE),
+    "storage.grub.cfg": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC,
+                                   fmt=ScriptFormat.GRUB), ScriptFormat.GRUB),
+    "dom0.grub.cfg": (boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC,
+                                fmt=ScriptFormat.GRUB), ScriptFormat.GRUB),
+    "missing-image.ipxe": (boot_plan(NODE, ROLES["storage"], None, SERVER, mac=MAC),
+                           ScriptFormat.IPXE),
+    "pending.ipxe": (waiting_plan(MAC, SERVER, f"{MAC} is waiting to be registered"),
+                     ScriptFormat.IPXE),
+    "pending.grub.cfg": (waiting_plan(MAC, SERVER, "waiting", fmt=ScriptFormat.GRUB),
+                         ScriptFormat.GRUB),
+    "unknown.ipxe": (exit_plan(MAC, SERVER, f"{MAC} is not registered here"),
+                     ScriptFormat.IPXE),
+    "unknown.grub.cfg": (exit_plan(MAC, SERVER, "not registered", fmt=ScriptFormat.GRUB),
+                         ScriptFormat.GRUB),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_template_output_matches_golden_file(name):
+    plan, fmt = CASES[name]
+    text = ScriptRenderer().render(plan, fmt)
+    golden = GOLDEN / name
+    if os.environ.get("UPDATE_GOLDEN"):
+        golden.write_text(text)
+    assert text == golden.read_text()
+
+
+def test_every_template_has_a_golden_case():
+    templates = sorted(p.relative_to(p.parents[1]).as_posix() for p in
+                       (Path(__file__).parents[2] / "configserver/templates").rglob("*.j2"))
+    assert templates, "no templates found"
+    kinds = {(fmt.value, plan.kind) for plan, fmt in CASES.values()}
+    for template in templates:
+        folder, base = template.split("/")
+        assert (folder, base.split(".")[0]) in kinds, template
+
+
+def test_xen_role_with_image_lacking_hypervisor_waits():
+    plan = boot_plan(DOM0, ROLES["dom0"], STORAGE_IMAGE, SERVER, mac=MAC)
+    assert plan.kind == "wait"
+    assert "no Xen hypervisor" in plan.message
+
+
+def test_kernel_command_line_carries_what_the_agent_needs():
+    plan = boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC)
+    args = plan.kernel_cmdline.split()
+    assert args[:4] == ["netboot.server=http://198.18.0.1:8080", f"netboot.mac={MAC}",
+                        "netboot.role=storage", "netboot.hostname=sn1"]
+    assert "BOOTIF=01-52-54-00-aa-bb-01" in args
+    assert args[-1] == "quiet"  # node arguments come last so they win
+
+
+def test_missing_variable_is_an_error_not_an_empty_string():
+    env = ScriptRenderer()._env
+    with pytest.raises(jinja2.UndefinedError):
+        env.from_string("{{ plan.nosuch }}").render(plan=BootPlan("linux", "t", MAC, "u"))
+
+
+def test_grub_path():
+    assert grub_path("http://198.18.0.1:8080/images/a/vmlinuz") == \
+        "(http,198.18.0.1:8080)/images/a/vmlinuz"
