@@ -1,0 +1,171 @@
+"""The CLI against a real `configserver serve` process on loopback."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from configserver.client import ApiClient
+from configserver.errors import NetbootError
+
+pytestmark = pytest.mark.integration
+
+MAC = "52:54:00:aa:bb:01"
+
+
+class Server:
+    def __init__(self, state: Path, images: Path) -> None:
+        self.state, self.images = state, images
+        self.proc: subprocess.Popen | None = None
+        self.startup = 0.0
+
+    def start(self) -> None:
+        endpoint = self.state / "server.json"
+        endpoint.unlink(missing_ok=True)
+        began = time.monotonic()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "configserver", "serve", "--state-dir", str(self.state),
+             "--images", str(self.images), "--http-port", "0", "--listen", "127.0.0.1"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = began + 20
+        while not endpoint.exists():
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
+            assert time.monotonic() < deadline, "server did not start in 20 s"
+            time.sleep(0.02)
+        self.startup = time.monotonic() - began
+        self.url = json.loads(endpoint.read_text())["url"]
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        self.proc.wait(timeout=20)
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.kill(signal.SIGTERM)
+
+
+@pytest.fixture
+def server(tmp_path):
+    images = tmp_path / "images" / "storage"
+    images.mkdir(parents=True)
+    (images / "vmlinuz").write_bytes(b"kernel")
+    (images / "initramfs.img").write_bytes(b"initramfs")
+    srv = Server(tmp_path / "state", tmp_path / "images")
+    srv.start()
+    yield srv
+    srv.stop()
+
+
+def cli(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "configserver", "--state-dir",
+                           str(server.state), *args], capture_output=True, text=True,
+                          timeout=60, input=stdin)
+
+
+def test_issue_walkthrough(server):
+    print(f"server up in {server.startup:.2f} s")
+    done = cli(server, "node", "add", MAC, "--role", "storage", "--hostname", "sn1",
+               "--ip", "198.18.0.21")
+    assert done.returncode == 0, done.stderr
+    with urllib.request.urlopen(f"{server.url}/boot/{MAC}.ipxe", timeout=5) as resp:
+        script = resp.read().decode()
+    assert script.startswith("#!ipxe") and "netboot.role=storage" in script
+    assert "netboot.hostname=sn1" in script
+
+    for args in (("node", "add", MAC, "--role", "storage"),
+                 ("node", "add", "52:54:00:aa:bb:02", "--role", "storage", "--ip",
+                  "198.18.0.21"),
+                 ("node", "add", "52:54:00:aa:bb:02", "--role", "nosuch"),
+                 ("node", "show", "52:54:00:aa:bb:09"),
+                 ("node", "add", "not-a-mac", "--role", "storage")):
+        done = cli(server, *args)
+        assert done.returncode == 1, args
+        assert done.stderr.count("\n") == 1 and done.stderr.startswith("configserver: error:")
+        assert "Traceback" not in done.stderr
+    listed = json.loads(cli(server, "node", "list", "--json").stdout)
+    assert [(n["mac"], n["ip"]) for n in listed] == [(MAC, "198.18.0.21")]
+
+    shown = cli(server, "node", "show", MAC)
+    assert "Boot timeline:" in shown.stdout and "script" in shown.stdout
+    assert cli(server, "node", "set", MAC, "--hostname", "sn2").returncode == 0
+    assert json.loads(cli(server, "node", "show", MAC, "--json").stdout)["hostname"] == "sn2"
+    assert cli(server, "role", "add", "gpu", "--image", "dom0", "--template", "xen"
+               ).returncode == 0
+    assert "gpu" in cli(server, "role", "list").stdout
+    assert cli(server, "node", "rm", MAC).returncode == 0
+    assert json.loads(cli(server, "node", "list", "--json").stdout) == []
+
+
+def test_cli_without_a_server_says_so(tmp_path):
+    done = subprocess.run([sys.executable, "-m", "configserver", "--state-dir",
+                           str(tmp_path), "node", "list"], capture_output=True, text=True,
+                          timeout=30)
+    assert done.returncode == 1
+    assert "no config server is running" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_admin_token_is_private(server):
+    token = server.state / "admin.token"
+    assert token.stat().st_mode & 0o777 == 0o600
+
+
+def test_sigkill_during_adds_loses_no_acknowledged_node(server):
+    client = ApiClient.for_state_dir(server.state)
+    acknowledged = []
+    for i in range(1000):
+        mac = f"52:54:00:10:{i // 256:02x}:{i % 256:02x}"
+        if i == 400:
+            os.kill(server.proc.pid, signal.SIGKILL)
+        try:
+            client.post("/api/v1/nodes", {"mac": mac, "role": "storage",
+                                          "ip": f"198.18.{2 + i // 250}.{1 + i % 250}"})
+        except NetbootError:
+            continue
+        acknowledged.append(mac)
+    server.proc.wait(timeout=10)
+    assert 300 <= len(acknowledged) <= 400
+    server.start()
+    client = ApiClient.for_state_dir(server.state)
+    stored = {n["mac"] for n in client.get("/api/v1/nodes")["nodes"]}
+    assert set(acknowledged) <= stored
+
+
+def test_apply_1000_nodes_is_fast_enough_and_idempotent(server, tmp_path):
+    lines = []
+    for i in range(1000):
+        lines += ["[[node]]", f'mac = "52:54:00:20:{i // 256:02x}:{i % 256:02x}"',
+                  'role = "storage"', f'hostname = "n{i}"',
+                  f'ip = "198.19.{i // 250}.{1 + i % 250}"', 'tags = ["rack1"]', ""]
+    inventory = tmp_path / "inventory.toml"
+    inventory.write_text("\n".join(lines))
+    began = time.monotonic()
+    done = cli(server, "apply", "-f", str(inventory))
+    first = time.monotonic() - began
+    assert done.returncode == 0, done.stderr
+    assert "1000 created" in done.stdout
+    began = time.monotonic()
+    done = cli(server, "apply", "-f", str(inventory))
+    second = time.monotonic() - began
+    assert "0 created, 0 updated, 1000 unchanged" in done.stdout
+    print(f"apply of 1000 nodes: {first:.2f} s, again (no change): {second:.2f} s")
+    exported = cli(server, "export").stdout
+    (tmp_path / "export.toml").write_text(exported)
+    done = cli(server, "apply", "-f", str(tmp_path / "export.toml"), "--prune")
+    assert "1000 unchanged, 0 removed" in done.stdout, done.stdout + done.stderr
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[node]]\nmac = "52:54:00:30:00:01"\nrole = "storage"\nip = "198.19.0.1"\n')
+    done = cli(server, "apply", "-f", str(bad))
+    assert done.returncode == 1 and "198.19.0.1" in done.stderr
+    bad.write_text("[[node]\n")
+    done = cli(server, "apply", "-f", str(bad))
+    assert done.returncode == 1 and "not valid TOML" in done.stderr

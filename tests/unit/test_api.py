@@ -1,0 +1,181 @@
+"""REST API and HTTP boot through aiohttp's test client (in-process server on loopback)."""
+
+import json
+
+import pytest
+
+from configserver.app import create_app
+from configserver.config import HttpConfig, ServerConfig
+from configserver.registry.sqlite import SqliteRegistry
+
+TOKEN = "test-admin-token"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+MAC = "52:54:00:aa:bb:01"
+
+
+@pytest.fixture
+def images(tmp_path):
+    root = tmp_path / "images"
+    storage = root / "storage"
+    storage.mkdir(parents=True)
+    (storage / "vmlinuz").write_bytes(b"K" * 1000)
+    (storage / "initramfs.img").write_bytes(bytes(range(256)) * 40)
+    (storage / "secret").write_text("not listed")
+    dom0 = root / "dom0"
+    dom0.mkdir()
+    for name in ("xen", "vmlinuz", "initramfs.img"):
+        (dom0 / name).write_bytes(name.encode())
+    (dom0 / "manifest.json").write_text(json.dumps({
+        "name": "dom0", "kernel": "vmlinuz", "initramfs": "initramfs.img", "hypervisor": "xen",
+        "files": {"xen": {}, "vmlinuz": {}, "initramfs.img": {}}}))
+    (tmp_path / "outside").write_text("outside")
+    return root
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = SqliteRegistry(tmp_path / "state" / "registry.sqlite")
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+async def client(aiohttp_client, tmp_path, images, registry):
+    config = ServerConfig(state_dir=tmp_path / "state", images_dir=images,
+                          ipxe_dir=tmp_path / "ipxe", http=HttpConfig(port=0))
+    (tmp_path / "ipxe").mkdir()
+    (tmp_path / "ipxe" / "ipxe.efi").write_bytes(b"MZ-ipxe")
+    return await aiohttp_client(create_app(config, registry, TOKEN))
+
+
+async def add(client, **body):
+    body.setdefault("mac", MAC)
+    body.setdefault("role", "storage")
+    return await client.post("/api/v1/nodes", json=body, headers=AUTH)
+
+
+async def test_writes_need_the_admin_token(client):
+    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
+        resp = await client.post("/api/v1/nodes", json={"mac": MAC, "role": "storage"},
+                                 headers=headers)
+        assert resp.status == 401
+        assert (await resp.json())["code"] == "unauthorized"
+    assert (await client.get("/api/v1/nodes")).status == 200
+
+
+async def test_node_crud_and_errors_are_json(client):
+    resp = await add(client, mac="52-54-00-AA-BB-01", hostname="sn1", ip="198.18.0.21")
+    assert resp.status == 201
+    assert (await resp.json())["mac"] == MAC
+    cases = [
+        ({"mac": MAC}, 409, "duplicate_mac"),
+        ({"mac": "52:54:00:aa:bb:02", "ip": "198.18.0.21"}, 409, "duplicate_ip"),
+        ({"mac": "52:54:00:aa:bb:02", "role": "gpu"}, 422, "unknown_role"),
+        ({"mac": "nonsense"}, 400, "invalid_mac"),
+        ({"mac": "52:54:00:aa:bb:02", "hostname": "a_b"}, 400, "invalid_hostname"),
+        ({"mac": "52:54:00:aa:bb:02", "colour": "red"}, 400, "invalid_request"),
+        ({"mac": "52:54:00:aa:bb:02", "tags": "x"}, 400, "invalid_request"),
+    ]
+    for body, status, code in cases:
+        resp = await add(client, **body)
+        data = await resp.json()
+        assert (resp.status, data["code"]) == (status, code), body
+        assert data["status"] == status and data["message"]
+    resp = await client.post("/api/v1/nodes", data=b"{not json", headers=AUTH)
+    assert (resp.status, (await resp.json())["code"]) == (400, "invalid_json")
+    nodes = (await (await client.get("/api/v1/nodes")).json())["nodes"]
+    assert [n["mac"] for n in nodes] == [MAC]
+
+    resp = await client.patch(f"/api/v1/nodes/{MAC}", json={"hostname": "sn9"}, headers=AUTH)
+    assert (await resp.json())["hostname"] == "sn9"
+    shown = await (await client.get("/api/v1/nodes/525400aabb01")).json()
+    assert shown["hostname"] == "sn9"
+    assert [e["stage"] for e in shown["events"]] == ["registered", "updated"]
+    assert (await client.delete(f"/api/v1/nodes/{MAC}", headers=AUTH)).status == 200
+    resp = await client.get(f"/api/v1/nodes/{MAC}")
+    assert (resp.status, (await resp.json())["code"]) == (404, "not_found")
+
+
+async def test_changes_take_effect_on_the_next_request(client):
+    await add(client, hostname="sn1")
+    script = await (await client.get(f"/boot/{MAC}.ipxe")).text()
+    assert "netboot.role=storage" in script and "/images/storage/vmlinuz" in script
+    await client.patch(f"/api/v1/nodes/{MAC}", json={"role": "dom0"}, headers=AUTH)
+    script = await (await client.get(f"/boot/{MAC}.ipxe")).text()
+    assert "netboot.role=dom0" in script
+    assert "kernel http://" in script and "/images/dom0/xen?mac=" in script
+    assert script.count("module ") == 2
+
+
+async def test_boot_fetches_land_in_the_timeline(client, registry):
+    await add(client)
+    await client.get(f"/boot/{MAC}.ipxe")
+    for name in ("vmlinuz", "initramfs.img"):
+        resp = await client.get(f"/images/storage/{name}?mac={MAC}")
+        assert resp.status == 200
+    data = await (await client.get(f"/api/v1/nodes/{MAC}/events")).json()
+    assert [t["stage"] for t in data["timeline"]] == ["script", "kernel", "initramfs"]
+    assert registry.lookup(MAC).state == "booting"
+
+
+async def test_image_files_support_ranges_and_nothing_else_is_served(client):
+    resp = await client.get("/images/storage/initramfs.img",
+                            headers={"Range": "bytes=256-259"})
+    assert resp.status == 206
+    assert await resp.read() == bytes([0, 1, 2, 3])
+    for path in ("/images/storage/secret", "/images/storage/..%2F..%2Foutside",
+                 "/images/../outside", "/images/nosuch/vmlinuz", "/images/dom0/manifest.json",
+                 "/images/storage/%2e%2e", "/ipxe/..%2Foutside", "/ipxe/undionly.kpxe"):
+        resp = await client.get(path)
+        assert resp.status == 404, path
+    assert await (await client.get("/ipxe/ipxe.efi")).read() == b"MZ-ipxe"
+
+
+async def test_unknown_mac_policies(client, registry):
+    script = await (await client.get("/boot/52:54:00:00:00:99.ipxe")).text()
+    assert "\nexit" in script
+    assert registry.lookup("52:54:00:00:00:99") is None
+    resp = await client.patch("/api/v1/settings", json={"unknown_mac": "discover"},
+                              headers=AUTH)
+    assert (await resp.json()) == {"unknown_mac": "discover"}
+    script = await (await client.get("/boot/52:54:00:00:00:99.ipxe?arch=x86_64")).text()
+    assert "waiting to be registered" in script and "chain --replace" in script
+    pending = await (await client.get("/api/v1/nodes?state=pending")).json()
+    assert [(n["mac"], n["facts"]["arch"]) for n in pending["nodes"]] == \
+        [("52:54:00:00:00:99", "x86_64")]
+    # Registering the pending MAC makes its next script a real boot.
+    assert (await add(client, mac="52:54:00:00:00:99")).status == 201
+    script = await (await client.get("/boot/52:54:00:00:00:99.ipxe")).text()
+    assert "/images/storage/vmlinuz" in script
+
+
+async def test_roles_api_and_custom_role_boot(client):
+    resp = await client.post("/api/v1/roles", json={"name": "gpu", "image": "dom0",
+                                                    "template": "xen"}, headers=AUTH)
+    assert resp.status == 201
+    resp = await client.post("/api/v1/roles", json={"name": "x", "template": "bsd"},
+                             headers=AUTH)
+    assert (await resp.json())["code"] == "invalid_role"
+    await add(client, role="gpu")
+    assert "/images/dom0/xen" in await (await client.get(f"/boot/{MAC}.ipxe")).text()
+    resp = await client.delete("/api/v1/roles/gpu", headers=AUTH)
+    assert (await resp.json())["code"] == "role_in_use"
+    role = await (await client.get("/api/v1/roles/gpu")).json()
+    assert role["image_built"] is True
+
+
+async def test_apply_export_round_trip(client):
+    body = {"nodes": [{"mac": f"52:54:00:00:01:{i:02x}", "role": "storage",
+                       "hostname": f"n{i}", "ip": f"198.18.1.{i}", "tags": ["r1"]}
+                      for i in range(1, 21)],
+            "roles": [{"name": "gpu", "image": "dom0", "template": "xen"}]}
+    first = await (await client.post("/api/v1/apply", json=body, headers=AUTH)).json()
+    assert len(first["created"]) == 20 and first["roles"] == ["gpu"]
+    exported = await (await client.get("/api/v1/export")).json()
+    again = await (await client.post("/api/v1/apply", json=exported, headers=AUTH)).json()
+    assert (len(again["unchanged"]), again["created"], again["roles"]) == (20, [], [])
+    bad = {"nodes": [*body["nodes"], {"mac": "52:54:00:00:02:01", "role": "storage",
+                                      "ip": "198.18.1.1"}]}
+    resp = await client.post("/api/v1/apply", json=bad, headers=AUTH)
+    assert (await resp.json())["code"] == "duplicate_ip"
+    assert len((await (await client.get("/api/v1/nodes")).json())["nodes"]) == 20
