@@ -214,15 +214,15 @@ class SqliteRegistry:
     def add_node(self, spec: NodeSpec) -> Node:
         spec = spec.normalized()
         with self._tx():
-            existing = self._owner(spec.mac)
+            owner = self._owner(spec.mac)
+            existing = self._load(owner) if owner else None
             if existing is not None:
-                if self._state(existing) == NodeState.PENDING and existing == spec.mac:
-                    self._delete(existing)  # a discovered machine is being adopted
-                else:
+                if existing.state != NodeState.PENDING or owner != spec.mac:
                     raise DuplicateMac(f"MAC {spec.mac} is already registered"
-                                       + (f" (a NIC of {existing})" if existing != spec.mac
+                                       + (f" (a NIC of {owner})" if owner != spec.mac
                                           else ""), hint="use 'node set' to change it")
-            self._insert(spec, self._now())
+                self._release_nics(owner)  # a discovered machine is being adopted
+            self._write(spec, existing)
             self._event(spec.mac, "registered", {"role": spec.role})
         node = self._load(spec.mac)
         assert node is not None
@@ -248,8 +248,8 @@ class SqliteRegistry:
                                     for n in changes.get("nics", spec.extra_nics)),
             }
             new = NodeSpec(**fields).normalized()
-            self._delete_rows(current.mac)
-            self._insert(new, current.created, keep=current)
+            self._release_nics(current.mac)
+            self._write(new, current)
             self._event(new.mac, "updated", {k: _jsonable(v) for k, v in changes.items()})
         node = self._load(current.mac)
         assert node is not None
@@ -272,18 +272,17 @@ class SqliteRegistry:
                     raise DuplicateMac(f"MAC {nic.mac} appears twice in the inventory")
                 seen.add(nic.mac)
         created, updated, unchanged, removed = [], [], [], []
-        now = self._now()
         with self._tx():
             current = {n.mac: n for n in self.list_nodes()}
             wanted = {s.mac for s in normalized}
-            # Drop every node that changes or goes first, so that moving an address or a NIC
-            # from one node to another inside one inventory is not a false conflict.
+            # Release the NICs of every node that changes or goes first, so that moving an
+            # address or a NIC from one node to another in one inventory is no false conflict.
             for spec in normalized:
                 node = current.get(spec.mac)
                 if node is not None and node.state != NodeState.PENDING and node.spec() == spec:
                     unchanged.append(spec.mac)
                 elif node is not None:
-                    self._delete_rows(spec.mac)
+                    self._release_nics(spec.mac)
             if prune:
                 for mac, node in current.items():
                     if mac not in wanted and node.state != NodeState.PENDING:
@@ -293,12 +292,11 @@ class SqliteRegistry:
                 if spec.mac in unchanged:
                     continue
                 node = current.get(spec.mac)
+                self._write(spec, node)
                 if node is None or node.state == NodeState.PENDING:
-                    self._insert(spec, now)
                     self._event(spec.mac, "registered", {"role": spec.role, "via": "apply"})
                     created.append(spec.mac)
                 else:
-                    self._insert(spec, node.created, keep=node)
                     self._event(spec.mac, "updated", {"via": "apply"})
                     updated.append(spec.mac)
         return ApplyResult(tuple(created), tuple(updated), tuple(unchanged), tuple(removed))
@@ -314,8 +312,12 @@ class SqliteRegistry:
         row = self._db.execute("SELECT state FROM nodes WHERE mac=?", (mac,)).fetchone()
         return NodeState(row["state"]) if row else None
 
-    def _insert(self, spec: NodeSpec, created: float, keep: Node | None = None) -> None:
-        """Insert a validated node inside the caller's transaction, enforcing every rule."""
+    def _write(self, spec: NodeSpec, existing: Node | None) -> None:
+        """Insert or update a node inside the caller's transaction, enforcing every rule.
+
+        An existing node's NIC rows must have been released first (``_release_nics``), so that
+        its own MACs and addresses do not count as conflicts.
+        """
         if self.role(spec.role) is None:
             raise UnknownRole(f"unknown role {spec.role!r}",
                               hint="see 'configserver role list' or add it with 'role add'")
@@ -325,7 +327,7 @@ class SqliteRegistry:
                 raise DuplicateMac(f"MAC {nic.mac} is given twice for one node")
             seen.add(nic.mac)
             owner = self._owner(nic.mac)
-            if owner is not None:
+            if owner not in (None, spec.mac):
                 raise DuplicateMac(f"MAC {nic.mac} already belongs to node {owner}")
             if nic.ip:
                 row = self._db.execute("SELECT node FROM nics WHERE ip=?", (nic.ip,)).fetchone()
@@ -333,47 +335,32 @@ class SqliteRegistry:
                     holder = row["node"] if row else spec.mac
                     raise DuplicateAddress(f"address {nic.ip} is already reserved for {holder}")
         if spec.hostname:
-            row = self._db.execute("SELECT mac FROM nodes WHERE hostname=?",
-                                   (spec.hostname,)).fetchone()
+            row = self._db.execute("SELECT mac FROM nodes WHERE hostname=? AND mac!=?",
+                                   (spec.hostname, spec.mac)).fetchone()
             if row:
                 raise DuplicateHostname(f"hostname {spec.hostname} is already used by "
                                         f"{row['mac']}")
         now = self._now()
-        state = keep.state if keep and keep.state != NodeState.PENDING else NodeState.REGISTERED
-        self._db.execute(
-            "INSERT INTO nodes (mac, role, hostname, kernel_args, tags, state, created, updated,"
-            " last_seen, last_heartbeat, facts, boot_id, token_hash, token_issued)"
-            " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
-            (spec.mac, spec.role, spec.hostname, spec.kernel_args, json.dumps(list(spec.tags)),
-             str(state), created, now, keep.last_seen if keep else None,
-             keep.last_heartbeat if keep else None,
-             json.dumps(keep.facts if keep else {}), None, None, None))
+        tags = json.dumps(list(spec.tags))
+        if existing is None:
+            self._db.execute(
+                "INSERT INTO nodes (mac, role, hostname, kernel_args, tags, state, created,"
+                " updated) VALUES (?,?,?,?,?,?,?,?)",
+                (spec.mac, spec.role, spec.hostname, spec.kernel_args, tags,
+                 str(NodeState.REGISTERED), now, now))
+        else:
+            state = (NodeState.REGISTERED if existing.state == NodeState.PENDING
+                     else existing.state)
+            self._db.execute(
+                "UPDATE nodes SET role=?, hostname=?, kernel_args=?, tags=?, state=?, updated=?"
+                " WHERE mac=?",
+                (spec.role, spec.hostname, spec.kernel_args, tags, str(state), now, spec.mac))
         for position, nic in enumerate(spec.nics):
             self._db.execute("INSERT INTO nics (mac, node, position, ip) VALUES (?,?,?,?)",
                              (nic.mac, spec.mac, position, nic.ip))
-        if keep is not None:
-            self._restore_session(spec.mac)
 
-    def _delete_rows(self, mac: str) -> None:
-        """Remove a node's rows but keep its inventory, events and agent session aside."""
-        row = self._db.execute("SELECT boot_id, token_hash, token_issued FROM nodes "
-                               "WHERE mac=?", (mac,)).fetchone()
-        self._saved_session = (mac, tuple(row)) if row else None
-        inventory = self._db.execute("SELECT inventory, updated FROM inventories WHERE mac=?",
-                                     (mac,)).fetchone()
-        self._saved_inventory = (mac, tuple(inventory)) if inventory else None
+    def _release_nics(self, mac: str) -> None:
         self._db.execute("DELETE FROM nics WHERE node=?", (mac,))
-        self._db.execute("DELETE FROM nodes WHERE mac=?", (mac,))
-
-    def _restore_session(self, mac: str) -> None:
-        saved = getattr(self, "_saved_session", None)
-        if saved and saved[0] == mac:
-            self._db.execute("UPDATE nodes SET boot_id=?, token_hash=?, token_issued=? "
-                             "WHERE mac=?", (*saved[1], mac))
-        inventory = getattr(self, "_saved_inventory", None)
-        if inventory and inventory[0] == mac:
-            self._db.execute("INSERT OR REPLACE INTO inventories VALUES (?,?,?)",
-                             (mac, *inventory[1]))
 
     def _delete(self, mac: str) -> None:
         self._db.execute("DELETE FROM nics WHERE node=?", (mac,))

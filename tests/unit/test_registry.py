@@ -217,3 +217,16 @@ def test_data_survives_reopen_and_schema_is_versioned(tmp_path):
     db.close()
     with pytest.raises(StoreError, match="newer"):
         SqliteRegistry(path)
+
+
+def test_updates_keep_inventory_agent_session_and_facts(registry):
+    registry.discover(MAC1, {"arch": 7})
+    registry.apply([NodeSpec(MAC1, "storage", "sn1")])  # adopts the pending machine
+    registry.set_inventory(MAC1, {"disks": []})
+    registry.start_agent_session(MAC1, "boot-1", "h")
+    registry.update_node(MAC1, {"hostname": "sn2"})
+    registry.apply([NodeSpec(MAC1, "dom0", "sn2")])
+    node = registry.lookup(MAC1)
+    assert (node.role, node.hostname, node.facts["arch"]) == ("dom0", "sn2", 7)
+    assert registry.inventory(MAC1) == {"disks": []}
+    assert registry.agent_session(MAC1).token_hash == "h"
