@@ -169,3 +169,26 @@ def test_apply_1000_nodes_is_fast_enough_and_idempotent(server, tmp_path):
     bad.write_text("[[node]\n")
     done = cli(server, "apply", "-f", str(bad))
     assert done.returncode == 1 and "not valid TOML" in done.stderr
+
+
+def test_server_notifies_systemd_when_ready_and_stopping(tmp_path):
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+        sock.bind(str(sock_path))
+        sock.settimeout(20)
+        env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "configserver", "serve", "--state-dir",
+             str(tmp_path / "state"), "--http-port", "0", "--listen", "127.0.0.1"],
+            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            assert sock.recv(4096).startswith(b"READY=1")
+            assert (tmp_path / "state" / "server.json").exists()
+            proc.terminate()
+            assert sock.recv(4096) == b"STOPPING=1"
+            assert proc.wait(timeout=20) == 0
+            assert not (tmp_path / "state" / "server.json").exists()
+        finally:
+            proc.kill()
