@@ -128,6 +128,11 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
             from configserver.tftp.service import start_tftp
 
             roots = {"": app[IPXE_DIR], "images/": config.images_dir}
+            # Debian links some iPXE binaries to /boot (ipxe.efi -> /boot/ipxe.efi); a root
+            # key without a trailing slash names exactly one file, so only those are served.
+            for entry in sorted(Path(app[IPXE_DIR]).glob("*")):
+                if entry.is_symlink() and entry.is_file():
+                    roots[entry.name] = entry
             tftp = await start_tftp(config, roots, resolve_mac=app[RESOLVE_MAC],
                                     record_event=registry.record_event)
             stack.push_async_callback(tftp.close)

@@ -526,13 +526,14 @@ class SqliteRegistry:
             owner = self._owner(mac)
             if owner is None:
                 raise NotFound(f"no node with MAC {mac}")
-            first = self._db.execute("SELECT state FROM nodes WHERE mac=?",
-                                     (owner,)).fetchone()["state"] != str(NodeState.READY)
+            previous = self._db.execute("SELECT state FROM nodes WHERE mac=?",
+                                        (owner,)).fetchone()["state"]
+            first = previous != str(NodeState.READY)
             self._db.execute(
                 "UPDATE nodes SET last_heartbeat=?, last_seen=?, facts=json_set(facts, "
                 "'$.status', json(?)) WHERE mac=?", (now, now, json.dumps(status), owner))
             if first:
-                self._event(owner, "agent.heartbeat", {"first": True})
+                self._event(owner, "agent.heartbeat", {"first_since": previous})
                 self._transition(owner, NodeState.READY, "heartbeat")
         node = self._load(owner)
         assert node is not None

@@ -1,0 +1,276 @@
+"""The config server's side of the node agent protocol: lookup, heartbeat, inventory.
+
+Token rules (after Ironic's agent token):
+
+* a lookup for a new boot identifier issues a fresh random token, stored only as its SHA-256;
+* a second lookup for the same boot identifier succeeds but carries ``"token": null``, unless it
+  carries the same secret ``nonce`` as the lookup that got the token: then the same token is
+  sent again (the first answer may have been lost on the way; knowing the nonce is as good as
+  holding the token, since the token is ``HMAC(server key, mac|boot_id|nonce)``);
+* every heartbeat and inventory push must carry ``Authorization: Bearer <token>`` together with
+  the node's MAC and boot identifier in the body; anything else is 401;
+* a lookup with a new boot identifier (a reboot) replaces the old token;
+* a lookup for an unknown MAC and one refused for any other reason get the same 404 answer;
+* lookups are rate-limited per source address by an in-memory token bucket.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import hashlib
+import hmac
+import json
+import logging
+import re
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from configserver.appkeys import ADMIN_TOKEN, CONFIG, REGISTRY
+from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
+from configserver.model import Node, NodeState, normalize_mac
+
+log = logging.getLogger(__name__)
+
+_BOOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+_NONCE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
+MAX_LOOKUP_MACS = 64
+MAX_INVENTORY_BYTES = 4 * 1024 * 1024
+REFUSED = "no node matches this lookup"
+
+
+class LookupRateLimiter:
+    """A token bucket per source address: ``burst`` lookups at once, ``rate`` per second after.
+
+    Buckets idle long enough to be full again are forgotten, so memory stays bounded by the
+    number of recently active sources.
+    """
+
+    def __init__(self, rate: float = 20.0, burst: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.rate = rate
+        self.burst = burst
+        self._clock = clock
+        self._buckets: dict[str, tuple[float, float]] = {}
+
+    def acquire(self, source: str) -> float:
+        """Take one token for ``source``: 0.0 if allowed, else seconds until one is due."""
+        now = self._clock()
+        tokens, stamp = self._buckets.get(source, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - stamp) * self.rate)
+        if tokens >= 1.0:
+            self._buckets[source] = (tokens - 1.0, now)
+            return 0.0
+        self._buckets[source] = (tokens, now)
+        return (1.0 - tokens) / self.rate
+
+    def forget_idle(self) -> None:
+        now = self._clock()
+        full_after = self.burst / self.rate
+        for source, (_, stamp) in list(self._buckets.items()):
+            if now - stamp > full_after:
+                del self._buckets[source]
+
+
+@dataclass
+class AgentApiState:
+    """Per-application objects of the agent API."""
+
+    limiter: LookupRateLimiter = field(default_factory=LookupRateLimiter)
+    sweeps: int = 0
+
+
+AGENT_API = web.AppKey("agent_api", AgentApiState)
+
+
+def hash_token(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def derive_token(key: bytes, mac: str, boot_id: str, nonce: str) -> str:
+    """The token for one lookup nonce: only this server can compute it, the same every time."""
+    digest = hmac.new(key, f"{mac}|{boot_id}|{nonce}".encode(), hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+def _token_key(app: web.Application) -> bytes:
+    """The key tokens are derived with: from the admin token, so it survives restarts."""
+    return hashlib.sha256(b"netboot agent token key\0" + app[ADMIN_TOKEN].encode()).digest()
+
+
+def setup_agent_api(app: web.Application) -> None:
+    """Add the agent routes and the background task that marks silent nodes lost."""
+    if AGENT_API not in app:
+        app[AGENT_API] = AgentApiState()
+    app.router.add_post("/api/v1/agent/lookup", lookup)
+    app.router.add_post("/api/v1/agent/heartbeat", heartbeat)
+    app.router.add_post("/api/v1/agent/inventory", push_inventory)
+    app.cleanup_ctx.append(_lost_node_sweeper)
+
+
+async def _json_body(request: web.Request, limit: int = 64 * 1024) -> dict[str, Any]:
+    if request.content_length is not None and request.content_length > limit:
+        raise InvalidRequest(f"request body larger than {limit} bytes")
+    body = await request.read()
+    if len(body) > limit:
+        raise InvalidRequest(f"request body larger than {limit} bytes")
+    try:
+        data = json.loads(body or b"{}")
+    except ValueError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def _boot_id(data: dict[str, Any]) -> str:
+    boot_id = data.get("boot_id")
+    if not isinstance(boot_id, str) or not _BOOT_ID.match(boot_id):
+        raise InvalidRequest("boot_id must be a string of letters, digits and ._:-")
+    return boot_id
+
+
+def _node_json(node: Node) -> dict[str, Any]:
+    return {"mac": node.mac, "hostname": node.hostname, "role": node.role}
+
+
+async def lookup(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/lookup`` ``{"macs": [...], "boot_id": "...", "nonce": "..."}``."""
+    state = request.app[AGENT_API]
+    source = request.remote or "unknown"
+    wait = state.limiter.acquire(source)
+    if wait > 0:
+        error = RateLimited(f"too many lookups from {source}; retry in {wait:.1f}s")
+        return web.json_response(error.to_json(), status=error.status,
+                                 headers={"Retry-After": str(max(1, round(wait + 0.5)))})
+    data = await _json_body(request)
+    macs = data.get("macs")
+    if not isinstance(macs, list) or not macs or len(macs) > MAX_LOOKUP_MACS:
+        raise InvalidRequest(f"macs must be a list of 1 to {MAX_LOOKUP_MACS} MAC addresses")
+    try:
+        normalized = list(dict.fromkeys(normalize_mac(m) for m in macs))
+    except InvalidMac as exc:
+        raise InvalidRequest(exc.message) from None
+    boot_id = _boot_id(data)
+    nonce = data.get("nonce")
+    if nonce is not None and (not isinstance(nonce, str) or not _NONCE.match(nonce)):
+        raise InvalidRequest("nonce must be 22 to 128 URL-safe base64 characters")
+    registry = request.app[REGISTRY]
+    config = request.app[CONFIG]
+
+    matches: dict[str, Node] = {}
+    for mac in normalized:
+        node = registry.lookup(mac)
+        if node is not None:
+            matches[node.mac] = node
+    if len(matches) != 1:
+        log.info("agent lookup refused from %s for %s: %d matching nodes", source,
+                 ",".join(normalized), len(matches))
+        raise NotFound(REFUSED)
+    node = next(iter(matches.values()))
+    if node.state == NodeState.PENDING or not node.role:
+        log.info("agent lookup refused from %s for %s: node is %s", source, node.mac,
+                 node.state)
+        raise NotFound(REFUSED)
+
+    session = registry.agent_session(node.mac)
+    derived = derive_token(_token_key(request.app), node.mac, boot_id, nonce) if nonce else None
+    token: str | None = None
+    if session is None or session.boot_id != boot_id:
+        token = derived or secrets.token_urlsafe(32)
+        registry.start_agent_session(node.mac, boot_id, hash_token(token))
+        log.info("agent token issued to %s for boot %s (from %s)", node.mac, boot_id, source)
+    elif derived and session.token_hash and hmac.compare_digest(hash_token(derived),
+                                                                session.token_hash):
+        token = derived
+        registry.record_event(node.mac, "agent.lookup", {"boot_id": boot_id,
+                                                         "token_issued": False,
+                                                         "token_resent": True})
+        log.info("agent token sent again to %s for boot %s: same nonce", node.mac, boot_id)
+    else:
+        registry.record_event(node.mac, "agent.lookup", {"boot_id": boot_id,
+                                                         "token_issued": False})
+        log.info("agent lookup for %s boot %s again: no new token", node.mac, boot_id)
+    return web.json_response({"node": _node_json(node),
+                              "heartbeat_interval": config.heartbeat_interval,
+                              "token": token})
+
+
+def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:
+    """The node whose current token and boot identifier the request carries, else 401."""
+    header = request.headers.get("Authorization", "")
+    scheme, _, presented = header.partition(" ")
+    refused = Unauthorized("invalid or missing agent token",
+                           hint="look the node up again to get a token for this boot")
+    if scheme.lower() != "bearer" or not presented.strip():
+        raise refused
+    try:
+        mac = normalize_mac(data.get("mac", ""))
+        boot_id = _boot_id(data)
+    except InvalidRequest:
+        raise refused from None
+    registry = request.app[REGISTRY]
+    node = registry.lookup(mac)
+    session = registry.agent_session(mac) if node is not None else None
+    expected = session.token_hash if session and session.boot_id == boot_id else None
+    # Compare even when nothing is expected, so every refusal costs the same.
+    valid = hmac.compare_digest(hash_token(presented.strip()), expected or "0" * 64)
+    if node is None or expected is None or not valid:
+        raise refused
+    return node
+
+
+async def heartbeat(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/heartbeat`` ``{"mac", "boot_id", "status": {...}}`` + token."""
+    data = await _json_body(request)
+    node = _authenticate(request, data)
+    status = data.get("status", {})
+    if not isinstance(status, dict):
+        raise InvalidRequest("status must be a JSON object")
+    updated = request.app[REGISTRY].record_heartbeat(node.mac, status)
+    return web.json_response({"state": str(updated.state),
+                              "heartbeat_interval": request.app[CONFIG].heartbeat_interval})
+
+
+async def push_inventory(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/inventory`` ``{"mac", "boot_id", "inventory": {...}}`` + token."""
+    data = await _json_body(request, MAX_INVENTORY_BYTES)
+    node = _authenticate(request, data)
+    inventory = data.get("inventory")
+    if not isinstance(inventory, dict):
+        raise InvalidRequest("inventory must be a JSON object")
+    request.app[REGISTRY].set_inventory(node.mac, inventory)
+    log.info("inventory of %s updated (%d disks, %d nics)", node.mac,
+             len(inventory.get("disks") or []), len(inventory.get("nics") or []))
+    return web.json_response({"stored": True})
+
+
+async def _lost_node_sweeper(app: web.Application) -> AsyncIterator[None]:
+    task = asyncio.create_task(_sweep_lost_nodes(app), name="agent-lost-sweeper")
+    yield
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+
+
+async def _sweep_lost_nodes(app: web.Application) -> None:
+    config = app[CONFIG]
+    period = max(0.5, min(config.heartbeat_interval, config.lost_after / 3))
+    while True:
+        await asyncio.sleep(period)
+        try:
+            lost = app[REGISTRY].mark_lost(time.time() - config.lost_after)
+        except Exception:
+            log.exception("marking silent nodes lost failed")
+            continue
+        state = app[AGENT_API]
+        state.sweeps += 1
+        state.limiter.forget_idle()
+        for mac in lost:
+            log.warning("node %s is lost: no heartbeat for %.0fs", mac, config.lost_after)

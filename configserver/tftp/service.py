@@ -1,0 +1,322 @@
+"""The TFTP service: answers read requests from the served roots, one transfer per client TID.
+
+This is where the pieces meet: ``codec`` parses requests, ``files`` resolves and opens what
+they name, ``options`` negotiates, ``transfer`` runs each transfer and ``server`` moves the
+bytes. The service enforces the limits (all transfers, transfers per client address), turns
+each transfer into boot events of the node whose DHCP lease holds the client address, and
+logs bad packets at a bounded rate before dropping them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+from configserver.config import ServerConfig, TftpConfig
+from configserver.tftp.codec import (
+    Error,
+    ErrorCode,
+    Opcode,
+    ReadRequest,
+    TransferMode,
+    WriteRequest,
+    parse,
+)
+from configserver.tftp.errors import FileRefused, MalformedPacket
+from configserver.tftp.files import OpenFiles, ServedRoots, SharedFile
+from configserver.tftp.netascii import NetasciiReader
+from configserver.tftp.options import negotiate
+from configserver.tftp.server import Address, RequestListener, TransferEndpoint, open_udp_socket
+from configserver.tftp.transfer import RetransmitPolicy, TftpTransfer
+
+log = logging.getLogger(__name__)
+
+# The event loop's clock (asyncio uses time.monotonic), without the method call per packet.
+_now = time.monotonic
+
+ResolveMac = Callable[[str], str | None]
+RecordEvent = Callable[[str, str, dict], None]
+
+
+class RateLimitedLog:
+    """At most ``burst`` messages per ``interval`` seconds; then one summary of what was cut."""
+
+    def __init__(self, logger: logging.Logger, *, burst: int = 10, interval: float = 10.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._logger = logger
+        self._burst = burst
+        self._interval = interval
+        self._clock = clock
+        self._window_start = -interval
+        self._emitted = 0
+        self.suppressed = 0
+
+    def warning(self, message: str, *args: object) -> None:
+        now = self._clock()
+        if now - self._window_start >= self._interval:
+            if self.suppressed:
+                self._logger.warning("%d more TFTP messages suppressed", self.suppressed)
+            self._window_start, self._emitted, self.suppressed = now, 0, 0
+        if self._emitted < self._burst:
+            self._emitted += 1
+            self._logger.warning(message, *args)
+        else:
+            self.suppressed += 1
+
+
+class ActiveTransfer:
+    """One running transfer: its state machine, socket, file and timer."""
+
+    def __init__(self, service: TftpService, client: Address, *, filename: str,
+                 mac: str | None, shared: SharedFile, transfer: TftpTransfer,
+                 local_address: str) -> None:
+        self.service = service
+        self.client = client
+        self.filename = filename
+        self.mac = mac
+        self.shared = shared
+        self.transfer = transfer
+        self._loop = service.loop
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        self.endpoint = TransferEndpoint.open(self._loop, local_address, service.interface,
+                                              self.on_datagram)
+
+    def begin(self) -> None:
+        self.endpoint.send(self.transfer.start(self._loop.time()), self.client)
+        self._rearm()
+
+    def on_datagram(self, data: bytes, sender: Address) -> None:
+        if sender != self.client:
+            # RFC 1350: a packet from an unknown TID is answered, and the transfer goes on.
+            self.endpoint.send([Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID").encode()],
+                               sender)
+            self.service.bad_packets.warning("TFTP packet from unknown TID %s:%d (transfer of "
+                                             "%s to %s:%d)", *sender, self.filename,
+                                             *self.client)
+            return
+        transfer = self.transfer
+        if len(data) >= 4 and data[0] == 0 and data[1] == Opcode.ACK:
+            out = transfer.on_ack((data[2] << 8) | data[3], _now())
+            if out:
+                self.endpoint.send(out, self.client)
+        elif len(data) >= 4 and data[0] == 0 and data[1] == Opcode.ERROR:
+            packet = parse(data)
+            assert isinstance(packet, Error)
+            transfer.on_error(packet.code, packet.message, self._loop.time())
+        else:
+            self.service.bad_packets.warning("TFTP: unexpected %d-byte packet from %s:%d "
+                                             "during a transfer; dropped", len(data),
+                                             *self.client)
+            return
+        if not transfer.active:
+            self.service.finish(self)
+            return
+        deadline = transfer.deadline
+        if deadline is not None and deadline < self._timer_at:
+            self._rearm()
+
+    def _rearm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        deadline = self.transfer.deadline
+        if deadline is not None:
+            self._timer_at = deadline
+            self._timer = self._loop.call_at(deadline, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        transfer = self.transfer
+        now = self._loop.time()
+        if transfer.active and transfer.deadline is not None and transfer.deadline <= now:
+            out = transfer.on_timeout(now)
+            if out:
+                self.endpoint.send(out, self.client)
+        if transfer.active:
+            self._rearm()
+        else:
+            self.service.finish(self)
+
+    def close(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.endpoint.close()
+
+
+class TftpService:
+    """The running TFTP server; ``close`` stops it and every transfer."""
+
+    def __init__(self, config: TftpConfig, interface: str | None, roots: Mapping[str, Path], *,
+                 resolve_mac: ResolveMac, record_event: RecordEvent,
+                 loop: asyncio.AbstractEventLoop) -> None:
+        self.config = config
+        self.interface = interface
+        self.loop = loop
+        self.roots = ServedRoots(roots)
+        self.files = OpenFiles()
+        self.transfers: dict[Address, ActiveTransfer] = {}
+        self.per_client: dict[str, int] = {}
+        self.bad_packets = RateLimitedLog(log)
+        self.completed = 0
+        self.failed = 0
+        self._resolve_mac = resolve_mac
+        self._record_event = record_event
+        # atftp ignores a repeated block and re-ACKs only when its own 5 s timer expires,
+        # which each ignored block restarts: after a lost ACK it answers only once our
+        # back-off exceeds 5 s. Hence the long back-off ceiling and give-up time.
+        self._policy = RetransmitPolicy(
+            initial=config.timeout, minimum=min(config.min_timeout, config.timeout),
+            maximum=8 * config.timeout, retries=config.retries,
+            give_up_after=max(4 * config.timeout * config.retries, 30.0))
+        self.listener: RequestListener | None = None
+
+    def listen(self) -> None:
+        sock = open_udp_socket(self.config.bind_address, self.config.port, self.interface,
+                               pktinfo=True)
+        self.listener = RequestListener(self.loop, sock, self.on_request)
+        log.info("TFTP listening on %s:%d%s", *self.listener.address,
+                 f" ({self.interface})" if self.interface else "")
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            self.listener.close()
+            self.listener = None
+        for active in list(self.transfers.values()):
+            active.transfer.abort("server stopping", self.loop.time())
+            self.finish(active)
+        self.files.close()
+
+    # -- requests --------------------------------------------------------------------------
+
+    def on_request(self, data: bytes, client: Address, local_address: str) -> None:
+        try:
+            request = parse(data)
+        except MalformedPacket as exc:
+            self.bad_packets.warning("TFTP: malformed request from %s:%d dropped: %s",
+                                     *client, exc)
+            return
+        if isinstance(request, WriteRequest):
+            self._refuse(client, ErrorCode.ACCESS_VIOLATION, "read-only server")
+            log.info("TFTP write request for %r from %s:%d refused", request.filename[:100],
+                     *client)
+            return
+        if not isinstance(request, ReadRequest):
+            self.bad_packets.warning("TFTP: %s packet from %s:%d on the request port dropped",
+                                     type(request).__name__, *client)
+            return
+        if client in self.transfers:
+            return  # a retransmitted request: the running transfer answers it
+        if request.mode is TransferMode.MAIL:
+            self._refuse(client, ErrorCode.ILLEGAL_OPERATION, "mail mode is not supported")
+            return
+        if len(self.transfers) >= self.config.max_transfers:
+            self._refuse(client, ErrorCode.NOT_DEFINED, "server busy, try again later")
+            self.bad_packets.warning("TFTP: %d transfers running, request from %s:%d refused",
+                                     len(self.transfers), *client)
+            return
+        if self.per_client.get(client[0], 0) >= self.config.max_transfers_per_client:
+            self._refuse(client, ErrorCode.NOT_DEFINED, "too many transfers from this client")
+            self.bad_packets.warning("TFTP: client %s reached its limit of %d transfers",
+                                     client[0], self.config.max_transfers_per_client)
+            return
+        self._start(request, client, local_address)
+
+    def _start(self, request: ReadRequest, client: Address, local_address: str) -> None:
+        try:
+            path = self.roots.resolve(request.filename)
+            shared = self.files.acquire(path)
+        except FileRefused as exc:
+            log.info("TFTP request for %r from %s:%d refused: %s", request.filename[:100],
+                     *client, exc.message)
+            self._refuse(client, exc.tftp_code, exc.message)
+            return
+        read, size = shared.read, shared.size
+        if request.mode is TransferMode.NETASCII:
+            reader = NetasciiReader(shared.read, shared.size)
+            read, size = reader.read, reader.size
+        params = negotiate(request.options, size, max_blksize=self.config.max_blksize,
+                           max_windowsize=self.config.max_windowsize)
+        if request.mode is TransferMode.NETASCII:
+            reader.keep = params.windowsize * params.blksize
+        transfer = TftpTransfer(size, params, read, policy=self._policy, now=self.loop.time())
+        mac = self._mac_of(client[0])
+        try:
+            active = ActiveTransfer(self, client, filename=request.filename, mac=mac,
+                                    shared=shared, transfer=transfer,
+                                    local_address=local_address)
+        except OSError as exc:
+            self.files.release(shared)
+            log.warning("TFTP: cannot open a transfer socket for %s:%d: %s", *client, exc)
+            self._refuse(client, ErrorCode.NOT_DEFINED, "server cannot start the transfer")
+            return
+        self.transfers[client] = active
+        self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
+        log.debug("TFTP %s:%d (%s) reads %r: %d bytes, blksize %d, windowsize %d", *client,
+                  mac or "unknown MAC", request.filename, size, params.blksize,
+                  params.windowsize)
+        self._event(mac, "tftp.start", {"file": request.filename, "bytes": size,
+                                        "seconds": 0.0, "client": client[0]})
+        active.begin()
+
+    def finish(self, active: ActiveTransfer) -> None:
+        """Tear down a transfer that ended (or is being aborted) and record how it went."""
+        if self.transfers.get(active.client) is not active:
+            return
+        del self.transfers[active.client]
+        remaining = self.per_client.get(active.client[0], 1) - 1
+        if remaining > 0:
+            self.per_client[active.client[0]] = remaining
+        else:
+            self.per_client.pop(active.client[0], None)
+        active.close()
+        self.files.release(active.shared)
+        transfer = active.transfer
+        seconds = round((transfer.finished or self.loop.time()) - transfer.started, 3)
+        details = {"file": active.filename, "bytes": transfer.bytes_acknowledged,
+                   "seconds": seconds, "client": active.client[0]}
+        if transfer.finished_ok:
+            self.completed += 1
+            log.info("TFTP sent %r to %s (%s): %d bytes in %.3f s, %d retransmissions",
+                     active.filename, active.client[0], active.mac or "unknown MAC",
+                     transfer.size, seconds, transfer.retransmissions)
+            self._event(active.mac, "tftp.done", details)
+        else:
+            self.failed += 1
+            log.info("TFTP transfer of %r to %s (%s) failed: %s", active.filename,
+                     active.client[0], active.mac or "unknown MAC", transfer.failure)
+            self._event(active.mac, "tftp.error", {**details, "error": transfer.failure})
+
+    # -- helpers ---------------------------------------------------------------------------
+
+    def _refuse(self, client: Address, code: int, message: str) -> None:
+        if self.listener is not None:
+            self.listener.send(Error(code, message).encode(), client)
+
+    def _mac_of(self, client_ip: str) -> str | None:
+        try:
+            return self._resolve_mac(client_ip)
+        except Exception:
+            log.exception("TFTP: resolving the MAC of %s failed", client_ip)
+            return None
+
+    def _event(self, mac: str | None, kind: str, details: dict) -> None:
+        if mac is None:
+            return
+        try:
+            self._record_event(mac, kind, details)
+        except Exception:
+            log.exception("TFTP: recording %s for %s failed", kind, mac)
+
+
+async def start_tftp(config: ServerConfig, roots: Mapping[str, Path], *,
+                     resolve_mac: ResolveMac, record_event: RecordEvent) -> TftpService:
+    """Start serving ``roots`` over TFTP as ``config.tftp`` says; close the result to stop."""
+    service = TftpService(config.tftp, config.interface, roots, resolve_mac=resolve_mac,
+                          record_event=record_event, loop=asyncio.get_running_loop())
+    service.listen()
+    return service

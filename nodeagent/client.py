@@ -1,0 +1,97 @@
+"""HTTP client for the config server's agent API (lookup, heartbeat, inventory).
+
+It only moves requests and answers and maps failures onto ``ServerError`` subclasses; when to
+retry is the session's business.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from nodeagent.errors import ServerError, TokenRejected
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class LookupAnswer:
+    """Who the server says this machine is, and the token for this boot (or None)."""
+
+    mac: str
+    hostname: str | None
+    role: str | None
+    heartbeat_interval: float
+    token: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mac": self.mac, "hostname": self.hostname, "role": self.role,
+                "heartbeat_interval": self.heartbeat_interval}
+
+
+class ServerClient:
+    """Calls ``/api/v1/agent/*`` on one config server."""
+
+    def __init__(self, base_url: str, http: aiohttp.ClientSession, timeout: float) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._http = http
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+
+    async def lookup(self, macs: list[str], boot_id: str, nonce: str | None) -> LookupAnswer:
+        body = {"macs": macs, "boot_id": boot_id, "nonce": nonce}
+        answer = await self._post("lookup", body, None)
+        try:
+            node = answer["node"]
+            return LookupAnswer(mac=str(node["mac"]), hostname=node.get("hostname"),
+                                role=node.get("role"),
+                                heartbeat_interval=float(answer["heartbeat_interval"]),
+                                token=answer.get("token"))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise ServerError(f"unusable lookup answer: {exc!r}") from None
+
+    async def heartbeat(self, mac: str, boot_id: str, token: str,
+                        status: dict[str, Any]) -> dict[str, Any]:
+        return await self._post("heartbeat", {"mac": mac, "boot_id": boot_id,
+                                              "status": status}, token)
+
+    async def push_inventory(self, mac: str, boot_id: str, token: str,
+                             inventory: dict[str, Any]) -> None:
+        await self._post("inventory", {"mac": mac, "boot_id": boot_id,
+                                       "inventory": inventory}, token)
+
+    async def _post(self, endpoint: str, body: dict[str, Any],
+                    token: str | None) -> dict[str, Any]:
+        url = f"{self.base_url}/api/v1/agent/{endpoint}"
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        try:
+            async with self._http.post(url, json=body, headers=headers,
+                                       timeout=self._timeout) as response:
+                try:
+                    answer = await response.json(content_type=None)
+                except ValueError:
+                    answer = None
+                if response.status == 401:
+                    raise TokenRejected(f"{endpoint}: the server refused the agent token",
+                                        http_status=401)
+                if response.status >= 400:
+                    message = answer.get("message") if isinstance(answer, dict) else None
+                    raise ServerError(
+                        f"{endpoint}: HTTP {response.status}: {message or response.reason}",
+                        http_status=response.status,
+                        retry_after=_retry_after(response.headers.get("Retry-After")))
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ServerError(f"{endpoint}: cannot reach {self.base_url}: "
+                              f"{type(exc).__name__}: {exc}") from None
+        if not isinstance(answer, dict):
+            raise ServerError(f"{endpoint}: the answer is not a JSON object")
+        return answer
+
+
+def _retry_after(value: str | None) -> float | None:
+    try:
+        return max(0.0, float(value)) if value else None
+    except ValueError:
+        return None

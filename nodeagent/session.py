@@ -1,0 +1,364 @@
+"""The agent's conversation with the config server: lookup, heartbeats, inventory pushes.
+
+* Lookup with every MAC of the machine and the per-boot identifier; an unreachable or refusing
+  server is retried with exponential backoff and jitter, forever.
+* Each lookup carries a secret nonce kept in ``state_dir/session.json`` (a tmpfs: it dies with
+  the boot). The server derives the token from it and sends the same token again to a lookup
+  with the same nonce, so a lost answer or an agent restarted within the same boot recovers,
+  while anyone else gets ``token: null``. After a 401 the agent starts over with a new nonce.
+* The token is also written to ``state_dir/token.json`` (0600) for local API callers.
+* Heartbeats go out at the server's interval with jitter; a 401 drops the token and looks up again.
+* Inventory pushes happen after every lookup and whenever ``request_inventory`` is called
+  (the watcher, debounced); failures are retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import random
+import secrets
+import sys
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nodeagent import __version__, sdnotify
+from nodeagent.client import LookupAnswer, ServerClient
+from nodeagent.config import AgentConfig
+from nodeagent.errors import InventoryError, NoToken, ServerError, TokenRejected
+from nodeagent.inventory import platform, procfs
+from nodeagent.plugins import PluginContext, role_facts
+
+log = logging.getLogger(__name__)
+
+InventorySource = Callable[[], Awaitable[dict[str, Any]]]
+ROLE_FACTS_MAX_AGE = 60.0
+MIN_INTERVAL = 0.1
+
+
+class Backoff:
+    """Exponential backoff with jitter: each delay is drawn from [d/2, d], d doubling to a cap."""
+
+    def __init__(self, initial: float, maximum: float, rng: random.Random | None = None) -> None:
+        self.initial = max(initial, 0.001)
+        self.maximum = max(maximum, self.initial)
+        self.attempts = 0
+        self._rng = rng or random.Random()
+
+    def next_delay(self, at_least: float | None = None) -> float:
+        ceiling = min(self.maximum, self.initial * 2 ** min(self.attempts, 32))
+        self.attempts += 1
+        delay = self._rng.uniform(ceiling / 2, ceiling)
+        if at_least is not None:
+            delay = max(delay, min(at_least, self.maximum))
+        return delay
+
+    def reset(self) -> None:
+        self.attempts = 0
+
+
+@dataclass
+class AgentStatus:
+    """What the agent is doing, for logs and the local API."""
+
+    phase: str = "starting"
+    node: LookupAnswer | None = None
+    lookups: int = 0
+    heartbeats: int = 0
+    inventory_pushes: int = 0
+    last_heartbeat: float | None = None
+    last_error: str | None = None
+    started: float = field(default_factory=time.time)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"phase": self.phase, "node": self.node.to_json() if self.node else None,
+                "lookups": self.lookups, "heartbeats": self.heartbeats,
+                "inventory_pushes": self.inventory_pushes,
+                "last_heartbeat": self.last_heartbeat, "last_error": self.last_error,
+                "started": self.started}
+
+
+def found_macs(root: Path = Path("/"), limit: int = 64) -> tuple[str, ...]:
+    """MACs of the machine's Ethernet interfaces from sysfs (no netlink needed).
+
+    Physical NICs come first, then virtual ones (bridges, vifs, veths), at most ``limit``.
+    """
+    base = root / "sys/class/net"
+    physical: list[str] = []
+    virtual: list[str] = []
+    try:
+        names = sorted(os.listdir(base))
+    except OSError:
+        return ()
+    for name in names:
+        address = (platform.read_text(base / name / "address") or "").strip().lower()
+        kind = (platform.read_text(base / name / "type") or "").strip()
+        if kind != "1" or not address or address == "00:00:00:00:00:00":
+            continue
+        (physical if (base / name / "device").exists() else virtual).append(address)
+    return tuple(dict.fromkeys(physical + virtual))[:limit]
+
+
+def machine_status(root: Path = Path("/")) -> dict[str, Any]:
+    """Uptime, load and memory, read fresh from procfs for each heartbeat."""
+    return {
+        "uptime": procfs.parse_uptime(platform.read_text(root / "proc/uptime") or ""),
+        "load": procfs.parse_loadavg(platform.read_text(root / "proc/loadavg") or ""),
+        "memory": procfs.parse_meminfo(platform.read_text(root / "proc/meminfo") or ""),
+    }
+
+
+def agent_rss_bytes() -> int | None:
+    text = platform.read_text(Path("/proc/self/status")) or ""
+    for line in text.splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def subprocess_inventory(timeout: float = 120.0) -> InventorySource:
+    """Collect the inventory in a child process (``nodeagent inventory --json``).
+
+    The resident agent never loads pyroute2 this way (it stays under its memory target), and a
+    crash on odd hardware costs one child, not the agent.
+    """
+    async def collect() -> dict[str, Any]:
+        try:
+            child = await asyncio.create_subprocess_exec(
+                sys.executable, "-m", "nodeagent", "inventory", "--json",
+                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE)
+            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout)
+        except (OSError, TimeoutError) as exc:
+            raise InventoryError(f"inventory collection failed: {exc!r}") from None
+        if child.returncode != 0:
+            lines = stderr.decode(errors="replace").strip().splitlines()
+            raise InventoryError(f"inventory collection exited {child.returncode}: "
+                                 f"{lines[-1] if lines else ''}")
+        try:
+            return json.loads(stdout)
+        except ValueError as exc:
+            raise InventoryError(f"inventory collection printed bad JSON: {exc}") from None
+    return collect
+
+
+def file_inventory(path: Path) -> InventorySource:
+    """A recorded inventory read from ``path`` (simulating another machine)."""
+    async def collect() -> dict[str, Any]:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise InventoryError(f"cannot read recorded inventory {path}: {exc}") from None
+        if not isinstance(data, dict):
+            raise InventoryError(f"recorded inventory {path} is not a JSON object")
+        return data
+    return collect
+
+
+class AgentSession:
+    """Runs the lookup / heartbeat / inventory protocol until cancelled."""
+
+    def __init__(self, config: AgentConfig, client: ServerClient,
+                 inventory_source: InventorySource, *, macs: tuple[str, ...] = (),
+                 rng: random.Random | None = None) -> None:
+        self.config = config
+        self.client = client
+        self.status = AgentStatus()
+        self.inventory: dict[str, Any] | None = None
+        self.token: str | None = None
+        self._inventory_source = inventory_source
+        self.macs = config.lookup_macs(macs)
+        self._rng = rng or random.Random()
+        self._authenticated = asyncio.Event()
+        self._inventory_wanted = asyncio.Event()
+        self._role_facts: tuple[float, dict[str, Any]] | None = None
+        self._token_file = config.state_dir / "token.json"
+        self._session_file = config.state_dir / "session.json"
+        self._nonce: str | None = None
+
+    # -- public ------------------------------------------------------------------------------
+
+    async def run(self) -> None:
+        pusher = asyncio.create_task(self._push_inventory_forever(), name="inventory-push")
+        try:
+            while True:
+                await self._look_up_until_accepted()
+                try:
+                    await self._heartbeat_forever()
+                except TokenRejected as exc:
+                    log.warning("%s: %s; looking up again", self._mac(), exc.message)
+                    self.status.last_error = exc.message
+                    self._forget_token()
+        finally:
+            pusher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pusher
+
+    def request_inventory(self) -> None:
+        """Ask for a fresh inventory push (collected again)."""
+        self._inventory_wanted.set()
+
+    async def role_facts(self, max_age: float = ROLE_FACTS_MAX_AGE) -> dict[str, Any]:
+        now = time.monotonic()
+        if self._role_facts is None or now - self._role_facts[0] > max_age:
+            role = self.status.node.role if self.status.node else self.config.role
+            self._role_facts = (now, await role_facts(role, PluginContext()))
+        return self._role_facts[1]
+
+    # -- lookup ------------------------------------------------------------------------------
+
+    def _mac(self) -> str:
+        if self.status.node:
+            return self.status.node.mac
+        return self.macs[0] if self.macs else "unknown-mac"
+
+    async def _look_up_until_accepted(self) -> None:
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        self._authenticated.clear()
+        self.status.phase = "lookup"
+        while True:
+            self.status.lookups += 1
+            try:
+                if not self.macs:
+                    raise ServerError("no MAC address to look up with",
+                                      hint="no Ethernet interface found; pass --mac")
+                answer = await self.client.lookup(list(self.macs), self.config.boot_id,
+                                                  self._lookup_nonce())
+                self.token = self._accept(answer)
+                break
+            except NoToken as exc:
+                self.status.last_error = exc.message
+                delay = backoff.next_delay()
+                log.error("%s: %s (%s); retrying lookup in %.1fs", self._mac(), exc.message,
+                          exc.hint, delay)
+            except ServerError as exc:
+                self.status.last_error = exc.message
+                delay = backoff.next_delay(exc.retry_after)
+                log.warning("%s: lookup failed: %s; retrying in %.1fs", self._mac(),
+                            exc.message, delay)
+            await asyncio.sleep(delay)
+        self.status.node = answer
+        self.status.phase = "heartbeat"
+        self._authenticated.set()
+        sdnotify.notify(self.config.notify_socket,
+                        f"STATUS=reporting to {self.config.server} as {answer.mac} "
+                        f"({answer.hostname or 'no hostname'}, role {answer.role})")
+        self.request_inventory()
+        log.info("%s: looked up as %s (role %s), heartbeat every %.1fs", answer.mac,
+                 answer.hostname, answer.role, answer.heartbeat_interval)
+
+    def _accept(self, answer: LookupAnswer) -> str:
+        if not answer.token:
+            raise NoToken(f"the server issued no token: one was already issued for boot "
+                          f"{self.config.boot_id} to another lookup",
+                          hint="reboot the node or remove and re-add it on the server")
+        self._write_private(self._token_file, {"server": self.config.server,
+                                               "boot_id": self.config.boot_id,
+                                               "mac": answer.mac, "token": answer.token})
+        return answer.token
+
+    def _lookup_nonce(self) -> str:
+        """This boot's lookup nonce: kept across agent restarts, new after a 401."""
+        if self._nonce is None:
+            try:
+                saved = json.loads(self._session_file.read_text())
+            except (OSError, ValueError):
+                saved = None
+            if (isinstance(saved, dict) and saved.get("boot_id") == self.config.boot_id
+                    and saved.get("server") == self.config.server
+                    and isinstance(saved.get("nonce"), str)):
+                self._nonce = saved["nonce"]
+            else:
+                self._new_nonce()
+        assert self._nonce is not None
+        return self._nonce
+
+    def _new_nonce(self) -> None:
+        self._nonce = secrets.token_urlsafe(32)
+        self._write_private(self._session_file, {"server": self.config.server,
+                                                 "boot_id": self.config.boot_id,
+                                                 "nonce": self._nonce})
+
+    def _write_private(self, path: Path, record: dict[str, Any]) -> None:
+        """Write ``record`` as JSON readable by the owner only (atomically)."""
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+            tmp = path.with_suffix(".tmp")
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                json.dump(record, handle)
+            os.replace(tmp, path)
+        except OSError as exc:
+            log.warning("%s: cannot write %s: %s", self._mac(), path, exc)
+
+    def _forget_token(self) -> None:
+        self.token = None
+        self._authenticated.clear()
+        with contextlib.suppress(OSError):
+            self._token_file.unlink()
+        self._new_nonce()
+
+    # -- heartbeats --------------------------------------------------------------------------
+
+    async def _heartbeat_forever(self) -> None:
+        assert self.status.node is not None and self.token is not None
+        interval = max(MIN_INTERVAL, self.status.node.heartbeat_interval)
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        jitter = self.config.heartbeat_jitter
+        while True:
+            report = {**machine_status(), "agent": {"version": __version__,
+                                                    "rss_bytes": agent_rss_bytes()},
+                      "role": await self.role_facts()}
+            try:
+                answer = await self.client.heartbeat(self.status.node.mac, self.config.boot_id,
+                                                     self.token, report)
+            except TokenRejected:
+                raise
+            except ServerError as exc:
+                self.status.last_error = exc.message
+                delay = min(backoff.next_delay(exc.retry_after), interval)
+                log.warning("%s: heartbeat failed: %s; retrying in %.1fs",
+                            self.status.node.mac, exc.message, delay)
+                await asyncio.sleep(delay)
+                continue
+            if backoff.attempts:
+                log.info("%s: heartbeats accepted again", self.status.node.mac)
+            backoff.reset()
+            self.status.heartbeats += 1
+            self.status.last_heartbeat = time.time()
+            self.status.last_error = None
+            with contextlib.suppress(TypeError, ValueError):
+                interval = max(MIN_INTERVAL, float(answer.get("heartbeat_interval", interval)))
+            await asyncio.sleep(interval * self._rng.uniform(1 - jitter, 1 + jitter))
+
+    # -- inventory ---------------------------------------------------------------------------
+
+    async def _push_inventory_forever(self) -> None:
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        while True:
+            await self._inventory_wanted.wait()
+            await self._authenticated.wait()
+            self._inventory_wanted.clear()
+            try:
+                inventory = await self._inventory_source()
+                self.inventory = inventory
+                assert self.status.node is not None and self.token is not None
+                await self.client.push_inventory(self.status.node.mac, self.config.boot_id,
+                                                 self.token, inventory)
+            except (ServerError, InventoryError) as exc:
+                self._inventory_wanted.set()
+                delay = backoff.next_delay(getattr(exc, "retry_after", None))
+                log.warning("%s: inventory push failed: %s; retrying in %.1fs", self._mac(),
+                            exc.message, delay)
+                await asyncio.sleep(delay)
+                continue
+            backoff.reset()
+            self.status.inventory_pushes += 1
+            log.info("%s: inventory pushed (%d disks, %d nics)", self._mac(),
+                     len(inventory.get("disks") or []), len(inventory.get("nics") or []))

@@ -1,0 +1,235 @@
+"""Server side of the agent protocol (configserver.agentapi) through aiohttp's test client."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+
+import pytest
+
+from configserver.agentapi import AGENT_API, AgentApiState, LookupRateLimiter
+from configserver.app import create_app
+from configserver.config import HttpConfig, ServerConfig
+from configserver.model import NodeSpec, NodeState
+from configserver.registry.sqlite import SqliteRegistry
+
+MAC = "52:54:00:aa:bb:01"
+OTHER = "52:54:00:aa:bb:02"
+BOOT = "3f0c1a52-0000-4000-8000-000000000001"
+
+
+@pytest.fixture
+def registry(tmp_path):
+    reg = SqliteRegistry(tmp_path / "state" / "registry.sqlite")
+    reg.add_node(NodeSpec(mac=MAC, role="storage", hostname="store1"))
+    yield reg
+    reg.close()
+
+
+def make_app(tmp_path, registry, **config):
+    config.setdefault("heartbeat_interval", 7.0)
+    server = ServerConfig(state_dir=tmp_path / "state", images_dir=tmp_path / "images",
+                          http=HttpConfig(port=0), **config)
+    return create_app(server, registry, "admin-token")
+
+
+@pytest.fixture
+async def client(aiohttp_client, tmp_path, registry):
+    return await aiohttp_client(make_app(tmp_path, registry))
+
+
+async def lookup(client, macs=(MAC,), boot_id=BOOT):
+    return await client.post("/api/v1/agent/lookup",
+                             json={"macs": list(macs), "boot_id": boot_id})
+
+
+async def heartbeat(client, token, mac=MAC, boot_id=BOOT, status=None):
+    headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
+    return await client.post("/api/v1/agent/heartbeat", headers=headers,
+                             json={"mac": mac, "boot_id": boot_id,
+                                   "status": status or {"uptime": 1.0}})
+
+
+async def test_lookup_returns_identity_interval_and_a_token(client, registry):
+    resp = await lookup(client, macs=("52-54-00-AA-BB-01", "02:00:00:00:00:99"))
+    assert resp.status == 200
+    body = await resp.json()
+    assert body["node"] == {"mac": MAC, "hostname": "store1", "role": "storage"}
+    assert body["heartbeat_interval"] == 7.0
+    assert isinstance(body["token"], str) and len(body["token"]) >= 32
+    assert registry.lookup(MAC).state == NodeState.BOOTING
+
+
+async def test_token_is_issued_once_per_boot_and_stored_hashed(client, registry):
+    first = await (await lookup(client)).json()
+    second = await (await lookup(client)).json()
+    assert second["token"] is None
+    assert second["node"] == first["node"]
+    session = registry.agent_session(MAC)
+    assert session.boot_id == BOOT
+    assert session.token_hash == hashlib.sha256(first["token"].encode()).hexdigest()
+    assert first["token"] not in session.token_hash
+    # The repeated lookup did not invalidate the token.
+    assert (await heartbeat(client, first["token"])).status == 200
+    stages = [e.stage for e in registry.events(MAC)]
+    assert stages.count("agent.lookup") == 2
+
+
+async def test_first_heartbeat_makes_the_node_ready(client, registry):
+    token = (await (await lookup(client)).json())["token"]
+    resp = await heartbeat(client, token, status={"uptime": 12.5, "load": [0.1, 0.2, 0.3]})
+    assert resp.status == 200
+    assert await resp.json() == {"state": "ready", "heartbeat_interval": 7.0}
+    node = registry.lookup(MAC)
+    assert node.state == NodeState.READY
+    assert node.last_heartbeat is not None
+    assert node.facts["status"]["uptime"] == 12.5
+
+
+@pytest.mark.parametrize("headers", [
+    {}, {"Authorization": "Bearer wrong-token"}, {"Authorization": "Basic abc"},
+    {"Authorization": "Bearer "},
+])
+async def test_heartbeat_without_the_right_token_is_refused(client, registry, headers):
+    await lookup(client)
+    resp = await client.post("/api/v1/agent/heartbeat", headers=headers,
+                             json={"mac": MAC, "boot_id": BOOT, "status": {}})
+    assert resp.status == 401
+    assert (await resp.json())["code"] == "unauthorized"
+    assert registry.lookup(MAC).state == NodeState.BOOTING
+
+
+async def test_token_is_bound_to_its_node_and_boot(client, registry):
+    registry.add_node(NodeSpec(mac=OTHER, role="dom0"))
+    token = (await (await lookup(client)).json())["token"]
+    assert (await heartbeat(client, token, mac=OTHER)).status == 401
+    assert (await heartbeat(client, token, boot_id="another-boot")).status == 401
+    assert (await heartbeat(client, token, mac="02:00:00:00:00:77")).status == 401
+    assert (await heartbeat(client, token, mac="not-a-mac")).status == 401
+
+
+async def test_a_new_boot_invalidates_the_old_token(client):
+    old = (await (await lookup(client)).json())["token"]
+    new = (await (await lookup(client, boot_id="second-boot")).json())["token"]
+    assert new and new != old
+    assert (await heartbeat(client, old)).status == 401
+    assert (await heartbeat(client, old, boot_id="second-boot")).status == 401
+    assert (await heartbeat(client, new, boot_id="second-boot")).status == 200
+
+
+async def test_unknown_and_refused_lookups_get_the_same_answer(client, registry):
+    registry.discover("52:54:00:aa:bb:0f", {"via": "dhcp"})  # pending: refused
+    registry.add_node(NodeSpec(mac=OTHER, role="dom0"))
+    answers = []
+    for macs in (("02:00:00:00:00:55",), ("52:54:00:aa:bb:0f",), (MAC, OTHER)):
+        resp = await lookup(client, macs=macs)
+        answers.append((resp.status, await resp.read()))
+    assert answers[0][0] == 404
+    assert answers[0] == answers[1] == answers[2]
+    assert registry.agent_session(MAC) is None
+
+
+@pytest.mark.parametrize("body", [
+    {}, {"macs": [], "boot_id": BOOT}, {"macs": "52:54:00:aa:bb:01", "boot_id": BOOT},
+    {"macs": [MAC]}, {"macs": [MAC], "boot_id": "bad boot id"}, {"macs": ["zz"], "boot_id": BOOT},
+    ["not", "an", "object"],
+])
+async def test_malformed_lookups_are_400(client, body):
+    resp = await client.post("/api/v1/agent/lookup", json=body)
+    assert resp.status == 400
+    assert (await resp.json())["code"] == "invalid_request"
+
+
+async def test_inventory_push_needs_the_token_and_is_stored(client, registry):
+    token = (await (await lookup(client)).json())["token"]
+    inventory = {"schema": 1, "disks": [{"name": "sda"}], "nics": []}
+    refused = await client.post("/api/v1/agent/inventory",
+                                headers={"Authorization": "Bearer nope"},
+                                json={"mac": MAC, "boot_id": BOOT, "inventory": inventory})
+    assert refused.status == 401
+    assert registry.inventory(MAC) is None
+    resp = await client.post("/api/v1/agent/inventory",
+                             headers={"Authorization": f"Bearer {token}"},
+                             json={"mac": MAC, "boot_id": BOOT, "inventory": inventory})
+    assert resp.status == 200
+    assert registry.inventory(MAC) == inventory
+
+
+async def test_lookups_are_rate_limited_per_source(aiohttp_client, tmp_path, registry):
+    app = make_app(tmp_path, registry)
+    app[AGENT_API] = AgentApiState(limiter=LookupRateLimiter(rate=0.01, burst=3))
+    client = await aiohttp_client(app)
+    statuses = [(await lookup(client)).status for _ in range(3)]
+    assert statuses == [200, 200, 200]
+    limited = await lookup(client)
+    assert limited.status == 429
+    assert (await limited.json())["code"] == "rate_limited"
+    assert int(limited.headers["Retry-After"]) >= 1
+
+
+def test_rate_limiter_refills_per_source():
+    now = [100.0]
+    limiter = LookupRateLimiter(rate=2.0, burst=2, clock=lambda: now[0])
+    assert limiter.acquire("a") == 0.0
+    assert limiter.acquire("a") == 0.0
+    assert limiter.acquire("a") == pytest.approx(0.5)
+    assert limiter.acquire("b") == 0.0
+    now[0] += 0.5
+    assert limiter.acquire("a") == 0.0
+    now[0] += 10
+    limiter.forget_idle()
+    assert limiter._buckets == {}
+
+
+async def test_silent_ready_nodes_are_marked_lost(aiohttp_client, tmp_path, registry):
+    client = await aiohttp_client(make_app(tmp_path, registry, heartbeat_interval=0.1,
+                                           lost_after=0.3))
+    token = (await (await lookup(client)).json())["token"]
+    assert (await heartbeat(client, token)).status == 200
+    assert registry.lookup(MAC).state == NodeState.READY
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        if registry.lookup(MAC).state == NodeState.LOST:
+            break
+    assert registry.lookup(MAC).state == NodeState.LOST
+    # A heartbeat brings it back.
+    assert (await heartbeat(client, token)).status == 200
+    assert registry.lookup(MAC).state == NodeState.READY
+
+
+NONCE = "n" * 43
+
+
+async def test_a_lost_answer_is_recovered_with_the_same_nonce(client, registry):
+    async def with_nonce(nonce, boot_id=BOOT):
+        resp = await client.post("/api/v1/agent/lookup",
+                                 json={"macs": [MAC], "boot_id": boot_id, "nonce": nonce})
+        assert resp.status == 200
+        return (await resp.json())["token"]
+
+    first = await with_nonce(NONCE)
+    assert first and await with_nonce(NONCE) == first
+    assert await with_nonce("m" * 43) is None
+    assert (await (await lookup(client)).json())["token"] is None
+    assert registry.agent_session(MAC).token_hash == hashlib.sha256(first.encode()).hexdigest()
+    details = [e.detail for e in registry.events(MAC) if e.stage == "agent.lookup"]
+    assert [d.get("token_resent", False) for d in details] == [False, True, False, False]
+    # A new boot with the same nonce gets a different token; the old one is dead.
+    rebooted = await with_nonce(NONCE, boot_id="boot-2")
+    assert rebooted and rebooted != first
+    assert (await heartbeat(client, first)).status == 401
+    assert (await heartbeat(client, rebooted, boot_id="boot-2")).status == 200
+
+
+async def test_tokens_of_a_random_lookup_are_never_sent_again(client):
+    assert (await (await lookup(client)).json())["token"]
+    resp = await client.post("/api/v1/agent/lookup",
+                             json={"macs": [MAC], "boot_id": BOOT, "nonce": NONCE})
+    assert (await resp.json())["token"] is None
+
+
+@pytest.mark.parametrize("nonce", ["short", 12, "x" * 129, "has space in it......."])
+async def test_malformed_nonces_are_400(client, nonce):
+    resp = await client.post("/api/v1/agent/lookup",
+                             json={"macs": [MAC], "boot_id": BOOT, "nonce": nonce})
+    assert resp.status == 400

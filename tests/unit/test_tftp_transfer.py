@@ -1,0 +1,200 @@
+"""The read-transfer state machine, driven by a fake clock and a simulated client."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from configserver.tftp.codec import Data, Error, OptionAck, parse
+from configserver.tftp.netascii import NetasciiReader, to_netascii
+from configserver.tftp.options import TransferParameters, negotiate
+from configserver.tftp.transfer import Phase, RetransmitPolicy, TftpTransfer
+
+
+def _transfer(content: bytes, params: TransferParameters | None = None, *,
+              policy: RetransmitPolicy | None = None) -> TftpTransfer:
+    return TftpTransfer(len(content), params or TransferParameters(),
+                        lambda off, n: content[off:off + n],
+                        policy=policy or RetransmitPolicy(), now=0.0)
+
+
+def _blocks(datagrams: list[bytes]) -> list[Data]:
+    packets = [parse(d) for d in datagrams]
+    assert all(isinstance(p, Data) for p in packets), packets
+    return packets
+
+
+def _run_lockstep_client(transfer: TftpTransfer) -> tuple[bytes, int]:
+    """A perfect client: ACKs the last block of each window; returns file and packet count."""
+    received, now, packets = bytearray(), 0.0, 0
+    out = transfer.start(now)
+    if out and parse(out[0]).__class__ is OptionAck:
+        out = transfer.on_ack(0, now)
+    while out:
+        blocks = _blocks(out)
+        packets += len(blocks)
+        for block in blocks:
+            received += block.payload
+        now += 0.001
+        out = transfer.on_ack(blocks[-1].block, now)
+    return bytes(received), packets
+
+
+@pytest.mark.parametrize("size", [0, 1, 511, 512, 513, 1024, 1536, 5000])
+def test_boundary_sizes_end_with_a_short_block(size):
+    content = os.urandom(size)
+    transfer = _transfer(content)
+    received, packets = _run_lockstep_client(transfer)
+    assert received == content
+    assert packets == size // 512 + 1  # exact multiples end with an empty block
+    assert transfer.phase is Phase.DONE and transfer.bytes_acknowledged == size
+
+
+@pytest.mark.parametrize("windowsize", [1, 3, 16])
+@pytest.mark.parametrize("size", [0, 100, 1024, 4096, 10_000])
+def test_windows_carry_the_whole_file(size, windowsize):
+    content = os.urandom(size)
+    params = negotiate((("blksize", "64"), ("windowsize", str(windowsize))), size)
+    transfer = _transfer(content, params)
+    assert parse(transfer.start(0.0)[0]) == OptionAck(params.oack)
+    received, _ = _run_lockstep_client(transfer)
+    assert received == content and transfer.finished_ok
+
+
+def test_block_numbers_roll_over_after_65535():
+    content = os.urandom(8 * 70_000 + 3)
+    transfer = _transfer(content, negotiate((("blksize", "8"), ("windowsize", "64")),
+                                            len(content)))
+    seen_zero_after_wrap = False
+    out = transfer.on_ack(0, 0.0) if transfer.start(0.0) else []
+    received = bytearray()
+    while out:
+        blocks = _blocks(out)
+        for block in blocks:
+            received += block.payload
+            seen_zero_after_wrap |= block.block == 0
+        out = transfer.on_ack(blocks[-1].block, 0.0)
+    assert seen_zero_after_wrap
+    assert bytes(received) == content and transfer.finished_ok
+
+
+def test_duplicate_ack_does_not_resend():
+    """Sorcerer's Apprentice: a delayed duplicate ACK must not make the server send twice."""
+    transfer = _transfer(os.urandom(2000))
+    assert _blocks(transfer.start(0.0))[0].block == 1
+    assert _blocks(transfer.on_ack(1, 0.01))[0].block == 2
+    assert transfer.on_ack(1, 0.02) == []          # the duplicate of ACK 1
+    assert _blocks(transfer.on_ack(2, 0.03))[0].block == 3
+    assert transfer.on_ack(2, 0.04) == [] and transfer.on_ack(1, 0.05) == []
+
+
+def test_ack_for_a_block_never_sent_is_ignored():
+    transfer = _transfer(os.urandom(5000))
+    transfer.start(0.0)
+    assert transfer.on_ack(7, 0.01) == []
+    assert transfer.base == 1
+
+
+def test_timeout_retransmits_the_window_then_gives_up():
+    policy = RetransmitPolicy(initial=0.5, minimum=0.1, maximum=2.0, retries=3,
+                              give_up_after=4.0)
+    transfer = _transfer(os.urandom(3000), negotiate((("windowsize", "2"),), 3000),
+                         policy=policy)
+    transfer.start(0.0)
+    assert transfer.deadline == 0.5
+    assert transfer.on_timeout(0.4) == []           # not yet due
+    first = _blocks(transfer.on_ack(0, 0.0))
+    assert [b.block for b in first] == [1, 2]
+    deadline = transfer.deadline
+    resent = _blocks(transfer.on_timeout(deadline))
+    assert [b.block for b in resent] == [1, 2]      # the whole window again
+    assert transfer.retransmissions == 1
+    assert transfer.deadline - deadline > transfer.rto / 2  # backed off
+    now = transfer.deadline
+    while transfer.active:
+        out = transfer.on_timeout(now)
+        now = transfer.deadline if transfer.deadline else now
+    assert transfer.phase is Phase.FAILED and "stopped answering" in transfer.failure
+    assert isinstance(parse(out[0]), Error)
+
+
+def test_partial_window_ack_resends_from_the_gap():
+    transfer = _transfer(os.urandom(64 * 10), negotiate((("blksize", "64"),
+                                                         ("windowsize", "4")), 640))
+    transfer.start(0.0)
+    assert [b.block for b in _blocks(transfer.on_ack(0, 0.0))] == [1, 2, 3, 4]
+    # Block 3 was lost: the client acknowledges 2 and the next window starts at 3.
+    assert [b.block for b in _blocks(transfer.on_ack(2, 0.01))] == [3, 4, 5, 6]
+
+
+def test_oack_retransmitted_until_acknowledged_and_error_8_aborts():
+    transfer = _transfer(b"x" * 10, negotiate((("tsize", "0"),), 10))
+    oack = transfer.start(0.0)
+    assert transfer.on_ack(1, 0.1) == []            # only ACK 0 answers an OACK
+    assert transfer.on_timeout(transfer.deadline) == oack
+    transfer.on_error(8, "option refused", 1.0)
+    assert transfer.phase is Phase.FAILED and "client error 8" in transfer.failure
+
+
+def test_round_trip_time_adapts_the_timeout_but_client_timeout_is_fixed():
+    policy = RetransmitPolicy(initial=1.0, minimum=0.02, maximum=1.0)
+    adaptive = _transfer(os.urandom(512 * 20), policy=policy)
+    adaptive.start(0.0)
+    now = 0.0
+    for block in range(1, 10):
+        now += 0.001
+        adaptive.on_ack(block, now)
+    assert adaptive.rto == pytest.approx(0.02)
+    fixed = _transfer(os.urandom(512 * 20), negotiate((("timeout", "3"),), 0), policy=policy)
+    fixed.start(0.0)
+    fixed.on_ack(0, 0.001)
+    fixed.on_ack(1, 0.002)
+    assert fixed.rto == 3.0 and fixed.deadline == pytest.approx(3.002)
+
+
+def test_lost_ack_is_repaired_by_the_timer_only():
+    transfer = _transfer(os.urandom(1500))
+    transfer.start(0.0)
+    transfer.on_ack(1, 0.01)                        # block 2 sent; its ACK gets lost
+    resent = _blocks(transfer.on_timeout(transfer.deadline))
+    assert [b.block for b in resent] == [2]
+    assert transfer.on_ack(1, 2.0) == []            # a stale ACK changes nothing
+    assert [b.block for b in _blocks(transfer.on_ack(2, 2.1))] == [3]
+
+
+def test_prefetched_block_is_the_one_sent():
+    content = os.urandom(2000)
+    transfer = _transfer(content)
+    transfer.start(0.0)
+    transfer.prefetch()
+    assert _blocks(transfer.on_ack(1, 0.01))[0].payload == content[512:1024]
+
+
+@pytest.mark.parametrize("text", [b"", b"a\nb\r\nc\r", b"\n" * 1000, b"x" * 511 + b"\n"])
+def test_netascii_view_converts_and_allows_rereading_a_window(text):
+    reader = NetasciiReader(lambda off, n: text[off:off + n], len(text))
+    expected = to_netascii(text)
+    assert reader.size == len(expected)
+    reader.keep = 0
+    assert reader.read(0, 7) == expected[:7]
+    assert reader.read(7, 600) == expected[7:607]
+    assert reader.read(0, 10) == expected[:10]      # behind the kept data: restarts
+    assert b"\r\0" not in to_netascii(b"\n") and to_netascii(b"\r") == b"\r\0"
+
+
+def test_timeout_after_a_loss_returns_to_normal_on_the_next_clean_ack():
+    policy = RetransmitPolicy(initial=1.0, minimum=0.02, maximum=8.0)
+    transfer = _transfer(os.urandom(512 * 40), policy=policy)
+    transfer.start(0.0)
+    now = 0.0
+    for block in range(1, 17):
+        now += 0.001
+        transfer.on_ack(block, now)
+    assert transfer.rto == pytest.approx(0.02)
+    now = transfer.deadline
+    transfer.on_timeout(now)                        # block 17 or its ACK was lost
+    assert transfer.rto == pytest.approx(0.04)
+    transfer.on_ack(17, now + 0.001)                # Karn: no sample from a resent block
+    transfer.on_ack(18, now + 0.002)                # block 18 was sent once: sampled
+    assert transfer.rto == pytest.approx(0.02)
