@@ -170,13 +170,9 @@ class SqliteRegistry:
     # -- hot path ---------------------------------------------------------------------------
 
     def lookup(self, mac: str) -> Node | None:
+        # Every node's primary MAC has a NIC row too, so one indexed query answers.
         row = self._db.execute("SELECT node FROM nics WHERE mac=?", (mac,)).fetchone()
-        if row is None:
-            row = self._db.execute("SELECT mac AS node FROM nodes WHERE mac=?",
-                                   (mac,)).fetchone()
-            if row is None:
-                return None
-        return self._load(row["node"])
+        return self._load(row["node"]) if row else None
 
     def lookup_ip(self, ip: str) -> Node | None:
         row = self._db.execute("SELECT node FROM nics WHERE ip=?", (ip,)).fetchone()

@@ -1,0 +1,200 @@
+"""The DHCP service: sockets + codec + policy + lease store, and the hook ``start_dhcp``.
+
+Each datagram is decoded, answered by the policy and sent where RFC 2131 section 4.1 says: to
+the relay (giaddr), to the client's address (ciaddr), or broadcast. A malformed datagram or an
+error while answering is logged (rate-limited) and dropped; the server keeps answering others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import ipaddress
+import logging
+import time
+from collections import OrderedDict
+
+from configserver.config import DhcpMode, ServerConfig, Subnet
+from configserver.dhcp import codec
+from configserver.dhcp.codec import DhcpPacket, MessageType
+from configserver.dhcp.errors import MalformedPacket
+from configserver.dhcp.leases import LeaseStore
+from configserver.dhcp.policy import DHCP_PORT, PROXY_PORT, DhcpPolicy
+from configserver.dhcp.transport import Address, DatagramHandler, DhcpEndpoint, listen
+from configserver.registry import Registry
+
+log = logging.getLogger(__name__)
+
+BROADCAST = "255.255.255.255"
+SIGHTINGS_KEPT = 4096
+
+
+class RateLimitedLog:
+    """At most one log line per key and interval; the next line says how many were dropped."""
+
+    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
+        self.logger = logger
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._suppressed: dict[str, int] = {}
+
+    def warning(self, key: str, msg: str, *args: object) -> None:
+        now = time.monotonic()
+        if now - self._last.get(key, -1e9) < self.interval:
+            self._suppressed[key] = self._suppressed.get(key, 0) + 1
+            return
+        self._last[key] = now
+        dropped = self._suppressed.pop(key, 0)
+        if dropped:
+            msg += " (%d similar lines suppressed)"
+            args = (*args, dropped)
+        if len(self._last) > 1024:
+            self._last.clear()
+        self.logger.warning(msg, *args)
+
+
+def destination(request: DhcpPacket, reply: DhcpPacket, source: Address, port: str, *,
+                client_port: int, relay_port: int) -> Address:
+    """Where an answer goes (RFC 2131 4.1; the ProxyDHCP port answers its sender)."""
+    if port == PROXY_PORT:
+        return source
+    if request.giaddr != "0.0.0.0":
+        return request.giaddr, source[1] if source[0] == request.giaddr else relay_port
+    if reply.message_type == MessageType.NAK:
+        return BROADCAST, client_port
+    if request.ciaddr != "0.0.0.0":
+        return request.ciaddr, client_port
+    # A client without an address cannot receive unicast before we add an ARP entry for it;
+    # broadcasting is what RFC 2131 allows when the server cannot do that.
+    return BROADCAST, client_port
+
+
+class DhcpService:
+    """A running DHCP server (or, in mode ``off``, just the lease lookup for TFTP)."""
+
+    def __init__(self, config: ServerConfig, registry: Registry, leases: LeaseStore,
+                 policy: DhcpPolicy) -> None:
+        self.config = config
+        self.registry = registry
+        self.leases = leases
+        self.policy = policy
+        self.sockets: list[DhcpEndpoint] = []
+        self.bad_input = RateLimitedLog(log)
+        self.dropped = 0  # malformed datagrams
+        self.failed = 0  # requests whose answer raised (registry down, a bug)
+        self.answered = 0
+        self._sightings: OrderedDict[str, str] = OrderedDict()
+        self._endpoints: dict[str, DhcpEndpoint] = {}
+
+    async def open(self) -> None:
+        dhcp = self.config.dhcp
+        if dhcp.mode == DhcpMode.OFF:
+            return
+        interface = self.config.interface
+        try:
+            for port, kind in ((dhcp.port, DHCP_PORT), (dhcp.proxy_port, PROXY_PORT)):
+                endpoint = listen(kind, interface, dhcp.bind_address, port,
+                                  self._handler(kind))
+                self.sockets.append(endpoint)
+                self._endpoints[kind] = endpoint
+        except Exception:
+            self._close_sockets()
+            raise
+
+    def _handler(self, kind: str) -> DatagramHandler:
+        def handle(data: bytes, source: Address) -> None:
+            self.handle_datagram(data, source, kind, self._endpoints.get(kind))
+        return handle
+
+    def handle_datagram(self, data: bytes, source: Address, kind: str,
+                        endpoint: DhcpEndpoint | None) -> bytes | None:
+        """Answer one datagram; returns the bytes sent (or queued until the lease commits)."""
+        try:
+            request = codec.decode(data)
+        except MalformedPacket as exc:
+            self.dropped += 1
+            self.bad_input.warning(f"bad:{source[0]}", "dropped malformed DHCP datagram from "
+                                   "%s:%d: %s", source[0], source[1], exc.message)
+            return None
+        try:
+            reply = self.policy.answer(request, kind)
+            if reply is None:
+                return None
+            wire = codec.encode(reply.packet, max_size=codec.max_reply_size(request))
+            to = destination(request, reply.packet, source, kind,
+                             client_port=self.config.dhcp.client_port, relay_port=67)
+        except Exception as exc:
+            self.failed += 1
+            self.bad_input.warning(f"err:{type(exc).__name__}", "%s: DHCP request not answered"
+                                   " (%s: %s)", request.mac, type(exc).__name__, exc)
+            return None
+        if request.ciaddr != "0.0.0.0":
+            self._sighted(request.ciaddr, request.mac)
+        self.answered += 1
+        if endpoint is not None:
+            if reply.durable:
+                self.leases.when_durable(lambda: endpoint.send(wire, to))
+            else:
+                endpoint.send(wire, to)
+        return wire
+
+    def _sighted(self, ip: str, mac: str) -> None:
+        self._sightings[ip] = mac
+        self._sightings.move_to_end(ip)
+        if len(self._sightings) > SIGHTINGS_KEPT:
+            self._sightings.popitem(last=False)
+
+    def mac_for_ip(self, ip: str) -> str | None:
+        """The MAC behind an address: our leases, addresses seen in requests, reservations."""
+        mac = self.leases.holder(ip) or self._sightings.get(ip)
+        if mac is not None:
+            return mac
+        try:
+            node = self.registry.lookup_ip(ip)
+        except Exception:
+            log.exception("registry lookup of %s failed", ip)
+            return None
+        if node is None:
+            return None
+        for nic in node.nics:
+            if nic.ip == ip:
+                return nic.mac
+        return node.mac
+
+    def _close_sockets(self) -> None:
+        for endpoint in self.sockets:
+            endpoint.close()
+        self.sockets.clear()
+        self._endpoints.clear()
+
+    async def close(self) -> None:
+        """Stop answering, let the commit in flight finish, and close the lease store."""
+        self._close_sockets()
+        await self.leases.drain()
+        self.leases.close()
+
+
+def _with_subnet(config: ServerConfig, server_address: str) -> ServerConfig:
+    if config.dhcp.mode != DhcpMode.FULL or config.dhcp.subnet is not None:
+        return config
+    network = ipaddress.IPv4Network(f"{server_address}/24", strict=False)
+    log.warning("DHCP full mode without a subnet: assuming %s with no pool", network)
+    dhcp = dataclasses.replace(config.dhcp, subnet=Subnet(network=str(network)))
+    return dataclasses.replace(config, dhcp=dhcp)
+
+
+async def start_dhcp(config: ServerConfig, registry: Registry, *, server_address: str,
+                     http_base: str, tftp_enabled: bool) -> DhcpService:
+    """Open the lease store and (unless mode is ``off``) the DHCP sockets on the interface."""
+    config = _with_subnet(config, server_address)
+    leases = LeaseStore(config.state_dir / "leases.sqlite")
+    policy = DhcpPolicy(config.dhcp, registry, leases, server_address=server_address,
+                        http_base=http_base, tftp_enabled=tftp_enabled)
+    service = DhcpService(config, registry, leases, policy)
+    try:
+        await service.open()
+    except BaseException:
+        leases.close()
+        raise
+    log.info("DHCP %s mode on %s, server address %s", config.dhcp.mode,
+             config.interface or "all interfaces", server_address)
+    return service
