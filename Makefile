@@ -12,9 +12,13 @@ DEB_PACKAGES := \
 	iproute2 procps curl ca-certificates python3 python3-venv \
 	ipxe ovmf qemu-system-x86 qemu-utils \
 	dnsmasq-base isc-dhcp-client udhcpc kea-admin tftp-hpa atftp busybox \
-	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat
+	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat nftables
+# Reference servers for the benchmarks only: installed by `make bench` with their services
+# kept from starting, so nothing ever listens on the host's interfaces.
+BENCH_PACKAGES := kea-dhcp4-server tftpd-hpa
 
-.PHONY: all deps venv test test-unit test-integration test-netns test-vm lint bench clean
+
+.PHONY: all deps bench-deps venv test test-unit test-integration test-netns test-vm lint bench clean
 
 all: venv
 
@@ -41,7 +45,7 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check configserver nodeagent tests bench
+	$(VENV)/bin/ruff check configserver nodeagent tests bench bench/*/run images/build.py
 
 # Every tier, one pytest run each so that a failure in one does not hide the others.
 test: deps venv
@@ -59,7 +63,20 @@ test-netns: deps venv
 test-vm: deps venv
 	$(PYTEST) -m vm tests
 
-bench: deps venv
+bench-deps: $(STAMPS)/bench-deps
+$(STAMPS)/bench-deps: Makefile | deps
+	@mkdir -p $(STAMPS)
+	@set -e; guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+		guard=1; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		$(BENCH_PACKAGES) || { [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit 1; }; \
+	[ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
+	for unit in tftpd-hpa kea-dhcp4-server; do \
+		systemctl disable --now $$unit >/dev/null 2>&1 || true; done
+	@touch $@
+
+bench: bench-deps venv
 	@set -e; for b in bench/*/run; do echo "== $$b"; $$b; done
 
 clean:

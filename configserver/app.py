@@ -8,7 +8,7 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from configserver import api, boot
+from configserver import agentapi, api, boot
 from configserver.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
@@ -52,10 +52,5 @@ def create_app(config: ServerConfig, registry: Registry, admin_token: str) -> we
     app[CATALOG] = ImageCatalog(config.images_dir)
     api.setup_routes(app)
     boot.setup_routes(app)
-    try:
-        from configserver import agentapi
-    except ImportError:  # pragma: no cover - the agent API is part of every full install
-        log.warning("agent API not available")
-    else:
-        agentapi.setup_agent_api(app)
+    agentapi.setup_agent_api(app)
     return app
