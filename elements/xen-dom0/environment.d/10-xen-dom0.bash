@@ -1,0 +1,5 @@
+# Defaults for the xen-dom0 element (sourced by diskimage-builder; see README.rst).
+export DIB_XEN_DOM0_MEM=${DIB_XEN_DOM0_MEM:-1024M}
+export DIB_XEN_DOM0_VCPUS=${DIB_XEN_DOM0_VCPUS:-1}
+export DIB_XEN_DOM0_QEMU=${DIB_XEN_DOM0_QEMU:-0}
+export DIB_XEN_BRIDGE=${DIB_XEN_BRIDGE:-xenbr0}

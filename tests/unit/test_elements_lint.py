@@ -1,0 +1,173 @@
+"""The diskimage-builder element conventions (docs/images.md), checked without running anything.
+
+Modelled on diskimage-builder's ``dib-lint``: every element has a README with a table of its
+DIB_* variables, ``element-deps`` and ``package-installs.yaml``; phase directories hold only
+executables named ``NN-name`` (unique per phase across all elements, since diskimage-builder
+merges them); every script starts with ``set -eu -o pipefail`` and traces only under
+``DIB_DEBUG_TRACE``. Shellcheck runs in test_elements_shellcheck.py (integration tier).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+
+ELEMENTS = Path(__file__).resolve().parents[2] / "elements"
+EXPECTED = {"netboot-live", "netboot-base", "netboot-agent", "xen-dom0", "storage-node"}
+# diskimage-builder's phases that hold executables (environment.d is sourced, not executed).
+PHASES = {"root.d", "extra-data.d", "pre-install.d", "install.d", "post-install.d",
+          "post-root.d", "block-device.d", "pre-finalise.d", "finalise.d", "cleanup.d"}
+TOP_LEVEL_FILES = {"README.rst", "element-deps", "package-installs.yaml", "element-provides",
+                   "pkg-map"}
+TOP_LEVEL_DIRS = PHASES | {"environment.d", "static"}
+SCRIPT_NAME = re.compile(r"^(\d\d)-[a-z0-9][a-z0-9-]*$")
+ENVIRONMENT_NAME = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*\.bash$")
+STRICT = "set -eu -o pipefail"
+TRACE_GUARD = re.compile(r'^if \[ "\$\{DIB_DEBUG_TRACE:-0\}" -gt 0 \]; then$')
+DIB_VARIABLE = re.compile(r"\b(DIB_[A-Z0-9_]+)=")
+
+
+def element_dirs() -> list[Path]:
+    found = sorted(p for p in ELEMENTS.iterdir() if p.is_dir())
+    assert found, f"no elements under {ELEMENTS}"
+    return found
+
+
+def phase_scripts() -> list[Path]:
+    scripts = [s for e in element_dirs() for phase in PHASES if (e / phase).is_dir()
+               for s in sorted((e / phase).iterdir())]
+    assert scripts, "no phase scripts found"
+    return scripts
+
+
+def static_scripts() -> list[Path]:
+    """Executables an element installs (static/.../sbin): held to the same rules."""
+    return sorted(p for e in element_dirs() for p in (e / "static").rglob("*")
+                  if p.is_file() and p.parent.name in {"sbin", "bin"})
+
+
+def test_every_expected_element_exists():
+    assert {p.name for p in element_dirs()} >= EXPECTED
+
+
+@pytest.mark.parametrize("element", sorted(EXPECTED))
+def test_element_has_required_files(element):
+    directory = ELEMENTS / element
+    for name in ("README.rst", "element-deps", "package-installs.yaml"):
+        assert (directory / name).is_file(), f"{element}: missing {name}"
+    deps = (directory / "element-deps").read_text().split()
+    assert deps, f"{element}: element-deps is empty"
+
+
+@pytest.mark.parametrize("element", sorted(EXPECTED))
+def test_element_holds_only_known_entries(element):
+    for entry in (ELEMENTS / element).iterdir():
+        allowed = TOP_LEVEL_DIRS if entry.is_dir() else TOP_LEVEL_FILES
+        assert entry.name in allowed, f"{element}: unexpected {entry.name}"
+
+
+@pytest.mark.parametrize("element", sorted(EXPECTED))
+def test_readme_has_a_table_of_every_variable(element):
+    directory = ELEMENTS / element
+    readme = (directory / "README.rst").read_text()
+    assert re.search(r"^=+ +=+", readme, re.M), f"{element}: README.rst has no variable table"
+    defined = set()
+    for path in sorted((directory / "environment.d").glob("*")):
+        defined |= set(DIB_VARIABLE.findall(path.read_text()))
+    for variable in sorted(defined):
+        assert re.search(rf"^``{variable}``\s", readme, re.M), \
+            f"{element}: {variable} is not in the README.rst table"
+
+
+def test_phase_scripts_are_named_executables():
+    for script in phase_scripts():
+        assert script.is_file(), f"{script}: phase directories hold only files"
+        assert SCRIPT_NAME.match(script.name), f"{script}: name must be NN-name"
+        assert script.stat().st_mode & 0o111, f"{script}: not executable"
+
+
+def test_phase_script_names_are_unique_per_phase():
+    seen: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    prefixes: dict[tuple[str, str], list[Path]] = defaultdict(list)
+    for script in phase_scripts():
+        seen[(script.parent.name, script.name)].append(script)
+        prefixes[(script.parent.name, script.name[:2])].append(script)
+    duplicates = [paths for paths in seen.values() if len(paths) > 1]
+    assert not duplicates, f"scripts that diskimage-builder would merge: {duplicates}"
+    for (phase, prefix), paths in prefixes.items():
+        elements = {p.parent.parent.name for p in paths}
+        assert len(paths) == len(elements), \
+            f"{phase}: two-digit prefix {prefix} used twice in one element: {paths}"
+
+
+@pytest.mark.parametrize("script", phase_scripts() + static_scripts(),
+                         ids=lambda p: str(p.relative_to(ELEMENTS)))
+def test_script_is_strict_and_traces_only_when_asked(script):
+    lines = script.read_text().splitlines()
+    assert lines and lines[0] == "#!/bin/bash", f"{script}: must start with #!/bin/bash"
+    code = [line.strip() for line in lines[1:] if line.strip() and
+            not line.strip().startswith("#")]
+    # Allowed before the strict line: the DIB_DEBUG_TRACE guard itself.
+    guard = ['if [ "${DIB_DEBUG_TRACE:-0}" -gt 0 ]; then', "set -x", "fi"]
+    if code[:3] == guard:
+        code = code[3:]
+    assert code and code[0] == STRICT, f"{script}: first command must be '{STRICT}'"
+    for number, line in enumerate(lines):
+        if re.match(r"^\s*set -[a-z]*x", line):
+            assert number > 0 and TRACE_GUARD.match(lines[number - 1].strip()), \
+                f"{script}:{number + 1}: set -x outside the DIB_DEBUG_TRACE guard"
+
+
+def test_environment_files_are_sourced_fragments():
+    files = [p for e in element_dirs() if (e / "environment.d").is_dir()
+             for p in (e / "environment.d").iterdir()]
+    assert files, "no environment.d files found"
+    for path in files:
+        assert ENVIRONMENT_NAME.match(path.name), f"{path}: name must be NN-name.bash"
+        text = path.read_text()
+        assert not re.search(r"^\s*set -", text, re.M), \
+            f"{path}: sourced into diskimage-builder, must not change shell options"
+
+
+def test_static_holds_data_not_build_scripts():
+    for element in element_dirs():
+        static = element / "static"
+        if not static.is_dir():
+            continue
+        for path in static.rglob("*"):
+            assert path.name not in TOP_LEVEL_FILES, f"{path}: element file inside static/"
+            assert path.parent.name not in PHASES, f"{path}: phase script inside static/"
+
+
+def test_package_installs_are_valid():
+    yaml = pytest.importorskip("yaml")
+    for element in element_dirs():
+        data = yaml.safe_load((element / "package-installs.yaml").read_text())
+        assert isinstance(data, dict) and data, f"{element.name}: no packages"
+        for package, options in data.items():
+            assert re.match(r"^[a-z0-9][a-z0-9+.-]+$", package), f"{element.name}: {package}"
+            assert options is None or isinstance(options, dict), f"{element.name}: {package}"
+
+
+def test_element_deps_resolve():
+    dib = pytest.importorskip("diskimage_builder")
+    dib_elements = Path(dib.__file__).parent / "elements"
+    known = {p.name for p in element_dirs()} | {p.name for p in dib_elements.iterdir()}
+    for element in element_dirs():
+        for dep in (element / "element-deps").read_text().split():
+            assert dep in known, f"{element.name}: unknown element {dep}"
+
+
+def test_module_allow_lists_are_well_formed():
+    lists = sorted(ELEMENTS.glob("*/static/etc/netboot-live/modules.allow.d/*.list"))
+    assert lists, "no kernel module allow-lists"
+    for path in lists:
+        for number, raw in enumerate(path.read_text().splitlines(), 1):
+            rule = raw.split("#", 1)[0].strip()
+            if rule:
+                assert re.match(r"^-?[a-z0-9_][a-z0-9_./*-]*$", rule), f"{path}:{number}: {raw}"
+                assert not rule.lstrip("-").startswith("kernel/"), \
+                    f"{path}:{number}: rules are relative to kernel/"

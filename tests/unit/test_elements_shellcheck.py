@@ -1,0 +1,33 @@
+"""Shellcheck over every element script and images/*.sh (integration tier: runs shellcheck)."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ELEMENTS = Path(__file__).resolve().parents[2] / "elements"
+PHASES = ("root.d", "extra-data.d", "pre-install.d", "install.d", "post-install.d",
+          "post-root.d", "block-device.d", "pre-finalise.d", "finalise.d", "cleanup.d")
+
+
+def shell_files() -> list[Path]:
+    files = [p for phase in PHASES for p in sorted(ELEMENTS.glob(f"*/{phase}/*"))]
+    files += sorted(ELEMENTS.glob("*/environment.d/*.bash"))
+    files += sorted(p for p in ELEMENTS.glob("*/static/**/*")
+                    if p.is_file() and p.parent.name in {"sbin", "bin"})
+    files += sorted(ELEMENTS.parent.glob("images/*.sh"))
+    return files
+
+
+@pytest.mark.integration
+def test_shellcheck_passes_on_element_scripts():
+    if shutil.which("shellcheck") is None:
+        pytest.skip("shellcheck is not installed (make deps)")
+    files = shell_files()
+    assert len(files) >= 10, f"expected the element scripts, found {files}"
+    result = subprocess.run(["shellcheck", "--shell=bash", "--severity=style",
+                             *map(str, files)], capture_output=True, text=True, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
