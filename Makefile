@@ -45,14 +45,17 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check configserver nodeagent tests bench bench/*/run images
+	$(VENV)/bin/ruff check configserver nodeagent tests bench images $$(grep -l "^#!.*python" bench/*/run)
 
 # Every tier, one pytest run each so that a failure in one does not hide the others.
-test: deps venv
-	$(PYTEST) -m "not integration and not netns and not vm" tests
-	$(PYTEST) -m integration tests
-	$(PYTEST) -m netns tests
-	$(PYTEST) -m vm tests
+# The vm tier PXE-boots the real images, so they are built (or found up to date) first.
+test: deps venv images
+	@rc=0; \
+	$(PYTEST) -m "not integration and not netns and not vm" tests || rc=1; \
+	$(PYTEST) -m integration tests || rc=1; \
+	$(PYTEST) -m netns tests || rc=1; \
+	$(PYTEST) -m vm tests || rc=1; \
+	exit $$rc
 
 test-unit: venv
 	$(PYTEST) -m "not integration and not netns and not vm" tests

@@ -69,7 +69,7 @@ def server(tmp_path):
 def cli(server: Server, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "configserver", "--state-dir",
                            str(server.state), *args], capture_output=True, text=True,
-                          timeout=60, input=stdin)
+                          timeout=60, input=stdin, check=False)
 
 
 def test_issue_walkthrough(server):
@@ -109,7 +109,7 @@ def test_issue_walkthrough(server):
 def test_cli_without_a_server_says_so(tmp_path):
     done = subprocess.run([sys.executable, "-m", "configserver", "--state-dir",
                            str(tmp_path), "node", "list"], capture_output=True, text=True,
-                          timeout=30)
+                          timeout=30, check=False)
     assert done.returncode == 1
     assert "no config server is running" in done.stderr and "Traceback" not in done.stderr
 

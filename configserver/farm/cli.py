@@ -1,0 +1,85 @@
+"""``configserver farm up|status|down`` (also ``python -m configserver.farm``)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from configserver.farm import FarmError
+from configserver.farm.farm import Farm, FarmConfig, format_table, plan_nodes
+
+FIRMWARES = ("bios", "uefi", "uefi-pxe")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="configserver farm",
+                                     description="QEMU test farm: PXE-boot a small cluster")
+    parser.add_argument("--farm-dir", type=Path,
+                        default=Path(os.environ.get("FARM_DIR", "build/farm")),
+                        help="where the farm keeps its state and logs (default build/farm)")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+    up = sub.add_parser("up", help="build the network, start the server and boot the VMs")
+    up.add_argument("--dom0", type=int, default=1, help="Xen dom0 nodes (default 1)")
+    up.add_argument("--storage", type=int, default=1, help="storage nodes (default 1)")
+    up.add_argument("--firmware", default="bios",
+                    help="bios, uefi or uefi-pxe; a comma list is cycled over the nodes")
+    up.add_argument("--images", type=Path, default=Path("build/images"),
+                    help="images directory (default build/images)")
+    up.add_argument("--subnet", default="198.18.0.0/24", help="inside 198.18.0.0/15")
+    up.add_argument("--http-port", type=int, default=8080)
+    up.add_argument("--timeout", type=float, default=1200, help="seconds until all are ready")
+    up.add_argument("--no-wait", action="store_true", help="return once the VMs are started")
+    up.add_argument("--json", action="store_true")
+    st = sub.add_parser("status", help="the farm's nodes and their states")
+    st.add_argument("--json", action="store_true")
+    sub.add_parser("down", help="stop everything and remove the namespace")
+    return parser
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if os.geteuid() != 0:
+        print("configserver farm: error: needs root (network namespaces, taps)",
+              file=sys.stderr)
+        return 1
+    try:
+        return _run(args)
+    except FarmError as exc:
+        hint = f" ({exc.hint})" if exc.hint else ""
+        print(f"configserver farm: error: {exc.message}{hint}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.command == "up":
+        firmware = [f.strip() for f in args.firmware.split(",") if f.strip()]
+        bad = [f for f in firmware if f not in FIRMWARES]
+        if bad or not firmware:
+            raise FarmError(f"unknown firmware {','.join(bad) or '(none)'}",
+                            hint=f"choose from {', '.join(FIRMWARES)}")
+        nodes = plan_nodes(args.dom0, args.storage, firmware, args.subnet)
+        config = FarmConfig(farm_dir=args.farm_dir, nodes=nodes, images_dir=args.images,
+                            subnet=args.subnet, http_port=args.http_port,
+                            ready_timeout=args.timeout)
+        rows = Farm(config).up(wait=not args.no_wait)
+        return _show(rows, args.json)
+    farm = Farm(FarmConfig(farm_dir=args.farm_dir, nodes=(), images_dir=Path("build/images")))
+    if args.command == "status":
+        return _show(farm.status(), args.json)
+    removed = farm.down()
+    print("removed: " + (", ".join(removed) if removed else "nothing (no farm was up)"))
+    return 0
+
+
+def _show(rows: list[dict], as_json: bool) -> int:
+    print(json.dumps(rows, indent=2) if as_json else format_table(rows))
+    return 0

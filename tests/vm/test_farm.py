@@ -1,0 +1,126 @@
+"""vm tier, issues 6 and 7: the real images PXE-boot in the farm and their agents get ready.
+
+These boot ``build/images/dom0`` and ``build/images/storage`` (``make images``) through the
+config server in the farm's namespace; they skip only when an image's manifest is absent.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from configserver.farm import BootFailed, network
+from configserver.farm.farm import Farm, FarmConfig, FarmState, plan_nodes
+
+pytestmark = pytest.mark.vm
+
+IMAGES = Path(__file__).resolve().parents[2] / "build" / "images"
+READY_BUDGET = 900  # seconds from power-on to every agent ready, both VMs at once under TCG
+
+
+def _require_images(*roles: str) -> None:
+    for role in roles:
+        manifest = IMAGES / role / "manifest.json"
+        if not manifest.exists():
+            pytest.skip(f"{manifest} is absent: run 'make images' first")
+
+
+def _farm(tmp_path: Path, dom0: int, storage: int, firmware: str = "bios") -> Farm:
+    nodes = plan_nodes(dom0, storage, firmware, "198.18.0.0/24")
+    config = FarmConfig(farm_dir=tmp_path / "farm", nodes=nodes, images_dir=IMAGES,
+                        ready_timeout=READY_BUDGET)
+    return Farm(config, report=lambda line: print(line, flush=True))
+
+
+def _assert_nothing_left(farm: Farm, pids: list[int]) -> None:
+    assert farm.net.namespace not in network.namespaces()
+    assert not [p for p in pids if network.alive(p)], "processes survived 'down'"
+    assert FarmState.load(farm.dir) is None
+    assert not Path(f"/etc/netns/{farm.net.namespace}").exists()
+
+
+def _with_inventory(farm: Farm, mac: str, timeout: float = 180) -> dict:
+    """The node's view once its agent has pushed an inventory (it follows the first heartbeat)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = farm.node_view(mac)
+        if view.get("inventory") or time.monotonic() > deadline:
+            return view
+        time.sleep(3)
+
+
+def _up_and_down(farm: Farm):
+    """``up`` then always ``down``; yield the rows, the node views and the pids it had."""
+    try:
+        start = time.monotonic()
+        rows = farm.up()
+        elapsed = time.monotonic() - start
+        state = FarmState.load(farm.dir)
+        assert state is not None
+        views = {n["mac"]: _with_inventory(farm, n["mac"]) for n in state.nodes}
+        taps = farm.net.taps()
+        pids = [n["pid"] for n in state.nodes] + [state.server_pid]
+        status = farm.status()
+    except BootFailed as exc:
+        pytest.fail(f"{exc.message} ({exc.hint})")
+    finally:
+        removed = farm.down()
+    return rows, views, taps, pids, status, removed, elapsed
+
+
+def test_default_farm_boots_xen_dom0_and_storage_node_to_ready(tmp_path):
+    _require_images("dom0", "storage")
+    farm = _farm(tmp_path, dom0=1, storage=1)
+    rows, views, taps, pids, status, removed, elapsed = _up_and_down(farm)
+
+    assert [r["state"] for r in rows] == ["ready", "ready"], rows
+    assert all(r["ready_seconds"] is not None and r["ready_seconds"] < READY_BUDGET
+               for r in rows), rows
+    assert [r["state"] for r in status] == ["ready", "ready"]
+    assert len(taps) == 2, taps
+    print(f"default farm ready after {elapsed:.0f}s: {rows}")
+
+    dom0 = next(v for v in views.values() if v["role"] == "dom0")
+    xen = (dom0.get("inventory") or {}).get("xen") or {}
+    assert xen.get("hypervisor") == "xen" and xen.get("dom0") is True, dom0.get("inventory")
+    stages = [s["stage"] for s in dom0["timeline"]]
+    assert stages[:1] == ["dhcp"] and "ready" in stages, stages
+    serial = (farm.dir / "vms" / "dom0-1" / "serial.log").read_text(errors="replace")
+    assert "(XEN)" in serial, "the dom0 node did not boot Xen"
+
+    storage = next(v for v in views.values() if v["role"] == "storage")
+    disks = (storage.get("inventory") or {}).get("disks") or []
+    serials = sorted(d.get("serial") or "" for d in disks)
+    assert {"farm-disk0", "farm-disk1"} <= set(serials), disks
+
+    assert any(r.startswith("namespace ") for r in removed), removed
+    _assert_nothing_left(farm, pids)
+
+
+def test_uefi_storage_node_boots_to_ready(tmp_path):
+    _require_images("storage")
+    farm = _farm(tmp_path, dom0=0, storage=1, firmware="uefi")
+    rows, views, _taps, pids, _status, _removed, _elapsed = _up_and_down(farm)
+
+    assert [r["state"] for r in rows] == ["ready"], rows
+    inventory = next(iter(views.values())).get("inventory") or {}
+    assert inventory.get("boot_mode") == "uefi", inventory.get("boot_mode")
+    _assert_nothing_left(farm, pids)
+
+
+def test_down_removes_a_farm_that_is_still_booting(tmp_path):
+    _require_images("storage")
+    farm = _farm(tmp_path, dom0=0, storage=1)
+    try:
+        farm.up(wait=False)
+        state = FarmState.load(farm.dir)
+        assert state is not None
+        pids = [n["pid"] for n in state.nodes] + [state.server_pid]
+        assert all(network.alive(p) for p in pids)
+        assert farm.net.taps() == ["tap0"]
+    finally:
+        farm.down()
+    _assert_nothing_left(farm, pids)
+    assert farm.down() == []

@@ -1,0 +1,77 @@
+"""Unit tier (no processes): the farm's pure parts, QEMU argv and node plans."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from configserver.farm import FarmError, qemu
+from configserver.farm.farm import format_table, plan_nodes
+from configserver.farm.network import NetworkPlan
+
+TCG = qemu.HostQemu(qemu.Accel.TCG, "qemu-system-x86_64")
+
+
+def _vm(**kw) -> qemu.VmSpec:
+    return qemu.VmSpec(name="n1", mac="52:54:00:fa:d0:01", tap="tap0",
+                       serial_log=Path("/f/serial.log"), **kw)
+
+
+def test_bios_vm_uses_pc_machine_and_default_ipxe_rom():
+    argv = qemu.command_line(_vm(), TCG)
+    assert argv[argv.index("-machine") + 1] == "pc"
+    assert "-boot" in argv and "order=n" in argv
+    nic = argv[argv.index("-device") + 1]
+    assert nic == "virtio-net-pci,netdev=net0,mac=52:54:00:fa:d0:01"
+    assert "file:/f/serial.log" in argv
+
+
+def test_xen_node_under_tcg_gets_svm_cpu():
+    argv = qemu.command_line(_vm(xen=True), TCG)
+    assert argv[argv.index("-cpu") + 1] == "qemu64,+svm"
+
+
+def test_uefi_pxe_vm_has_no_option_rom_and_its_own_vars():
+    vm = _vm(firmware=qemu.Firmware.UEFI_PXE, vars_file=Path("/f/vars.fd"))
+    argv = qemu.command_line(vm, TCG)
+    assert argv[argv.index("-machine") + 1] == "q35"
+    assert any(a.endswith(",romfile=") for a in argv)
+    assert "if=pflash,format=raw,unit=1,file=/f/vars.fd" in argv
+
+
+def test_uefi_without_vars_copy_is_refused():
+    with pytest.raises(FarmError):
+        qemu.command_line(_vm(firmware=qemu.Firmware.UEFI), TCG)
+
+
+def test_storage_disks_are_virtio_with_serials():
+    argv = qemu.command_line(_vm(disks=(Path("/f/d0.qcow2"), Path("/f/d1.qcow2"))), TCG)
+    assert "virtio-blk-pci,drive=disk1,serial=farm-disk1" in argv
+
+
+def test_default_plan_is_one_dom0_and_one_storage_node():
+    nodes = plan_nodes(1, 1, "bios", "198.18.0.0/24")
+    assert [(n.role, n.mac, n.ip, n.memory_mb, n.disks) for n in nodes] == [
+        ("dom0", "52:54:00:fa:d0:01", "198.18.0.10", 2560, 0),
+        ("storage", "52:54:00:fa:5a:01", "198.18.0.11", 1536, 2)]
+
+
+def test_firmware_list_is_cycled_over_nodes():
+    nodes = plan_nodes(1, 2, ["bios", "uefi"], "198.18.0.0/24")
+    assert [n.firmware for n in nodes] == ["bios", "uefi", "bios"]
+
+
+def test_farm_network_must_stay_in_the_benchmark_range():
+    with pytest.raises(FarmError):
+        NetworkPlan("x", "10.0.0.0/24")
+    assert NetworkPlan("x", "198.19.4.0/24").server_ip == "198.19.4.1"
+
+
+def test_table_lists_every_node():
+    rows = [{"name": "dom0-1", "mac": "52:54:00:fa:d0:01", "role": "dom0", "ip": "198.18.0.10",
+             "state": "ready", "firmware": "bios", "vm": "running", "ready_seconds": 201.6}]
+    lines = format_table(rows).splitlines()
+    assert lines[0].split()[:3] == ["NODE", "MAC", "ROLE"]
+    assert lines[1].split() == ["dom0-1", "52:54:00:fa:d0:01", "dom0", "198.18.0.10", "ready",
+                                "bios", "running", "201.6s"]
