@@ -7,14 +7,13 @@ is the only module that reads argv.
 
 from __future__ import annotations
 
+from configserver.errors import NetbootError
 
-class FarmError(Exception):
+
+class FarmError(NetbootError):
     """Base of every error the farm raises on purpose; the CLI prints it as one line."""
 
-    def __init__(self, message: str, *, hint: str = "") -> None:
-        super().__init__(message)
-        self.message = message
-        self.hint = hint
+    code = "farm_error"
 
 
 class CommandFailed(FarmError):

@@ -22,7 +22,6 @@ from configserver.errors import (
     DuplicateHostname,
     DuplicateMac,
     InvalidRequest,
-    InvalidRole,
     NotFound,
     RoleInUse,
     StoreError,
@@ -32,7 +31,6 @@ from configserver.model import (
     BUILTIN_ROLES,
     ApplyResult,
     BootEvent,
-    BootTemplate,
     Nic,
     Node,
     NodeSpec,
@@ -40,71 +38,21 @@ from configserver.model import (
     Role,
     UnknownMacPolicy,
     normalize_mac,
-    validate_hostname,
-    validate_ipv4,
-    validate_kernel_args,
-    validate_role_name,
-    validate_tag,
 )
 from configserver.registry import AgentSession
+from configserver.registry.schema import (
+    MIGRATIONS,
+    jsonable,
+    node_from_row,
+    role_from_row,
+    split_sql,
+    validated_role,
+)
 
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT_PER_NODE = 1000
 
-# Each entry migrates the schema from version N to N+1; never edit a released entry.
-MIGRATIONS: tuple[str, ...] = (
-    """
-    CREATE TABLE roles (
-        name TEXT PRIMARY KEY,
-        image TEXT NOT NULL,
-        template TEXT NOT NULL,
-        kernel_args TEXT NOT NULL DEFAULT '',
-        hypervisor_args TEXT NOT NULL DEFAULT '',
-        description TEXT NOT NULL DEFAULT '',
-        builtin INTEGER NOT NULL DEFAULT 0
-    );
-    CREATE TABLE nodes (
-        mac TEXT PRIMARY KEY,
-        role TEXT REFERENCES roles(name),
-        hostname TEXT,
-        kernel_args TEXT NOT NULL DEFAULT '',
-        tags TEXT NOT NULL DEFAULT '[]',
-        state TEXT NOT NULL,
-        created REAL NOT NULL,
-        updated REAL NOT NULL,
-        last_seen REAL,
-        last_heartbeat REAL,
-        facts TEXT NOT NULL DEFAULT '{}',
-        boot_id TEXT,
-        token_hash TEXT,
-        token_issued REAL
-    );
-    CREATE UNIQUE INDEX nodes_hostname ON nodes(hostname) WHERE hostname IS NOT NULL;
-    CREATE INDEX nodes_state ON nodes(state);
-    CREATE TABLE nics (
-        mac TEXT PRIMARY KEY,
-        node TEXT NOT NULL REFERENCES nodes(mac) ON DELETE CASCADE,
-        position INTEGER NOT NULL,
-        ip TEXT UNIQUE
-    );
-    CREATE INDEX nics_node ON nics(node);
-    CREATE TABLE events (
-        id INTEGER PRIMARY KEY,
-        mac TEXT NOT NULL,
-        time REAL NOT NULL,
-        stage TEXT NOT NULL,
-        detail TEXT NOT NULL DEFAULT '{}'
-    );
-    CREATE INDEX events_mac ON events(mac, id);
-    CREATE TABLE inventories (
-        mac TEXT PRIMARY KEY REFERENCES nodes(mac) ON DELETE CASCADE,
-        inventory TEXT NOT NULL,
-        updated REAL NOT NULL
-    );
-    CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-    """,
-)
 
 _NODE_FIELDS = {"role", "hostname", "ip", "kernel_args", "tags", "nics"}
 _ROLE_FIELDS = {"image", "template", "kernel_args", "hypervisor_args", "description"}
@@ -139,7 +87,7 @@ class SqliteRegistry:
                              f"program knows ({len(MIGRATIONS)})", hint="upgrade configserver")
         for number in range(version, len(MIGRATIONS)):
             with self._tx():
-                for statement in _split_sql(MIGRATIONS[number]):
+                for statement in split_sql(MIGRATIONS[number]):
                     self._db.execute(statement)
                 self._db.execute(f"PRAGMA user_version={number + 1}")
             log.info("registry schema migrated to version %d", number + 1)
@@ -180,7 +128,7 @@ class SqliteRegistry:
 
     def role(self, name: str) -> Role | None:
         row = self._db.execute("SELECT * FROM roles WHERE name=?", (name,)).fetchone()
-        return _role(row) if row else None
+        return role_from_row(row) if row else None
 
     def unknown_mac_policy(self) -> UnknownMacPolicy:
         row = self._db.execute("SELECT value FROM settings WHERE key='unknown_mac'").fetchone()
@@ -192,7 +140,7 @@ class SqliteRegistry:
             return None
         nics = self._db.execute("SELECT mac, ip FROM nics WHERE node=? ORDER BY position",
                                 (mac,)).fetchall()
-        return _node(row, nics)
+        return node_from_row(row, nics)
 
     # -- nodes ------------------------------------------------------------------------------
 
@@ -205,7 +153,7 @@ class SqliteRegistry:
         nics: dict[str, list[sqlite3.Row]] = {}
         for nic in self._db.execute("SELECT node, mac, ip FROM nics ORDER BY node, position"):
             nics.setdefault(nic["node"], []).append(nic)
-        return [_node(row, nics.get(row["mac"], [])) for row in rows]
+        return [node_from_row(row, nics.get(row["mac"], [])) for row in rows]
 
     def add_node(self, spec: NodeSpec) -> Node:
         spec = spec.normalized()
@@ -246,7 +194,7 @@ class SqliteRegistry:
             new = NodeSpec(**fields).normalized()
             self._release_nics(current.mac)
             self._write(new, current)
-            self._event(new.mac, "updated", {k: _jsonable(v) for k, v in changes.items()})
+            self._event(new.mac, "updated", {k: jsonable(v) for k, v in changes.items()})
         node = self._load(current.mac)
         assert node is not None
         return node
@@ -367,10 +315,10 @@ class SqliteRegistry:
     # -- roles ------------------------------------------------------------------------------
 
     def list_roles(self) -> list[Role]:
-        return [_role(r) for r in self._db.execute("SELECT * FROM roles ORDER BY name")]
+        return [role_from_row(r) for r in self._db.execute("SELECT * FROM roles ORDER BY name")]
 
     def add_role(self, role: Role) -> Role:
-        role = _validated_role(role)
+        role = validated_role(role)
         with self._tx():
             if self.role(role.name) is not None:
                 raise Conflict(f"role {role.name} already exists",
@@ -389,7 +337,7 @@ class SqliteRegistry:
             if current is None:
                 raise NotFound(f"no role {name!r}")
             fields = {**current.to_json(), **changes}
-            role = _validated_role(Role(**fields))
+            role = validated_role(Role(**fields))
             self._db.execute(
                 "UPDATE roles SET image=?, template=?, kernel_args=?, hypervisor_args=?,"
                 " description=? WHERE name=?",
@@ -559,47 +507,4 @@ class SqliteRegistry:
         return [r["mac"] for r in rows]
 
 
-def _split_sql(script: str) -> list[str]:
-    return [s.strip() for s in script.split(";") if s.strip()]
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, tuple | list):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, Nic):
-        return {"mac": value.mac, "ip": value.ip}
-    return value
-
-
-def _node(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Node:
-    return Node(
-        mac=row["mac"], role=row["role"], hostname=row["hostname"],
-        nics=tuple(Nic(n["mac"], n["ip"]) for n in nics) or (Nic(row["mac"]),),
-        kernel_args=row["kernel_args"], tags=tuple(json.loads(row["tags"])),
-        state=NodeState(row["state"]), created=row["created"], updated=row["updated"],
-        last_seen=row["last_seen"], last_heartbeat=row["last_heartbeat"],
-        facts=json.loads(row["facts"]),
-    )
-
-
-def _role(row: sqlite3.Row) -> Role:
-    return Role(name=row["name"], image=row["image"], template=BootTemplate(row["template"]),
-                kernel_args=row["kernel_args"], hypervisor_args=row["hypervisor_args"],
-                description=row["description"], builtin=bool(row["builtin"]))
-
-
-def _validated_role(role: Role) -> Role:
-    try:
-        template = BootTemplate(role.template)
-    except ValueError:
-        raise InvalidRole(f"unknown boot template {role.template!r}",
-                          hint="one of: " + ", ".join(t.value for t in BootTemplate)) from None
-    validate_role_name(role.name)
-    validate_role_name(role.image)
-    return Role(name=role.name, image=role.image, template=template,
-                kernel_args=validate_kernel_args(role.kernel_args),
-                hypervisor_args=validate_kernel_args(role.hypervisor_args),
-                description=str(role.description)[:200], builtin=role.builtin)
-
-
-__all__ = ["SqliteRegistry", "validate_hostname", "validate_ipv4", "validate_tag"]
+__all__ = ["MIGRATIONS", "SqliteRegistry"]
