@@ -11,12 +11,14 @@ import os
 import secrets
 import signal
 import socket
+from collections.abc import Callable
 from contextlib import AsyncExitStack
 from pathlib import Path
 
 from aiohttp import web
 
 from configserver.app import create_app
+from configserver.appkeys import CATALOG
 from configserver.boot import IPXE_DIR, RESOLVE_MAC
 from configserver.config import DhcpMode, ServerConfig, Subnet
 from configserver.errors import ConfigError, StoreError
@@ -127,7 +129,16 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
         if _tftp_on(config):
             from configserver.tftp.service import start_tftp
 
-            roots = {"": app[IPXE_DIR], "images/": config.images_dir}
+            catalog = app[CATALOG]
+
+            def image_file(rest: str) -> Path | None:
+                # images/<image>/<file>: only files an image's manifest lists, as over HTTP.
+                name, _, filename = rest.partition("/")
+                image = catalog.get(name)
+                return image.path(filename) if image else None
+
+            roots: dict[str, Path | Callable[[str], Path | None]] = {
+                "": app[IPXE_DIR], "images/": image_file}
             # Debian links some iPXE binaries to /boot (ipxe.efi -> /boot/ipxe.efi); a root
             # key without a trailing slash names exactly one file, so only those are served.
             for entry in sorted(Path(app[IPXE_DIR]).glob("*")):

@@ -16,7 +16,7 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,15 +30,21 @@ def _refuse(message: str) -> FileRefused:
     return FileRefused(message, tftp_code=ErrorCode.ACCESS_VIOLATION)
 
 
-class ServedRoots:
-    """Resolves request names inside the served directories."""
+# A catalog answers the rest of a name under its prefix with the file to serve, or None.
+Catalog = Callable[[str], Path | None]
 
-    def __init__(self, roots: Mapping[str, Path]) -> None:
-        # Exact file names, then directories by longest prefix first; everything resolved
-        # once here so that containment checks are exact.
-        self._files = {name: Path(os.path.realpath(path)) for name, path in roots.items()
+
+class ServedRoots:
+    """Resolves request names inside the served directories and catalogs."""
+
+    def __init__(self, roots: Mapping[str, Path | Catalog]) -> None:
+        # Exact file names, then catalogs and directories by longest prefix first; paths
+        # resolved once here so that containment checks are exact.
+        self._catalogs = {p: c for p, c in roots.items() if callable(c)}
+        paths = {p: d for p, d in roots.items() if not callable(d)}
+        self._files = {name: Path(os.path.realpath(path)) for name, path in paths.items()
                        if name and not name.endswith("/")}
-        self._roots = sorted(((p, Path(os.path.realpath(d))) for p, d in roots.items()
+        self._roots = sorted(((p, Path(os.path.realpath(d))) for p, d in paths.items()
                               if p not in self._files),
                              key=lambda item: len(item[0]), reverse=True)
 
@@ -55,6 +61,13 @@ class ServedRoots:
             raise _refuse("empty, '.' or '..' path component")
         if name in self._files:
             return self._files[name]
+        for prefix, catalog in self._catalogs.items():
+            if name.startswith(prefix) and len(name) > len(prefix):
+                path = catalog(name[len(prefix):])
+                if path is None:
+                    raise FileRefused("no such file in the catalog",
+                                      tftp_code=ErrorCode.FILE_NOT_FOUND)
+                return Path(os.path.realpath(path))
         for prefix, root in self._roots:
             if name.startswith(prefix) and len(name) > len(prefix):
                 candidate = root.joinpath(name[len(prefix):])

@@ -26,7 +26,7 @@ from configserver.tftp.codec import (
     parse,
 )
 from configserver.tftp.errors import FileRefused, MalformedPacket
-from configserver.tftp.files import OpenFiles, ServedRoots, SharedFile
+from configserver.tftp.files import Catalog, OpenFiles, ServedRoots, SharedFile
 from configserver.tftp.netascii import NetasciiReader
 from configserver.tftp.options import negotiate
 from configserver.tftp.server import Address, RequestListener, TransferEndpoint, open_udp_socket
@@ -34,8 +34,8 @@ from configserver.tftp.transfer import RetransmitPolicy, TftpTransfer
 
 log = logging.getLogger(__name__)
 
-# The event loop's clock (asyncio uses time.monotonic), without the method call per packet.
-_now = time.monotonic
+# Netascii transfers convert the file to learn its size; larger files must use octet mode.
+NETASCII_MAX = 1024 * 1024
 
 ResolveMac = Callable[[str], str | None]
 RecordEvent = Callable[[str, str, dict], None]
@@ -86,8 +86,21 @@ class ActiveTransfer:
                                               self.on_datagram)
 
     def begin(self) -> None:
-        self.endpoint.send(self.transfer.start(self._loop.time()), self.client)
+        try:
+            out = self.transfer.start(self._loop.time())
+        except OSError as exc:
+            self._read_failed(exc)
+            return
+        self.endpoint.send(out, self.client)
         self._rearm()
+
+    def _read_failed(self, exc: OSError) -> None:
+        """The file could not be read: tell the client, end the transfer, free its slot."""
+        log.warning("TFTP: reading %r for %s:%d failed: %s", self.filename, *self.client, exc)
+        self.transfer.abort(f"read error: {exc}", self._loop.time())
+        self.endpoint.send([Error(ErrorCode.NOT_DEFINED, "server read error").encode()],
+                           self.client)
+        self.service.finish(self)
 
     def on_datagram(self, data: bytes, sender: Address) -> None:
         if sender != self.client:
@@ -100,7 +113,11 @@ class ActiveTransfer:
             return
         transfer = self.transfer
         if len(data) >= 4 and data[0] == 0 and data[1] == Opcode.ACK:
-            out = transfer.on_ack((data[2] << 8) | data[3], _now())
+            try:
+                out = transfer.on_ack((data[2] << 8) | data[3], self._loop.time())
+            except OSError as exc:
+                self._read_failed(exc)
+                return
             if out:
                 self.endpoint.send(out, self.client)
         elif len(data) >= 4 and data[0] == 0 and data[1] == Opcode.ERROR:
@@ -133,7 +150,11 @@ class ActiveTransfer:
         transfer = self.transfer
         now = self._loop.time()
         if transfer.active and transfer.deadline is not None and transfer.deadline <= now:
-            out = transfer.on_timeout(now)
+            try:
+                out = transfer.on_timeout(now)
+            except OSError as exc:
+                self._read_failed(exc)
+                return
             if out:
                 self.endpoint.send(out, self.client)
         if transfer.active:
@@ -151,7 +172,8 @@ class ActiveTransfer:
 class TftpService:
     """The running TFTP server; ``close`` stops it and every transfer."""
 
-    def __init__(self, config: TftpConfig, interface: str | None, roots: Mapping[str, Path], *,
+    def __init__(self, config: TftpConfig, interface: str | None,
+                 roots: Mapping[str, Path | Catalog], *,
                  resolve_mac: ResolveMac, record_event: RecordEvent,
                  loop: asyncio.AbstractEventLoop) -> None:
         self.config = config
@@ -237,7 +259,20 @@ class TftpService:
             return
         read, size = shared.read, shared.size
         if request.mode is TransferMode.NETASCII:
-            reader = NetasciiReader(shared.read, shared.size)
+            # Netascii's size is known only after converting the whole file, so it is
+            # offered for small text files only; boot files are fetched in octet mode.
+            if shared.size > NETASCII_MAX:
+                self.files.release(shared)
+                self._refuse(client, ErrorCode.NOT_DEFINED,
+                             f"netascii only for files up to {NETASCII_MAX} bytes; use octet")
+                return
+            try:
+                reader = NetasciiReader(shared.read, shared.size)
+            except OSError as exc:
+                self.files.release(shared)
+                log.warning("TFTP: reading %r failed: %s", request.filename, exc)
+                self._refuse(client, ErrorCode.NOT_DEFINED, "server read error")
+                return
             read, size = reader.read, reader.size
         params = negotiate(request.options, size, max_blksize=self.config.max_blksize,
                            max_windowsize=self.config.max_windowsize)
@@ -313,7 +348,7 @@ class TftpService:
             log.exception("TFTP: recording %s for %s failed", kind, mac)
 
 
-async def start_tftp(config: ServerConfig, roots: Mapping[str, Path], *,
+async def start_tftp(config: ServerConfig, roots: Mapping[str, Path | Catalog], *,
                      resolve_mac: ResolveMac, record_event: RecordEvent) -> TftpService:
     """Start serving ``roots`` over TFTP as ``config.tftp`` says; close the result to stop."""
     service = TftpService(config.tftp, config.interface, roots, resolve_mac=resolve_mac,

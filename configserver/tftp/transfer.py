@@ -21,6 +21,7 @@ timer adapts to the measured round trip (RFC 6298 style, Karn's rule), bounded b
 from __future__ import annotations
 
 import enum
+import errno
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -76,7 +77,6 @@ class TftpTransfer:
         self._window_sent_at = now
         self._window_retransmitted = False
         self.deadline: float | None = None
-        self._prefetched: tuple[int, bytes] | None = None
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -161,25 +161,17 @@ class TftpTransfer:
 
     # -- internals -------------------------------------------------------------------------
 
-    def prefetch(self) -> None:
-        """Build the block after the current window now, while the client is busy."""
-        block = self.sent_high + 1
-        if self.phase is Phase.SENDING and block <= self.block_count and (
-                self._prefetched is None or self._prefetched[0] != block):
-            self._prefetched = (block, self._build(block))
-
     def packet(self, block: int) -> bytes:
         """The DATA datagram of absolute block ``block`` (1-based)."""
-        prefetched = self._prefetched
-        if prefetched is not None and prefetched[0] == block:
-            self._prefetched = None
-            return prefetched[1]
         return self._build(block)
 
     def _build(self, block: int) -> bytes:
         offset = (block - 1) * self.blksize
         length = max(0, min(self.blksize, self.size - offset))
         payload = self._read(offset, length) if length else b""
+        if len(payload) != length:
+            # A short block would end the transfer early: the client would keep a truncated file.
+            raise OSError(errno.EIO, f"file changed while being served (block {block})")
         return data_header(block) + payload
 
     def _send_window(self, now: float, *, retransmitted: bool) -> list[bytes]:

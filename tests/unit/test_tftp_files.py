@@ -99,3 +99,20 @@ def test_a_name_mapped_to_a_file_is_served_from_outside_the_roots(served):
     with pytest.raises(FileRefused):
         roots.resolve("dir-link/passwd")          # only the exact name is trusted
     assert roots.resolve("undionly.kpxe") == base / "ipxe" / "undionly.kpxe"
+
+
+def test_a_catalog_serves_only_the_files_it_names(tmp_path):
+    image = tmp_path / "images" / "storage"
+    image.mkdir(parents=True)
+    (image / "vmlinuz").write_bytes(b"kernel")
+    (image / "build.log").write_text("not served")
+    listed = {"storage/vmlinuz": image / "vmlinuz"}
+    roots = ServedRoots({"images/": listed.get})
+    assert roots.resolve("images/storage/vmlinuz") == image / "vmlinuz"
+    for name in ("images/storage/build.log", "images/nosuch/vmlinuz"):
+        with pytest.raises(FileRefused) as info:
+            roots.resolve(name)
+        assert info.value.tftp_code == ErrorCode.FILE_NOT_FOUND
+    with pytest.raises(FileRefused) as info:
+        roots.resolve("images/../storage/vmlinuz")
+    assert info.value.tftp_code == ErrorCode.ACCESS_VIOLATION

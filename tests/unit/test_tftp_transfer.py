@@ -163,12 +163,13 @@ def test_lost_ack_is_repaired_by_the_timer_only():
     assert [b.block for b in _blocks(transfer.on_ack(2, 2.1))] == [3]
 
 
-def test_prefetched_block_is_the_one_sent():
+def test_a_file_shrinking_under_a_transfer_is_a_read_error():
     content = os.urandom(2000)
-    transfer = _transfer(content)
-    transfer.start(0.0)
-    transfer.prefetch()
-    assert _blocks(transfer.on_ack(1, 0.01))[0].payload == content[512:1024]
+    transfer = TftpTransfer(len(content), TransferParameters(),
+                            lambda off, n: content[off:off + min(n, 100)],
+                            policy=RetransmitPolicy(), now=0.0)
+    with pytest.raises(OSError, match="changed while"):
+        transfer.start(0.0)
 
 
 @pytest.mark.parametrize("text", [b"", b"a\nb\r\nc\r", b"\n" * 1000, b"x" * 511 + b"\n"])
