@@ -34,9 +34,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             exc.status, "http_error")
         return _json_error(exc.status, {"status": exc.status, "code": code,
                                         "message": exc.reason})
-    except json.JSONDecodeError as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         return _json_error(400, {"status": 400, "code": "invalid_json",
                                  "message": f"request body is not valid JSON: {exc}"})
+    except Exception:
+        log.exception("%s %s failed", request.method, request.path)
+        return _json_error(500, {"status": 500, "code": "internal_error",
+                                 "message": "internal error (see the server's log)"})
 
 
 def _json_error(status: int, body: dict[str, object]) -> web.Response:
@@ -45,7 +49,7 @@ def _json_error(status: int, body: dict[str, object]) -> web.Response:
 
 def create_app(config: ServerConfig, registry: Registry, admin_token: str) -> web.Application:
     """The whole HTTP side of the server; sockets and other services are the caller's."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=64 * 1024 * 1024)
+    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[ADMIN_TOKEN] = admin_token

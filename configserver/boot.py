@@ -18,6 +18,7 @@ from aiohttp import web
 from configserver.appkeys import CATALOG, CONFIG, REGISTRY
 from configserver.errors import InvalidMac, NotFound
 from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
+from configserver.registry import Registry
 from configserver.render import (
     BootPlan,
     BootServer,
@@ -30,9 +31,29 @@ from configserver.render import (
 
 log = logging.getLogger(__name__)
 
+
+
+class MacResolver:
+    """Which MAC a client address belongs to: its DHCP lease, else its reservation.
+
+    Created with the application; the DHCP service, started later, plugs its lease lookup in.
+    """
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+        self.leases: Callable[[str], str | None] | None = None
+
+    def __call__(self, ip: str) -> str | None:
+        if self.leases is not None:
+            mac = self.leases(ip)
+            if mac:
+                return mac
+        node = self._registry.lookup_ip(ip)
+        return node.mac if node else None
+
+
 RENDERER = web.AppKey("renderer", ScriptRenderer)
-# Maps a client IP to the MAC of its DHCP lease (the DHCP server replaces the default).
-RESOLVE_MAC = web.AppKey("resolve_mac", Callable)
+RESOLVE_MAC = web.AppKey("resolve_mac", MacResolver)
 IPXE_DIR = web.AppKey("ipxe_dir", Path)
 
 _IPXE_BINARY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(efi|kpxe|kkpxe|pxe|lkrn)$")
@@ -53,13 +74,7 @@ def find_ipxe_dir(configured: Path | None) -> Path:
 
 def setup_routes(app: web.Application) -> None:
     app[RENDERER] = ScriptRenderer()
-    registry = app[REGISTRY]
-
-    def by_reservation(ip: str) -> str | None:
-        node = registry.lookup_ip(ip)
-        return node.mac if node else None
-
-    app[RESOLVE_MAC] = by_reservation
+    app[RESOLVE_MAC] = MacResolver(app[REGISTRY])
     app[IPXE_DIR] = find_ipxe_dir(app[CONFIG].ipxe_dir)
     app.router.add_get("/boot/{mac}.ipxe", ipxe_script)
     app.router.add_get("/boot/{mac}/grub.cfg", grub_config)
@@ -75,7 +90,9 @@ def _server(request: web.Request) -> BootServer:
 
 
 def _client_mac(request: web.Request) -> str | None:
-    """The MAC a request is on behalf of: the ``mac`` query iPXE adds, else the lease."""
+    """The MAC a fetch is on behalf of, for its timeline: the ``mac`` query our scripts add,
+    else the client address's lease or reservation. Only used to record events, which the
+    registry keeps for known nodes only."""
     text = request.query.get("mac")
     if text:
         try:
@@ -173,7 +190,7 @@ async def ipxe_binary(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"no iPXE binary {name!r} in {request.app[IPXE_DIR]}")
     mac = _client_mac(request)
     if mac:
-        request.app[REGISTRY].record_event(mac, "http.ipxe", {"file": name}, booting=True)
+        request.app[REGISTRY].record_event(mac, "http.ipxe", {"file": name})
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
 
 

@@ -81,10 +81,14 @@ def _read(name: str, directory: Path, manifest: Path) -> Image | None:
     if manifest.exists():
         try:
             data = json.loads(manifest.read_text())
+            if not isinstance(data, dict):
+                raise TypeError("not a JSON object")
             files = data.get("files", {})
             names = frozenset(files if isinstance(files, dict | list) else ())
             kernel, initramfs = data["kernel"], data["initramfs"]
             hypervisor = data.get("hypervisor")
+            if not all(isinstance(v, str) for v in (kernel, initramfs, hypervisor or "")):
+                raise TypeError("kernel, initramfs and hypervisor are file names")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("image %s: unreadable manifest %s: %s", name, manifest, exc)
             return None

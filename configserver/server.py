@@ -40,9 +40,13 @@ def ensure_admin_token(path: Path) -> str:
         raise StoreError(f"cannot read {path}: {exc}") from exc
     token = secrets.token_urlsafe(32)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    partial = path.with_name(f".{path.name}.{os.getpid()}")
+    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
         handle.write(token + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(partial, path)
     log.info("generated admin token in %s", path)
     return token
 
@@ -118,13 +122,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
             dhcp = await start_dhcp(config, registry, server_address=address,
                                     http_base=http_base, tftp_enabled=_tftp_on(config))
             stack.push_async_callback(dhcp.close)
-            leases = dhcp.mac_for_ip
-            by_reservation = app[RESOLVE_MAC]
-
-            def resolve_mac(ip: str) -> str | None:
-                return leases(ip) or by_reservation(ip)
-
-            app[RESOLVE_MAC] = resolve_mac
+            app[RESOLVE_MAC].leases = dhcp.mac_for_ip
             log.info("DHCP (%s) on %s", config.dhcp.mode, config.interface)
         if _tftp_on(config):
             from configserver.tftp.service import start_tftp

@@ -100,14 +100,24 @@ class SqliteRegistry:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise StoreError(f"registry {self.path} is not writable: {exc}") from exc
         try:
             yield self._db
+        except sqlite3.Error as exc:
+            self._db.execute("ROLLBACK")
+            raise StoreError(f"registry write failed: {exc}") from exc
         except BaseException:
             self._db.execute("ROLLBACK")
             raise
         else:
-            self._db.execute("COMMIT")
+            try:
+                self._db.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._db.execute("ROLLBACK")
+                raise StoreError(f"registry commit failed: {exc}") from exc
 
     def close(self) -> None:
         self._db.close()
@@ -389,11 +399,11 @@ class SqliteRegistry:
                      *, booting: bool = False) -> None:
         now = self._now()
         with self._tx():
-            owner = self._owner(mac) or mac
+            owner = self._owner(mac)
+            if owner is None:
+                return  # only known (or discovered) machines have a timeline
             self._event(owner, stage, detail or {}, now)
             state = self._state(owner)
-            if state is None:
-                return
             if booting and state not in (NodeState.PENDING, NodeState.BOOTING):
                 self._db.execute("UPDATE nodes SET state=?, last_seen=? WHERE mac=?",
                                  (str(NodeState.BOOTING), now, owner))

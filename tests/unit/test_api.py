@@ -179,3 +179,27 @@ async def test_apply_export_round_trip(client):
     resp = await client.post("/api/v1/apply", json=bad, headers=AUTH)
     assert (await resp.json())["code"] == "duplicate_ip"
     assert len((await (await client.get("/api/v1/nodes")).json())["nodes"]) == 20
+
+
+async def test_a_broken_manifest_hides_only_its_image(client, images):
+    (images / "dom0" / "manifest.json").write_text('["not", "an", "object"]')
+    resp = await client.get("/images/dom0/xen")
+    assert (resp.status, (await resp.json())["code"]) == (404, "not_found")
+    assert (await client.get("/images/storage/vmlinuz")).status == 200
+
+
+async def test_fetches_by_unknown_machines_leave_no_trace(client, registry):
+    await client.get("/images/storage/vmlinuz?mac=52:54:00:00:00:77")
+    await client.get("/ipxe/ipxe.efi?mac=52:54:00:00:00:77")
+    assert registry.events("52:54:00:00:00:77") == []
+
+
+def test_empty_admin_token_file_is_replaced(tmp_path):
+    from configserver.server import ensure_admin_token
+
+    path = tmp_path / "admin.token"
+    path.write_text("")
+    token = ensure_admin_token(path)
+    assert len(token) >= 32 and path.read_text().strip() == token
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert ensure_admin_token(path) == token
