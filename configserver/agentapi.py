@@ -182,7 +182,16 @@ async def lookup(request: web.Request) -> web.Response:
     session = registry.agent_session(node.mac)
     derived = derive_token(_token_key(request.app), node.mac, boot_id, nonce) if nonce else None
     token: str | None = None
-    if session is None or session.boot_id != boot_id:
+    if session is not None and session.boot_id != boot_id and node.state == NodeState.READY:
+        # A node that heartbeats under another boot has not rebooted: a diskless machine
+        # passes through PXE (DHCP, boot script), which moves it to ``booting`` first. So a
+        # lookup naming its MAC cannot take over its live session.
+        registry.record_event(node.mac, "agent.lookup", {"boot_id": boot_id,
+                                                         "token_issued": False,
+                                                         "refused": "node is ready"})
+        log.warning("agent lookup from %s for %s with a new boot %s refused: the node is "
+                    "ready under boot %s", source, node.mac, boot_id, session.boot_id)
+    elif session is None or session.boot_id != boot_id:
         token = derived or secrets.token_urlsafe(32)
         registry.start_agent_session(node.mac, boot_id, hash_token(token))
         log.info("agent token issued to %s for boot %s (from %s)", node.mac, boot_id, source)

@@ -134,17 +134,28 @@ def subprocess_inventory(timeout: float = 120.0) -> InventorySource:
                 sys.executable, "-m", "nodeagent", "inventory", "--json",
                 stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE)
-            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout)
-        except (OSError, TimeoutError) as exc:
+        except OSError as exc:
             raise InventoryError(f"inventory collection failed: {exc!r}") from None
+        try:
+            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout)
+        except TimeoutError:
+            raise InventoryError(f"inventory collection took over {timeout:.0f}s") from None
+        finally:
+            if child.returncode is None:  # timed out or cancelled: never leave it behind
+                with contextlib.suppress(ProcessLookupError):
+                    child.kill()
+                await child.wait()
         if child.returncode != 0:
             lines = stderr.decode(errors="replace").strip().splitlines()
             raise InventoryError(f"inventory collection exited {child.returncode}: "
                                  f"{lines[-1] if lines else ''}")
         try:
-            return json.loads(stdout)
+            data = json.loads(stdout)
         except ValueError as exc:
             raise InventoryError(f"inventory collection printed bad JSON: {exc}") from None
+        if not isinstance(data, dict):
+            raise InventoryError("inventory collection printed JSON that is not an object")
+        return data
     return collect
 
 
@@ -356,6 +367,13 @@ class AgentSession:
                 delay = backoff.next_delay(getattr(exc, "retry_after", None))
                 log.warning("%s: inventory push failed: %s; retrying in %.1fs", self._mac(),
                             exc.message, delay)
+                await asyncio.sleep(delay)
+                continue
+            except Exception:  # a bug here must not stop inventory pushes for good
+                self._inventory_wanted.set()
+                delay = backoff.next_delay(None)
+                log.exception("%s: inventory push failed; retrying in %.1fs", self._mac(),
+                              delay)
                 await asyncio.sleep(delay)
                 continue
             backoff.reset()

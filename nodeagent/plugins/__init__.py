@@ -15,6 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodeagent.errors import AgentError
+
 log = logging.getLogger(__name__)
 
 RolePlugin = Callable[["PluginContext"], Awaitable[dict[str, Any]]]
@@ -28,7 +30,7 @@ class PluginContext:
     tool_timeout: float = 10.0
 
 
-class ToolUnavailable(Exception):
+class ToolUnavailable(AgentError):
     """The tool is not installed, failed, or did not answer in time."""
 
 

@@ -47,6 +47,10 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         (root / "images").mkdir(parents=True, exist_ok=True)
+        dom0 = root / "images" / "dom0"
+        dom0.mkdir(exist_ok=True)
+        for name in ("xen", "vmlinuz", "initramfs.img"):
+            (dom0 / name).write_bytes(b"stand-in")
         self.config = root / "server.toml"
         self.config.write_text(f"heartbeat_interval = {heartbeat}\nlost_after = 60.0\n")
         self.proc: subprocess.Popen | None = None
@@ -256,6 +260,10 @@ def test_agent_restarted_with_a_new_boot_id(server, agents, tmp_path, recorded_i
     wait_for(lambda: server.node(address)["state"] == "ready", 30, "ready")
     old_token = first.token
     first.stop()
+    # A reboot of a diskless node passes through PXE: its boot script fetch moves it to
+    # booting, which is what lets a new boot take over from the old session.
+    with urllib.request.urlopen(f"{server.url}/boot/{address}.ipxe", timeout=10) as resp:
+        assert "/images/dom0/xen" in resp.read().decode()
 
     second = AgentProcess(server, tmp_path, address, "boot-2", inventory=recorded_inventory)
     agents.append(second)

@@ -233,3 +233,12 @@ async def test_malformed_nonces_are_400(client, nonce):
     resp = await client.post("/api/v1/agent/lookup",
                              json={"macs": [MAC], "boot_id": BOOT, "nonce": nonce})
     assert resp.status == 400
+
+
+async def test_a_ready_node_cannot_be_taken_over_by_a_lookup_with_a_new_boot(client):
+    first = await (await lookup(client)).json()
+    assert first["token"]
+    assert (await heartbeat(client, first["token"])).status == 200
+    stolen = await (await lookup(client, boot_id="boot-evil")).json()
+    assert stolen["token"] is None
+    assert (await heartbeat(client, first["token"])).status == 200

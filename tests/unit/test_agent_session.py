@@ -140,7 +140,8 @@ async def test_restart_in_the_same_boot_gets_the_same_token_again(aiohttp_server
         await stranger.until(lambda: stranger.session.status.lookups >= 3)
         assert stranger.session.status.heartbeats == 0
         assert "no token" in stranger.session.status.last_error
-    # A new boot gets a new token.
+    # A new boot (which passes through PXE, so the node is booting again) gets a new token.
+    registry.record_event(MAC, "dhcp.discover", {"arch": 0}, booting=True)
     async with Agent(url, tmp_path / "elsewhere", boot_id="boot-2") as rebooted:
         await rebooted.until(lambda: rebooted.session.status.heartbeats >= 1)
         assert registry.agent_session(MAC).boot_id == "boot-2"
