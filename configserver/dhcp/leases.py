@@ -205,6 +205,9 @@ class LeaseStore:
                 try:
                     await asyncio.to_thread(self._write, list(batch.values()))
                 except (sqlite3.Error, OSError) as exc:
+                    # Keep the leases staged (newer changes win) so that memory and disk
+                    # agree again at the next commit; the clients retry and get their ACK then.
+                    self._staged = {**batch, **self._staged}
                     log.error("lease store %s: commit of %d leases failed, %d answers dropped:"
                               " %s", self.path, len(batch), len(callbacks), exc)
                     continue

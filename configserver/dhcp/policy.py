@@ -374,6 +374,11 @@ class DhcpPolicy:
         else:
             ip = request.ip_option(codec.OPT_REQUESTED_IP) or ""  # SELECTING / INIT-REBOOT
         if not ip or not self._acceptable(mac, node, plan, ip):
+            init_reboot = server_id is None and request.ciaddr == "0.0.0.0"
+            if (init_reboot and node is None and self.leases.by_mac(mac) is None
+                    and _inside(ip, plan.network)):
+                # RFC 2131 4.3.2: about a client it has no record of, a server stays silent.
+                return None
             log.info("%s: DHCPNAK for %s", mac, ip or "no address")
             self._event(node, mac, "dhcp.nak", ip=ip)
             reply = self._reply(request, MessageType.NAK, plan, node)
@@ -452,3 +457,10 @@ class DhcpPolicy:
 
 
 __all__ = ["DHCP_PORT", "PROXY_PORT", "BootAnswer", "DhcpPolicy", "Reply"]
+
+
+def _inside(ip: str, network: ipaddress.IPv4Network) -> bool:
+    try:
+        return ipaddress.IPv4Address(ip) in network
+    except ValueError:
+        return False

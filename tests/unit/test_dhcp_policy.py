@@ -191,8 +191,13 @@ def test_init_reboot_renew_and_rebind(registry, leases):
     assert reboot.packet.message_type == MessageType.ACK and reboot.packet.yiaddr == ip
     renew = policy.answer(packet(STRANGER, MessageType.REQUEST, ciaddr=ip))
     assert renew.packet.message_type == MessageType.ACK and renew.packet.ciaddr == ip
-    other = policy.answer(request_for("52:54:00:00:03:01", ip, server=None))
-    assert other.packet.message_type == MessageType.NAK
+    # RFC 2131 4.3.2: a client we have no record of gets silence, not a NAK...
+    assert policy.answer(request_for("52:54:00:00:03:01", ip, server=None)) is None
+    # ...while one we know, asking for an address that is not its own, is told no.
+    _, other = dora(policy, "52:54:00:00:03:01")
+    wrong = policy.answer(request_for("52:54:00:00:03:01", ip, server=None))
+    assert other.packet.yiaddr != ip
+    assert wrong.packet.message_type == MessageType.NAK
 
 
 def test_release_and_decline(registry, leases):
