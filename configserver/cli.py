@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -189,7 +190,8 @@ def server_config(args: argparse.Namespace, state_dir: Path) -> ServerConfig:
 
 
 def _serve(args: argparse.Namespace, state_dir: Path) -> int:
-    config = server_config(args, state_dir)
+    config = dataclasses.replace(server_config(args, state_dir),
+                                 notify_socket=os.environ.get("NOTIFY_SOCKET"))
     log.info("configserver %s starting", __version__)
     try:
         asyncio.run(_serve_async(config))

@@ -96,6 +96,8 @@ class ServerConfig:
     ipxe_dir: Path | None = None
     unknown_mac: UnknownMacPolicy | None = None
     discovery_image: str | None = None
+    # systemd's notification socket ($NOTIFY_SOCKET, passed in by the CLI).
+    notify_socket: str | None = None
     heartbeat_interval: float = 15.0
     lost_after: float = 90.0
     http: HttpConfig = field(default_factory=HttpConfig)

@@ -51,9 +51,8 @@ def ensure_admin_token(path: Path) -> str:
     return token
 
 
-def sd_notify(message: str) -> None:
+def sd_notify(address: str | None, message: str) -> None:
     """Tell systemd (Type=notify) about our state; a no-op outside systemd."""
-    address = os.environ.get("NOTIFY_SOCKET")
     if not address:
         return
     if address.startswith("@"):
@@ -156,11 +155,11 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
             stack.callback(loop.remove_signal_handler, sig)
-        sd_notify("READY=1\nSTATUS=serving")
+        sd_notify(config.notify_socket, "READY=1\nSTATUS=serving")
         log.info("config server ready (state %s, images %s)", config.state_dir,
                  config.images_dir)
         await stop.wait()
-        sd_notify("STOPPING=1")
+        sd_notify(config.notify_socket, "STOPPING=1")
         log.info("config server stopping")
 
 

@@ -172,12 +172,21 @@ def file_inventory(path: Path) -> InventorySource:
     return collect
 
 
+# What the role plugins report for a role (the heartbeat's "role" facts).
+RoleFactsSource = Callable[[str | None], Awaitable[dict[str, Any]]]
+
+
+async def _plugin_facts(role: str | None) -> dict[str, Any]:
+    return await role_facts(role, PluginContext())
+
+
 class AgentSession:
     """Runs the lookup / heartbeat / inventory protocol until cancelled."""
 
     def __init__(self, config: AgentConfig, client: ServerClient,
                  inventory_source: InventorySource, *, macs: tuple[str, ...] = (),
-                 rng: random.Random | None = None) -> None:
+                 rng: random.Random | None = None,
+                 role_facts_source: RoleFactsSource | None = None) -> None:
         self.config = config
         self.client = client
         self.status = AgentStatus()
@@ -189,6 +198,7 @@ class AgentSession:
         self._authenticated = asyncio.Event()
         self._inventory_wanted = asyncio.Event()
         self._role_facts: tuple[float, dict[str, Any]] | None = None
+        self._role_facts_source = role_facts_source or _plugin_facts
         self._token_file = config.state_dir / "token.json"
         self._session_file = config.state_dir / "session.json"
         self._nonce: str | None = None
@@ -219,7 +229,7 @@ class AgentSession:
         now = time.monotonic()
         if self._role_facts is None or now - self._role_facts[0] > max_age:
             role = self.status.node.role if self.status.node else self.config.role
-            self._role_facts = (now, await role_facts(role, PluginContext()))
+            self._role_facts = (now, await self._role_facts_source(role))
         return self._role_facts[1]
 
     # -- lookup ------------------------------------------------------------------------------

@@ -28,12 +28,26 @@ def _no_subprocess_in_unit_tests(request, monkeypatch):
         yield
         return
 
+    attempts: list[str] = []
+
     def banned(*args, **kwargs):
-        raise AssertionError("unit tests may not start processes; mark the test "
-                             "integration, netns or vm")
+        # Recorded as well as raised: code under test may catch the exception broadly.
+        attempts.append(repr(args[:2])[:200])
+        raise ProcessBanned("unit tests may not start processes; mark the test "
+                            "integration, netns or vm")
 
     monkeypatch.setattr(subprocess.Popen, "__init__", banned)
     monkeypatch.setattr(asyncio, "create_subprocess_exec", banned)
     monkeypatch.setattr(asyncio, "create_subprocess_shell", banned)
-    monkeypatch.setattr(os, "system", banned)
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "subprocess_exec", banned)
+    monkeypatch.setattr(asyncio.base_events.BaseEventLoop, "subprocess_shell", banned)
+    for name in ("system", "posix_spawn", "posix_spawnp", "fork", "execv", "execve",
+                 "execvp", "execvpe"):
+        if hasattr(os, name):
+            monkeypatch.setattr(os, name, banned)
     yield
+    assert not attempts, f"a unit test tried to start processes: {attempts}"
+
+
+class ProcessBanned(BaseException):
+    """Raised when a unit test starts a process (a BaseException so no handler hides it)."""

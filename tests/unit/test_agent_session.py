@@ -60,10 +60,14 @@ class Agent:
         self.pushed += 1
         return INVENTORY
 
+    async def role_facts(self, role):
+        return {"role": role, "plugin": role, "available": True}
+
     async def __aenter__(self):
         self.http = aiohttp.ClientSession()
         client = ServerClient(self.config.server, self.http, 2.0)
-        self.session = AgentSession(self.config, client, self.collect, rng=random.Random(1))
+        self.session = AgentSession(self.config, client, self.collect, rng=random.Random(1),
+                                    role_facts_source=self.role_facts)
         self.task = asyncio.create_task(self.session.run())
         return self
 

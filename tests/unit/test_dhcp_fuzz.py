@@ -6,7 +6,6 @@ answer a good request afterwards.
 from __future__ import annotations
 
 import random
-import time
 
 from test_dhcp_codec import DHCLIENT_DISCOVER, PERFDHCP_DISCOVER, UDHCPC_DISCOVER
 
@@ -83,7 +82,6 @@ def test_random_and_mutated_datagrams_never_escape(tmp_path):
         service.bad_input.interval = 1e9  # one log line per kind of error is plenty here
         rng = random.Random(SEED + len(results))
         seeds = pxe_seeds()
-        started = time.monotonic()
         parsed = answered = 0
         for i in range(DATAGRAMS // 2):
             if i % 10 == 0:
@@ -99,7 +97,6 @@ def test_random_and_mutated_datagrams_never_escape(tmp_path):
             # Anything but a clean drop or answer raises out of here and fails the test.
             if service.handle_datagram(data, ("198.18.0.66", 68), port, None) is not None:
                 answered += 1
-        assert time.monotonic() - started < 60
         # The service catches errors raised while answering (to keep serving): there must
         # have been none.
         assert service.failed == 0
