@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 import logging
-import time
 from collections import OrderedDict
 
 from configserver.config import DhcpMode, ServerConfig, Subnet
@@ -20,36 +19,13 @@ from configserver.dhcp.errors import MalformedPacket
 from configserver.dhcp.leases import LeaseStore
 from configserver.dhcp.policy import DHCP_PORT, PROXY_PORT, DhcpPolicy
 from configserver.dhcp.transport import Address, DatagramHandler, DhcpEndpoint, listen
+from configserver.ratelog import RateLimitedLog
 from configserver.registry import Registry
 
 log = logging.getLogger(__name__)
 
 BROADCAST = "255.255.255.255"
 SIGHTINGS_KEPT = 4096
-
-
-class RateLimitedLog:
-    """At most one log line per key and interval; the next line says how many were dropped."""
-
-    def __init__(self, logger: logging.Logger, interval: float = 10.0) -> None:
-        self.logger = logger
-        self.interval = interval
-        self._last: dict[str, float] = {}
-        self._suppressed: dict[str, int] = {}
-
-    def warning(self, key: str, msg: str, *args: object) -> None:
-        now = time.monotonic()
-        if now - self._last.get(key, -1e9) < self.interval:
-            self._suppressed[key] = self._suppressed.get(key, 0) + 1
-            return
-        self._last[key] = now
-        dropped = self._suppressed.pop(key, 0)
-        if dropped:
-            msg += " (%d similar lines suppressed)"
-            args = (*args, dropped)
-        if len(self._last) > 1024:
-            self._last.clear()
-        self.logger.warning(msg, *args)
 
 
 def destination(request: DhcpPacket, reply: DhcpPacket, source: Address, port: str, *,
@@ -112,7 +88,7 @@ class DhcpService:
             request = codec.decode(data)
         except MalformedPacket as exc:
             self.dropped += 1
-            self.bad_input.warning(f"bad:{source[0]}", "dropped malformed DHCP datagram from "
+            self.bad_input.warning("dropped malformed DHCP datagram from "
                                    "%s:%d: %s", source[0], source[1], exc.message)
             return None
         try:
@@ -124,7 +100,7 @@ class DhcpService:
                              client_port=self.config.dhcp.client_port, relay_port=67)
         except Exception as exc:
             self.failed += 1
-            self.bad_input.warning(f"err:{type(exc).__name__}", "%s: DHCP request not answered"
+            self.bad_input.warning("%s: DHCP request not answered"
                                    " (%s: %s)", request.mac, type(exc).__name__, exc)
             return None
         if request.ciaddr != "0.0.0.0":

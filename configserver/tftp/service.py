@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
 from configserver.config import ServerConfig, TftpConfig
+from configserver.ratelog import RateLimitedLog
 from configserver.tftp.codec import (
     Error,
     ErrorCode,
@@ -39,32 +39,6 @@ NETASCII_MAX = 1024 * 1024
 
 ResolveMac = Callable[[str], str | None]
 RecordEvent = Callable[[str, str, dict], None]
-
-
-class RateLimitedLog:
-    """At most ``burst`` messages per ``interval`` seconds; then one summary of what was cut."""
-
-    def __init__(self, logger: logging.Logger, *, burst: int = 10, interval: float = 10.0,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self._logger = logger
-        self._burst = burst
-        self._interval = interval
-        self._clock = clock
-        self._window_start = -interval
-        self._emitted = 0
-        self.suppressed = 0
-
-    def warning(self, message: str, *args: object) -> None:
-        now = self._clock()
-        if now - self._window_start >= self._interval:
-            if self.suppressed:
-                self._logger.warning("%d more TFTP messages suppressed", self.suppressed)
-            self._window_start, self._emitted, self.suppressed = now, 0, 0
-        if self._emitted < self._burst:
-            self._emitted += 1
-            self._logger.warning(message, *args)
-        else:
-            self.suppressed += 1
 
 
 class ActiveTransfer:
