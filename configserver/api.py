@@ -1,6 +1,7 @@
 """The REST API (``/api/v1``): nodes, roles, boot events, bulk apply, settings and images.
 
-Reads are open; every write needs the admin bearer token. Request bodies are checked here for
+Reads are open, but for inventories and the export; every write needs the admin bearer
+token. Request bodies are checked here for
 shape (types, unknown fields); the registry validates values and relationships on write.
 """
 
@@ -42,12 +43,16 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/api/v1/images", list_images)
 
 
-def require_admin(request: web.Request) -> None:
+def _is_admin(request: web.Request) -> bool:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     expected = request.app[ADMIN_TOKEN]
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(),
-                                                             expected.encode()):
+    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
+                                                             expected.encode())
+
+
+def require_admin(request: web.Request) -> None:
+    if not _is_admin(request):
         raise Unauthorized("this request needs the admin token",
                            hint="send 'Authorization: Bearer <token>' (the state directory's "
                                 "admin.token)")
@@ -142,7 +147,8 @@ async def show_node(request: web.Request) -> web.Response:
     events = registry.events(node.mac)
     body = node.to_json()
     body["timeline"] = boot_timeline(events)
-    body["inventory"] = registry.inventory(node.mac)
+    # Inventories name serial numbers and disks: shown with the admin token only.
+    body["inventory"] = registry.inventory(node.mac) if _is_admin(request) else None
     body["events"] = [e.to_json() for e in events[-50:]]
     return web.json_response(body)
 
@@ -175,6 +181,7 @@ async def node_events(request: web.Request) -> web.Response:
 
 
 async def node_inventory(request: web.Request) -> web.Response:
+    require_admin(request)
     mac = normalize_mac(request.match_info["mac"])
     inventory = request.app[REGISTRY].inventory(mac)
     if inventory is None:
@@ -233,7 +240,7 @@ async def remove_role(request: web.Request) -> web.Response:
 
 
 async def apply_inventory(request: web.Request) -> web.Response:
-    """Declarative bulk create/update of nodes (and roles), in one transaction each."""
+    """Declarative bulk create/update of roles and nodes, in one transaction."""
     require_admin(request)
     data = await _body(request)
     unknown = set(data) - {"nodes", "roles", "prune"}
@@ -245,30 +252,16 @@ async def apply_inventory(request: web.Request) -> web.Response:
     prune = data.get("prune", False)
     if not isinstance(prune, bool):
         raise InvalidRequest("'prune' must be true or false")
-    registry = request.app[REGISTRY]
-    role_specs = [_role_from_json(r) if isinstance(r, dict) else None for r in roles]
-    if None in role_specs:
+    if not all(isinstance(r, dict) for r in roles):
         raise InvalidRequest("each role is an object")
+    role_specs = [_role_from_json(r) for r in roles]
     specs = [spec_from_json(n, where=f"node #{i + 1}") for i, n in enumerate(nodes)]
-    roles_changed = []
-    for role in role_specs:
-        assert role is not None
-        current = registry.role(role.name)
-        if current is None:
-            registry.add_role(role)
-            roles_changed.append(role.name)
-        else:
-            changes = {k: v for k, v in role.to_json().items()
-                       if k in _ROLE_FIELDS - {"name"} and v != getattr(current, k)
-                       and str(v) != str(getattr(current, k))}
-            if changes:
-                registry.update_role(role.name, changes)
-                roles_changed.append(role.name)
-    result = registry.apply(specs, prune=prune)
-    return web.json_response({**result.to_json(), "roles": roles_changed})
+    result = request.app[REGISTRY].apply(specs, prune=prune, roles=role_specs)
+    return web.json_response(result.to_json())
 
 
 async def export(request: web.Request) -> web.Response:
+    require_admin(request)
     registry = request.app[REGISTRY]
     nodes = [n for n in registry.list_nodes() if n.state != NodeState.PENDING]
     roles = [r for r in registry.list_roles() if not r.builtin]

@@ -235,10 +235,12 @@ class ApplyResult:
     updated: tuple[str, ...] = ()
     unchanged: tuple[str, ...] = ()
     removed: tuple[str, ...] = ()
+    roles: tuple[str, ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         return {"created": list(self.created), "updated": list(self.updated),
-                "unchanged": list(self.unchanged), "removed": list(self.removed)}
+                "unchanged": list(self.unchanged), "removed": list(self.removed),
+                "roles": list(self.roles)}
 
 
 class UnknownMacPolicy(enum.StrEnum):

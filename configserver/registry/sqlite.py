@@ -217,7 +217,10 @@ class SqliteRegistry:
                 raise NotFound(f"no node with MAC {mac}")
             self._delete(owner)
 
-    def apply(self, specs: Sequence[NodeSpec], *, prune: bool = False) -> ApplyResult:
+    def apply(self, specs: Sequence[NodeSpec], *, prune: bool = False,
+              roles: Sequence[Role] = ()) -> ApplyResult:
+        """Create or update ``roles`` then nodes ``specs`` in one transaction (all or none)."""
+        wanted_roles = [validated_role(r) for r in roles]
         normalized = [s.normalized() for s in specs]
         seen: set[str] = set()
         for spec in normalized:
@@ -227,6 +230,7 @@ class SqliteRegistry:
                 seen.add(nic.mac)
         created, updated, unchanged, removed = [], [], [], []
         with self._tx():
+            roles_changed = tuple(r.name for r in wanted_roles if self._put_role(r))
             current = {n.mac: n for n in self.list_nodes()}
             wanted = {s.mac for s in normalized}
             # Release the NICs of every node that changes or goes first, so that moving an
@@ -253,7 +257,8 @@ class SqliteRegistry:
                 else:
                     self._event(spec.mac, "updated", {"via": "apply"})
                     updated.append(spec.mac)
-        return ApplyResult(tuple(created), tuple(updated), tuple(unchanged), tuple(removed))
+        return ApplyResult(tuple(created), tuple(updated), tuple(unchanged), tuple(removed),
+                           roles_changed)
 
     def _owner(self, mac: str) -> str | None:
         row = self._db.execute("SELECT node FROM nics WHERE mac=?", (mac,)).fetchone()
@@ -333,10 +338,27 @@ class SqliteRegistry:
             if self.role(role.name) is not None:
                 raise Conflict(f"role {role.name} already exists",
                                hint="use 'role set' to change it")
-            self._db.execute("INSERT INTO roles VALUES (?,?,?,?,?,?,0)",
-                             (role.name, role.image, str(role.template), role.kernel_args,
-                              role.hypervisor_args, role.description))
+            self._put_role(role)
         return self.role(role.name)  # type: ignore[return-value]
+
+    def _put_role(self, role: Role) -> bool:
+        """Insert or update a validated role inside the caller's transaction; True if changed."""
+        current = self.role(role.name)
+        if current is not None:
+            if (current.image, current.template, current.kernel_args, current.hypervisor_args,
+                    current.description) == (role.image, role.template, role.kernel_args,
+                                             role.hypervisor_args, role.description):
+                return False
+            self._db.execute(
+                "UPDATE roles SET image=?, template=?, kernel_args=?, hypervisor_args=?,"
+                " description=? WHERE name=?",
+                (role.image, str(role.template), role.kernel_args, role.hypervisor_args,
+                 role.description, role.name))
+            return True
+        self._db.execute("INSERT INTO roles VALUES (?,?,?,?,?,?,0)",
+                         (role.name, role.image, str(role.template), role.kernel_args,
+                          role.hypervisor_args, role.description))
+        return True
 
     def update_role(self, name: str, changes: dict[str, Any]) -> Role:
         unknown = set(changes) - _ROLE_FIELDS
@@ -347,12 +369,7 @@ class SqliteRegistry:
             if current is None:
                 raise NotFound(f"no role {name!r}")
             fields = {**current.to_json(), **changes}
-            role = validated_role(Role(**fields))
-            self._db.execute(
-                "UPDATE roles SET image=?, template=?, kernel_args=?, hypervisor_args=?,"
-                " description=? WHERE name=?",
-                (role.image, str(role.template), role.kernel_args, role.hypervisor_args,
-                 role.description, name))
+            self._put_role(validated_role(Role(**fields)))
         return self.role(name)  # type: ignore[return-value]
 
     def remove_role(self, name: str) -> None:

@@ -171,14 +171,17 @@ async def test_apply_export_round_trip(client):
             "roles": [{"name": "gpu", "image": "dom0", "template": "xen"}]}
     first = await (await client.post("/api/v1/apply", json=body, headers=AUTH)).json()
     assert len(first["created"]) == 20 and first["roles"] == ["gpu"]
-    exported = await (await client.get("/api/v1/export")).json()
+    assert (await client.get("/api/v1/export")).status == 401
+    exported = await (await client.get("/api/v1/export", headers=AUTH)).json()
     again = await (await client.post("/api/v1/apply", json=exported, headers=AUTH)).json()
     assert (len(again["unchanged"]), again["created"], again["roles"]) == (20, [], [])
     bad = {"nodes": [*body["nodes"], {"mac": "52:54:00:00:02:01", "role": "storage",
                                       "ip": "198.18.1.1"}]}
+    bad["roles"] = [{"name": "gpu2", "image": "dom0", "template": "xen"}]
     resp = await client.post("/api/v1/apply", json=bad, headers=AUTH)
     assert (await resp.json())["code"] == "duplicate_ip"
     assert len((await (await client.get("/api/v1/nodes")).json())["nodes"]) == 20
+    assert (await client.get("/api/v1/roles/gpu2")).status == 404  # all or nothing
 
 
 async def test_a_broken_manifest_hides_only_its_image(client, images):
@@ -203,3 +206,15 @@ def test_empty_admin_token_file_is_replaced(tmp_path):
     assert len(token) >= 32 and path.read_text().strip() == token
     assert path.stat().st_mode & 0o777 == 0o600
     assert ensure_admin_token(path) == token
+
+
+async def test_inventories_are_for_the_admin_only(client, registry):
+    await add(client)
+    registry.set_inventory(MAC, {"dmi": {"serial": "S3CR3T"}})
+    assert (await client.get(f"/api/v1/nodes/{MAC}/inventory")).status == 401
+    shown = await (await client.get(f"/api/v1/nodes/{MAC}")).json()
+    assert shown["inventory"] is None
+    shown = await (await client.get(f"/api/v1/nodes/{MAC}", headers=AUTH)).json()
+    assert shown["inventory"]["dmi"]["serial"] == "S3CR3T"
+    resp = await client.get(f"/api/v1/nodes/{MAC}/inventory", headers=AUTH)
+    assert (await resp.json())["dmi"]["serial"] == "S3CR3T"
