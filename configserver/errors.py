@@ -90,6 +90,13 @@ class RateLimited(NetbootError):
     code = "rate_limited"
 
 
+class TooManyPending(NetbootError):
+    """The registry holds as many discovered, unregistered machines as it keeps."""
+
+    status = 429
+    code = "too_many_pending"
+
+
 class ConfigError(NetbootError):
     """Bad configuration file or command-line value (raised before anything serves)."""
 

@@ -25,6 +25,7 @@ from configserver.errors import (
     NotFound,
     RoleInUse,
     StoreError,
+    TooManyPending,
     UnknownRole,
 )
 from configserver.model import (
@@ -52,6 +53,8 @@ from configserver.registry.schema import (
 log = logging.getLogger(__name__)
 
 EVENTS_KEPT_PER_NODE = 1000
+# Discovered machines kept at most: spoofed PXE requests must not grow the registry unbounded.
+MAX_PENDING = 4096
 
 
 _NODE_FIELDS = {"role", "hostname", "ip", "kernel_args", "tags", "nics"}
@@ -398,6 +401,13 @@ class SqliteRegistry:
         with self._tx():
             owner = self._owner(mac)
             if owner is None:
+                pending = self._db.execute("SELECT count(*) FROM nodes WHERE state=?",
+                                           (str(NodeState.PENDING),)).fetchone()[0]
+                if pending >= MAX_PENDING:
+                    raise TooManyPending(
+                        f"{pending} machines are already waiting to be registered; "
+                        f"{mac} is not recorded",
+                        hint="register or remove pending nodes (node list --pending)")
                 self._db.execute(
                     "INSERT INTO nodes (mac, role, hostname, state, created, updated, last_seen,"
                     " facts) VALUES (?,?,?,?,?,?,?,?)",

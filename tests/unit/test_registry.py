@@ -230,3 +230,16 @@ def test_updates_keep_inventory_agent_session_and_facts(registry):
     assert (node.role, node.hostname, node.facts["arch"]) == ("dom0", "sn2", 7)
     assert registry.inventory(MAC1) == {"disks": []}
     assert registry.agent_session(MAC1).token_hash == "h"
+
+
+def test_discovery_is_bounded(registry, monkeypatch):
+    from configserver.errors import TooManyPending
+    from configserver.registry import sqlite
+
+    monkeypatch.setattr(sqlite, "MAX_PENDING", 3)
+    for i in range(3):
+        registry.discover(f"52:54:00:00:09:{i:02x}", {})
+    registry.discover("52:54:00:00:09:00", {})  # already known: fine
+    with pytest.raises(TooManyPending):
+        registry.discover("52:54:00:00:09:99", {})
+    assert len(registry.list_nodes(state=NodeState.PENDING)) == 3
