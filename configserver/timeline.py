@@ -19,8 +19,17 @@ STAGES: tuple[tuple[str, tuple[str, ...]], ...] = (
 )
 
 
+# How long before a machine's boot script its firmware's DHCP and TFTP may have happened.
+PRE_SCRIPT_WINDOW = 120.0
+
+
 def latest_boot(events: Sequence[BootEvent]) -> list[BootEvent]:
-    """The events since the node last entered ``booting`` (all of them if it never did)."""
+    """The events of the node's latest boot (all of them if it never entered ``booting``).
+
+    A boot starts where the node entered ``booting`` (its boot script, or a firmware DHCP
+    request), together with the firmware's DHCP and TFTP exchanges just before it: an iPXE
+    ROM's DHCP does not mark a boot by itself, but it belongs to it.
+    """
     start = None
     for event in reversed(events):
         if event.stage == "state" and event.detail.get("to") == "booting":
@@ -28,7 +37,26 @@ def latest_boot(events: Sequence[BootEvent]) -> list[BootEvent]:
             break
     if start is None:
         return list(events)
-    return [e for e in events if e.time >= start]
+    first = next(i for i, e in enumerate(events) if e.time >= start)
+    while (first > 0 and events[first - 1].stage.startswith(("dhcp.", "tftp.", "http.ipxe"))
+           and start - events[first - 1].time <= PRE_SCRIPT_WINDOW
+           and not _os_dhcp(events[first - 1])):
+        first -= 1
+    # An operating system's offer or ack just before cannot begin a boot: drop it.
+    while events[first].time < start and not _begins_boot(events[first]):
+        first += 1
+    return list(events[first:])
+
+
+def _os_dhcp(event: BootEvent) -> bool:
+    return (event.stage in ("dhcp.discover", "dhcp.request")
+            and event.detail.get("stage") == "none")
+
+
+def _begins_boot(event: BootEvent) -> bool:
+    if event.stage in ("dhcp.discover", "dhcp.request"):
+        return event.detail.get("stage") not in (None, "none")
+    return event.stage.startswith("tftp.") or event.stage == "http.ipxe"
 
 
 def boot_timeline(events: Sequence[BootEvent]) -> list[dict[str, Any]]:
