@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                                          token=os.environ.get("NETBOOT_ADMIN_TOKEN"))
         return COMMANDS[args.command](args, client)
     except NetbootError as exc:
-        hint = f" ({exc.hint})" if exc.hint else ""
-        print(f"configserver: error: {exc.message}{hint}", file=sys.stderr)
+        print(exc.one_line("configserver"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130

@@ -20,6 +20,11 @@ class NetbootError(Exception):
         if hint:
             self.hint = hint
 
+    def one_line(self, program: str) -> str:
+        """How a command-line tool reports this error: one line, with the hint if any."""
+        hint = f" ({self.hint})" if self.hint else ""
+        return f"{program}: error: {self.message}{hint}"
+
     def to_json(self) -> dict[str, object]:
         body: dict[str, object] = {"status": self.status, "code": self.code,
                                    "message": self.message}

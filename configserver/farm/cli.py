@@ -9,6 +9,7 @@ import os
 import sys
 from pathlib import Path
 
+from configserver.errors import NetbootError
 from configserver.farm import FarmError
 from configserver.farm.farm import Farm, FarmConfig, format_table, plan_nodes
 
@@ -51,9 +52,8 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         return _run(args)
-    except FarmError as exc:
-        hint = f" ({exc.hint})" if exc.hint else ""
-        print(f"configserver farm: error: {exc.message}{hint}", file=sys.stderr)
+    except NetbootError as exc:  # FarmError, and the config server's own errors
+        print(exc.one_line("configserver farm"), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
