@@ -8,7 +8,6 @@ needed. Errors are one line with a hint and a non-zero exit, never a traceback.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import dataclasses
 import json
 import logging
@@ -18,10 +17,11 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from configserver import __version__
+from configserver import __version__, eventloop
 from configserver.client import ApiClient
 from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
 from configserver.errors import ConfigError, NetbootError
+from configserver.eventloop import PollingSelector
 from configserver.inventory import format_inventory, parse_inventory
 
 log = logging.getLogger("configserver")
@@ -193,16 +193,16 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
                                  notify_socket=os.environ.get("NOTIFY_SOCKET"))
     log.info("configserver %s starting", __version__)
     try:
-        asyncio.run(_serve_async(config))
+        eventloop.run(lambda selector: _serve_async(config, selector))
     except OSError as exc:
         raise ConfigError(f"cannot serve: {exc}") from None
     return 0
 
 
-async def _serve_async(config: ServerConfig) -> None:
+async def _serve_async(config: ServerConfig, selector: PollingSelector) -> None:
     from configserver.server import serve
 
-    await serve(config)
+    await serve(config, expect_event=selector.expect)
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:

@@ -83,8 +83,12 @@ def resolve(config: ServerConfig) -> tuple[ServerConfig, str | None]:
     return config, address
 
 
-async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> None:
-    """Run until ``stop`` is set or SIGTERM/SIGINT arrives."""
+async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
+                expect_event: Callable[[float], None] | None = None) -> None:
+    """Run until ``stop`` is set or SIGTERM/SIGINT arrives.
+
+    ``expect_event`` is the event loop's ``PollingSelector.expect`` when it has one.
+    """
     config, address = resolve(config)
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -142,7 +146,8 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None) -> N
                 if entry.is_symlink() and entry.is_file():
                     roots[entry.name] = entry
             tftp = await start_tftp(config, roots, resolve_mac=app[RESOLVE_MAC],
-                                    record_event=registry.record_event)
+                                    record_event=registry.record_event,
+                                    expect_event=expect_event)
             stack.push_async_callback(tftp.close)
             log.info("TFTP on %s port %d", config.interface or config.tftp.bind_address,
                      config.tftp.port)

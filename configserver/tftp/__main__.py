@@ -19,7 +19,9 @@ import signal
 import sys
 from pathlib import Path
 
+from configserver import eventloop
 from configserver.config import ServerConfig, TftpConfig, from_mapping
+from configserver.eventloop import PollingSelector
 from configserver.tftp.service import start_tftp
 
 
@@ -49,7 +51,7 @@ def _config(args: argparse.Namespace) -> ServerConfig:
     return from_mapping({"interface": args.interface, "tftp": tftp})
 
 
-async def _serve(args: argparse.Namespace) -> None:
+async def _serve(args: argparse.Namespace, selector: PollingSelector) -> None:
     roots: dict[str, Path] = {}
     for item in args.root:
         prefix, sep, directory = item.rpartition("=")
@@ -60,7 +62,7 @@ async def _serve(args: argparse.Namespace) -> None:
         print(json.dumps({"mac": mac, "kind": kind, **details}), flush=True)
 
     service = await start_tftp(_config(args), roots, resolve_mac=leases.get,
-                               record_event=record_event)
+                               record_event=record_event, expect_event=selector.expect)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
@@ -72,13 +74,16 @@ async def _serve(args: argparse.Namespace) -> None:
         await stop.wait()
     finally:
         await service.close()
+        logging.getLogger(__name__).info(
+            "event loop: %d polls, %d found events, %d back-offs", selector.polls,
+            selector.caught, selector.backoffs)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = _arguments(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    asyncio.run(_serve(args))
+    eventloop.run(lambda selector: _serve(args, selector))
     return 0
 
 

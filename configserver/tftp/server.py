@@ -1,7 +1,9 @@
 """UDP plumbing for TFTP: the request listener and one socket per transfer. Moves bytes only.
 
-Both use non-blocking sockets driven by ``loop.add_reader`` and drain every queued datagram per
-wake-up, which keeps the per-packet cost of the hot path (ACK in, DATA out) small. When an
+Both use non-blocking sockets driven by ``loop.add_reader``. The listener drains what is queued
+per wake-up (a rack powering on sends requests in bursts); a transfer socket reads one datagram
+per wake-up, since its client sends one ACK per window, which keeps the hot path (ACK in, DATA
+out) to one ``recvfrom`` and one ``sendto`` per block. When an
 interface is given, every socket is bound to it with SO_BINDTODEVICE, so nothing is ever sent
 or received on another interface. The listener asks for IP_PKTINFO so a transfer can answer
 from the very address the request was sent to, even when the listener is bound to 0.0.0.0.
@@ -24,7 +26,7 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 IP_PKTINFO = getattr(socket, "IP_PKTINFO", 8)
 _PKTINFO = struct.Struct("=i4s4s")
-# Datagrams handled per wake-up before yielding to other sockets (fairness between transfers).
+# Requests handled per wake-up before yielding to other sockets.
 _DRAIN_LIMIT = 64
 _SEND_BUFFER = 4 * 1024 * 1024
 _LISTEN_BUFFER = 4 * 1024 * 1024
@@ -169,19 +171,17 @@ class TransferEndpoint:
         self._loop.remove_writer(self._fd)
 
     def _readable(self) -> None:
-        recvfrom = self._sock.recvfrom
-        for _ in range(_DRAIN_LIMIT):
-            try:
-                data, sender = recvfrom(_CLIENT_DATAGRAM)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError as exc:
-                # ICMP port unreachable from a client that went away surfaces here.
-                log.debug("TFTP transfer socket receive failed: %s", exc)
-                return
-            self._on_datagram(data, sender)
-            if self._sock.fileno() < 0:
-                return  # the handler closed us
+        # One datagram per wake-up: a client sends one ACK per window, so trying for a second
+        # would nearly always cost a failing recvfrom; epoll reports whatever else is queued.
+        try:
+            data, sender = self._sock.recvfrom(_CLIENT_DATAGRAM)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            # ICMP port unreachable from a client that went away surfaces here.
+            log.debug("TFTP transfer socket receive failed: %s", exc)
+            return
+        self._on_datagram(data, sender)
 
     def close(self) -> None:
         if self._sock.fileno() < 0:

@@ -39,6 +39,8 @@ NETASCII_MAX = 1024 * 1024
 
 ResolveMac = Callable[[str], str | None]
 RecordEvent = Callable[[str, str, dict], None]
+# Tells the event loop that an event is likely before a time (PollingSelector.expect).
+ExpectEvent = Callable[[float], None]
 
 
 class ActiveTransfer:
@@ -66,6 +68,7 @@ class ActiveTransfer:
             self._read_failed(exc)
             return
         self.endpoint.send(out, self.client)
+        self._poll_for_ack()
         self._rearm()
 
     def _read_failed(self, exc: OSError) -> None:
@@ -94,6 +97,7 @@ class ActiveTransfer:
                 return
             if out:
                 self.endpoint.send(out, self.client)
+                self._poll_for_ack()
         elif len(data) >= 4 and data[0] == 0 and data[1] == Opcode.ERROR:
             packet = parse(data)
             assert isinstance(packet, Error)
@@ -109,6 +113,15 @@ class ActiveTransfer:
         deadline = transfer.deadline
         if deadline is not None and deadline < self._timer_at:
             self._rearm()
+
+    def _poll_for_ack(self) -> None:
+        """Wait for a quick client's next ACK by polling, not sleeping (see eventloop.py)."""
+        expect = self.service.expect_event
+        if expect is not None:
+            srtt = self.transfer.srtt
+            limit = self.service.config.busy_poll
+            if srtt is not None and srtt < limit:
+                expect(self._loop.time() + limit)
 
     def _rearm(self) -> None:
         if self._timer is not None:
@@ -149,7 +162,8 @@ class TftpService:
     def __init__(self, config: TftpConfig, interface: str | None,
                  roots: Mapping[str, Path | Catalog], *,
                  resolve_mac: ResolveMac, record_event: RecordEvent,
-                 loop: asyncio.AbstractEventLoop) -> None:
+                 loop: asyncio.AbstractEventLoop,
+                 expect_event: ExpectEvent | None = None) -> None:
         self.config = config
         self.interface = interface
         self.loop = loop
@@ -162,6 +176,7 @@ class TftpService:
         self.failed = 0
         self._resolve_mac = resolve_mac
         self._record_event = record_event
+        self.expect_event = expect_event if config.busy_poll > 0 else None
         # atftp ignores a repeated block and re-ACKs only when its own 5 s timer expires,
         # which each ignored block restarts: after a lost ACK it answers only once our
         # back-off exceeds 5 s. Hence the long back-off ceiling and give-up time.
@@ -323,9 +338,15 @@ class TftpService:
 
 
 async def start_tftp(config: ServerConfig, roots: Mapping[str, Path | Catalog], *,
-                     resolve_mac: ResolveMac, record_event: RecordEvent) -> TftpService:
-    """Start serving ``roots`` over TFTP as ``config.tftp`` says; close the result to stop."""
+                     resolve_mac: ResolveMac, record_event: RecordEvent,
+                     expect_event: ExpectEvent | None = None) -> TftpService:
+    """Start serving ``roots`` over TFTP as ``config.tftp`` says; close the result to stop.
+
+    ``expect_event`` (the loop's ``PollingSelector.expect``, when it has one) lets quick
+    lock-step clients be waited for by polling.
+    """
     service = TftpService(config.tftp, config.interface, roots, resolve_mac=resolve_mac,
-                          record_event=record_event, loop=asyncio.get_running_loop())
+                          record_event=record_event, loop=asyncio.get_running_loop(),
+                          expect_event=expect_event)
     service.listen()
     return service

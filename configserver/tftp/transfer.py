@@ -92,6 +92,11 @@ class TftpTransfer:
     def rto(self) -> float:
         return self._rto
 
+    @property
+    def srtt(self) -> float | None:
+        """The smoothed round trip in seconds, None before the first sample."""
+        return self._srtt
+
     # -- events ----------------------------------------------------------------------------
 
     def start(self, now: float) -> list[bytes]:
@@ -193,7 +198,7 @@ class TftpTransfer:
         self._last_progress = now
 
     def _sample_rtt(self, now: float) -> None:
-        if self._fixed_rto is not None or self._window_retransmitted:
+        if self._window_retransmitted:
             return  # Karn: an ACK of a retransmitted window says nothing about the RTT
         sample = max(0.0, now - self._window_sent_at)
         if self._srtt is None:
@@ -201,6 +206,8 @@ class TftpTransfer:
         else:
             self._rttvar = 0.75 * self._rttvar + 0.25 * abs(self._srtt - sample)
             self._srtt = 0.875 * self._srtt + 0.125 * sample
+        if self._fixed_rto is not None:
+            return  # the client chose the timeout (RFC 2349); the RTT only informs polling
         self._backed_off = False
         rto = self._srtt + 4 * self._rttvar
         self._rto = min(max(rto, self._policy.minimum), self._policy.maximum)

@@ -208,3 +208,27 @@ async def test_every_transfer_gets_its_own_port(service_factory):
     assert len(tids) == len(clients)
     for client in clients:
         client.close()
+
+
+@pytest.mark.parametrize("busy_poll", [0.01, 0.0])
+async def test_quick_lockstep_client_is_waited_for_by_polling(root, busy_poll):
+    loop = asyncio.get_running_loop()
+    expected: list[float] = []
+    config = replace(ServerConfig(), tftp=TftpConfig(port=0, bind_address="127.0.0.1",
+                                                     busy_poll=busy_poll))
+    service = await start_tftp(config, {"": root}, resolve_mac=lambda ip: None,
+                               record_event=lambda *e: None,
+                               expect_event=lambda until: expected.append(until - loop.time()))
+    client = UdpClient()
+    try:
+        data = await client.fetch("big.bin", service.listener.address)
+    finally:
+        client.close()
+        await service.close()
+    assert data == (root / "big.bin").read_bytes()
+    if busy_poll:
+        # From the first RTT sample (block 8 of 41) on, each block sent asks for polling.
+        assert 20 <= len(expected) <= 41
+        assert all(poll == pytest.approx(busy_poll, abs=0.002) for poll in expected)
+    else:
+        assert expected == []

@@ -151,6 +151,8 @@ def test_round_trip_time_adapts_the_timeout_but_client_timeout_is_fixed():
     fixed.on_ack(0, 0.001)
     fixed.on_ack(1, 0.002)
     assert fixed.rto == 3.0 and fixed.deadline == pytest.approx(3.002)
+    # The round trip is still measured (it decides whether the server polls for ACKs).
+    assert adaptive.srtt == pytest.approx(0.001) and fixed.srtt == pytest.approx(0.001)
 
 
 def test_lost_ack_is_repaired_by_the_timer_only():
