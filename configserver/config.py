@@ -76,8 +76,8 @@ class TftpConfig:
     # Upper bounds for the blksize and windowsize options (RFC 2348, RFC 7440).
     max_blksize: int = 65464
     max_windowsize: int = 256
-    # Poll (instead of sleeping) up to this long for the next ACK of a client that has been
-    # answering faster than that; 0 turns polling off. See configserver/eventloop.py.
+    # Poll (instead of sleeping) for the next ACK of a client whose round trip is shorter
+    # than this; 0 turns polling off. See configserver/eventloop.py.
     busy_poll: float = 0.0002
 
 
@@ -201,8 +201,8 @@ def _check(config: Any, prefix: str) -> None:
 
     if isinstance(config, (HttpConfig, TftpConfig)):
         port(config.port, "port")
-        if isinstance(config, TftpConfig) and not 0 <= config.busy_poll <= 0.01:
-            raise ConfigError(f"{prefix}busy_poll must be between 0 and 0.01 seconds, "
+        if isinstance(config, TftpConfig) and not 0 <= config.busy_poll <= 0.001:
+            raise ConfigError(f"{prefix}busy_poll must be between 0 and 0.001 seconds, "
                               f"not {config.busy_poll}")
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):

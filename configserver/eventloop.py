@@ -9,11 +9,15 @@ the loop has nothing to run, the selector polls (``epoll_wait`` with a zero time
 ``sched_yield``) instead of sleeping. It is the kernel's busy polling (``SO_BUSY_POLL``) and
 the haltpoll cpuidle governor done for one process's event loop.
 
-Polling never delays other work: asyncio asks for a zero timeout whenever callbacks are ready,
-every round sees every registered descriptor, and polling stops at the timeout asyncio gave
-(its next timer). It does cost CPU time, which matters only when another task wants this CPU:
-a round that returns far later than a round takes means the process was descheduled, and
-polling is then off for ``backoff`` seconds.
+Polling does not hold up the loop's own work: asyncio asks for a zero timeout whenever
+callbacks are ready, every round sees every registered descriptor (the self-pipe of
+``call_soon_threadsafe`` and signals included), and polling stops at the timeout asyncio gave
+(its next timer). It could hold up other threads of the process: a polling thread lets go of
+the GIL only for a microsecond at a time, and a waiting thread may lose the race for it each
+time. So ``PollingEventLoop`` holds polling off while any ``run_in_executor`` job (such as
+``asyncio.to_thread``) is in flight. Polling costs CPU time, which matters when another task
+wants this CPU: a round that returns far later than a round takes means the process was
+descheduled, and polling is then off for ``backoff`` seconds.
 """
 
 from __future__ import annotations
@@ -50,6 +54,7 @@ class PollingSelector(selectors.EpollSelector):
         self._backoff = backoff
         self._until = 0.0
         self._off_until = 0.0
+        self._holds = 0
         self.polls = 0
         self.caught = 0
         self.backoffs = 0
@@ -58,8 +63,19 @@ class PollingSelector(selectors.EpollSelector):
         """An event is likely before ``until`` (on ``clock``): poll for it until then."""
         self._until = max(self._until, until)
 
+    @property
+    def held(self) -> bool:
+        return self._holds > 0
+
+    def hold(self) -> None:
+        """Do not poll until the matching ``release`` (another thread needs the GIL)."""
+        self._holds += 1
+
+    def release(self) -> None:
+        self._holds -= 1
+
     def select(self, timeout: float | None = None) -> list[tuple[selectors.SelectorKey, int]]:
-        if timeout is None or timeout > 0:
+        if not self._holds and (timeout is None or timeout > 0):
             start = self._clock()
             if start < self._until and start >= self._off_until:
                 end = self._until if timeout is None else min(self._until, start + timeout)
@@ -89,8 +105,28 @@ class PollingSelector(selectors.EpollSelector):
                 return ready
 
 
-def run(main: Callable[[PollingSelector], Coroutine[Any, Any, T]]) -> T:
-    """Like ``asyncio.run(main(selector))``, on a loop driven by a new ``PollingSelector``."""
-    selector = PollingSelector()
-    with asyncio.Runner(loop_factory=lambda: asyncio.SelectorEventLoop(selector)) as runner:
+class PollingEventLoop(asyncio.SelectorEventLoop):
+    """A selector event loop on a ``PollingSelector`` that does not poll while threads work."""
+
+    def __init__(self, selector: PollingSelector | None = None) -> None:
+        self.polling = selector or PollingSelector()
+        super().__init__(self.polling)
+
+    def run_in_executor(self, executor: Any, func: Callable[..., T],
+                        *args: Any) -> asyncio.Future[T]:
+        self.polling.hold()  # before the job can start
+        try:
+            future = super().run_in_executor(executor, func, *args)
+        except BaseException:
+            self.polling.release()
+            raise
+        future.add_done_callback(lambda _: self.polling.release())
+        return future
+
+
+def run(main: Callable[[PollingSelector], Coroutine[Any, Any, T]], *,
+        selector: PollingSelector | None = None) -> T:
+    """Like ``asyncio.run(main(selector))``, on a ``PollingEventLoop`` driven by ``selector``."""
+    selector = selector or PollingSelector()
+    with asyncio.Runner(loop_factory=lambda: PollingEventLoop(selector)) as runner:
         return runner.run(main(selector))

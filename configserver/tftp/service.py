@@ -115,13 +115,16 @@ class ActiveTransfer:
             self._rearm()
 
     def _poll_for_ack(self) -> None:
-        """Wait for a quick client's next ACK by polling, not sleeping (see eventloop.py)."""
+        """Wait for a quick client's next ACK by polling, not sleeping (see eventloop.py).
+
+        Polling goes on for twice the smoothed round trip at most: long enough for an ACK
+        that comes as usual, short enough not to burn much CPU time for one that is lost.
+        """
         expect = self.service.expect_event
         if expect is not None:
             srtt = self.transfer.srtt
-            limit = self.service.config.busy_poll
-            if srtt is not None and srtt < limit:
-                expect(self._loop.time() + limit)
+            if srtt is not None and srtt < self.service.config.busy_poll:
+                expect(self._loop.time() + 2 * srtt)
 
     def _rearm(self) -> None:
         if self._timer is not None:

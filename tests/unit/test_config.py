@@ -31,8 +31,8 @@ def test_documented_example_config_is_valid():
     ({"dhcp": {"subnet": {"network": "nonsense"}}}, "invalid IPv4 network"),
     ({"dhcp": {"lease_time": 5}}, "at least 60"),
     ({"tftp": {"enabled": "maybe"}}, "invalid value"),
-    ({"tftp": {"busy_poll": 0.5}}, "tftp.busy_poll must be between 0 and 0.01"),
-    ({"tftp": {"busy_poll": -1}}, "tftp.busy_poll must be between 0 and 0.01"),
+    ({"tftp": {"busy_poll": 0.002}}, "tftp.busy_poll must be between 0 and 0.001"),
+    ({"tftp": {"busy_poll": -1}}, "tftp.busy_poll must be between 0 and 0.001"),
     ({"http": []}, "must be a table"),
 ])
 def test_bad_settings_name_the_key(data, message):

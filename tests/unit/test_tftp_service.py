@@ -210,7 +210,8 @@ async def test_every_transfer_gets_its_own_port(service_factory):
         client.close()
 
 
-@pytest.mark.parametrize("busy_poll", [0.01, 0.0])
+# 50 ms is above what the configuration accepts, so that a slow test machine stays "quick".
+@pytest.mark.parametrize("busy_poll", [0.05, 1e-7, 0.0])
 async def test_quick_lockstep_client_is_waited_for_by_polling(root, busy_poll):
     loop = asyncio.get_running_loop()
     expected: list[float] = []
@@ -226,9 +227,11 @@ async def test_quick_lockstep_client_is_waited_for_by_polling(root, busy_poll):
         client.close()
         await service.close()
     assert data == (root / "big.bin").read_bytes()
-    if busy_poll:
-        # From the first RTT sample (block 8 of 41) on, each block sent asks for polling.
+    if busy_poll == 0.05:
+        # From the first RTT sample (block 8 of 41) on, each block sent asks for polling,
+        # for twice the smoothed round trip.
         assert 20 <= len(expected) <= 41
-        assert all(poll == pytest.approx(busy_poll, abs=0.002) for poll in expected)
+        assert all(0 < poll < 2 * busy_poll for poll in expected)
     else:
+        # Polling off, or no client that quick (a loopback round trip is well above 0.1 us).
         assert expected == []
