@@ -202,7 +202,10 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
 async def _serve_async(config: ServerConfig, selector: PollingSelector) -> None:
     from configserver.server import serve
 
-    await serve(config, expect_event=selector.expect)
+    try:
+        await serve(config, expect_event=selector.expect)
+    finally:
+        log.info("%s", selector.summary())
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:

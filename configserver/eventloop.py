@@ -63,6 +63,10 @@ class PollingSelector(selectors.EpollSelector):
         """An event is likely before ``until`` (on ``clock``): poll for it until then."""
         self._until = max(self._until, until)
 
+    def summary(self) -> str:
+        return (f"event loop polled {self.polls} times, found events {self.caught} times, "
+                f"backed off {self.backoffs} times")
+
     @property
     def held(self) -> bool:
         return self._holds > 0

@@ -74,9 +74,7 @@ async def _serve(args: argparse.Namespace, selector: PollingSelector) -> None:
         await stop.wait()
     finally:
         await service.close()
-        logging.getLogger(__name__).info(
-            "event loop: %d polls, %d found events, %d back-offs", selector.polls,
-            selector.caught, selector.backoffs)
+        logging.getLogger(__name__).info("%s", selector.summary())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,6 +68,8 @@ def test_polling_stops_at_asyncio_timeout_and_yields_between_rounds(pair):
     assert selector.select(0.001) == []        # 1 ms of fake time: about 100 rounds
     assert 90 <= selector.polls <= 110 and len(relaxed) == selector.polls
     assert selector.caught == 0 and selector.backoffs == 0
+    assert selector.summary() == (f"event loop polled {selector.polls} times, found events "
+                                  "0 times, backed off 0 times")
     polls = selector.polls
     assert selector.select(0) == [] and selector.polls == polls   # zero timeout: no polling
     selector.close()
