@@ -4,6 +4,9 @@ The server answers only the options it accepts, in request order; an option it d
 or whose value is malformed or out of the RFC's range, is left out of the OACK (RFC 2347: the
 server "may ignore" it) and the transfer proceeds with the default. Values above what this
 server allows are lowered, which RFC 2348 and RFC 7440 permit for blksize and windowsize.
+``tsize`` is declined for an empty file: curl (7.88, Debian bookworm) takes ``tsize 0`` in an OACK
+for an illegal operation and aborts, and a client that asked for the size loses nothing when
+the first DATA block is empty anyway.
 When no option is accepted there is no OACK and the first DATA block answers the request.
 """
 
@@ -55,7 +58,7 @@ def negotiate(options: Iterable[tuple[str, str]], file_size: int, *,
         if name == "blksize" and number >= BLKSIZE_MIN:
             blksize = min(number, BLKSIZE_MAX, max_blksize)
             accepted.append((name, str(blksize)))
-        elif name == "tsize":
+        elif name == "tsize" and file_size:
             accepted.append((name, str(file_size)))
         elif name == "timeout" and TIMEOUT_MIN <= number <= TIMEOUT_MAX:
             timeout = number

@@ -116,6 +116,13 @@ def test_out_of_range_and_malformed_values_are_declined(options, blksize, window
         blksize, windowsize, timeout, oack)
 
 
+def test_tsize_is_declined_for_an_empty_file_only():
+    # curl aborts on "tsize 0" in an OACK; the empty DATA block says the same thing.
+    assert negotiate((("tsize", "0"),), 0).oack == ()
+    assert negotiate((("tsize", "0"), ("blksize", "512")), 0).oack == (("blksize", "512"),)
+    assert negotiate((("tsize", "0"),), 1).oack == (("tsize", "1"),)
+
+
 def test_server_limits_lower_blksize_and_windowsize():
     params = negotiate((("blksize", "9000"), ("windowsize", "1000")), 1,
                        max_blksize=1468, max_windowsize=64)
