@@ -192,8 +192,8 @@ async def test_a_broken_manifest_hides_only_its_image(client, images):
 
 
 async def test_fetches_by_unknown_machines_leave_no_trace(client, registry):
-    await client.get("/images/storage/vmlinuz?mac=52:54:00:00:00:77")
-    await client.get("/ipxe/ipxe.efi?mac=52:54:00:00:00:77")
+    assert (await client.get("/images/storage/vmlinuz?mac=52:54:00:00:00:77")).status == 200
+    assert (await client.get("/ipxe/ipxe.efi?mac=52:54:00:00:00:77")).status == 200
     assert registry.events("52:54:00:00:00:77") == []
 
 

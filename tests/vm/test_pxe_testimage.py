@@ -86,7 +86,7 @@ def test_xen_multiboot_script_boots_hypervisor_and_dom0(boot_lab, test_image):
     assert "hypervisor=xen" in line
     assert "nbtest=xen" in line.split()
     stages = boot_lab.stages(MAC)
-    assert "http.hypervisor" in stages or "http.kernel" in stages, stages
+    assert {"http.hypervisor", "http.kernel", "http.initramfs"} <= set(stages), stages
 
 
 def test_uefi_firmware_pxe_fetches_ipxe_efi_over_our_tftp(boot_lab, test_image):
