@@ -15,6 +15,18 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 
+def stop(process: subprocess.Popen, timeout: float = 10) -> int:
+    """Terminate ``process``, killing it if it outlives ``timeout``; return its exit code."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 60,
         **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(list(cmd), check=check, timeout=timeout, capture_output=True,

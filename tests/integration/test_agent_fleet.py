@@ -18,6 +18,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import netlab
 import pytest
 
 pytestmark = pytest.mark.integration
@@ -130,13 +131,7 @@ class AgentProcess:
         return json.loads((self.state_dir / "token.json").read_text())["token"]
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        netlab.stop(self.proc)
 
     def rss_kb(self) -> int:
         for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():

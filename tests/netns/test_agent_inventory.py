@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import netlab
 import pytest
 from netlab import namespaces, veth_pair
 
@@ -96,7 +97,6 @@ def test_agent_in_a_namespace_pushes_a_new_inventory_when_links_change(tmp_path:
             wait(lambda: "new0" in nic_names(), "an inventory with the new link")
         finally:
             for process in (agent, server):
-                if process is not None and process.poll() is None:
-                    process.terminate()
-                    process.wait(timeout=20)
+                if process is not None:
+                    netlab.stop(process, 20)
             logs.close()

@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 
+import netlab
 import pytest
 from netlab import namespaces, veth_pair
 from test_dhcp_clients import NODE_MAC, SERVER_IP, DhcpServer, dhclient
@@ -134,8 +135,7 @@ def lan(tmp_path):
             yield client_ns, server, tmp_path
         finally:
             server.stop()
-            dnsmasq.terminate()
-            dnsmasq.wait(10)
+            netlab.stop(dnsmasq)
 
 
 def test_firmware_pxe_gets_address_from_dnsmasq_and_boot_file_from_us(lan):

@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import netlab
 import pytest
 from netlab import Netns, namespaces, veth_pair
 from test_dhcp_clients import NODE_IP, NODE_MAC, SERVER_IP, STRANGER_MAC, udhcpc
@@ -38,15 +39,6 @@ def start_serve(ns: Netns, state: Path, *args: str) -> subprocess.Popen:
     raise AssertionError(f"configserver serve did not start:\n{log.read_text()}")
 
 
-def stop(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(15)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
-
-
 def register(state: Path) -> None:
     registry = SqliteRegistry(state / "registry.sqlite")
     registry.add_node(NodeSpec(mac=NODE_MAC, role="storage", hostname="served-1", ip=NODE_IP))
@@ -70,7 +62,7 @@ def test_serve_full_mode_reservation_pool_and_ipxe(tmp_path):
             assert stranger.get("ip", "").startswith("198.18.0.1")
             assert 100 <= int(stranger["ip"].rsplit(".", 1)[1]) <= 120
         finally:
-            stop(server)
+            netlab.stop(server, 15)
         registry = SqliteRegistry(tmp_path / "registry.sqlite")
         try:
             stages = [e.stage for e in registry.events(NODE_MAC)]
@@ -92,7 +84,7 @@ def test_serve_proxy_mode_answers_ipxe_with_its_script_url(tmp_path):
                                    "PXEClient:Arch:00000:UNDI:002001", "iPXE", SERVER_IP,
                                    SERVER_IP, check=False, timeout=90)
         finally:
-            stop(server)
+            netlab.stop(server, 15)
         offers = json.loads(result.stdout.splitlines()[0])["offers"]
         assert offers, (result.stderr, (tmp_path / "serve.log").read_text())
         assert offers[0]["yiaddr"] == "0.0.0.0"

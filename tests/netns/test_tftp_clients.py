@@ -16,6 +16,7 @@ import sys
 import time
 from pathlib import Path
 
+import netlab
 import pytest
 from netlab import namespaces, veth_pair
 
@@ -67,12 +68,7 @@ class TftpServerProcess:
         raise AssertionError("no VmHWM")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        netlab.stop(self.proc)
 
 
 @pytest.fixture(scope="module")

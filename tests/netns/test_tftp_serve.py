@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import netlab
 import pytest
 from netlab import namespaces, veth_pair
 
@@ -56,8 +57,7 @@ def test_serve_answers_tftp_with_the_ipxe_binaries(pair, tmp_path, name):
                                 str(target), name, check=False)
         assert "Error code 2" in refused.stdout + refused.stderr
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        netlab.stop(proc, 15)
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
 
 
@@ -69,5 +69,4 @@ def test_tftp_off_leaves_port_69_closed(pair, tmp_path):
         listening = server_ns.run("ss", "-Hlun", "sport", "= :69").stdout
         assert listening.strip() == ""
     finally:
-        proc.terminate()
-        proc.wait(timeout=15)
+        netlab.stop(proc, 15)
