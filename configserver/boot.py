@@ -45,9 +45,7 @@ class MacResolver:
 
     def __call__(self, ip: str) -> str | None:
         if self.leases is not None:
-            mac = self.leases(ip)
-            if mac:
-                return mac
+            return self.leases(ip)  # it falls back to the reservations itself
         node = self._registry.lookup_ip(ip)
         return node.mac if node else None
 

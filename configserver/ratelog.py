@@ -7,6 +7,11 @@ import time
 from collections.abc import Callable
 
 
+def worth_logging(count: int) -> bool:
+    """Whether the ``count``-th repeat of a failure gets a log line: 1, 10, 100, every 1000."""
+    return count in (1, 10, 100) or count % 1000 == 0
+
+
 class RateLimitedLog:
     """At most ``burst`` warnings per ``interval`` seconds; then one line counting the rest.
 

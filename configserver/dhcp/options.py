@@ -120,5 +120,3 @@ def u32(value: int) -> bytes:
     return int(value).to_bytes(4, "big")
 
 
-def u16(value: int) -> bytes:
-    return int(value).to_bytes(2, "big")

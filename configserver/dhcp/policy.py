@@ -27,6 +27,7 @@ from configserver.dhcp.options import (
     u32,
 )
 from configserver.model import Node, UnknownMacPolicy
+from configserver.ratelog import worth_logging
 from configserver.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -220,7 +221,7 @@ class DhcpPolicy:
             self.registry.record_event(mac, stage, detail, booting=booting)
         except Exception as exc:
             self.event_failures += 1
-            if self.event_failures in (1, 10, 100) or self.event_failures % 1000 == 0:
+            if worth_logging(self.event_failures):
                 log.warning("%s: boot event %s not recorded (%d failures so far): %s", mac,
                             stage, self.event_failures, exc)
 

@@ -11,7 +11,9 @@ import logging
 import socket
 from collections.abc import Callable
 
+from configserver.dhcp.codec import MAX_DATAGRAM
 from configserver.dhcp.errors import DhcpSocketError
+from configserver.ratelog import worth_logging
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +24,6 @@ SOCKET_BUFFER = 8 << 20
 # Linux <asm-generic/socket.h>; the socket module does not export these two.
 SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
-MAX_DATAGRAM = 4096
 
 
 class DhcpEndpoint:
@@ -60,7 +61,7 @@ class DhcpEndpoint:
             self.sock.sendto(data, addr)
         except OSError as exc:
             self.send_errors += 1
-            if self.send_errors in (1, 10, 100) or self.send_errors % 1000 == 0:
+            if worth_logging(self.send_errors):
                 log.warning("DHCP socket %s: send to %s:%d failed (%d so far): %s",
                             self.name, addr[0], addr[1], self.send_errors, exc)
 
