@@ -159,10 +159,13 @@ def build_environment(recipe: Recipe, paths: BuildPaths, base: dict[str, str]) -
         # Reuse the debootstrap result and the downloaded .debs across builds and images.
         "DIB_DEBOOTSTRAP_CACHE": "1",
         "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
+    })
+    env.update({k: v for k, v in base.items() if k.startswith("DIB_") or k == "ELEMENTS_PATH"})
+    # What this build made or was told on its command line, over anything inherited.
+    env.update({
         "DIB_NETBOOT_AGENT_WHEELHOUSE": str(paths.wheelhouse),
         "DIB_NETBOOT_AGENT_UNIT": str(paths.agent_unit),
     })
-    env.update({k: v for k, v in base.items() if k.startswith("DIB_") or k == "ELEMENTS_PATH"})
     merged = dict(base)
     merged.update(env)
     merged["PATH"] = bin_dir + os.pathsep + base.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

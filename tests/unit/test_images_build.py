@@ -84,6 +84,12 @@ def test_environment_precedence(build, tmp_path, monkeypatch):
     overridden = build.build_environment(
         recipe, paths, {"PATH": "/usr/bin", "DIB_DISTRIBUTION_MIRROR": "http://mine/debian"})
     assert overridden["DIB_DISTRIBUTION_MIRROR"] == "http://mine/debian"
+    # What the build made and was told (--agent-unit) wins over an inherited variable.
+    inherited = build.build_environment(
+        recipe, paths, {"DIB_NETBOOT_AGENT_UNIT": "/elsewhere/unit",
+                        "DIB_NETBOOT_AGENT_WHEELHOUSE": "/elsewhere/wheels"})
+    assert inherited["DIB_NETBOOT_AGENT_UNIT"] == str(tmp_path / "unit")
+    assert inherited["DIB_NETBOOT_AGENT_WHEELHOUSE"] == str(tmp_path / "wheels")
 
 
 def _fake_build_outputs(prefix: Path, with_xen: bool) -> None:
