@@ -32,6 +32,7 @@ from typing import Any
 
 from aiohttp import web
 
+from configserver.api import bearer_token
 from configserver.appkeys import ADMIN_TOKEN, CONFIG, REGISTRY
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
 from configserver.model import Node, NodeState, normalize_mac
@@ -213,11 +214,10 @@ async def lookup(request: web.Request) -> web.Response:
 
 def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:
     """The node whose current token and boot identifier the request carries, else 401."""
-    header = request.headers.get("Authorization", "")
-    scheme, _, presented = header.partition(" ")
+    presented = bearer_token(request)
     refused = Unauthorized("invalid or missing agent token",
                            hint="look the node up again to get a token for this boot")
-    if scheme.lower() != "bearer" or not presented.strip():
+    if presented is None:
         raise refused
     try:
         mac = normalize_mac(data.get("mac", ""))
@@ -229,7 +229,7 @@ def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:
     session = registry.agent_session(mac) if node is not None else None
     expected = session.token_hash if session and session.boot_id == boot_id else None
     # Compare even when nothing is expected, so every refusal costs the same.
-    valid = hmac.compare_digest(hash_token(presented.strip()), expected or "0" * 64)
+    valid = hmac.compare_digest(hash_token(presented), expected or "0" * 64)
     if node is None or expected is None or not valid:
         raise refused
     return node

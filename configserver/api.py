@@ -43,12 +43,16 @@ def setup_routes(app: web.Application) -> None:
     r.add_get("/api/v1/images", list_images)
 
 
+def bearer_token(request: web.Request) -> str | None:
+    """The token of an ``Authorization: Bearer`` header; None without one."""
+    scheme, _, token = request.headers.get("Authorization", "").partition(" ")
+    return token.strip() if scheme.lower() == "bearer" and token.strip() else None
+
+
 def _is_admin(request: web.Request) -> bool:
-    header = request.headers.get("Authorization", "")
-    scheme, _, token = header.partition(" ")
-    expected = request.app[ADMIN_TOKEN]
-    return scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(),
-                                                             expected.encode())
+    token = bearer_token(request)
+    return token is not None and hmac.compare_digest(token.encode(),
+                                                     request.app[ADMIN_TOKEN].encode())
 
 
 def require_admin(request: web.Request) -> None:

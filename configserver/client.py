@@ -8,6 +8,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from configserver.config import ServerConfig
 from configserver.errors import NetbootError, ServerUnavailable
 
 
@@ -33,23 +34,21 @@ class ApiClient:
                       token: str | None = None) -> ApiClient:
         """The client of the server running on ``state_dir`` (its endpoint and token files)."""
         origin = f"state directory {state_dir}"
+        paths = ServerConfig(state_dir=state_dir)
         if url is None:
             try:
-                url = json.loads((state_dir / "server.json").read_text())["url"]
+                url = json.loads(paths.endpoint_path.read_text())["url"]
             except FileNotFoundError:
                 raise ServerUnavailable(
                     f"no config server is running for {state_dir}",
                     hint=f"start one with 'configserver serve --state-dir {state_dir}' "
                          "or pass --server URL") from None
             except (OSError, ValueError, KeyError) as exc:
-                raise ServerUnavailable(f"cannot read {state_dir / 'server.json'}: {exc}"
-                                        ) from None
+                raise ServerUnavailable(f"cannot read {paths.endpoint_path}: {exc}") from None
         if token is None:
             try:
-                token = (state_dir / "admin.token").read_text().strip()
-            except PermissionError:
-                token = None
-            except OSError:
+                token = paths.token_path.read_text().strip()
+            except OSError:  # not readable by this user: read-only commands still work
                 token = None
         return cls(url, token, origin=origin)
 
