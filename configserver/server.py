@@ -149,8 +149,6 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
                                     record_event=registry.record_event,
                                     expect_event=expect_event)
             stack.push_async_callback(tftp.close)
-            log.info("TFTP on %s port %d", config.interface or config.tftp.bind_address,
-                     config.tftp.port)
 
         endpoint = {"url": f"http://{_local(config.http.listen)}:{port}", "pid": os.getpid(),
                     "boot_url": http_base}

@@ -33,7 +33,6 @@ class Debouncer:
         self._longest = max(longest, quiet)
         self._first: float | None = None
         self._timer: asyncio.TimerHandle | None = None
-        self.fired = 0
 
     def trigger(self) -> None:
         loop = asyncio.get_running_loop()
@@ -48,7 +47,6 @@ class Debouncer:
     def _fire(self) -> None:
         self._first = None
         self._timer = None
-        self.fired += 1
         self._action()
 
     def cancel(self) -> None:

@@ -54,7 +54,6 @@ class FarmConfig:
     python: str = sys.executable
     ready_timeout: float = 1200.0
     disk_size: str = "4G"
-    extra_serve_args: tuple[str, ...] = ()
 
 
 def plan_nodes(dom0: int, storage: int, firmware: str | list[str], subnet: str,
@@ -142,7 +141,7 @@ class Farm:
             self.config.python, "-m", "configserver", "serve", "--state-dir", str(self.state_dir),
             "--images", str(self.config.images_dir), "--http-port", str(self.config.http_port),
             "--interface", network.BRIDGE, "--dhcp", "full", "--pool", f"{low}-{high}",
-            "--tftp", "on", *self.config.extra_serve_args)
+            "--tftp", "on")
         log.info("starting config server: %s", " ".join(argv))
         with open(self.dir / "configserver.log", "ab") as out:
             server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,

@@ -20,11 +20,11 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from configserver.farm import BootFailed, FarmError
-from configserver.farm.network import run, stop_pids
+from configserver.farm.network import run
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +68,6 @@ class VmSpec:
     xen: bool = False
     disks: tuple[Path, ...] = ()
     vars_file: Path | None = None
-    pidfile: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -77,7 +76,6 @@ class HostQemu:
 
     accel: Accel
     binary: str = QEMU
-    extra: tuple[str, ...] = field(default=())
 
 
 def probe(timeout: float = 8.0) -> HostQemu:
@@ -136,9 +134,7 @@ def command_line(vm: VmSpec, host: HostQemu) -> list[str]:
     else:
         argv += ["-cpu", "max"]
     argv += ["-m", str(vm.memory_mb), "-smp", str(vm.cpus), "-display", "none", "-nodefaults",
-             "-monitor", "none", "-serial", f"file:{vm.serial_log}", *host.extra]
-    if vm.pidfile:
-        argv += ["-pidfile", str(vm.pidfile)]
+             "-monitor", "none", "-serial", f"file:{vm.serial_log}"]
     if vm.firmware is Firmware.BIOS:
         argv += ["-boot", "order=n"]
     else:
@@ -230,12 +226,3 @@ class SerialLog:
 
     def tail(self, lines: int = 25) -> str:
         return "\n".join(self.text().splitlines()[-lines:])
-
-
-def stop(proc: subprocess.Popen, grace: float = 3.0) -> None:
-    if proc.poll() is None:
-        stop_pids([proc.pid], grace)
-    try:
-        proc.wait(5)
-    except subprocess.TimeoutExpired:
-        log.warning("QEMU %d did not exit", proc.pid)

@@ -104,8 +104,6 @@ class OpenFiles:
         flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
-        except FileNotFoundError:
-            raise FileRefused("file not found", tftp_code=ErrorCode.FILE_NOT_FOUND) from None
         except OSError as exc:
             if exc.errno in (errno.ENOENT, errno.ENOTDIR):
                 raise FileRefused("file not found",

@@ -168,9 +168,6 @@ class TftpTransfer:
 
     def packet(self, block: int) -> bytes:
         """The DATA datagram of absolute block ``block`` (1-based)."""
-        return self._build(block)
-
-    def _build(self, block: int) -> bytes:
         offset = (block - 1) * self.blksize
         length = max(0, min(self.blksize, self.size - offset))
         payload = self._read(offset, length) if length else b""
