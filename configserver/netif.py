@@ -1,7 +1,8 @@
-"""The serving interface's IPv4 address, read once at start (stdlib ioctls, Linux)."""
+"""The serving interface's IPv4 address (stdlib ioctls, Linux), and socket buffer sizing."""
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import ipaddress
 import socket
@@ -30,3 +31,15 @@ def interface_ipv4(name: str) -> ipaddress.IPv4Interface:
                               hint=f"add one, e.g. 'ip addr add 198.18.0.1/24 dev {name}'"
                               ) from None
     return ipaddress.IPv4Interface(f"{socket.inet_ntoa(addr)}/{socket.inet_ntoa(mask)}")
+
+
+def grow_buffer(sock: socket.socket, option: int, size: int) -> None:
+    """Ask for a ``size``-byte SO_RCVBUF or SO_SNDBUF (``option``), past net.core.*mem_max
+    with SO_*BUFFORCE when we may (root), else as much as the system allows."""
+    forced = (getattr(socket, "SO_RCVBUFFORCE", 33) if option == socket.SO_RCVBUF
+              else getattr(socket, "SO_SNDBUFFORCE", 32))
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, forced, size)
+    except OSError:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, option, size)

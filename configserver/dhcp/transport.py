@@ -13,6 +13,7 @@ from collections.abc import Callable
 
 from configserver.dhcp.codec import MAX_DATAGRAM
 from configserver.dhcp.errors import DhcpSocketError
+from configserver.netif import grow_buffer
 from configserver.ratelog import worth_logging
 
 log = logging.getLogger(__name__)
@@ -20,10 +21,8 @@ log = logging.getLogger(__name__)
 Address = tuple[str, int]
 DatagramHandler = Callable[[bytes, Address], None]
 READ_BATCH = 64
+# Large socket buffers ride out scheduling stalls under load (bursts of DISCOVERs).
 SOCKET_BUFFER = 8 << 20
-# Linux <asm-generic/socket.h>; the socket module does not export these two.
-SO_SNDBUFFORCE = getattr(socket, "SO_SNDBUFFORCE", 32)
-SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 
 
 class DhcpEndpoint:
@@ -71,27 +70,14 @@ class DhcpEndpoint:
             self.sock.close()
 
 
-def _grow_buffers(sock: socket.socket) -> None:
-    """Large socket buffers ride out scheduling stalls under load (bursts of DISCOVERs).
-
-    SO_RCVBUFFORCE/SO_SNDBUFFORCE (root) exceed net.core.rmem_max; otherwise take what the
-    system allows.
-    """
-    for forced, plain in ((SO_RCVBUFFORCE, socket.SO_RCVBUF),
-                          (SO_SNDBUFFORCE, socket.SO_SNDBUF)):
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, forced, SOCKET_BUFFER)
-        except OSError:
-            sock.setsockopt(socket.SOL_SOCKET, plain, SOCKET_BUFFER)
-
-
 def open_socket(interface: str | None, address: str, port: int) -> socket.socket:
     """A non-blocking UDP socket on ``address:port``, limited to ``interface`` if given."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
-        _grow_buffers(sock)
+        grow_buffer(sock, socket.SO_RCVBUF, SOCKET_BUFFER)
+        grow_buffer(sock, socket.SO_SNDBUF, SOCKET_BUFFER)
         if interface:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
                             interface.encode() + b"\0")

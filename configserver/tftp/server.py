@@ -19,6 +19,7 @@ import socket
 import struct
 from collections.abc import Callable, Iterable
 
+from configserver.netif import grow_buffer
 from configserver.tftp.codec import MAX_DATAGRAM
 
 log = logging.getLogger(__name__)
@@ -53,23 +54,12 @@ def open_udp_socket(address: str, port: int, interface: str | None, *,
             sock.setsockopt(socket.IPPROTO_IP, IP_PKTINFO, 1)
         if port:
             # A rack powering on sends hundreds of requests at once; keep them all queued.
-            _grow_buffer(sock, socket.SO_RCVBUF, _LISTEN_BUFFER)
+            grow_buffer(sock, socket.SO_RCVBUF, _LISTEN_BUFFER)
         sock.bind((address, port))
     except OSError:
         sock.close()
         raise
     return sock
-
-
-def _grow_buffer(sock: socket.socket, option: int, size: int) -> None:
-    """Ask for a bigger socket buffer, beyond net.core.*mem_max when we may (root)."""
-    forced = {socket.SO_RCVBUF: getattr(socket, "SO_RCVBUFFORCE", 33),
-              socket.SO_SNDBUF: getattr(socket, "SO_SNDBUFFORCE", 32)}[option]
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, forced, size)
-    except OSError:
-        with contextlib.suppress(OSError):
-            sock.setsockopt(socket.SOL_SOCKET, option, size)
 
 
 class RequestListener:
