@@ -27,3 +27,9 @@ class FileRefused(TftpError):
     def __init__(self, message: str, *, tftp_code: int) -> None:
         super().__init__(message)
         self.tftp_code = tftp_code
+
+
+class TftpSocketError(TftpError):
+    """The TFTP port cannot be opened (port in use, no such interface, not root)."""
+
+    code = "tftp_socket"

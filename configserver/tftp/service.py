@@ -25,7 +25,7 @@ from configserver.tftp.codec import (
     WriteRequest,
     parse,
 )
-from configserver.tftp.errors import FileRefused, MalformedPacket
+from configserver.tftp.errors import FileRefused, MalformedPacket, TftpSocketError
 from configserver.tftp.files import Catalog, OpenFiles, ServedRoots, SharedFile
 from configserver.tftp.netascii import NetasciiReader
 from configserver.tftp.options import negotiate
@@ -190,8 +190,14 @@ class TftpService:
         self.listener: RequestListener | None = None
 
     def listen(self) -> None:
-        sock = open_udp_socket(self.config.bind_address, self.config.port, self.interface,
-                               pktinfo=True)
+        address, port = self.config.bind_address, self.config.port
+        try:
+            sock = open_udp_socket(address, port, self.interface, pktinfo=True)
+        except OSError as exc:
+            where = f" on {self.interface}" if self.interface else ""
+            raise TftpSocketError(f"cannot open TFTP port {address}:{port}{where}: {exc}",
+                                  hint="TFTP needs root (or CAP_NET_BIND_SERVICE) and a free "
+                                       "port; '--tftp off' turns it off") from exc
         self.listener = RequestListener(self.loop, sock, self.on_request)
         log.info("TFTP listening on %s:%d%s", *self.listener.address,
                  f" ({self.interface})" if self.interface else "")

@@ -12,6 +12,7 @@ import pytest
 
 from configserver.config import ServerConfig, TftpConfig
 from configserver.tftp.codec import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, parse
+from configserver.tftp.errors import TftpSocketError
 from configserver.tftp.service import start_tftp
 
 MAC = "52:54:00:12:34:56"
@@ -236,3 +237,13 @@ async def test_quick_lockstep_client_is_waited_for_by_polling(root, busy_poll):
     else:
         # Polling off, or no client that quick (a loopback round trip is well above 0.1 us).
         assert expected == []
+
+
+async def test_port_in_use_is_a_clear_error(root):
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        port = taken.getsockname()[1]
+        config = replace(ServerConfig(), tftp=TftpConfig(port=port, bind_address="127.0.0.1"))
+        with pytest.raises(TftpSocketError, match=f"cannot open TFTP port 127.0.0.1:{port}"):
+            await start_tftp(config, {"": root}, resolve_mac=lambda ip: None,
+                             record_event=lambda *e: None)
