@@ -84,7 +84,6 @@ class AgentApiState:
     """Per-application objects of the agent API."""
 
     limiter: LookupRateLimiter = field(default_factory=LookupRateLimiter)
-    sweeps: int = 0
 
 
 AGENT_API = web.AppKey("agent_api", AgentApiState)
@@ -278,8 +277,6 @@ async def _sweep_lost_nodes(app: web.Application) -> None:
         except Exception:
             log.exception("marking silent nodes lost failed")
             continue
-        state = app[AGENT_API]
-        state.sweeps += 1
-        state.limiter.forget_idle()
+        app[AGENT_API].limiter.forget_idle()
         for mac in lost:
             log.warning("node %s is lost: no heartbeat for %.0fs", mac, config.lost_after)

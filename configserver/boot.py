@@ -56,6 +56,9 @@ IPXE_DIR = web.AppKey("ipxe_dir", Path)
 
 _IPXE_BINARY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(efi|kpxe|kkpxe|pxe|lkrn)$")
 _FILE_STAGES = ("kernel", "initramfs", "hypervisor")
+# What a pending node boots when the server has a discovery image (ServerConfig).
+DISCOVERY_ROLE = "discovery"
+DISCOVERY_KERNEL_ARGS = "console=tty0 console=ttyS0,115200"
 
 DEFAULT_IPXE_DIRS = (Path("/usr/lib/ipxe"), Path("/usr/share/ipxe"))
 
@@ -127,8 +130,8 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
     role: Role | None = None
     if node.state == NodeState.PENDING or node.role is None:
         if config.discovery_image:
-            role = Role("discovery", image=config.discovery_image,
-                        kernel_args="console=tty0 console=ttyS0,115200")
+            role = Role(DISCOVERY_ROLE, image=config.discovery_image,
+                        kernel_args=DISCOVERY_KERNEL_ARGS)
         else:
             plan = waiting_plan(mac, server, f"{mac} is waiting to be registered "
                                 f"(configserver node add {mac} --role ROLE)", fmt=fmt)

@@ -181,9 +181,9 @@ class DhcpPolicy:
         if kind == MessageType.REQUEST:
             return self._request(request, mac, node, client, plan)
         if kind == MessageType.RELEASE:
-            self._release(request, mac, node)
+            self._release(request, mac)
         elif kind == MessageType.DECLINE:
-            self._decline(request, mac, node, plan)
+            self._decline(request, mac)
         elif kind == MessageType.INFORM:
             return self._inform(request, mac, node, client, plan)
         return None
@@ -396,14 +396,13 @@ class DhcpPolicy:
         self._event(node, mac, "dhcp.ack", ip=ip)
         return Reply(reply, durable=True)
 
-    def _release(self, request: DhcpPacket, mac: str, node: Node | None) -> None:
+    def _release(self, request: DhcpPacket, mac: str) -> None:
         if request.options.get(codec.OPT_SERVER_ID, self.server_id) != self.server_id:
             return
         if self.leases.release(mac, request.ciaddr) is not None:
             log.info("%s: released %s", mac, request.ciaddr)
 
-    def _decline(self, request: DhcpPacket, mac: str, node: Node | None,
-                 plan: SubnetPlan) -> None:
+    def _decline(self, request: DhcpPacket, mac: str) -> None:
         if request.options.get(codec.OPT_SERVER_ID, self.server_id) != self.server_id:
             return
         ip = request.ip_option(codec.OPT_REQUESTED_IP)

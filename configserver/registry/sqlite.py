@@ -507,14 +507,13 @@ class SqliteRegistry:
             owner = self._owner(mac)
             if owner is None:
                 raise NotFound(f"no node with MAC {mac}")
-            previous = self._db.execute("SELECT state FROM nodes WHERE mac=?",
-                                        (owner,)).fetchone()["state"]
-            first = previous != str(NodeState.READY)
+            previous = self._state(owner)
+            first = previous is not NodeState.READY
             self._db.execute(
                 "UPDATE nodes SET last_heartbeat=?, last_seen=?, facts=json_set(facts, "
                 "'$.status', json(?)) WHERE mac=?", (now, now, json.dumps(status), owner))
             if first:
-                self._event(owner, "agent.heartbeat", {"first_since": previous})
+                self._event(owner, "agent.heartbeat", {"first_since": str(previous)})
                 self._transition(owner, NodeState.READY, "heartbeat")
         node = self._load(owner)
         assert node is not None
