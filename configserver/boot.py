@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
@@ -20,7 +19,6 @@ from configserver.errors import InvalidMac, NotFound
 from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.registry import Registry
 from configserver.render import (
-    BootPlan,
     BootServer,
     ScriptFormat,
     ScriptRenderer,
@@ -145,8 +143,6 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
     else:
         image = app[CATALOG].get(role.image)
         plan = boot_plan(node, role, image, server, mac=mac, fmt=fmt)
-        if plan.kind in ("linux", "xen"):
-            plan = _with_mac_queries(plan, mac)
     if plan.kind == "wait":
         log.warning("%s: cannot boot: %s", mac, plan.message)
     registry.record_event(node.mac, "http.script",
@@ -155,16 +151,6 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
                                                         if plan.message else {})},
                           booting=plan.kind in ("linux", "xen"))
     return _text(app[RENDERER].render(plan, fmt))
-
-
-def _with_mac_queries(plan: BootPlan, mac: str) -> BootPlan:
-    """Tag image URLs with the MAC so each fetch lands in the right timeline."""
-    def tag(url: str) -> str:
-        return f"{url}?mac={mac}" if url else url
-
-    return replace(plan, kernel_url=tag(plan.kernel_url),
-                   initramfs_url=tag(plan.initramfs_url),
-                   hypervisor_url=tag(plan.hypervisor_url))
 
 
 def _client_facts(request: web.Request) -> dict[str, str]:

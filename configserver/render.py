@@ -75,14 +75,18 @@ def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *
         return BootPlan(kind="wait", title=title, mac=mac, script_url=script_url,
                         message=f"image {image.name!r} has no Xen hypervisor for role "
                                 f"{role.name}")
-    base = f"images/{image.name}/"
+
+    def file_url(name: str) -> str:
+        # Tagged with the MAC so that each fetch lands in this node's timeline.
+        return server.url(f"images/{image.name}/{name}") + f"?mac={mac}"
+
     return BootPlan(
         kind="xen" if role.template == BootTemplate.XEN else "linux",
         title=title, mac=mac, script_url=script_url,
-        kernel_url=server.url(base + image.kernel),
-        initramfs_url=server.url(base + image.initramfs),
+        kernel_url=file_url(image.kernel),
+        initramfs_url=file_url(image.initramfs),
         initramfs_name=image.initramfs,
-        hypervisor_url=server.url(base + image.hypervisor) if image.hypervisor else "",
+        hypervisor_url=file_url(image.hypervisor) if image.hypervisor else "",
         kernel_cmdline=kernel_cmdline(node, role, server, mac),
         hypervisor_cmdline=role.hypervisor_args,
     )
