@@ -79,15 +79,21 @@ def spec_from_json(data: Any, *, where: str = "node") -> NodeSpec:
     for key in ("mac", "role"):
         if not isinstance(data.get(key), str):
             raise InvalidRequest(f"{where}: '{key}' is required and must be a string")
-    for key in ("hostname", "ip", "kernel_args"):
+    _check_types(data, where)
+    return NodeSpec(mac=data["mac"], role=data["role"], hostname=data.get("hostname") or None,
+                    ip=data.get("ip") or None, kernel_args=data.get("kernel_args") or "",
+                    tags=tuple(data.get("tags", [])),
+                    extra_nics=_nics(data.get("nics", []), where))
+
+
+def _check_types(data: dict[str, Any], where: str) -> None:
+    """The JSON types of a node's fields, where present; the registry checks the values."""
+    for key in ("role", "hostname", "ip", "kernel_args"):
         if data.get(key) is not None and not isinstance(data[key], str):
             raise InvalidRequest(f"{where}: '{key}' must be a string")
     tags = data.get("tags", [])
     if not isinstance(tags, list) or not all(isinstance(t, str) for t in tags):
         raise InvalidRequest(f"{where}: 'tags' must be a list of strings")
-    return NodeSpec(mac=data["mac"], role=data["role"], hostname=data.get("hostname") or None,
-                    ip=data.get("ip") or None, kernel_args=data.get("kernel_args") or "",
-                    tags=tuple(tags), extra_nics=_nics(data.get("nics", []), where))
 
 
 def _nics(data: Any, where: str) -> tuple[Nic, ...]:
@@ -104,18 +110,11 @@ def _nics(data: Any, where: str) -> tuple[Nic, ...]:
 
 
 def _node_changes(data: dict[str, Any]) -> dict[str, Any]:
-    unknown = set(data) - (_SPEC_FIELDS - {"mac"})
-    if unknown:
-        raise InvalidRequest(f"cannot change {', '.join(sorted(unknown))} of a node")
+    """The changes of a PATCH, typed; unknown fields are the registry's to refuse."""
+    _check_types(data, "node")
     changes = dict(data)
     if "nics" in changes:
         changes["nics"] = _nics(changes["nics"], "node")
-    if "tags" in changes and (not isinstance(changes["tags"], list) or not all(
-            isinstance(t, str) for t in changes["tags"])):
-        raise InvalidRequest("'tags' must be a list of strings")
-    for key in ("role", "hostname", "ip", "kernel_args"):
-        if changes.get(key) is not None and not isinstance(changes[key], str):
-            raise InvalidRequest(f"'{key}' must be a string")
     for key in ("hostname", "ip"):
         if key in changes and not changes[key]:
             changes[key] = None

@@ -32,7 +32,6 @@ from configserver.model import (
     BUILTIN_ROLES,
     ApplyResult,
     BootEvent,
-    Nic,
     Node,
     NodeSpec,
     NodeState,
@@ -201,8 +200,7 @@ class SqliteRegistry:
                 "ip": changes.get("ip", spec.ip),
                 "kernel_args": changes.get("kernel_args", spec.kernel_args),
                 "tags": tuple(changes.get("tags", spec.tags)),
-                "extra_nics": tuple(Nic(n["mac"], n.get("ip")) if isinstance(n, dict) else n
-                                    for n in changes.get("nics", spec.extra_nics)),
+                "extra_nics": tuple(changes.get("nics", spec.extra_nics)),
             }
             new = NodeSpec(**fields).normalized()
             self._release_nics(current.mac)
