@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ipaddress
 import logging
 import signal
 import sys
@@ -46,6 +47,10 @@ async def serve(args: argparse.Namespace) -> None:
         if registry.lookup(mac) is None:
             registry.add_node(NodeSpec(mac=mac, role="storage", ip=ip or None,
                                        hostname=hostname or None))
+    if args.mode == "full" and args.subnet is None:
+        # No --subnet: the server's /24, with no pool (reserved addresses only).
+        args.subnet = Subnet(network=str(ipaddress.IPv4Network(f"{args.server_address}/24",
+                                                               strict=False)))
     dhcp = DhcpConfig(mode=DhcpMode(args.mode), subnet=args.subnet,
                       relayed=tuple(args.relayed), port=args.port, client_port=args.client_port,
                       proxy_port=args.proxy_port)

@@ -7,12 +7,10 @@ error while answering is logged (rate-limited) and dropped; the server keeps ans
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import logging
 from collections import OrderedDict
 
-from configserver.config import DhcpMode, ServerConfig, Subnet
+from configserver.config import DhcpMode, ServerConfig
 from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
 from configserver.dhcp.errors import MalformedPacket
@@ -149,19 +147,9 @@ class DhcpService:
         self.leases.close()
 
 
-def _with_subnet(config: ServerConfig, server_address: str) -> ServerConfig:
-    if config.dhcp.mode != DhcpMode.FULL or config.dhcp.subnet is not None:
-        return config
-    network = ipaddress.IPv4Network(f"{server_address}/24", strict=False)
-    log.warning("DHCP full mode without a subnet: assuming %s with no pool", network)
-    dhcp = dataclasses.replace(config.dhcp, subnet=Subnet(network=str(network)))
-    return dataclasses.replace(config, dhcp=dhcp)
-
-
 async def start_dhcp(config: ServerConfig, registry: Registry, *, server_address: str,
                      http_base: str, tftp_enabled: bool) -> DhcpService:
     """Open the lease store and (unless mode is ``off``) the DHCP sockets on the interface."""
-    config = _with_subnet(config, server_address)
     leases = LeaseStore(config.state_dir / "leases.sqlite")
     policy = DhcpPolicy(config.dhcp, registry, leases, server_address=server_address,
                         http_base=http_base, tftp_enabled=tftp_enabled)
