@@ -33,7 +33,7 @@ from nodeagent.client import LookupAnswer, ServerClient
 from nodeagent.config import AgentConfig
 from nodeagent.errors import InventoryError, NoToken, ServerError, TokenRejected
 from nodeagent.inventory import platform, procfs
-from nodeagent.plugins import PluginContext, role_facts
+from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
 
 log = logging.getLogger(__name__)
 
@@ -130,25 +130,10 @@ def subprocess_inventory(timeout: float = 120.0) -> InventorySource:
     """
     async def collect() -> dict[str, Any]:
         try:
-            child = await asyncio.create_subprocess_exec(
-                sys.executable, "-m", "nodeagent", "inventory", "--json",
-                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE)
-        except OSError as exc:
-            raise InventoryError(f"inventory collection failed: {exc!r}") from None
-        try:
-            stdout, stderr = await asyncio.wait_for(child.communicate(), timeout)
-        except TimeoutError:
-            raise InventoryError(f"inventory collection took over {timeout:.0f}s") from None
-        finally:
-            if child.returncode is None:  # timed out or cancelled: never leave it behind
-                with contextlib.suppress(ProcessLookupError):
-                    child.kill()
-                await child.wait()
-        if child.returncode != 0:
-            lines = stderr.decode(errors="replace").strip().splitlines()
-            raise InventoryError(f"inventory collection exited {child.returncode}: "
-                                 f"{lines[-1] if lines else ''}")
+            stdout = await run_tool([sys.executable, "-m", "nodeagent", "inventory", "--json"],
+                                    timeout)
+        except ToolUnavailable as exc:
+            raise InventoryError(f"inventory collection failed: {exc.message}") from None
         try:
             data = json.loads(stdout)
         except ValueError as exc:

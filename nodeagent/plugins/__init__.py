@@ -8,6 +8,7 @@ agent.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 from collections.abc import Awaitable, Callable
@@ -47,9 +48,12 @@ async def run_tool(argv: list[str], timeout: float) -> str:
     try:
         stdout, stderr = await asyncio.wait_for(process.communicate(), timeout)
     except TimeoutError:
-        process.kill()
-        await process.wait()
         raise ToolUnavailable(f"{argv[0]} did not answer within {timeout:g}s") from None
+    finally:
+        if process.returncode is None:  # timed out or cancelled: never leave it behind
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            await process.wait()
     if process.returncode != 0:
         message = stderr.decode(errors="replace").strip().splitlines()
         raise ToolUnavailable(f"{' '.join(argv)} failed ({process.returncode}): "
