@@ -11,8 +11,33 @@ import os
 import secrets
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+
+
+def wait_for(predicate: Callable[[], T], timeout: float, what: str, *, step: float = 0.2,
+             process: subprocess.Popen | None = None, log: Path | None = None) -> T:
+    """Poll ``predicate`` until it returns something true, and return that.
+
+    Fails after ``timeout`` seconds, or at once if ``process`` has exited, with the end of
+    ``log``.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        exited = process is not None and process.poll() is not None
+        if exited or time.monotonic() > deadline:
+            reason = (f"process exited ({process.returncode})" if exited and process
+                      else f"timed out after {timeout:.0f}s")
+            tail = log.read_text(errors="replace")[-4000:] if log and log.exists() else ""
+            raise AssertionError(f"{reason} waiting for {what}" + (f":\n{tail}" if tail else ""))
+        time.sleep(step)
 
 
 def stop(process: subprocess.Popen, timeout: float = 10) -> int:

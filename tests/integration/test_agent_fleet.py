@@ -20,6 +20,7 @@ from pathlib import Path
 
 import netlab
 import pytest
+from netlab import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -63,14 +64,15 @@ class Server:
              "--state-dir", str(self.state), "--images", str(self.root / "images"),
              "--http-port", str(self.port), "--listen", "127.0.0.1", "--tftp", "off"],
             stdout=self.log, stderr=self.log)
-        deadline = time.monotonic() + 30
-        while True:
-            assert self.proc.poll() is None, (self.root / "server.log").read_text()
-            with contextlib.suppress(OSError):
-                self.get("/api/v1/health")
-                return
-            assert time.monotonic() < deadline, "server did not start in 30 s"
-            time.sleep(0.05)
+        netlab.wait_for(self._healthy, 30, "the server to answer", step=0.05,
+                        process=self.proc, log=self.root / "server.log")
+
+    def _healthy(self) -> bool:
+        try:
+            self.get("/api/v1/health")
+        except OSError:
+            return False
+        return True
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
         if self.proc and self.proc.poll() is None:
@@ -112,7 +114,8 @@ class Server:
 
 class AgentProcess:
     def __init__(self, server: Server, root: Path, address: str, boot_id: str, *,
-                 api_port: int = 0, inventory: Path | None = None) -> None:
+                 api_port: int = 0, inventory: Path | None = None,
+                 env: dict[str, str] | None = None) -> None:
         self.address, self.boot_id = address, boot_id
         self.state_dir = root / f"agent-{address.replace(':', '')}"
         self.state_dir.mkdir(parents=True, exist_ok=True)
@@ -124,7 +127,7 @@ class AgentProcess:
             argv += ["--inventory-file", str(inventory), "--no-watch"]
         self.log_path = self.state_dir / "agent.log"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(argv, stdout=log, stderr=log)
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=log, env=env)
 
     @property
     def token(self) -> str:
@@ -165,17 +168,6 @@ def agents():
         agent.proc.terminate()
     for agent in started:
         agent.stop()
-
-
-def wait_for(predicate, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
-        time.sleep(step)
 
 
 @pytest.fixture
@@ -320,13 +312,8 @@ def test_agent_notifies_systemd_readiness(server, tmp_path, recorded_inventory):
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as listener:
         listener.bind(str(notify_path))
         listener.settimeout(30)
-        agent = subprocess.Popen(
-            [sys.executable, "-m", "nodeagent", "run", "--cmdline", "/dev/null", "--config",
-             "/dev/null", "--server", server.url, "--mac", address, "--boot-id", "n-1",
-             "--state-dir", str(tmp_path / "n"), "--api-port", "0", "--inventory-file",
-             str(recorded_inventory), "--no-watch"],
-            env={**os.environ, "NOTIFY_SOCKET": str(notify_path)},
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        agent = AgentProcess(server, tmp_path, address, "n-1", inventory=recorded_inventory,
+                             env={**os.environ, "NOTIFY_SOCKET": str(notify_path)}).proc
         try:
             messages = [listener.recv(4096).decode() for _ in range(2)]
             assert messages[0].startswith("READY=1\n")

@@ -11,6 +11,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import netlab
 import pytest
 
 from configserver.client import ApiClient
@@ -35,12 +36,12 @@ class Server:
             [sys.executable, "-m", "configserver", "serve", "--state-dir", str(self.state),
              "--images", str(self.images), "--http-port", "0", "--listen", "127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        deadline = began + 20
-        while not endpoint.exists():
-            if self.proc.poll() is not None:
-                raise AssertionError(f"server exited: {self.proc.stderr.read()}")
-            assert time.monotonic() < deadline, "server did not start in 20 s"
-            time.sleep(0.02)
+        try:
+            netlab.wait_for(endpoint.exists, 20, "the server to start", step=0.02,
+                            process=self.proc)
+        except AssertionError as exc:
+            exited = self.proc.poll() is not None  # only then does reading stderr end
+            raise AssertionError(f"{exc}: {self.proc.stderr.read() if exited else ''}") from None
         self.startup = time.monotonic() - began
         self.url = json.loads(endpoint.read_text())["url"]
 

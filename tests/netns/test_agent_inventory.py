@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import netlab
@@ -66,10 +65,8 @@ def test_agent_in_a_namespace_pushes_a_new_inventory_when_links_change(tmp_path:
             "--tftp", "off", stdout=logs, stderr=logs)
         agent = None
         try:
-            deadline = time.monotonic() + 30
-            while not (state / "server.json").exists():
-                assert server.poll() is None and time.monotonic() < deadline
-                time.sleep(0.1)
+            netlab.wait_for((state / "server.json").exists, 30, "the server to start",
+                            step=0.1, process=server, log=tmp_path / "logs.txt")
             server_ns.run(sys.executable, "-m", "configserver", "--state-dir", str(state),
                           "node", "add", AGENT_MAC, "--role", "storage")
             agent = agent_ns.popen(
@@ -85,11 +82,8 @@ def test_agent_in_a_namespace_pushes_a_new_inventory_when_links_change(tmp_path:
                 return {n["name"] for n in inventory.get("nics", [])}
 
             def wait(predicate, what: str) -> None:
-                deadline = time.monotonic() + 60
-                while not predicate():
-                    assert agent.poll() is None, (tmp_path / "logs.txt").read_text()
-                    assert time.monotonic() < deadline, f"timed out waiting for {what}"
-                    time.sleep(0.5)
+                netlab.wait_for(predicate, 60, what, step=0.5, process=agent,
+                                log=tmp_path / "logs.txt")
 
             # The agent found its own MAC by itself (no --mac) and pushed its inventory.
             wait(lambda: nic_names() == {"eth0"}, "the first inventory")

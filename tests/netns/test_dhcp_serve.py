@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import netlab
@@ -28,15 +27,14 @@ def start_serve(ns: Netns, state: Path, *args: str) -> subprocess.Popen:
     process = ns.popen(str(CONFIGSERVER), "-v", "serve", "--state-dir", str(state),
                        "--interface", "eth0", "--http-port", str(HTTP_PORT), "--tftp", "off",
                        *args, stdout=log.open("w"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if (state / "server.json").exists() and "DHCP" in log.read_text():
-            return process
-        if process.poll() is not None:
-            break
-        time.sleep(0.2)
-    process.terminate()
-    raise AssertionError(f"configserver serve did not start:\n{log.read_text()}")
+    try:
+        # server.json is written once DHCP (and TFTP, if on) are serving.
+        netlab.wait_for((state / "server.json").exists, 30, "configserver serve to start",
+                        process=process, log=log)
+    except AssertionError:
+        netlab.stop(process)
+        raise
+    return process
 
 
 def register(state: Path) -> None:

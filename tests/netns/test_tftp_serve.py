@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import netlab
@@ -24,12 +23,12 @@ def _serve(ns, state_dir: Path, log_path: Path, tftp: str) -> subprocess.Popen:
             "--interface", "eth0", "--tftp", tftp, "--ipxe-dir", str(IPXE_DIR)]
     with log_path.open("w") as log:
         proc = ns.popen(*argv, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    deadline = time.monotonic() + 30
-    while "config server ready" not in log_path.read_text():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise RuntimeError("configserver serve did not start: " + log_path.read_text())
-        time.sleep(0.1)
+    try:
+        netlab.wait_for(lambda: "config server ready" in log_path.read_text(), 30,
+                        "configserver serve to start", step=0.1, process=proc, log=log_path)
+    except AssertionError:
+        netlab.stop(proc)
+        raise
     return proc
 
 

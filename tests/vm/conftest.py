@@ -10,11 +10,11 @@ import json
 import secrets
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import netlab
 import pytest
 import testimage
 
@@ -70,15 +70,9 @@ class BootLab:
             [sys.executable, "-m", "configserver", "serve", "--state-dir", str(self.state_dir),
              "--images", str(images), "--http-port", "8080", "--interface", network.BRIDGE,
              *args], "configserver.log")
-        deadline = time.monotonic() + 60
-        while True:
-            if self.server.poll() is not None:
-                pytest.fail(f"config server exited:\n{self.log_tail('configserver.log')}")
-            if self.cli("node", "list", check=False).returncode == 0:
-                return
-            if time.monotonic() > deadline:
-                pytest.fail(f"config server not up:\n{self.log_tail('configserver.log')}")
-            time.sleep(0.5)
+        netlab.wait_for(lambda: self.cli("node", "list", check=False).returncode == 0, 60,
+                        "the config server", step=0.5, process=self.server,
+                        log=self.workdir / "configserver.log")
 
     def cli(self, *argv: str, check: bool = True) -> subprocess.CompletedProcess:
         proc = subprocess.run(
