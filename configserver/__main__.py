@@ -1,3 +1,3 @@
-from configserver.cli import main
+from configserver.cli.main import main
 
 raise SystemExit(main())

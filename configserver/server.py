@@ -17,11 +17,11 @@ from pathlib import Path
 
 from aiohttp import web
 
-from configserver.app import create_app
-from configserver.appkeys import CATALOG
-from configserver.boot import IPXE_DIR, RESOLVE_MAC
 from configserver.config import DhcpMode, ServerConfig, Subnet
 from configserver.errors import ConfigError, StoreError
+from configserver.http.app import create_app
+from configserver.http.appkeys import CATALOG
+from configserver.http.boot import IPXE_DIR, RESOLVE_MAC
 from configserver.netif import interface_ipv4
 from configserver.registry.sqlite import SqliteRegistry
 

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet
-from configserver.dhcp import start_dhcp
+from configserver.dhcp.service import start_dhcp
 from configserver.model import NodeSpec, UnknownMacPolicy
 from configserver.registry.sqlite import SqliteRegistry
 

@@ -2,9 +2,6 @@
 
 ``codec`` (bytes <-> packets, pure), ``options`` (PXE semantics), ``policy`` (the answer, from the
 registry), ``leases`` (durable lease store), ``transport`` (sockets) and ``service`` (the hook
-``start_dhcp`` that ``configserver serve`` calls).
+``start_dhcp`` that ``configserver serve`` calls). Importing the package loads none of them, so
+``configserver.dhcp.codec`` stays importable alone.
 """
-
-from configserver.dhcp.service import DhcpService, start_dhcp
-
-__all__ = ["DhcpService", "start_dhcp"]

@@ -14,8 +14,8 @@ from pathlib import Path
 import netlab
 import pytest
 
-from configserver.client import ApiClient
 from configserver.errors import NetbootError
+from configserver.http.client import ApiClient
 
 pytestmark = pytest.mark.integration
 

@@ -1,4 +1,4 @@
-"""Server side of the agent protocol (configserver.agentapi) through aiohttp's test client."""
+"""Server side of the agent protocol (configserver.http.agentapi) through aiohttp's test client."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import hashlib
 
 import pytest
 
-from configserver.agentapi import AGENT_API, AgentApiState, LookupRateLimiter
-from configserver.app import create_app
 from configserver.config import HttpConfig, ServerConfig
+from configserver.http.agentapi import AGENT_API, AgentApiState, LookupRateLimiter
+from configserver.http.app import create_app
 from configserver.model import NodeSpec, NodeState
 from configserver.registry.sqlite import SqliteRegistry
 

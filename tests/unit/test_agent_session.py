@@ -11,8 +11,8 @@ import stat
 import aiohttp
 import pytest
 
-from configserver.app import create_app
 from configserver.config import HttpConfig, ServerConfig
+from configserver.http.app import create_app
 from configserver.model import NodeSpec, NodeState
 from configserver.registry.sqlite import SqliteRegistry
 from nodeagent import sdnotify

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from configserver.app import create_app
 from configserver.config import HttpConfig, ServerConfig
+from configserver.http.app import create_app
 from configserver.registry.sqlite import SqliteRegistry
 
 TOKEN = "test-admin-token"

@@ -8,11 +8,11 @@ import pytest
 from test_dhcp_codec import BAD_INPUT, DHCLIENT_DISCOVER, PERFDHCP_DISCOVER
 
 from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet
-from configserver.dhcp import codec, start_dhcp
+from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
 from configserver.dhcp.leases import LeaseStore
 from configserver.dhcp.policy import DHCP_PORT, PROXY_PORT, DhcpPolicy
-from configserver.dhcp.service import DhcpService, destination
+from configserver.dhcp.service import DhcpService, destination, start_dhcp
 from configserver.model import NodeSpec
 from configserver.registry.sqlite import SqliteRegistry
 

@@ -12,8 +12,8 @@ from typing import Any
 
 from aiohttp import web
 
-from configserver.appkeys import ADMIN_TOKEN, CATALOG, REGISTRY
 from configserver.errors import InvalidRequest, NotFound, Unauthorized
+from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, REGISTRY
 from configserver.model import Nic, NodeSpec, NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.timeline import boot_timeline
 

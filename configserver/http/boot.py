@@ -14,8 +14,8 @@ from pathlib import Path
 
 from aiohttp import web
 
-from configserver.appkeys import CATALOG, CONFIG, REGISTRY
 from configserver.errors import InvalidMac, NotFound
+from configserver.http.appkeys import CATALOG, CONFIG, REGISTRY
 from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.registry import Registry
 from configserver.render import (

@@ -18,10 +18,10 @@ from pathlib import Path
 from typing import Any
 
 from configserver import __version__, eventloop
-from configserver.client import ApiClient
 from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
 from configserver.errors import ConfigError, NetbootError
 from configserver.eventloop import PollingSelector
+from configserver.http.client import ApiClient
 from configserver.inventory import format_inventory, parse_inventory
 
 log = logging.getLogger("configserver")
@@ -231,7 +231,7 @@ def _node_body(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
-    from configserver import cliformat
+    from configserver.cli import format as cliformat
 
     if args.action == "add":
         node = client.post("/api/v1/nodes", {"mac": args.mac, **_node_body(args)})
@@ -254,7 +254,7 @@ def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def cmd_role(args: argparse.Namespace, client: ApiClient) -> int:
-    from configserver import cliformat
+    from configserver.cli import format as cliformat
 
     if args.action == "list":
         roles = client.get("/api/v1/roles")["roles"]
@@ -301,7 +301,7 @@ def cmd_settings(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 def cmd_images(args: argparse.Namespace, client: ApiClient) -> int:
-    from configserver import cliformat
+    from configserver.cli import format as cliformat
 
     images = client.get("/api/v1/images")["images"]
     return _print(args, images, cliformat.image_table(images))

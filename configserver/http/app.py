@@ -8,10 +8,10 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
-from configserver import agentapi, api, boot
-from configserver.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
+from configserver.http import agentapi, api, boot
+from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
 from configserver.images import ImageCatalog
 from configserver.registry import Registry
 

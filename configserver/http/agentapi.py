@@ -32,9 +32,9 @@ from typing import Any
 
 from aiohttp import web
 
-from configserver.api import bearer_token
-from configserver.appkeys import ADMIN_TOKEN, CONFIG, REGISTRY
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
+from configserver.http.api import bearer_token
+from configserver.http.appkeys import ADMIN_TOKEN, CONFIG, REGISTRY
 from configserver.model import Node, NodeState, normalize_mac
 
 log = logging.getLogger(__name__)
