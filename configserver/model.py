@@ -12,42 +12,20 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+import netbootmac
 from configserver.errors import InvalidAddress, InvalidHostname, InvalidMac, InvalidRole
 
-_HEX12 = re.compile(r"^[0-9a-f]{12}$")
 _HOST_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _ROLE_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")
 _TAG = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:=-]{0,63}$")
 
 
 def normalize_mac(text: str) -> str:
-    """Return ``aa:bb:cc:dd:ee:ff`` for any common spelling of a 48-bit MAC.
-
-    Accepted: colons, hyphens, Cisco dots (``aabb.ccdd.eeff``), bare hex, any case, and the
-    pxelinux ``01-aa-bb-...`` form with its hardware-type prefix.
-    """
-    if not isinstance(text, str):
-        raise InvalidMac(f"MAC address must be a string, not {type(text).__name__}")
-    raw = text.strip().lower()
-    if re.fullmatch(r"01-([0-9a-f]{2}-){5}[0-9a-f]{2}", raw):
-        raw = raw[3:]
-    compact = re.sub(r"[:\-.]", "", raw)
-    groups = re.split(r"[:\-.]", raw)
-    well_formed = (
-        len(groups) == 1
-        or (len(groups) == 6 and all(len(g) in (1, 2) for g in groups))
-        or (len(groups) == 3 and all(len(g) == 4 for g in groups))
-    )
-    if len(groups) == 6:
-        compact = "".join(g.zfill(2) for g in groups)
-    if not well_formed or not _HEX12.match(compact):
-        raise InvalidMac(f"invalid MAC address {text!r}",
-                         hint="use six hex octets, e.g. 52:54:00:12:34:56")
-    if int(compact[:2], 16) & 1:
-        raise InvalidMac(f"{text!r} is a multicast address, not a NIC's MAC")
-    if compact == "000000000000":
-        raise InvalidMac("the all-zero MAC address is not a NIC's MAC")
-    return ":".join(compact[i:i + 2] for i in range(0, 12, 2))
+    """Return ``aa:bb:cc:dd:ee:ff`` for any common spelling of a NIC's MAC (``netbootmac``)."""
+    try:
+        return netbootmac.normalize_mac(text)
+    except netbootmac.MacError as exc:
+        raise InvalidMac(str(exc), hint=exc.hint) from None
 
 
 def validate_hostname(text: str) -> str:

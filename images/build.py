@@ -172,20 +172,39 @@ def build_environment(recipe: Recipe, paths: BuildPaths, base: dict[str, str]) -
     return merged
 
 
+AGENT_PROJECT = REPO / "images" / "agent" / "pyproject.toml"
+AGENT_PACKAGES = ("nodeagent", "netbootmac")
+AGENT_WHEEL_GLOB = "netboot_agent-*.whl"
+
+
+def stage_agent_source(staging: Path) -> Path:
+    """The agent's own source tree: its packages and its pyproject, nothing of the server."""
+    if staging.exists():
+        shutil.rmtree(staging)
+    staging.mkdir(parents=True)
+    shutil.copy2(AGENT_PROJECT, staging / "pyproject.toml")
+    for package in AGENT_PACKAGES:
+        shutil.copytree(REPO / package, staging / package,
+                        ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return staging
+
+
 def build_wheelhouse(wheelhouse: Path, offline: bool) -> None:
-    """The project's own wheel plus the agent's dependencies as wheels for the image."""
+    """The agent's wheel plus its dependencies as wheels for the image."""
     wheelhouse.mkdir(parents=True, exist_ok=True)
-    for old in wheelhouse.glob("netboot_appliance-*.whl"):
+    for old in (*wheelhouse.glob(AGENT_WHEEL_GLOB), *wheelhouse.glob("netboot_appliance-*.whl")):
         old.unlink()
+    source = stage_agent_source(wheelhouse.parent / "agent-src")
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    _run([*pip, "wheel", "--no-deps", "-w", str(wheelhouse), str(REPO)], "building the wheel")
-    wheels = sorted(wheelhouse.glob("netboot_appliance-*.whl"))
+    _run([*pip, "wheel", "--no-deps", "-w", str(wheelhouse), str(source)],
+         "building the agent's wheel")
+    wheels = sorted(wheelhouse.glob(AGENT_WHEEL_GLOB))
     if len(wheels) != 1:
-        raise BuildError(f"expected one project wheel in {wheelhouse}, found {wheels}")
+        raise BuildError(f"expected one agent wheel in {wheelhouse}, found {wheels}")
     # The dependencies of *this* wheel (never a same-named project from the index).
     index = ["--no-index"] if offline else []
     _run([*pip, "wheel", *index, "--find-links", str(wheelhouse), "-w", str(wheelhouse),
-          f"{wheels[0]}[agent]"], "fetching the agent's dependencies")
+          str(wheels[0])], "fetching the agent's dependencies")
 
 
 def _run(command: list[str], what: str, env: dict[str, str] | None = None) -> None:
@@ -237,7 +256,7 @@ def make_manifest(recipe: Recipe, staged: Path, prefix: Path, seconds: float,
              for name in (KERNEL, INITRAMFS, HYPERVISOR) if (staged / name).is_file()}
     versions = _read_table(prefix.with_name(prefix.name + ".versions"))
     versions.update(_read_table(prefix.with_name(prefix.name + ".xen-version")))
-    wheels = sorted(wheelhouse.glob("netboot_appliance-*.whl"))
+    wheels = sorted(wheelhouse.glob(AGENT_WHEEL_GLOB))
     if wheels:
         versions["nodeagent"] = wheels[-1].name.split("-")[1]
     with contextlib.suppress(metadata.PackageNotFoundError):

@@ -6,7 +6,7 @@
 
 IMAGE_ROLES := dom0 storage
 IMAGES_DIR := build/images
-IMAGE_INPUTS := $(shell find elements nodeagent systemd -type f \
+IMAGE_INPUTS := $(shell find elements nodeagent netbootmac systemd images/agent -type f \
 	! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
 	pyproject.toml images/build.py mk/images.mk
 

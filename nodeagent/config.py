@@ -13,6 +13,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
+import netbootmac
 from nodeagent.errors import ConfigError
 
 DEFAULT_CONFIG_FILE = Path("/etc/netboot/nodeagent.toml")
@@ -20,7 +21,6 @@ DEFAULT_STATE_DIR = Path("/run/nodeagent")
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 DEFAULT_API_PORT = 9898
 
-_MAC = re.compile(r"^([0-9a-f]{2}[:-]){5}[0-9a-f]{2}$")
 _BOOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 # Kernel parameter -> AgentConfig field.
@@ -68,14 +68,11 @@ class AgentConfig:
 
 
 def normalize_mac(text: str) -> str:
-    """``aa:bb:cc:dd:ee:ff`` from colon, hyphen or pxelinux ``01-aa-bb-...`` spellings."""
-    raw = str(text).strip().lower()
-    if re.fullmatch(r"01-([0-9a-f]{2}-){5}[0-9a-f]{2}", raw):
-        raw = raw[3:]
-    if not _MAC.match(raw):
-        raise ConfigError(f"invalid MAC address {text!r}",
-                          hint="use six hex octets, e.g. 52:54:00:12:34:56")
-    return raw.replace("-", ":")
+    """``aa:bb:cc:dd:ee:ff``, by the rule the config server applies too (``netbootmac``)."""
+    try:
+        return netbootmac.normalize_mac(text)
+    except netbootmac.MacError as exc:
+        raise ConfigError(str(exc), hint=exc.hint) from None
 
 
 def parse_kernel_cmdline(text: str) -> dict[str, Any]:

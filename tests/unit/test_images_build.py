@@ -6,6 +6,7 @@ import hashlib
 import importlib.util
 import json
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -113,7 +114,7 @@ def test_publish_writes_the_manifest_the_catalog_reads(build, tmp_path, with_xen
     _fake_build_outputs(prefix, with_xen)
     wheels = tmp_path / "wheels"
     wheels.mkdir()
-    (wheels / "netboot_appliance-0.1.0-py3-none-any.whl").write_bytes(b"")
+    (wheels / "netboot_agent-0.1.0-py3-none-any.whl").write_bytes(b"")
     elements = ("debian-minimal", "netboot-live") + (("xen-dom0",) if with_xen else ())
     recipe = build.Recipe(name=name, path=tmp_path / "r.toml", elements=elements)
     output = tmp_path / "images"
@@ -152,3 +153,22 @@ def test_publish_refuses_a_dom0_without_hypervisor(build, tmp_path):
     recipe = build.Recipe(name="dom0", path=tmp_path / "r.toml", elements=("xen-dom0",))
     with pytest.raises(build.BuildError, match="hypervisor"):
         build.publish(recipe, prefix, tmp_path / "images", 1.0, tmp_path)
+
+
+def test_agent_wheel_source_holds_the_agent_alone(build, tmp_path):
+    staged = build.stage_agent_source(tmp_path / "agent-src")
+    top = sorted(p.name for p in staged.iterdir())
+    assert top == ["netbootmac", "nodeagent", "pyproject.toml"]
+    assert (staged / "nodeagent" / "cli.py").is_file()
+    assert not list(staged.rglob("__pycache__"))
+    # Staging twice replaces the old tree (no stale module survives).
+    (staged / "nodeagent" / "stale.py").write_text("")
+    build.stage_agent_source(staged)
+    assert not (staged / "nodeagent" / "stale.py").exists()
+
+
+def test_agent_wheel_depends_on_what_the_agent_extra_names(build):
+    agent = tomllib.loads(build.AGENT_PROJECT.read_text())["project"]
+    top = tomllib.loads((build.REPO / "pyproject.toml").read_text())["project"]
+    assert agent["dependencies"] == top["optional-dependencies"]["agent"]
+    assert agent["scripts"] == {"nodeagent": top["scripts"]["nodeagent"]}

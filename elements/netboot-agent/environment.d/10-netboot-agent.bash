@@ -2,5 +2,5 @@
 # The build driver (images/build.py) fills the wheelhouse and names the unit.
 export DIB_NETBOOT_AGENT_WHEELHOUSE=${DIB_NETBOOT_AGENT_WHEELHOUSE:-}
 export DIB_NETBOOT_AGENT_UNIT=${DIB_NETBOOT_AGENT_UNIT:-}
-export DIB_NETBOOT_AGENT_REQUIREMENT=${DIB_NETBOOT_AGENT_REQUIREMENT:-netboot-appliance[agent]}
+export DIB_NETBOOT_AGENT_REQUIREMENT=${DIB_NETBOOT_AGENT_REQUIREMENT:-netboot-agent}
 export DIB_NETBOOT_AGENT_PREFIX=${DIB_NETBOOT_AGENT_PREFIX:-/opt/nodeagent}
