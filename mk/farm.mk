@@ -4,7 +4,7 @@ FARM_DIR ?= build/farm
 FARM_ARGS ?=
 FARM := $(PY) -m configserver.farm --farm-dir $(FARM_DIR)
 
-.PHONY: farm farm-status farm-down bench-storm
+.PHONY: farm farm-status farm-down farm-ssh bench-storm
 
 farm: deps venv images
 	$(FARM) up $(FARM_ARGS)
@@ -14,6 +14,12 @@ farm-status: venv
 
 farm-down: venv
 	$(FARM) down
+
+# make farm-ssh NODE=dom0-1 [CMD="xl info"]: root on a farm node, with the farm's own key.
+NODE ?= dom0-1
+CMD ?=
+farm-ssh: venv
+	$(FARM) ssh $(NODE) $(CMD)
 
 # The real-image vm tests boot what `make images` built.
 test-vm: images

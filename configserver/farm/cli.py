@@ -36,9 +36,17 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--timeout", type=float, default=1200, help="seconds until all are ready")
     up.add_argument("--no-wait", action="store_true", help="return once the VMs are started")
     up.add_argument("--json", action="store_true")
+    up.add_argument("--fresh", action="store_true",
+                    help="start from an empty registry (default: keep the last farm's state)")
+    up.add_argument("--ssh-key", type=Path, action="append", default=[], metavar="FILE",
+                    help="a public key file for root on every node (repeatable); the farm's "
+                         "own key (used by 'ssh') is always there")
     st = sub.add_parser("status", help="the farm's nodes and their states")
     st.add_argument("--json", action="store_true")
     sub.add_parser("down", help="stop everything and remove the namespace")
+    ssh = sub.add_parser("ssh", help="ssh into a farm node as root (from the farm's namespace)")
+    ssh.add_argument("node", help="node name, e.g. dom0-1")
+    ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run there")
     return parser
 
 
@@ -69,15 +77,26 @@ def _run(args: argparse.Namespace) -> int:
         nodes = plan_nodes(args.dom0, args.storage, firmware, args.subnet)
         config = FarmConfig(farm_dir=args.farm_dir, nodes=nodes, images_dir=args.images,
                             subnet=args.subnet, http_port=args.http_port,
-                            ready_timeout=args.timeout)
+                            ready_timeout=args.timeout, fresh=args.fresh,
+                            ssh_keys=tuple(_read_key(path) for path in args.ssh_key))
         rows = Farm(config).up(wait=not args.no_wait)
         return _show(rows, args.json)
     farm = Farm(FarmConfig(farm_dir=args.farm_dir, nodes=(), images_dir=Path("build/images")))
     if args.command == "status":
         return _show(farm.status(), args.json)
+    if args.command == "ssh":
+        argv = farm.ssh_command(args.node, args.remote)
+        os.execvp(argv[0], argv)
     removed = farm.down()
     print("removed: " + (", ".join(removed) if removed else "nothing (no farm was up)"))
     return 0
+
+
+def _read_key(path: Path) -> str:
+    try:
+        return path.expanduser().read_text()
+    except OSError as exc:
+        raise FarmError(f"cannot read SSH key {path}: {exc.strerror}") from None
 
 
 def _show(rows: list[dict], as_json: bool) -> int:

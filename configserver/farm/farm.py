@@ -8,20 +8,23 @@ CLI run in the same namespace.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import hashlib
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 from configserver.farm import BootFailed, CommandFailed, FarmError, network, qemu
 from configserver.farm.network import FarmNetwork, NetworkPlan
+from configserver.inventory import format_inventory
 
 log = logging.getLogger(__name__)
 
@@ -54,6 +57,9 @@ class FarmConfig:
     python: str = sys.executable
     ready_timeout: float = 1200.0
     disk_size: str = "4G"
+    fresh: bool = False  # start from an empty registry instead of the one the last farm left
+    ssh_keys: tuple[str, ...] = ()  # authorized_keys lines for root on every node, besides
+    #                                 the farm's own key (``ssh`` uses that one)
 
 
 def plan_nodes(dom0: int, storage: int, firmware: str | list[str], subnet: str,
@@ -184,10 +190,11 @@ class Farm:
             self.report(f"network: namespace {self.net.namespace}, bridge {network.BRIDGE} "
                         f"{self.net.plan.server_ip}/{self.net.plan.prefixlen}, "
                         f"accel {host.accel}")
+            if self.config.fresh and self.state_dir.exists():
+                shutil.rmtree(self.state_dir)
+                self.report(f"state: {self.state_dir} removed (--fresh)")
             self._start_server(state)
-            for node in self.config.nodes:
-                self.cli("node", "add", node.mac, "--role", node.role,
-                         "--hostname", node.name, "--ip", node.ip)
+            self._register()
             for index, node in enumerate(self.config.nodes):
                 state.nodes.append(self._boot(index, node, host))
                 state.save(self.dir)
@@ -198,6 +205,45 @@ class Farm:
         if not wait:
             return self.rows(state)
         return self.wait_ready(state)
+
+    def _register(self) -> None:
+        """Declare the farm's nodes: created, or updated in a registry kept from an earlier farm.
+
+        ``apply`` without ``--prune``: whatever else an operator registered in the farm's state
+        directory stays as it is.
+        """
+        keys = (self._farm_key().read_text().strip(), *self.config.ssh_keys)
+        args = ssh_keys_argument(keys)
+        inventory = self.dir / "inventory.toml"
+        inventory.write_text(format_inventory({"nodes": [
+            {"mac": n.mac, "role": n.role, "hostname": n.name, "ip": n.ip, "kernel_args": args}
+            for n in self.config.nodes]}))
+        self.cli("apply", "-f", str(inventory))
+
+    @property
+    def ssh_key(self) -> Path:
+        return self.dir / "ssh" / "id_ed25519"
+
+    def _farm_key(self) -> Path:
+        """The farm's own SSH key pair (made once, kept across ``down``): its public half."""
+        if not self.ssh_key.is_file():
+            self.ssh_key.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            network.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                         f"netboot-farm@{self.net.namespace}", "-f", str(self.ssh_key)])
+        return self.ssh_key.with_suffix(".pub")
+
+    def ssh_command(self, name: str, command: Sequence[str] = ()) -> list[str]:
+        """``ssh`` into farm node ``name`` from inside the farm's namespace, as root."""
+        state = FarmState.load(self.dir)
+        if state is None:
+            raise FarmError(f"no farm is up in {self.dir}", hint="start one with 'up'")
+        node = next((n for n in state.nodes if n["name"] == name), None)
+        if node is None:
+            names = ", ".join(n["name"] for n in state.nodes) or "none"
+            raise FarmError(f"no farm node {name!r}", hint=f"nodes: {names}")
+        return self.net.cmd("ssh", "-i", str(self.ssh_key), "-o", "StrictHostKeyChecking=no",
+                            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
+                            "-o", "ConnectTimeout=10", f"root@{node['ip']}", *command)
 
     def _boot(self, index: int, node: NodePlan, host: qemu.HostQemu) -> dict[str, Any]:
         vm_dir = self.dir / "vms" / node.name
@@ -228,14 +274,17 @@ class Farm:
             all_ready = True
             for node in state.nodes:
                 view = self.node_view(node["mac"])
-                for step in view.get("timeline", []):
+                steps = this_boot(view.get("timeline", []), node["power_on"])
+                for step in steps:
                     stage = step.get("stage")
                     if stage in seen[node["mac"]]:
                         continue
                     seen[node["mac"]].add(stage)
                     offset = step.get("time", 0) - node["power_on"]
                     self.report(f"{node['name']}: {stage:<9} +{offset:6.1f}s")
-                if view.get("state") != "ready":
+                # A registry kept from an earlier farm may still say ``ready``: only a ready
+                # stage of this power-on counts.
+                if view.get("state") != "ready" or "ready" not in seen[node["mac"]]:
                     all_ready = False
                     self._check_alive(node)
             if all_ready:
@@ -269,7 +318,8 @@ class Farm:
             ready_at = None
             if entry.get("state") == "ready":
                 with contextlib.suppress(CommandFailed, ValueError):
-                    timeline = self.node_view(node["mac"]).get("timeline", [])
+                    timeline = this_boot(self.node_view(node["mac"]).get("timeline", []),
+                                         node["power_on"])
                     ready_at = next((s["time"] for s in timeline if s["stage"] == "ready"), None)
             vm = "running" if network.alive(node["pid"]) else "stopped"
             rows.append({
@@ -305,6 +355,22 @@ class Farm:
         with contextlib.suppress(FileNotFoundError):
             (self.dir / STATE_FILE).unlink()
         return removed
+
+
+def ssh_keys_argument(keys: Sequence[str]) -> str:
+    """``netboot.ssh_keys=BASE64`` (one kernel word) for ``authorized_keys`` lines."""
+    lines = [line.strip() for key in keys for line in key.splitlines() if line.strip()]
+    bad = [line for line in lines if not line.startswith(("ssh-", "ecdsa-", "sk-"))]
+    if bad or not lines:
+        raise FarmError(f"not an SSH public key: {(bad or [''])[0][:40]!r}",
+                        hint="give the .pub file of a key (ssh-ed25519 AAAA...)")
+    encoded = base64.b64encode(("\n".join(lines) + "\n").encode()).decode()
+    return f"netboot.ssh_keys={encoded}"
+
+
+def this_boot(timeline: list[dict[str, Any]], power_on: float) -> list[dict[str, Any]]:
+    """The timeline's stages since the VM was powered on (not an earlier farm's boot)."""
+    return [step for step in timeline if step.get("time", 0) >= power_on - 1.0]
 
 
 def _is_ours(pid: int, farm_dir: Path, namespace: str) -> bool:

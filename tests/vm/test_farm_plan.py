@@ -75,3 +75,32 @@ def test_table_lists_every_node():
     assert lines[0].split()[:3] == ["NODE", "MAC", "ROLE"]
     assert lines[1].split() == ["dom0-1", "52:54:00:fa:d0:01", "dom0", "198.18.0.10", "ready",
                                 "bios", "running", "201.6s"]
+
+
+def test_ssh_keys_become_one_kernel_word_that_decodes_to_the_key_lines():
+    import base64
+
+    from configserver.farm.farm import ssh_keys_argument
+    own = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB farm@x\n"
+    user = "ssh-rsa AAAAB3NzaC1yc2E user@host\n\necdsa-sha2-nistp256 AAAAE2 other\n"
+    arg = ssh_keys_argument([own, user])
+    name, _, value = arg.partition("=")
+    assert name == "netboot.ssh_keys" and " " not in arg
+    assert base64.b64decode(value).decode().splitlines() == [
+        "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB farm@x", "ssh-rsa AAAAB3NzaC1yc2E user@host",
+        "ecdsa-sha2-nistp256 AAAAE2 other"]
+
+
+@pytest.mark.parametrize("keys", [[], ["-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"], ["\n"]])
+def test_ssh_keys_refuse_what_is_not_a_public_key(keys):
+    from configserver.farm.farm import ssh_keys_argument
+    with pytest.raises(FarmError):
+        ssh_keys_argument(keys)
+
+
+def test_only_stages_of_this_power_on_count():
+    from configserver.farm.farm import this_boot
+    timeline = [{"stage": "ready", "time": 100.0}, {"stage": "dhcp", "time": 500.2},
+                {"stage": "ready", "time": 620.0}]
+    assert this_boot(timeline, power_on=500.0) == timeline[1:]
+    assert this_boot(timeline, power_on=700.0) == []
