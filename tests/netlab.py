@@ -7,14 +7,14 @@ and taps are created inside them, never on the host, and addresses come from 198
 from __future__ import annotations
 
 import contextlib
-import os
 import secrets
-import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
+
+from configserver.farm import network
 
 T = TypeVar("T")
 
@@ -58,19 +58,12 @@ def run(cmd: Sequence[str], *, check: bool = True, timeout: float = 60,
                           text=True, **kwargs)
 
 
-class Netns:
-    """A named network namespace with its own /etc/netns resolv.conf, removed on close."""
+class Netns(network.Namespace):
+    """A throwaway namespace (random name), made at once and removed by ``close``."""
 
     def __init__(self, prefix: str = "nbt") -> None:
-        self.name = f"{prefix}-{secrets.token_hex(3)}"
-        run(["ip", "netns", "add", self.name])
-        self.etc = Path("/etc/netns") / self.name
-        self.etc.mkdir(parents=True, exist_ok=True)
-        (self.etc / "resolv.conf").write_text("# test namespace: no resolver\n")
-        self.ip("link", "set", "lo", "up")
-
-    def cmd(self, *argv: str) -> list[str]:
-        return ["ip", "netns", "exec", self.name, *argv]
+        super().__init__(f"{prefix}-{secrets.token_hex(3)}")
+        self.create()
 
     def run(self, *argv: str, check: bool = True, timeout: float = 60,
             **kwargs) -> subprocess.CompletedProcess:
@@ -79,30 +72,11 @@ class Netns:
     def popen(self, *argv: str, **kwargs) -> subprocess.Popen:
         return subprocess.Popen(self.cmd(*argv), **kwargs)
 
-    def ip(self, *argv: str) -> subprocess.CompletedProcess:
-        return run(["ip", "-n", self.name, *argv])
-
     def close(self) -> None:
-        # Kill whatever still runs inside, then drop the namespace and its /etc overlay.
-        pids = run(["ip", "netns", "pids", self.name], check=False).stdout.split()
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError, ValueError):
-                os.kill(int(pid), 9)
-        run(["ip", "netns", "del", self.name], check=False)
-        shutil.rmtree(self.etc, ignore_errors=True)
+        self.destroy(grace=0)
 
 
-def veth_pair(a: Netns, b: Netns, addr_a: str, addr_b: str, *,
-              name_a: str = "eth0", name_b: str = "eth0") -> None:
-    """Join two namespaces by a veth pair created inside ``a`` and moved into ``b``."""
-    tmp = f"vb{secrets.token_hex(3)}"
-    a.ip("link", "add", name_a, "type", "veth", "peer", "name", tmp)
-    a.ip("link", "set", tmp, "netns", b.name)
-    b.ip("link", "set", tmp, "name", name_b)
-    for ns, name, addr in ((a, name_a, addr_a), (b, name_b, addr_b)):
-        if addr:
-            ns.ip("addr", "add", addr, "dev", name)
-        ns.ip("link", "set", name, "up")
+veth_pair = network.veth_pair
 
 
 @contextlib.contextmanager

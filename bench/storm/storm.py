@@ -202,22 +202,15 @@ def write_fixture(work: Path, count: int, kernel_mib: float, initramfs_mib: floa
 
 def run_storm(args: argparse.Namespace) -> dict:
     tag = secrets.token_hex(3)
-    server = network.FarmNetwork(network.NetworkPlan(f"storm-s-{tag}"))
-    clients = network.FarmNetwork(network.NetworkPlan(f"storm-c-{tag}"))
+    server = network.Namespace(f"storm-s-{tag}")
+    clients = network.Namespace(f"storm-c-{tag}")
     work = Path(tempfile.mkdtemp(prefix="storm-"))
     procs: list[subprocess.Popen] = []
     try:
         for ns in (server, clients):
-            network.run(["ip", "netns", "add", ns.namespace])
-            ns.ip("link", "set", "lo", "up")
-        server.ip("link", "add", "eth0", "type", "veth", "peer", "name", "peer0")
-        server.ip("link", "set", "peer0", "netns", clients.namespace)
-        clients.ip("link", "set", "peer0", "name", "eth0")
-        server.ip("addr", "add", f"{SERVER_IP}/24", "dev", "eth0")
-        clients.ip("addr", "add", f"{CLIENT_IP}/24", "dev", "eth0")
+            ns.create()
+        network.veth_pair(server, clients, f"{SERVER_IP}/24", f"{CLIENT_IP}/24")
         clients.ip("addr", "add", f"{RELAY_IP}/16", "dev", "eth0")
-        for ns in (server, clients):
-            ns.ip("link", "set", "eth0", "up")
         server.ip("route", "add", "198.19.0.0/16", "via", CLIENT_IP)
 
         sizes = write_fixture(work, args.nodes, args.kernel_mib, args.initramfs_mib)

@@ -44,6 +44,9 @@ def build_parser() -> argparse.ArgumentParser:
     st = sub.add_parser("status", help="the farm's nodes and their states")
     st.add_argument("--json", action="store_true")
     sub.add_parser("down", help="stop everything and remove the namespace")
+    cpu = sub.add_parser("cpu", help="each VM's CPU use (share of a core) over some seconds")
+    cpu.add_argument("--seconds", type=float, default=30.0)
+    cpu.add_argument("--json", action="store_true")
     ssh = sub.add_parser("ssh", help="ssh into a farm node as root (from the farm's namespace)")
     ssh.add_argument("node", help="node name, e.g. dom0-1")
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run there")
@@ -84,6 +87,17 @@ def _run(args: argparse.Namespace) -> int:
     farm = Farm(FarmConfig(farm_dir=args.farm_dir, nodes=(), images_dir=Path("build/images")))
     if args.command == "status":
         return _show(farm.status(), args.json)
+    if args.command == "cpu":
+        rows = farm.cpu(args.seconds)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            for row in rows:
+                share = row["cpu_share"]
+                print(f"{row['name']:<12} {row['role']:<8} "
+                      + (f"{share * 100:5.1f}% of a core" if share is not None else "stopped")
+                      + f" over {row['seconds']:.0f}s")
+        return 0
     if args.command == "ssh":
         argv = farm.ssh_command(args.node, args.remote)
         os.execvp(argv[0], argv)

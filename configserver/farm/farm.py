@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import shutil
 import subprocess
 import sys
@@ -337,6 +338,26 @@ class Farm:
             raise FarmError(f"no farm is up in {self.dir}", hint="start one with 'up'")
         return self.rows(state)
 
+    def cpu(self, seconds: float = 30.0) -> list[dict[str, Any]]:
+        """Each VM's QEMU CPU use over ``seconds`` (share of one core): what a node costs the
+        host while it sits there."""
+        state = FarmState.load(self.dir)
+        if state is None:
+            raise FarmError(f"no farm is up in {self.dir}", hint="start one with 'up'")
+        before = {n["name"]: cpu_seconds(n["pid"]) for n in state.nodes}
+        started = time.monotonic()
+        time.sleep(seconds)
+        elapsed = time.monotonic() - started
+        rows = []
+        for node in state.nodes:
+            used = cpu_seconds(node["pid"])
+            first = before[node["name"]]
+            share = (used - first) / elapsed if used is not None and first is not None else None
+            rows.append({"name": node["name"], "role": node["role"],
+                         "cpu_share": round(share, 3) if share is not None else None,
+                         "seconds": round(elapsed, 1)})
+        return rows
+
     def down(self) -> list[str]:
         """Stop every VM and the server, delete the namespace; return what was removed."""
         state = FarmState.load(self.dir)
@@ -366,6 +387,16 @@ def ssh_keys_argument(keys: Sequence[str]) -> str:
                         hint="give the .pub file of a key (ssh-ed25519 AAAA...)")
     encoded = base64.b64encode(("\n".join(lines) + "\n").encode()).decode()
     return f"netboot.ssh_keys={encoded}"
+
+
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process ``pid`` (all its threads), or None if it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    # After the ")": state is field 3, utime 14, stime 15 (proc(5)); index = field - 3.
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def this_boot(timeline: list[dict[str, Any]], power_on: float) -> list[dict[str, Any]]:

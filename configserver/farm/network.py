@@ -79,29 +79,86 @@ class NetworkPlan:
         return str(net.network_address + half), str(net.broadcast_address - 1)
 
 
-class FarmNetwork:
-    """The namespace, bridge and taps of a farm; every method is safe to call again."""
+class Namespace:
+    """A named network namespace with its own ``/etc/netns/NAME/resolv.conf`` (so tools run in
+    it never use the host's resolver), and ``lo`` up. Every method is safe to call again.
 
-    def __init__(self, plan: NetworkPlan) -> None:
-        self.plan = plan
+    The farm, the vm-tier tests, the netns-tier tests and the benchmarks all make their
+    namespaces through this class.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
 
     @property
     def namespace(self) -> str:
-        return self.plan.namespace
+        return self.name
+
+    @property
+    def etc(self) -> Path:
+        return Path("/etc/netns") / self.name
 
     def exists(self) -> bool:
-        return self.namespace in namespaces()
+        return self.name in namespaces()
 
     def create(self) -> None:
         if self.exists():
-            raise FarmError(f"namespace {self.namespace} already exists",
-                            hint="run 'down' first")
-        run(["ip", "netns", "add", self.namespace])
-        etc = Path("/etc/netns") / self.namespace
-        etc.mkdir(parents=True, exist_ok=True)
-        (etc / "resolv.conf").write_text("# farm namespace: no resolver\n")
+            raise FarmError(f"namespace {self.name} already exists", hint="run 'down' first")
+        run(["ip", "netns", "add", self.name])
         try:
+            self.etc.mkdir(parents=True, exist_ok=True)
+            (self.etc / "resolv.conf").write_text(f"# namespace {self.name}: no resolver\n")
             self.ip("link", "set", "lo", "up")
+        except (FarmError, OSError):
+            self.destroy()
+            raise
+
+    def ip(self, *argv: str) -> subprocess.CompletedProcess:
+        return run(["ip", "-n", self.name, *argv])
+
+    def cmd(self, *argv: str) -> list[str]:
+        """``argv`` prefixed to run inside the namespace (``ip netns exec`` execs in place)."""
+        return ["ip", "netns", "exec", self.name, *argv]
+
+    def pids(self) -> list[int]:
+        out = run(["ip", "netns", "pids", self.name], check=False).stdout
+        return [int(p) for p in out.split() if p.isdigit()]
+
+    def destroy(self, grace: float = 3.0) -> None:
+        """Stop whatever runs inside, then delete the namespace (its links go with it)."""
+        if self.exists():
+            stop_pids(self.pids(), grace)
+            run(["ip", "netns", "del", self.name], check=False)
+        with contextlib.suppress(OSError):
+            for child in self.etc.iterdir():
+                child.unlink()
+            self.etc.rmdir()
+
+
+def veth_pair(a: Namespace, b: Namespace, addr_a: str = "", addr_b: str = "", *,
+              name_a: str = "eth0", name_b: str = "eth0") -> None:
+    """Join two namespaces by a veth pair made inside ``a`` and moved into ``b`` (never on the
+    host); ``addr_*`` (CIDR) are optional."""
+    tmp = f"vb{os.urandom(3).hex()}"
+    a.ip("link", "add", name_a, "type", "veth", "peer", "name", tmp)
+    a.ip("link", "set", tmp, "netns", b.name)
+    b.ip("link", "set", tmp, "name", name_b)
+    for ns, name, addr in ((a, name_a, addr_a), (b, name_b, addr_b)):
+        if addr:
+            ns.ip("addr", "add", addr, "dev", name)
+        ns.ip("link", "set", name, "up")
+
+
+class FarmNetwork(Namespace):
+    """The namespace of a farm, its bridge and one tap per VM."""
+
+    def __init__(self, plan: NetworkPlan) -> None:
+        super().__init__(plan.namespace)
+        self.plan = plan
+
+    def create(self) -> None:
+        super().create()
+        try:
             self.ip("link", "add", BRIDGE, "type", "bridge", "forward_delay", "0", "stp_state",
                     "0")
             self.ip("addr", "add", f"{self.plan.server_ip}/{self.plan.prefixlen}", "dev", BRIDGE)
@@ -109,7 +166,7 @@ class FarmNetwork:
         except FarmError:
             self.destroy()
             raise
-        log.info("farm network %s: bridge %s at %s", self.namespace, BRIDGE, self.plan.server_ip)
+        log.info("farm network %s: bridge %s at %s", self.name, BRIDGE, self.plan.server_ip)
 
     def add_tap(self, name: str) -> str:
         self.ip("tuntap", "add", "dev", name, "mode", "tap")
@@ -117,43 +174,17 @@ class FarmNetwork:
         self.ip("link", "set", name, "up")
         return name
 
-    def add_veth_peer(self, name: str, peer_namespace: str, peer_name: str = "eth0") -> None:
-        """A veth from the bridge into another namespace (e.g. a separate DHCP server's)."""
-        tmp = f"{name}p"
-        self.ip("link", "add", name, "type", "veth", "peer", "name", tmp)
+    def attach(self, other: Namespace, name: str, addr: str = "") -> None:
+        """A veth from the bridge into ``other`` (as its ``eth0``), e.g. a separate DHCP
+        server's namespace."""
+        veth_pair(self, other, "", addr, name_a=name)
         self.ip("link", "set", name, "master", BRIDGE)
-        self.ip("link", "set", name, "up")
-        self.ip("link", "set", tmp, "netns", peer_namespace)
-        run(["ip", "-n", peer_namespace, "link", "set", tmp, "name", peer_name])
-        run(["ip", "-n", peer_namespace, "link", "set", peer_name, "up"])
 
     def taps(self) -> list[str]:
-        out = run(["ip", "-n", self.namespace, "-o", "link", "show", "type", "tun"],
+        out = run(["ip", "-n", self.name, "-o", "link", "show", "type", "tun"],
                   check=False).stdout
         return [line.split(":")[1].strip().split("@")[0] for line in out.splitlines()
                 if line.count(":") >= 2]
-
-    def ip(self, *argv: str) -> subprocess.CompletedProcess:
-        return run(["ip", "-n", self.namespace, *argv])
-
-    def cmd(self, *argv: str) -> list[str]:
-        """``argv`` prefixed to run inside the namespace (``ip netns exec`` execs in place)."""
-        return ["ip", "netns", "exec", self.namespace, *argv]
-
-    def pids(self) -> list[int]:
-        out = run(["ip", "netns", "pids", self.namespace], check=False).stdout
-        return [int(p) for p in out.split() if p.isdigit()]
-
-    def destroy(self, grace: float = 3.0) -> None:
-        """Stop whatever runs inside, then delete the namespace (bridge and taps go with it)."""
-        if self.exists():
-            stop_pids(self.pids(), grace)
-            run(["ip", "netns", "del", self.namespace], check=False)
-        etc = Path("/etc/netns") / self.namespace
-        with contextlib.suppress(OSError):
-            for child in etc.iterdir():
-                child.unlink()
-            etc.rmdir()
 
 
 def namespaces() -> list[str]:

@@ -46,7 +46,7 @@ class BootLab:
         self.net = FarmNetwork(NetworkPlan(f"vmt-{secrets.token_hex(3)}"))
         self.net.create()
         self.procs: list[subprocess.Popen] = []
-        self.extra_namespaces: list[FarmNetwork] = []
+        self.extra_namespaces: list[network.Namespace] = []
         self.state_dir = workdir / "state"
         self.server: subprocess.Popen | None = None
         self.taps = 0
@@ -55,7 +55,7 @@ class BootLab:
     def server_ip(self) -> str:
         return self.net.plan.server_ip
 
-    def spawn(self, argv: list[str], log_name: str, netns: FarmNetwork | None = None
+    def spawn(self, argv: list[str], log_name: str, netns: network.Namespace | None = None
               ) -> subprocess.Popen:
         ns = netns or self.net
         with open(self.workdir / log_name, "ab") as out:
@@ -106,14 +106,12 @@ class BootLab:
         self.procs.append(proc)
         return proc, qemu.SerialLog(spec.serial_log)
 
-    def side_namespace(self, peer_ip: str) -> FarmNetwork:
+    def side_namespace(self, peer_ip: str) -> network.Namespace:
         """Another namespace joined to the bridge by a veth (e.g. a separate DHCP server)."""
-        side = FarmNetwork(NetworkPlan(f"vms-{secrets.token_hex(3)}"))
-        network.run(["ip", "netns", "add", side.namespace])
+        side = network.Namespace(f"vms-{secrets.token_hex(3)}")
+        side.create()
         self.extra_namespaces.append(side)
-        self.net.add_veth_peer(f"vs{len(self.extra_namespaces)}", side.namespace)
-        side.ip("link", "set", "lo", "up")
-        side.ip("addr", "add", f"{peer_ip}/24", "dev", "eth0")
+        self.net.attach(side, f"vs{len(self.extra_namespaces)}", f"{peer_ip}/24")
         return side
 
     def log_tail(self, name: str, lines: int = 30) -> str:
