@@ -99,6 +99,9 @@ class ServerConfig:
     ipxe_dir: Path | None = None
     unknown_mac: UnknownMacPolicy | None = None
     discovery_image: str | None = None
+    # authorized_keys file served to every node at /boot/ssh-keys (root's SSH keys; public
+    # keys only, re-read on every fetch so that a change needs no restart).
+    ssh_keys: Path | None = None
     # systemd's notification socket ($NOTIFY_SOCKET, passed in by the CLI).
     notify_socket: str | None = None
     heartbeat_interval: float = 15.0

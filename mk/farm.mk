@@ -19,7 +19,7 @@ farm-down: venv
 NODE ?= dom0-1
 CMD ?=
 farm-ssh: venv
-	$(FARM) ssh $(NODE) $(CMD)
+	$(FARM) ssh $(NODE) $(if $(CMD),'$(CMD)')
 
 # The real-image vm tests boot what `make images` built.
 test-vm: images

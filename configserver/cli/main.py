@@ -57,6 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--tftp-port", type=int)
     serve.add_argument("--unknown-mac", choices=["ignore", "discover"])
     serve.add_argument("--ipxe-dir", type=Path, help="where the iPXE binaries are")
+    serve.add_argument("--ssh-keys", type=Path, metavar="FILE",
+                       help="authorized_keys file every node adds for root at boot")
 
     node = sub.add_parser("node", parents=[common], help="registered machines")
     nsub = node.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -172,6 +174,7 @@ def server_config(args: argparse.Namespace, state_dir: Path) -> ServerConfig:
         (data, "interface", args.interface), (dhcp, "mode", args.dhcp),
         (tftp, "enabled", args.tftp), (tftp, "port", args.tftp_port),
         (data, "unknown_mac", args.unknown_mac), (data, "ipxe_dir", args.ipxe_dir),
+        (data, "ssh_keys", args.ssh_keys),
     ]
     for table, key, value in overrides:
         if value is not None:

@@ -8,7 +8,6 @@ CLI run in the same namespace.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import hashlib
 import json
@@ -141,14 +140,23 @@ class Farm:
     def cli_json(self, *argv: str) -> Any:
         return json.loads(self.cli(*argv, "--json"))
 
+    def _write_ssh_keys(self) -> Path:
+        """Root's keys on every node: the farm's own and each ``--ssh-key``; the config server
+        hands them out (``serve --ssh-keys``), so a new key needs no image rebuild."""
+        path = self.dir / "ssh" / "authorized_keys"
+        keys = (self._farm_key().read_text(), *self.config.ssh_keys)
+        path.write_text(authorized_keys(keys))
+        return path
+
     def _start_server(self, state: FarmState) -> subprocess.Popen:
         self.state_dir.mkdir(parents=True, exist_ok=True)
+        keys = self._write_ssh_keys()
         low, high = self.net.plan.pool()
         argv = self.net.cmd(
             self.config.python, "-m", "configserver", "serve", "--state-dir", str(self.state_dir),
             "--images", str(self.config.images_dir), "--http-port", str(self.config.http_port),
             "--interface", network.BRIDGE, "--dhcp", "full", "--pool", f"{low}-{high}",
-            "--tftp", "on")
+            "--tftp", "on", "--ssh-keys", str(keys))
         log.info("starting config server: %s", " ".join(argv))
         with open(self.dir / "configserver.log", "ab") as out:
             server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,
@@ -213,11 +221,9 @@ class Farm:
         ``apply`` without ``--prune``: whatever else an operator registered in the farm's state
         directory stays as it is.
         """
-        keys = (self._farm_key().read_text().strip(), *self.config.ssh_keys)
-        args = ssh_keys_argument(keys)
         inventory = self.dir / "inventory.toml"
         inventory.write_text(format_inventory({"nodes": [
-            {"mac": n.mac, "role": n.role, "hostname": n.name, "ip": n.ip, "kernel_args": args}
+            {"mac": n.mac, "role": n.role, "hostname": n.name, "ip": n.ip}
             for n in self.config.nodes]}))
         self.cli("apply", "-f", str(inventory))
 
@@ -378,15 +384,15 @@ class Farm:
         return removed
 
 
-def ssh_keys_argument(keys: Sequence[str]) -> str:
-    """``netboot.ssh_keys=BASE64`` (one kernel word) for ``authorized_keys`` lines."""
-    lines = [line.strip() for key in keys for line in key.splitlines() if line.strip()]
+def authorized_keys(keys: Sequence[str]) -> str:
+    """An ``authorized_keys`` text of public-key files' contents; anything else is refused."""
+    lines = [line.strip() for key in keys for line in key.splitlines()
+             if line.strip() and not line.startswith("#")]
     bad = [line for line in lines if not line.startswith(("ssh-", "ecdsa-", "sk-"))]
     if bad or not lines:
         raise FarmError(f"not an SSH public key: {(bad or [''])[0][:40]!r}",
                         hint="give the .pub file of a key (ssh-ed25519 AAAA...)")
-    encoded = base64.b64encode(("\n".join(lines) + "\n").encode()).decode()
-    return f"netboot.ssh_keys={encoded}"
+    return "".join(f"{line}\n" for line in lines)
 
 
 def cpu_seconds(pid: int) -> float | None:

@@ -7,6 +7,7 @@ an image file is recorded in the node's boot timeline.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import re
 from collections.abc import Callable
@@ -77,6 +78,7 @@ def setup_routes(app: web.Application) -> None:
     app[IPXE_DIR] = find_ipxe_dir(app[CONFIG].ipxe_dir)
     app.router.add_get("/boot/{mac}.ipxe", ipxe_script)
     app.router.add_get("/boot/{mac}/grub.cfg", grub_config)
+    app.router.add_get("/boot/ssh-keys", ssh_keys)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     app.router.add_get("/images/{image}/{name}", image_file)
 
@@ -165,6 +167,31 @@ def _client_facts(request: web.Request) -> dict[str, str]:
 def _text(body: str) -> web.Response:
     return web.Response(text=body, content_type="text/plain",
                         headers={"Cache-Control": "no-store"})
+
+
+def public_keys(text: str) -> str:
+    """The public-key lines of an ``authorized_keys`` text; comments, blanks and anything
+    else (a private key pasted by mistake) are left out."""
+    lines = (line.strip() for line in text.splitlines())
+    return "".join(f"{line}\n" for line in lines
+                   if line.startswith(("ssh-", "ecdsa-", "sk-")) and len(line.split()) >= 2)
+
+
+async def ssh_keys(request: web.Request) -> web.Response:
+    """Root's SSH keys for every node (netboot-base's ``netboot-ssh-keys.service`` adds them):
+    public keys, so plain HTTP like the rest of the boot files."""
+    path = request.app[CONFIG].ssh_keys
+    if path is None:
+        raise NotFound("this server hands out no SSH keys",
+                       hint="configserver serve --ssh-keys FILE")
+    try:
+        text = await asyncio.to_thread(path.read_text)
+    except OSError as exc:
+        raise NotFound(f"SSH keys file {path}: {exc.strerror}") from None
+    mac = _client_mac(request)
+    if mac:
+        request.app[REGISTRY].record_event(mac, "http.ssh_keys", {"client": request.remote})
+    return _text(public_keys(text))
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:

@@ -77,25 +77,20 @@ def test_table_lists_every_node():
                                 "bios", "running", "201.6s"]
 
 
-def test_ssh_keys_become_one_kernel_word_that_decodes_to_the_key_lines():
-    import base64
-
-    from configserver.farm.farm import ssh_keys_argument
+def test_authorized_keys_join_every_public_key_line():
+    from configserver.farm.farm import authorized_keys
     own = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB farm@x\n"
-    user = "ssh-rsa AAAAB3NzaC1yc2E user@host\n\necdsa-sha2-nistp256 AAAAE2 other\n"
-    arg = ssh_keys_argument([own, user])
-    name, _, value = arg.partition("=")
-    assert name == "netboot.ssh_keys" and " " not in arg
-    assert base64.b64decode(value).decode().splitlines() == [
+    user = "# mine\nssh-rsa AAAAB3NzaC1yc2E user@host\n\necdsa-sha2-nistp256 AAAAE2 other\n"
+    assert authorized_keys([own, user]).splitlines() == [
         "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIB farm@x", "ssh-rsa AAAAB3NzaC1yc2E user@host",
         "ecdsa-sha2-nistp256 AAAAE2 other"]
 
 
 @pytest.mark.parametrize("keys", [[], ["-----BEGIN OPENSSH PRIVATE KEY-----\nabc\n"], ["\n"]])
-def test_ssh_keys_refuse_what_is_not_a_public_key(keys):
-    from configserver.farm.farm import ssh_keys_argument
+def test_authorized_keys_refuse_what_is_not_a_public_key(keys):
+    from configserver.farm.farm import authorized_keys
     with pytest.raises(FarmError):
-        ssh_keys_argument(keys)
+        authorized_keys(keys)
 
 
 def test_only_stages_of_this_power_on_count():
