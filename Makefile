@@ -45,7 +45,9 @@ $(VENV)/.installed: pyproject.toml
 	@touch $@
 
 lint: venv
-	$(VENV)/bin/ruff check configserver nodeagent tests bench images $$(grep -l "^#!.*python" bench/*/run)
+	$(VENV)/bin/ruff check configserver nodeagent netbootmac tests bench images \
+		$$(grep -l "^#!.*python" bench/*/run) \
+		$$(grep -rl "^#!/usr/bin/python3" elements/*/static)
 
 # Every tier, one pytest run each so that a failure in one does not hide the others.
 # The vm tier PXE-boots the real images, so they are built (or found up to date) first.

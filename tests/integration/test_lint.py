@@ -15,12 +15,15 @@ def python_scripts() -> list[str]:
     scripts = [str(p) for p in sorted(ROOT.glob("bench/*/run"))
                if p.read_text().startswith("#!/usr/bin/env python")]
     assert scripts, "no Python bench scripts found"
-    return scripts
+    installed = [str(p) for p in sorted(ROOT.glob("elements/*/static/**/*"))
+                 if p.is_file() and p.read_text(errors="replace").startswith("#!/usr/bin/python3")]
+    assert installed, "no Python scripts in the elements found"
+    return scripts + installed
 
 
 def test_ruff_is_clean():
     ruff = Path(sys.executable).with_name("ruff")
-    done = subprocess.run([str(ruff), "check", "configserver", "nodeagent", "tests", "bench",
-                           "images", *python_scripts()], cwd=ROOT, capture_output=True,
-                          text=True, timeout=120, check=False)
+    done = subprocess.run([str(ruff), "check", "configserver", "nodeagent", "netbootmac",
+                           "tests", "bench", "images", *python_scripts()], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120, check=False)
     assert done.returncode == 0, done.stdout + done.stderr

@@ -43,10 +43,28 @@ def phase_scripts() -> list[Path]:
     return scripts
 
 
-def static_scripts() -> list[Path]:
-    """Executables an element installs (static/.../sbin): held to the same rules."""
+def static_executables() -> list[Path]:
+    """Executables an element installs (static/.../sbin and bin)."""
     return sorted(p for e in element_dirs() for p in (e / "static").rglob("*")
                   if p.is_file() and p.parent.name in {"sbin", "bin"})
+
+
+def is_python(path: Path) -> bool:
+    return path.read_text().startswith("#!/usr/bin/python3")
+
+
+def static_scripts() -> list[Path]:
+    """The shell ones: held to the same rules as phase scripts."""
+    return [p for p in static_executables() if not is_python(p)]
+
+
+def test_static_executables_are_bash_or_the_images_python():
+    executables = static_executables()
+    assert executables, "no static executables found"
+    for path in executables:
+        first = path.read_text().splitlines()[0]
+        assert first in ("#!/bin/bash", "#!/usr/bin/python3"), f"{path}: {first}"
+        assert path.stat().st_mode & 0o111, f"{path}: not executable"
 
 
 def test_every_expected_element_exists():

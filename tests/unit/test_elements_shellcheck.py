@@ -17,7 +17,8 @@ def shell_files() -> list[Path]:
     files = [p for phase in PHASES for p in sorted(ELEMENTS.glob(f"*/{phase}/*"))]
     files += sorted(ELEMENTS.glob("*/environment.d/*.bash"))
     files += sorted(p for p in ELEMENTS.glob("*/static/**/*")
-                    if p.is_file() and p.parent.name in {"sbin", "bin"})
+                    if p.is_file() and p.parent.name in {"sbin", "bin"}
+                    and not p.read_text().startswith("#!/usr/bin/python3"))
     files += sorted(ELEMENTS.parent.glob("images/*.sh"))
     return files
 
