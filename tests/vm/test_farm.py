@@ -7,6 +7,7 @@ config server in the farm's namespace; they skip only when an image's manifest i
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -51,8 +52,10 @@ def _with_inventory(farm: Farm, mac: str, timeout: float = 180) -> dict:
         time.sleep(3)
 
 
-def _up_and_down(farm: Farm):
-    """``up`` then always ``down``; yield the rows, the node views and the pids it had."""
+def _up_and_down(farm: Farm, while_up=lambda farm: None):
+    """``up`` then always ``down``; yield the rows, the node views and the pids it had.
+
+    ``while_up(farm)`` runs once every node is ready, before ``down``."""
     try:
         start = time.monotonic()
         rows = farm.up()
@@ -63,6 +66,7 @@ def _up_and_down(farm: Farm):
         taps = farm.net.taps()
         pids = [n["pid"] for n in state.nodes] + [state.server_pid]
         status = farm.status()
+        while_up(farm)
     except BootFailed as exc:
         pytest.fail(f"{exc.message} ({exc.hint})")
     finally:
@@ -73,7 +77,16 @@ def _up_and_down(farm: Farm):
 def test_default_farm_boots_xen_dom0_and_storage_node_to_ready(tmp_path):
     _require_images("dom0", "storage")
     farm = _farm(tmp_path, dom0=1, storage=1)
-    rows, views, taps, pids, status, removed, elapsed = _up_and_down(farm)
+    logins: dict[str, str] = {}
+
+    def log_in(farm: Farm) -> None:
+        # The way in needs no rebuild: the farm's own key, handed out by the config server.
+        for name, command in (("dom0-1", "xl info"), ("storage-1", "ss -Hltun")):
+            done = network.run(farm.ssh_command(name, ["sh", "-c", command]), timeout=60,
+                               check=False)
+            logins[name] = done.stdout + done.stderr
+
+    rows, views, taps, pids, status, removed, elapsed = _up_and_down(farm, log_in)
 
     assert [r["state"] for r in rows] == ["ready", "ready"], rows
     assert all(r["ready_seconds"] is not None and r["ready_seconds"] < READY_BUDGET
@@ -94,6 +107,16 @@ def test_default_farm_boots_xen_dom0_and_storage_node_to_ready(tmp_path):
     disks = (storage.get("inventory") or {}).get("disks") or []
     serials = sorted(d.get("serial") or "" for d in disks)
     assert {"farm-disk0", "farm-disk1"} <= set(serials), disks
+
+    assert "xen_version" in logins["dom0-1"], logins["dom0-1"]
+    # Nothing listens on the storage node's network that its role does not need: sshd (root
+    # has keys), the agent's loopback API and the DHCP clients' own ports only.
+    sockets = [line.split() for line in logins["storage-1"].splitlines() if len(line.split()) > 4]
+    unexpected = [f"{cols[0]} {cols[4]}" for cols in sockets
+                  if not (cols[0] == "tcp" and cols[4].rsplit(":", 1)[1] == "22")
+                  and not (cols[0] == "udp" and cols[4].rsplit(":", 1)[1] in ("68", "546"))
+                  and not cols[4].startswith(("127.", "[::1]"))]
+    assert sockets and not unexpected, logins["storage-1"]
 
     assert any(r.startswith("namespace ") for r in removed), removed
     _assert_nothing_left(farm, pids)
@@ -123,4 +146,24 @@ def test_down_removes_a_farm_that_is_still_booting(tmp_path):
     finally:
         farm.down()
     _assert_nothing_left(farm, pids)
+    assert farm.down() == []
+
+
+def test_a_second_up_keeps_the_registry_or_starts_fresh(tmp_path):
+    # up, down, up again: the farm's nodes are applied, not added twice ("already registered").
+    _require_images("storage")
+    farm = _farm(tmp_path, dom0=0, storage=1)
+    try:
+        farm.up(wait=False)
+        farm.cli("node", "add", "52:54:00:fa:99:01", "--role", "storage")
+        farm.down()
+        farm.up(wait=False)
+        macs = {n["mac"] for n in farm.cli_json("node", "list")}
+        assert macs == {"52:54:00:fa:5a:01", "52:54:00:fa:99:01"}, macs
+        farm.down()
+        fresh = Farm(replace(farm.config, fresh=True), report=farm.report)
+        fresh.up(wait=False)
+        assert {n["mac"] for n in fresh.cli_json("node", "list")} == {"52:54:00:fa:5a:01"}
+    finally:
+        farm.down()
     assert farm.down() == []
