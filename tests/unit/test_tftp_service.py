@@ -150,12 +150,25 @@ async def test_unanswered_block_is_retransmitted(service_factory):
 
 
 async def test_duplicate_request_does_not_start_a_second_transfer(service_factory):
-    service, address, _ = await service_factory()
+    """A retransmitted RRQ from the same TID is answered by the running transfer alone.
+
+    A second transfer would answer from a second port (and replace the first in the table,
+    so counting the table alone does not show it): the test listens for every DATA that
+    comes and checks that one transfer sent them all.
+    """
+    service, address, events = await service_factory()
     client = UdpClient()
     await client.send(ReadRequest("big.bin", "octet"), address)
     await client.send(ReadRequest("big.bin", "octet"), address)
-    await client.receive()
-    assert len(service.transfers) == 1
+    senders = set()
+    with pytest.raises(TimeoutError):
+        while True:
+            packet, tid = await client.receive(timeout=0.2)
+            assert isinstance(packet, Data) and packet.block == 1, packet
+            senders.add(tid)
+    assert len(senders) == 1
+    assert len(service.transfers) == 1 and service.per_client == {"127.0.0.1": 1}
+    assert [e[1] for e in events] == ["tftp.start"]
     client.close()
 
 
