@@ -2,6 +2,10 @@
 
 Unit tests may not start processes: an autouse fixture replaces the process-spawning calls
 with ones that fail the test.
+
+Property tests (hypothesis) run under a profile: ``dev`` by default, ``ci`` (the same number of
+examples, derandomized, so a CI failure replays) when CI=true, and ``fuzz`` (many more examples)
+on demand: ``HYPOTHESIS_PROFILE=fuzz make test-unit``.
 """
 
 from __future__ import annotations
@@ -11,6 +15,17 @@ import os
 import subprocess
 
 import pytest
+from hypothesis import HealthCheck, settings
+
+# The autouse fixture below is function-scoped; it only bans process creation, which holds
+# for every example alike.
+settings.register_profile("dev", max_examples=200, deadline=None,
+                          suppress_health_check=[HealthCheck.function_scoped_fixture])
+settings.register_profile("ci", parent=settings.get_profile("dev"), derandomize=True,
+                          database=None, print_blob=True)
+settings.register_profile("fuzz", parent=settings.get_profile("dev"), max_examples=20_000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
+                      or ("ci" if os.environ.get("CI") == "true" else "dev"))
 
 PROCESS_MARKERS = {"integration", "netns", "vm"}
 
