@@ -15,8 +15,5 @@ farm-status: venv
 farm-down: venv
 	$(FARM) down
 
-# The real-image vm tests boot what `make images` built.
-test-vm: images
-
 bench-storm: deps venv
 	bench/storm/run

@@ -30,6 +30,46 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
 PROCESS_MARKERS = {"integration", "netns", "vm"}
 
 
+class SkipReport:
+    """Skipped tests, named at the end of the run; under CI (CI=true) they fail it.
+
+    CI runs as root after ``make deps`` and ``make images``, so a test that skips there is a
+    test that never runs: a missing install step, not a pass.
+    """
+
+    def __init__(self, strict: bool) -> None:
+        self.strict = strict
+        self.skipped: dict[str, str] = {}
+
+    def pytest_runtest_logreport(self, report) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else ""
+            self.skipped.setdefault(report.nodeid, str(reason))
+
+    def pytest_sessionfinish(self, session) -> None:
+        if self.strict and self.skipped and session.exitstatus == pytest.ExitCode.OK:
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        if not self.skipped:
+            return
+        count = len(self.skipped)
+        if self.strict:
+            terminalreporter.write_line(
+                f"FAILED: {count} test(s) skipped under CI, where every test must run:",
+                red=True, bold=True)
+        else:
+            terminalreporter.write_line(
+                f"{count} test(s) skipped (under CI, CI=true, a skip fails the run):",
+                yellow=True, bold=True)
+        for nodeid, reason in self.skipped.items():
+            terminalreporter.write_line(f"  {nodeid}: {reason}")
+
+
+def pytest_configure(config):
+    config.pluginmanager.register(SkipReport(os.environ.get("CI") == "true"), "skip-report")
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         needs_root = item.get_closest_marker("netns") or item.get_closest_marker("vm")
