@@ -21,8 +21,5 @@ CMD ?=
 farm-ssh: venv
 	$(FARM) ssh $(NODE) $(if $(CMD),'$(CMD)')
 
-# The real-image vm tests boot what `make images` built.
-test-vm: images
-
 bench-storm: deps venv
 	bench/storm/run

@@ -1,10 +1,12 @@
 """REST API and HTTP boot through aiohttp's test client (in-process server on loopback)."""
 
 import json
+import logging
 
 import pytest
 
 from configserver.config import HttpConfig, ServerConfig
+from configserver.http import boot
 from configserver.http.app import create_app
 from configserver.registry.sqlite import SqliteRegistry
 
@@ -116,6 +118,73 @@ async def test_boot_fetches_land_in_the_timeline(client, registry):
     data = await (await client.get(f"/api/v1/nodes/{MAC}/events")).json()
     assert [t["stage"] for t in data["timeline"]] == ["script", "kernel", "initramfs"]
     assert registry.lookup(MAC).state == "booting"
+
+
+async def test_each_fetched_file_is_recorded_as_its_stage(client, registry):
+    await add(client, role="dom0")
+    for name in ("xen", "vmlinuz", "initramfs.img"):
+        assert (await client.get(f"/images/dom0/{name}?mac={MAC}")).status == 200
+    resp = await client.get(f"/images/dom0/vmlinuz?mac={MAC}", headers={"Range": "bytes=0-1"})
+    assert resp.status == 206
+    assert (await client.get(f"/ipxe/ipxe.efi?mac={MAC}")).status == 200
+    events = [(e.stage, e.detail) for e in registry.events(MAC)][1:]
+    assert [stage for stage, _ in events] == ["http.hypervisor", "http.kernel", "http.initramfs",
+                                              "http.kernel", "http.ipxe"]
+    assert [detail.get("range") for _, detail in events[:4]] == [None, None, None, "bytes=0-1"]
+    assert events[0][1]["file"] == "xen" and events[4][1] == {"file": "ipxe.efi"}
+
+
+async def test_fetches_without_a_mac_are_recorded_for_the_address_holder(client, registry):
+    await add(client, ip="127.0.0.1")  # the test client's address
+    assert (await client.get("/images/storage/vmlinuz")).status == 200
+    assert [e.stage for e in registry.events(MAC)] == ["registered", "http.kernel"]
+
+
+async def test_a_node_that_cannot_boot_is_told_why_and_logged(client, registry, images,
+                                                             caplog):
+    await add(client, role="dom0")
+    (images / "dom0" / "manifest.json").unlink()
+    (images / "dom0" / "vmlinuz").unlink()
+    with caplog.at_level(logging.WARNING, logger="configserver.http.boot"):
+        script = await (await client.get(f"/boot/{MAC}.ipxe")).text()
+    assert "dom0" in script and "/images/" not in script
+    assert [r.getMessage() for r in caplog.records if MAC in r.getMessage()], caplog.text
+    event = registry.events(MAC)[-1]
+    assert (event.stage, event.detail["result"]) == ("http.script", "wait")
+    assert event.detail["message"] and event.detail["message"] in script
+    assert registry.lookup(MAC).state == "registered"  # waiting is not booting
+
+
+async def test_a_booting_node_gets_no_message_in_its_event(client, registry):
+    await add(client)
+    await client.get(f"/boot/{MAC}.ipxe")
+    [event] = [e for e in registry.events(MAC) if e.stage == "http.script"]
+    assert event.detail["result"] == "linux" and "message" not in event.detail
+
+
+async def test_missing_files_are_json_404s(client, images, tmp_path):
+    (images / "storage" / "vmlinuz").unlink()  # the convention image loses its kernel
+    (images / "dom0" / "xen").unlink()  # listed in the manifest, gone from disk
+    for path in ("/images/dom0/xen", "/ipxe/undionly.kpxe", "/ipxe/snponly.efi"):
+        resp = await client.get(path)
+        assert (resp.status, (await resp.json())["code"]) == (404, "not_found"), path
+
+
+@pytest.mark.parametrize(("present", "chosen"), [
+    ({}, 0),
+    ({1: "undionly.kpxe"}, 1),
+    ({1: "ipxe.efi"}, 1),
+    ({0: "ipxe.efi", 1: "undionly.kpxe"}, 0),
+])
+def test_ipxe_dir_is_the_first_default_holding_a_binary(tmp_path, monkeypatch, present,
+                                                        chosen):
+    candidates = (tmp_path / "lib", tmp_path / "share")
+    for index, name in present.items():
+        candidates[index].mkdir(exist_ok=True)
+        (candidates[index] / name).write_bytes(b"MZ")
+    monkeypatch.setattr(boot, "DEFAULT_IPXE_DIRS", candidates)
+    assert boot.find_ipxe_dir(None) == candidates[chosen]
+    assert boot.find_ipxe_dir(tmp_path / "configured") == tmp_path / "configured"
 
 
 async def test_image_files_support_ranges_and_nothing_else_is_served(client):

@@ -45,8 +45,10 @@ def phase_scripts() -> list[Path]:
 
 def static_executables() -> list[Path]:
     """Executables an element installs (static/.../sbin and bin)."""
-    return sorted(p for e in element_dirs() for p in (e / "static").rglob("*")
-                  if p.is_file() and p.parent.name in {"sbin", "bin"})
+    executables = sorted(p for e in element_dirs() for p in (e / "static").rglob("*")
+                         if p.is_file() and p.parent.name in {"sbin", "bin"})
+    assert executables, "no executables under the elements' static/ (sbin, bin)"
+    return executables
 
 
 def is_python(path: Path) -> bool:
@@ -93,8 +95,11 @@ def test_readme_has_a_table_of_every_variable(element):
     readme = (directory / "README.rst").read_text()
     assert re.search(r"^=+ +=+", readme, re.M), f"{element}: README.rst has no variable table"
     defined = set()
-    for path in sorted((directory / "environment.d").glob("*")):
+    environment = sorted((directory / "environment.d").glob("*"))
+    for path in environment:
         defined |= set(DIB_VARIABLE.findall(path.read_text()))
+    # An environment.d that defines no DIB_* variable means DIB_VARIABLE no longer finds them.
+    assert defined or not environment, f"{element}: no DIB_* variable found in {environment}"
     for variable in sorted(defined):
         assert re.search(rf"^``{variable}``\s", readme, re.M), \
             f"{element}: {variable} is not in the README.rst table"
@@ -151,6 +156,7 @@ def test_environment_files_are_sourced_fragments():
 
 
 def test_static_holds_data_not_build_scripts():
+    checked = 0
     for element in element_dirs():
         static = element / "static"
         if not static.is_dir():
@@ -158,6 +164,8 @@ def test_static_holds_data_not_build_scripts():
         for path in static.rglob("*"):
             assert path.name not in TOP_LEVEL_FILES, f"{path}: element file inside static/"
             assert path.parent.name not in PHASES, f"{path}: phase script inside static/"
+            checked += 1
+    assert checked, "no element has a static/ directory"
 
 
 def test_package_installs_are_valid():

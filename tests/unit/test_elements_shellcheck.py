@@ -14,13 +14,18 @@ PHASES = ("root.d", "extra-data.d", "pre-install.d", "install.d", "post-install.
 
 
 def shell_files() -> list[Path]:
-    files = [p for phase in PHASES for p in sorted(ELEMENTS.glob(f"*/{phase}/*"))]
-    files += sorted(ELEMENTS.glob("*/environment.d/*.bash"))
-    files += sorted(p for p in ELEMENTS.glob("*/static/**/*")
-                    if p.is_file() and p.parent.name in {"sbin", "bin"}
-                    and not p.read_text().startswith("#!/usr/bin/python3"))
-    files += sorted(ELEMENTS.parent.glob("images/*.sh"))
-    return files
+    groups = {
+        "phase scripts": [p for phase in PHASES for p in sorted(ELEMENTS.glob(f"*/{phase}/*"))],
+        "environment.d files": sorted(ELEMENTS.glob("*/environment.d/*.bash")),
+        "static executables": sorted(p for p in ELEMENTS.glob("*/static/**/*")
+                                     if p.is_file() and p.parent.name in {"sbin", "bin"}
+                                     and not p.read_text().startswith("#!/usr/bin/python3")),
+        "images/*.sh": sorted(ELEMENTS.parent.glob("images/*.sh")),
+    }
+    # Each glob must match: one that stopped matching would drop its files from the check.
+    empty = [name for name, files in groups.items() if not files]
+    assert not empty, f"no {', '.join(empty)} found"
+    return [p for files in groups.values() for p in files]
 
 
 @pytest.mark.integration

@@ -8,6 +8,7 @@ from configserver.errors import (
     DuplicateHostname,
     DuplicateMac,
     InvalidHostname,
+    InvalidRequest,
     NotFound,
     RoleInUse,
     StoreError,
@@ -21,7 +22,7 @@ from configserver.model import (
     Role,
     UnknownMacPolicy,
 )
-from configserver.registry.sqlite import MIGRATIONS, SqliteRegistry
+from configserver.registry.sqlite import EVENTS_KEPT_PER_NODE, MIGRATIONS, SqliteRegistry
 
 MAC1, MAC2, MAC3 = "52:54:00:aa:bb:01", "52:54:00:aa:bb:02", "52:54:00:aa:bb:03"
 
@@ -243,3 +244,130 @@ def test_discovery_is_bounded(registry, monkeypatch):
     with pytest.raises(TooManyPending):
         registry.discover("52:54:00:00:09:99", {})
     assert len(registry.list_nodes(state=NodeState.PENDING)) == 3
+
+
+# -- what the first tests left unchecked (found by tools/mutate_checks.py) ---------------------
+
+
+def test_a_nic_mac_names_its_node_everywhere(registry):
+    registry.add_node(NodeSpec(MAC1, "storage", "sn1", extra_nics=(Nic(MAC2),)))
+    assert registry.update_node(MAC2, {"hostname": "sn2"}).hostname == "sn2"
+    assert [e.stage for e in registry.events(MAC2)] == ["registered", "updated"]
+    assert registry.events(MAC3) == []
+    with pytest.raises(DuplicateMac, match=f"a NIC of {MAC1}"):
+        registry.add_node(NodeSpec(MAC2, "storage"))
+    with pytest.raises(DuplicateMac) as info:
+        registry.add_node(NodeSpec(MAC1, "storage"))
+    assert "NIC of" not in info.value.message
+
+
+def test_a_mac_given_twice_for_one_node_is_refused(registry):
+    with pytest.raises(DuplicateMac, match="given twice"):
+        registry.add_node(NodeSpec(MAC1, "storage", extra_nics=(Nic(MAC2), Nic(MAC2))))
+    with pytest.raises(DuplicateMac, match="given twice"):
+        registry.add_node(NodeSpec(MAC1, "storage", extra_nics=(Nic(MAC1),)))
+    assert registry.list_nodes() == []
+
+
+def test_unknown_fields_and_names_are_refused(registry):
+    registry.add_node(NodeSpec(MAC1, "storage"))
+    registry.add_role(Role("gpu", image="dom0", template=BootTemplate.XEN))
+    before = (snapshot(registry), registry.list_roles())
+    with pytest.raises(InvalidRequest, match="colour"):
+        registry.update_node(MAC1, {"colour": "red", "hostname": "sn1"})
+    with pytest.raises(InvalidRequest, match="builtin"):
+        registry.update_role("gpu", {"builtin": True, "kernel_args": "quiet"})
+    with pytest.raises(NotFound):
+        registry.update_role("nosuch", {"kernel_args": "quiet"})
+    with pytest.raises(NotFound):
+        registry.remove_role("nosuch")
+    assert (snapshot(registry), registry.list_roles()) == before
+
+
+def test_set_state_records_the_transition_and_its_reason(registry):
+    registry.add_node(NodeSpec(MAC1, "storage", extra_nics=(Nic(MAC2),)))
+    registry.set_state(MAC2, NodeState.LOST, "operator")
+    registry.set_state(MAC1, NodeState.LOST)  # no change: no event
+    registry.set_state(MAC1, NodeState.REGISTERED)
+    assert registry.lookup(MAC1).state == NodeState.REGISTERED
+    assert [e.detail for e in registry.events(MAC1) if e.stage == "state"] == [
+        {"from": "registered", "to": "lost", "reason": "operator"},
+        {"from": "lost", "to": "registered"}]
+    with pytest.raises(NotFound):
+        registry.set_state(MAC3, NodeState.LOST)
+
+
+def test_events_are_pruned_to_the_newest_per_node_every_5000_events(tmp_path):
+    registry = SqliteRegistry(tmp_path / "r.sqlite", synchronous="OFF")
+    registry.add_node(NodeSpec(MAC1, "storage"))  # the first event since the registry opened
+    for i in range(1, 1500):
+        registry.record_event(MAC1, "dhcp.discover", {"n": i})
+    assert len(registry.events(MAC1, limit=10_000)) == 1500  # not pruned yet
+    for i in range(1500, 4999):
+        registry.record_event(MAC1, "dhcp.discover", {"n": i})
+    assert len(registry.events(MAC1, limit=10_000)) == 4999
+    registry.record_event(MAC1, "dhcp.discover", {"n": 4999})  # the 5000th: pruned
+    kept = registry.events(MAC1, limit=10_000)
+    assert len(kept) == EVENTS_KEPT_PER_NODE
+    assert kept[-1].detail == {"n": 4999} and kept[0].detail == {"n": 5000 - 1000}
+    registry.close()
+
+
+class FailingConnection:
+    """The registry's connection, failing the first statement that starts with ``prefix``."""
+
+    def __init__(self, db: sqlite3.Connection, prefix: str) -> None:
+        self._db = db
+        self.prefix = prefix
+
+    def execute(self, sql, *args):
+        if self.prefix and sql.startswith(self.prefix):
+            self.prefix = ""
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._db.execute(sql, *args)
+
+    def __getattr__(self, name):
+        return getattr(self._db, name)
+
+
+@pytest.mark.parametrize(("statement", "message"), [
+    ("BEGIN IMMEDIATE", "is not writable"),
+    ("INSERT INTO nodes", "registry write failed"),
+    ("COMMIT", "registry commit failed"),
+])
+def test_a_failed_write_is_a_store_error_and_leaves_the_registry_usable(registry, statement,
+                                                                         message):
+    registry.add_node(NodeSpec(MAC1, "storage"))
+    before = snapshot(registry)
+    registry._db = FailingConnection(registry._db, statement)
+    with pytest.raises(StoreError, match=message):
+        registry.add_node(NodeSpec(MAC2, "storage", "sn2"))
+    assert snapshot(registry) == before  # rolled back
+    assert registry.add_node(NodeSpec(MAC2, "storage", "sn2")).hostname == "sn2"
+
+
+def test_a_registry_that_cannot_be_opened_is_a_store_error(tmp_path):
+    (tmp_path / "registry.sqlite").mkdir()
+    with pytest.raises(StoreError, match="cannot open registry"):
+        SqliteRegistry(tmp_path / "registry.sqlite")
+
+
+def test_agent_sessions_and_inventories_through_any_nic(registry, clock):
+    registry.add_node(NodeSpec(MAC1, "storage", extra_nics=(Nic(MAC2),)))
+    clock.now = 1234.0
+    registry.start_agent_session(MAC2, "boot-1", None)
+    registry.start_agent_session(MAC1, "boot-2", "hash")
+    session = registry.agent_session(MAC2)
+    assert (session.mac, session.boot_id, session.token_hash, session.issued) == (
+        MAC1, "boot-2", "hash", 1234.0)
+    assert [e.detail["token_issued"] for e in registry.events(MAC1)
+            if e.stage == "agent.lookup"] == [False, True]
+    registry.set_inventory(MAC2, {"cpu": {"count": 4}})
+    assert registry.inventory(MAC2) == registry.inventory(MAC1) == {"cpu": {"count": 4}}
+    assert registry.inventory(MAC3) is None and registry.agent_session(MAC3) is None
+    for write in (lambda: registry.start_agent_session(MAC3, "boot-1", "h"),
+                  lambda: registry.record_heartbeat(MAC3, {}),
+                  lambda: registry.set_inventory(MAC3, {})):
+        with pytest.raises(NotFound):
+            write()
+    assert registry.lookup(MAC3) is None and registry.events(MAC3) == []

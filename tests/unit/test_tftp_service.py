@@ -9,11 +9,24 @@ import socket
 from dataclasses import replace
 
 import pytest
+from fuzzing import mutated, scaled
+from hypothesis import event, example, given, settings
+from hypothesis import strategies as st
 
 from configserver.config import ServerConfig, TftpConfig
-from configserver.tftp.codec import Ack, Data, Error, ErrorCode, OptionAck, ReadRequest, parse
+from configserver.tftp.codec import (
+    Ack,
+    Data,
+    Error,
+    ErrorCode,
+    OptionAck,
+    ReadRequest,
+    TransferMode,
+    WriteRequest,
+    parse,
+)
 from configserver.tftp.errors import TftpSocketError
-from configserver.tftp.service import start_tftp
+from configserver.tftp.service import TftpService, start_tftp
 
 MAC = "52:54:00:12:34:56"
 
@@ -150,12 +163,25 @@ async def test_unanswered_block_is_retransmitted(service_factory):
 
 
 async def test_duplicate_request_does_not_start_a_second_transfer(service_factory):
-    service, address, _ = await service_factory()
+    """A retransmitted RRQ from the same TID is answered by the running transfer alone.
+
+    A second transfer would answer from a second port (and replace the first in the table,
+    so counting the table alone does not show it): the test listens for every DATA that
+    comes and checks that one transfer sent them all.
+    """
+    service, address, events = await service_factory()
     client = UdpClient()
     await client.send(ReadRequest("big.bin", "octet"), address)
     await client.send(ReadRequest("big.bin", "octet"), address)
-    await client.receive()
-    assert len(service.transfers) == 1
+    senders = set()
+    with pytest.raises(TimeoutError):
+        while True:
+            packet, tid = await client.receive(timeout=0.2)
+            assert isinstance(packet, Data) and packet.block == 1, packet
+            senders.add(tid)
+    assert len(senders) == 1
+    assert len(service.transfers) == 1 and service.per_client == {"127.0.0.1": 1}
+    assert [e[1] for e in events] == ["tftp.start"]
     client.close()
 
 
@@ -247,3 +273,106 @@ async def test_port_in_use_is_a_clear_error(root):
         with pytest.raises(TftpSocketError, match=f"cannot open TFTP port 127.0.0.1:{port}"):
             await start_tftp(config, {"": root}, resolve_mac=lambda ip: None,
                              record_event=lambda *e: None)
+
+
+# -- property test --------------------------------------------------------------------------
+
+_NUMBERS = st.integers(-1, 70000).map(str) | st.sampled_from(["", "1e3", " 8", "abc"])
+_OPTIONS = st.lists(st.tuples(st.sampled_from(("blksize", "tsize", "windowsize", "timeout",
+                                               "x")), _NUMBERS), max_size=5).map(tuple)
+# Requests the service serves, and requests it refuses.
+_GOOD_REQUESTS = st.builds(
+    lambda name, mode, options: ReadRequest(name, mode, options).encode(),
+    st.sampled_from(("small.bin", "text.txt")),
+    st.sampled_from((TransferMode.OCTET, TransferMode.NETASCII)), _OPTIONS)
+_BAD_REQUESTS = st.builds(
+    lambda cls, name, mode, options: cls(name, mode, options).encode(),
+    st.sampled_from((ReadRequest, WriteRequest)),
+    st.sampled_from(("small.bin", "missing.bin", "../small.bin", "/etc/passwd",
+                     "sub/../small.bin", "SMALL.BIN")),
+    st.sampled_from(TransferMode), _OPTIONS)
+_DATAGRAMS = st.one_of(
+    st.binary(max_size=60), _GOOD_REQUESTS, _BAD_REQUESTS,
+    st.builds(lambda opcode, body: bytes((0, opcode)) + body, st.integers(0, 7),
+              st.binary(max_size=20)),
+    mutated(_GOOD_REQUESTS | _BAD_REQUESTS,
+            st.binary(min_size=1, max_size=8) | st.sampled_from([b"\0", b"octet\0"]),
+            max_edits=3))
+# What a client (or anyone else) may send to a transfer's port: mostly ACK and ERROR, the
+# two packets a transfer reads, whole or cut short anywhere.
+_CLIENT_PACKETS = st.one_of(
+    st.builds(lambda block: Ack(block).encode(), st.integers(0, 3)),
+    st.builds(lambda code, text: Error(code, text).encode(), st.integers(0, 9),
+              st.sampled_from(("", "stop"))),
+    st.builds(lambda block: Data(block, b"up").encode(), st.integers(0, 3)))
+_TO_TRANSFER = st.lists(
+    st.tuples(st.booleans(), st.one_of(
+        st.builds(lambda packet, cut: packet[:cut], _CLIENT_PACKETS, st.integers(0, 9)),
+        _CLIENT_PACKETS,
+        st.binary(max_size=12))),
+    max_size=6)
+
+
+@pytest.fixture(scope="module")
+def quiet_service(tmp_path_factory):
+    """A service on a loop that never runs: on_request and on_datagram are called directly,
+    so that what they raise reaches the test (the listener would log it and go on)."""
+    root = tmp_path_factory.mktemp("tftp-root")
+    (root / "small.bin").write_bytes(bytes(range(256)) * 5)
+    (root / "text.txt").write_bytes(b"one\ntwo\r\n" * 30)
+    loop = asyncio.new_event_loop()
+    config = TftpConfig(port=0, bind_address="127.0.0.1", timeout=0.3, min_timeout=0.05)
+    service = TftpService(config, None, {"": root}, resolve_mac=lambda ip: MAC,
+                          record_event=lambda *e: None, loop=loop)
+    service.listen()
+    client = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    client.bind(("127.0.0.1", 0))
+    client.setblocking(False)
+    yield service, client, loop
+    loop.run_until_complete(service.close())
+    loop.close()
+    client.close()
+
+
+def _drain(sock) -> list[tuple[bytes, tuple]]:
+    received = []
+    while True:
+        try:
+            received.append(sock.recvfrom(70000))
+        except BlockingIOError:
+            return received
+
+
+@given(request=_DATAGRAMS, followups=_TO_TRANSFER)
+@example(request=ReadRequest("small.bin", TransferMode.OCTET).encode(),
+         followups=[(True, b"\0\x04\0"), (False, b"\0\x05"), (True, b"\0\x05\0")])
+@settings(max_examples=scaled(1.0))
+def test_service_answers_or_drops_any_datagram(quiet_service, request, followups):
+    service, client, loop = quiet_service
+    address = client.getsockname()
+    try:
+        service.on_request(request, address, "127.0.0.1")
+        answers = _drain(client)  # loopback delivers within sendto
+        assert len(answers) <= 1, answers
+        active = service.transfers.get(address)
+        if active is None:
+            event("refused" if answers else "dropped")
+            for data, sender in answers:
+                assert sender == service.listener.address
+                assert isinstance(parse(data), Error)
+            return
+        event("transfer")
+        [(data, tid)] = answers
+        assert tid != service.listener.address
+        assert isinstance(parse(data), Data | OptionAck)
+        for from_client, datagram in followups:
+            if service.transfers.get(address) is not active:
+                break  # the transfer ended (and closed its port)
+            active.on_datagram(datagram, address if from_client else ("127.0.0.1", 9))
+        _drain(client)
+    finally:
+        for active in list(service.transfers.values()):
+            active.transfer.abort("example over", loop.time())
+            service.finish(active)
+        _drain(client)
+    assert not service.per_client and len(service.files) == 0
