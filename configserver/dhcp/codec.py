@@ -181,6 +181,9 @@ def decode(data: bytes) -> DhcpPacket:
         if overload[0] & 2:
             _parse_options(sname, 0, len(sname), options, count=count, where="sname")
             sname = b""
+        # A framing detail of this datagram, consumed here: re-encoding the packet must not
+        # claim that its (now empty) file or sname fields hold options.
+        del options[OPT_OVERLOAD]
     _check_options(options)
     return DhcpPacket(op=op, htype=htype, hops=hops, xid=xid, secs=secs, flags=flags,
                       ciaddr=_ntoa(ciaddr), yiaddr=_ntoa(yiaddr), siaddr=_ntoa(siaddr),

@@ -181,3 +181,15 @@ def test_classify(options, stage, arch):
     client = classify(packet)
     assert client.stage == stage
     assert client.arch == arch
+
+
+def test_overloaded_file_field_is_folded_in_and_the_overload_option_consumed():
+    # Found by the property test: option 52 said "options continue in file"; decode folded
+    # them in but kept option 52, so the re-encoded packet claimed options in an empty file.
+    header = bytes([1, 1, 6, 0]) + bytes(24) + bytes(16) + bytes(64)
+    bootfile = bytes([12, 2]) + b"n1" + bytes([255]) + bytes(123)
+    data = header + bootfile + codec.MAGIC_COOKIE + bytes([52, 1, 1, 53, 1, 1, 255])
+    packet = codec.decode(data)
+    assert codec.OPT_OVERLOAD not in packet.options
+    assert packet.options[12] == b"n1" and packet.file == b""
+    assert codec.decode(codec.encode(packet, max_size=codec.MAX_DATAGRAM)) == packet
