@@ -79,6 +79,9 @@ class TftpConfig:
     # Poll (instead of sleeping) for the next ACK of a client whose round trip is shorter
     # than this; 0 turns polling off. See configserver/eventloop.py.
     busy_poll: float = 0.0002
+    # Windowsize-1 transfers run in up to this many threads of their own (the rest on the
+    # event loop); 0 runs them all on the loop. See configserver/tftp/lockstep.py.
+    lockstep_threads: int = 4
 
 
 @dataclass(frozen=True)
@@ -207,6 +210,9 @@ def _check(config: Any, prefix: str) -> None:
         if isinstance(config, TftpConfig) and not 0 <= config.busy_poll <= 0.001:
             raise ConfigError(f"{prefix}busy_poll must be between 0 and 0.001 seconds, "
                               f"not {config.busy_poll}")
+        if isinstance(config, TftpConfig) and not 0 <= config.lockstep_threads <= 64:
+            raise ConfigError(f"{prefix}lockstep_threads must be between 0 and 64, "
+                              f"not {config.lockstep_threads}")
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):
             port(getattr(config, name), name)

@@ -62,6 +62,38 @@ def open_udp_socket(address: str, port: int, interface: str | None, *,
     return sock
 
 
+def open_connected_pair(local_address: str, interface: str | None,
+                        client: Address) -> tuple[socket.socket, socket.socket]:
+    """Two UDP sockets on one new port: one connected to ``client``, one for everyone else.
+
+    The kernel hands the client's datagrams to the connected socket (a connected socket
+    matches its peer better) and everything else to the unconnected one, so a lock-step
+    transfer moves its blocks with ``send`` and ``recv`` (no address to parse or to build,
+    a cached route) while a packet from an unknown TID can still be answered with ERROR 5.
+    The first socket binds port 0 without SO_REUSEADDR, so the port is one nobody else has;
+    SO_REUSEADDR, set on both afterwards, lets the second share it, and no later socket of
+    ours binding port 0 can (they do not set it). Returns (connected, unconnected).
+    """
+    others = open_udp_socket(local_address, 0, interface)
+    try:
+        others.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        peer = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        try:
+            peer.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if interface:
+                peer.setsockopt(socket.SOL_SOCKET, socket.SO_BINDTODEVICE,
+                                interface.encode() + b"\0")
+            peer.bind(others.getsockname())
+            peer.connect(client)
+        except OSError:
+            peer.close()
+            raise
+    except OSError:
+        others.close()
+        raise
+    return peer, others
+
+
 class RequestListener:
     """The well-known port: hands each datagram, its sender and our address to ``on_request``."""
 

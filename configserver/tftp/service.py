@@ -10,8 +10,10 @@ logs bad packets at a bounded rate before dropping them.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from configserver.config import ServerConfig, TftpConfig
@@ -27,9 +29,16 @@ from configserver.tftp.codec import (
 )
 from configserver.tftp.errors import FileRefused, MalformedPacket, TftpSocketError
 from configserver.tftp.files import Catalog, OpenFiles, ServedRoots, SharedFile
+from configserver.tftp.lockstep import LockstepSender
 from configserver.tftp.netascii import NetasciiReader
 from configserver.tftp.options import negotiate
-from configserver.tftp.server import Address, RequestListener, TransferEndpoint, open_udp_socket
+from configserver.tftp.server import (
+    Address,
+    RequestListener,
+    TransferEndpoint,
+    open_connected_pair,
+    open_udp_socket,
+)
 from configserver.tftp.transfer import RetransmitPolicy, TftpTransfer
 
 log = logging.getLogger(__name__)
@@ -159,6 +168,67 @@ class ActiveTransfer:
         self.endpoint.close()
 
 
+class LockstepTransfer:
+    """One windowsize-1 transfer run by a worker thread (``lockstep.py``), not by the loop.
+
+    The attributes ``TftpService.finish`` reads are those of ``ActiveTransfer``; the state
+    machine belongs to the thread until ``ended`` is done.
+    """
+
+    def __init__(self, service: TftpService, client: Address, *, filename: str,
+                 mac: str | None, shared: SharedFile, transfer: TftpTransfer,
+                 local_address: str) -> None:
+        self.service = service
+        self.client = client
+        self.filename = filename
+        self.mac = mac
+        self.shared = shared
+        self.transfer = transfer
+        loop = service.loop
+
+        def stray(message: str, *args: object) -> None:
+            with contextlib.suppress(RuntimeError):  # the loop is closing
+                loop.call_soon_threadsafe(service.bad_packets.warning, message, *args)
+
+        sock, others = open_connected_pair(local_address, service.interface, client)
+        self.sender = LockstepSender(sock, client, transfer, fd=shared.fd, stray=stray)
+        self.strangers = TransferEndpoint(loop, others, self._stranger)
+        self.ended: asyncio.Future[None] | None = None
+
+    def begin(self) -> None:
+        # Through the loop's run_in_executor, so that a PollingEventLoop holds its polling
+        # (which would keep this thread waiting for the GIL) while the thread runs.
+        self.ended = self.service.loop.run_in_executor(self.service.lockstep_threads,
+                                                       self.sender.run)
+        self.ended.add_done_callback(self._ended)
+
+    def _ended(self, future: asyncio.Future[None]) -> None:
+        if not future.cancelled() and future.exception() is not None:
+            log.error("TFTP lock-step transfer to %s:%d failed", *self.client,
+                      exc_info=future.exception())
+            self.transfer.abort("server error", self.service.loop.time())
+        elif self.sender.read_error is not None:
+            log.warning("TFTP: reading %r for %s:%d failed: %s", self.filename, *self.client,
+                        self.sender.read_error)
+        self.service.finish(self)
+
+    def _stranger(self, data: bytes, sender: Address) -> None:
+        if sender == self.client:
+            return  # sent before the connected socket was (it cannot know the port yet)
+        # RFC 1350: a packet from an unknown TID is answered, and the transfer goes on.
+        self.strangers.send([Error(ErrorCode.UNKNOWN_TID, "unknown transfer ID").encode()],
+                            sender)
+        self.service.bad_packets.warning("TFTP packet from unknown TID %s:%d (transfer of "
+                                         "%s to %s:%d)", *sender, self.filename, *self.client)
+
+    def stop(self) -> None:
+        self.sender.stop()
+
+    def close(self) -> None:
+        self.strangers.close()
+        self.sender.close()
+
+
 class TftpService:
     """The running TFTP server; ``close`` stops it and every transfer."""
 
@@ -172,7 +242,12 @@ class TftpService:
         self.loop = loop
         self.roots = ServedRoots(roots)
         self.files = OpenFiles()
-        self.transfers: dict[Address, ActiveTransfer] = {}
+        self.transfers: dict[Address, ActiveTransfer | LockstepTransfer] = {}
+        # Windowsize-1 transfers run in these threads, up to config.lockstep_threads at once;
+        # the others run on the event loop.
+        self.lockstep_threads = ThreadPoolExecutor(max(1, config.lockstep_threads),
+                                                   thread_name_prefix="tftp-lockstep")
+        self.lockstep_running = 0
         self.per_client: dict[str, int] = {}
         self.bad_packets = RateLimitedLog(log)
         self.completed = 0
@@ -206,9 +281,17 @@ class TftpService:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
+        threaded = [a for a in self.transfers.values() if isinstance(a, LockstepTransfer)]
+        for active in threaded:
+            active.stop()
+        ended = [a.ended for a in threaded if a.ended is not None]
+        if ended:
+            await asyncio.wait(ended, timeout=10)
         for active in list(self.transfers.values()):
-            active.transfer.abort("server stopping", self.loop.time())
-            self.finish(active)
+            if isinstance(active, ActiveTransfer):
+                active.transfer.abort("server stopping", self.loop.time())
+                self.finish(active)
+        self.lockstep_threads.shutdown(wait=False)
         self.files.close()
 
     # -- requests --------------------------------------------------------------------------
@@ -278,10 +361,13 @@ class TftpService:
             reader.keep = params.windowsize * params.blksize
         transfer = TftpTransfer(size, params, read, policy=self._policy, now=self.loop.time())
         mac = self._mac_of(client[0])
+        kind: type[ActiveTransfer | LockstepTransfer] = ActiveTransfer
+        if (params.windowsize == 1 and request.mode is TransferMode.OCTET
+                and self.lockstep_running < self.config.lockstep_threads):
+            kind = LockstepTransfer
         try:
-            active = ActiveTransfer(self, client, filename=request.filename, mac=mac,
-                                    shared=shared, transfer=transfer,
-                                    local_address=local_address)
+            active = kind(self, client, filename=request.filename, mac=mac, shared=shared,
+                          transfer=transfer, local_address=local_address)
         except OSError as exc:
             self.files.release(shared)
             log.warning("TFTP: cannot open a transfer socket for %s:%d: %s", *client, exc)
@@ -289,6 +375,8 @@ class TftpService:
             return
         self.transfers[client] = active
         self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
+        if kind is LockstepTransfer:
+            self.lockstep_running += 1
         log.debug("TFTP %s:%d (%s) reads %r: %d bytes, blksize %d, windowsize %d", *client,
                   mac or "unknown MAC", request.filename, size, params.blksize,
                   params.windowsize)
@@ -301,6 +389,8 @@ class TftpService:
         if self.transfers.get(active.client) is not active:
             return
         del self.transfers[active.client]
+        if isinstance(active, LockstepTransfer):
+            self.lockstep_running -= 1
         remaining = self.per_client.get(active.client[0], 1) - 1
         if remaining > 0:
             self.per_client[active.client[0]] = remaining

@@ -108,31 +108,24 @@ class TftpTransfer:
 
     def on_ack(self, block: int, now: float) -> list[bytes]:
         """An ACK from the client's TID; returns what to send next (often nothing)."""
-        if self.phase is Phase.OACK_SENT:
-            if block != 0:
-                return []
-            self._sample_rtt(now)
-            self.phase = Phase.SENDING
-            self._progress(now)
+        if self._acknowledge(block, now):
             return self._send_window(now, retransmitted=False)
-        if self.phase is not Phase.SENDING:
-            return []
-        last_acked = self.base - 1
-        delta = (block - last_acked) & 0xFFFF
-        if delta == 0 or delta > self.sent_high - last_acked:
-            return []  # duplicate or stale: the timer, not the ACK, repairs losses
-        acked = last_acked + delta
-        # One RTT sample per window, and per 8 blocks in lock-step (plenty, and cheaper),
-        # but at once after a back-off, so that one loss does not slow the next blocks.
-        if acked == self.sent_high and (self.windowsize > 1 or self._backed_off
-                                        or not acked & 7):
-            self._sample_rtt(now)
-        self.base = acked + 1
-        self._progress(now)
-        if acked >= self.block_count:
-            self._finish(Phase.DONE, now)
-            return []
-        return self._send_window(now, retransmitted=False)
+        return []
+
+    def next_block(self, block: int, now: float) -> int:
+        """``on_ack`` for a caller that builds the DATA packets itself (windowsize 1 only).
+
+        The same state change as ``on_ack``; returns the number of the one block to send
+        now, or 0 when there is nothing to send. It spares the lock-step hot path reading
+        the file and building the packet one block at a time (``lockstep.py``).
+        """
+        if self._acknowledge(block, now):
+            self.sent_high = base = self.base
+            self._window_sent_at = now
+            self._window_retransmitted = False
+            self.deadline = now + self._rto
+            return base
+        return 0
 
     def on_error(self, code: int, message: str, now: float) -> None:
         """The client aborted the transfer (e.g. ERROR 8 refusing our OACK)."""
@@ -166,6 +159,34 @@ class TftpTransfer:
 
     # -- internals -------------------------------------------------------------------------
 
+    def _acknowledge(self, block: int, now: float) -> bool:
+        """Apply an ACK; True when the next window is to be sent now."""
+        if self.phase is not Phase.SENDING:
+            if self.phase is not Phase.OACK_SENT or block != 0:
+                return False
+            self._sample_rtt(now)
+            self.phase = Phase.SENDING
+            self._timeouts = 0
+            self._last_progress = now
+            return True
+        last_acked = self.base - 1
+        delta = (block - last_acked) & 0xFFFF
+        if delta == 0 or delta > self.sent_high - last_acked:
+            return False  # duplicate or stale: the timer, not the ACK, repairs losses
+        acked = last_acked + delta
+        # One RTT sample per window, and per 8 blocks in lock-step (plenty, and cheaper),
+        # but at once after a back-off, so that one loss does not slow the next blocks.
+        if acked == self.sent_high and (self.windowsize > 1 or self._backed_off
+                                        or not acked & 7):
+            self._sample_rtt(now)
+        self.base = acked + 1
+        self._timeouts = 0
+        self._last_progress = now
+        if acked >= self.block_count:
+            self._finish(Phase.DONE, now)
+            return False
+        return True
+
     def packet(self, block: int) -> bytes:
         """The DATA datagram of absolute block ``block`` (1-based)."""
         offset = (block - 1) * self.blksize
@@ -189,10 +210,6 @@ class TftpTransfer:
         else:
             self._window_retransmitted = True
         self.deadline = now + self._rto
-
-    def _progress(self, now: float) -> None:
-        self._timeouts = 0
-        self._last_progress = now
 
     def _sample_rtt(self, now: float) -> None:
         if self._window_retransmitted:

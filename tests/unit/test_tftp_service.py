@@ -13,6 +13,7 @@ from fuzzing import mutated, scaled
 from hypothesis import event, example, given, settings
 from hypothesis import strategies as st
 
+from configserver import eventloop
 from configserver.config import ServerConfig, TftpConfig
 from configserver.tftp.codec import (
     Ack,
@@ -26,7 +27,12 @@ from configserver.tftp.codec import (
     parse,
 )
 from configserver.tftp.errors import TftpSocketError
-from configserver.tftp.service import TftpService, start_tftp
+from configserver.tftp.service import (
+    ActiveTransfer,
+    LockstepTransfer,
+    TftpService,
+    start_tftp,
+)
 
 MAC = "52:54:00:12:34:56"
 
@@ -243,8 +249,9 @@ async def test_every_transfer_gets_its_own_port(service_factory):
 async def test_quick_lockstep_client_is_waited_for_by_polling(root, busy_poll):
     loop = asyncio.get_running_loop()
     expected: list[float] = []
+    # On the event loop: lock-step threads do not poll (lockstep_threads=0 keeps them off).
     config = replace(ServerConfig(), tftp=TftpConfig(port=0, bind_address="127.0.0.1",
-                                                     busy_poll=busy_poll))
+                                                     busy_poll=busy_poll, lockstep_threads=0))
     service = await start_tftp(config, {"": root}, resolve_mac=lambda ip: None,
                                record_event=lambda *e: None,
                                expect_event=lambda until: expected.append(until - loop.time()))
@@ -316,12 +323,15 @@ _TO_TRANSFER = st.lists(
 @pytest.fixture(scope="module")
 def quiet_service(tmp_path_factory):
     """A service on a loop that never runs: on_request and on_datagram are called directly,
-    so that what they raise reaches the test (the listener would log it and go on)."""
+    so that what they raise reaches the test (the listener would log it and go on). Every
+    transfer stays on the loop (``lockstep_threads = 0``): the worker-thread path has tests of
+    its own below."""
     root = tmp_path_factory.mktemp("tftp-root")
     (root / "small.bin").write_bytes(bytes(range(256)) * 5)
     (root / "text.txt").write_bytes(b"one\ntwo\r\n" * 30)
     loop = asyncio.new_event_loop()
-    config = TftpConfig(port=0, bind_address="127.0.0.1", timeout=0.3, min_timeout=0.05)
+    config = TftpConfig(port=0, bind_address="127.0.0.1", timeout=0.3, min_timeout=0.05,
+                        lockstep_threads=0)
     service = TftpService(config, None, {"": root}, resolve_mac=lambda ip: MAC,
                           record_event=lambda *e: None, loop=loop)
     service.listen()
@@ -376,3 +386,97 @@ def test_service_answers_or_drops_any_datagram(quiet_service, request, followups
             service.finish(active)
         _drain(client)
     assert not service.per_client and len(service.files) == 0
+
+
+# -- windowsize-1 transfers in threads of their own (lockstep.py) ----------------------------
+
+async def _service(root, **settings):
+    config = replace(ServerConfig(), tftp=TftpConfig(port=0, bind_address="127.0.0.1",
+                                                     **settings))
+    events: list[tuple] = []
+    service = await start_tftp(config, {"": root}, resolve_mac=lambda ip: "52:54:00:00:00:01",
+                               record_event=lambda *e: events.append(e))
+    return service, events
+
+
+async def test_lockstep_transfers_take_threads_up_to_the_cap_then_the_loop(root):
+    service, events = await _service(root, lockstep_threads=2, max_transfers_per_client=8)
+    clients = [UdpClient() for _ in range(3)]
+    windowed = UdpClient()
+    try:
+        for client in clients:
+            await client.send(ReadRequest("big.bin", "octet"), service.listener.address)
+            assert isinstance((await client.receive())[0], Data)
+        await windowed.send(ReadRequest("big.bin", "octet", (("windowsize", "2"),)),
+                            service.listener.address)
+        assert isinstance((await windowed.receive())[0], OptionAck)
+        kinds = [type(t) for t in service.transfers.values()]
+        assert kinds == [LockstepTransfer, LockstepTransfer, ActiveTransfer, ActiveTransfer]
+        assert service.lockstep_running == 2
+    finally:
+        for client in (*clients, windowed):
+            client.close()
+        await service.close()
+    assert service.lockstep_running == 0 and not service.transfers
+    assert [e[2]["error"] for e in events if e[1] == "tftp.error"] == ["server stopping"] * 4
+
+
+async def test_lockstep_transfer_is_recorded_like_any_other(root):
+    service, events = await _service(root)
+    client = UdpClient()
+    try:
+        data = await client.fetch("big.bin", service.listener.address)
+        for _ in range(100):
+            if not service.transfers:
+                break
+            await asyncio.sleep(0.01)
+    finally:
+        client.close()
+        await service.close()
+    assert data == (root / "big.bin").read_bytes()
+    assert [e[1] for e in events] == ["tftp.start", "tftp.done"]
+    assert events[1][2]["bytes"] == 512 * 40
+    assert service.completed == 1 and service.lockstep_running == 0 and len(service.files) == 0
+
+
+async def test_netascii_and_lockstep_threads_0_stay_on_the_loop(root):
+    (root / "text.txt").write_bytes(b"line\n" * 100)
+    for overrides, name, mode in (({}, "text.txt", "netascii"),
+                                  ({"lockstep_threads": 0}, "big.bin", "octet")):
+        service, _ = await _service(root, **overrides)
+        client = UdpClient()
+        try:
+            await client.send(ReadRequest(name, mode), service.listener.address)
+            await client.receive()
+            assert [type(t) for t in service.transfers.values()] == [ActiveTransfer]
+        finally:
+            client.close()
+            await service.close()
+
+
+def test_the_polling_loop_does_not_poll_while_a_lockstep_thread_runs(root):
+    """A polling event loop would keep the thread waiting for the GIL (eventloop.py)."""
+    held: list[bool] = []
+
+    async def main(selector):
+        service, _ = await _service(root, busy_poll=0.001)
+        client = UdpClient()
+        try:
+            await client.send(ReadRequest("big.bin", "octet"), service.listener.address)
+            packet, tid = await client.receive()
+            held.append(selector.held)
+            while len(packet.payload) == 512:
+                await client.send(Ack(packet.block), tid)
+                packet, tid = await client.receive()
+            await client.send(Ack(packet.block), tid)
+            for _ in range(100):
+                if not service.transfers:
+                    break
+                await asyncio.sleep(0.01)
+            held.append(selector.held)
+        finally:
+            client.close()
+            await service.close()
+
+    eventloop.run(main)
+    assert held == [True, False]
