@@ -22,6 +22,8 @@ from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, REGISTRY
 from configserver.model import Nic, NodeSpec, NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.timeline import boot_timeline
 
+NODES_PAGE = 500  # nodes per page of GET /api/v1/nodes by default
+NODES_PAGE_MAX = 1000
 _SPEC_FIELDS = {"mac", "role", "hostname", "ip", "kernel_args", "tags", "nics"}
 _ROLE_FIELDS = {"name", "image", "template", "kernel_args", "hypervisor_args", "description"}
 
@@ -138,13 +140,21 @@ def _number(request: web.Request, name: str, default: int, top: int) -> int:
 
 
 async def list_nodes(request: web.Request) -> web.Response:
+    """One page of nodes in MAC order; ``next`` is the ``after`` of the next page, or null."""
     state = request.query.get("state")
     try:
         wanted = NodeState(state) if state else None
     except ValueError:
         raise InvalidRequest(f"unknown state {state!r}") from None
-    nodes = await asyncio.to_thread(request.app[REGISTRY].list_nodes, state=wanted)
-    return web.json_response({"nodes": [n.to_json() for n in nodes]})
+    limit = _number(request, "limit", NODES_PAGE, NODES_PAGE_MAX)
+    after = request.query.get("after")
+    after = normalize_mac(after) if after else None
+    nodes = await asyncio.to_thread(request.app[REGISTRY].list_nodes, state=wanted,
+                                    limit=limit + 1, after=after)
+    more = len(nodes) > limit
+    nodes = nodes[:limit]
+    return web.json_response({"nodes": [n.to_json() for n in nodes],
+                              "next": nodes[-1].mac if more else None})
 
 
 async def add_node(request: web.Request) -> web.Response:
