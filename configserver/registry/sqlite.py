@@ -1,9 +1,10 @@
 """The embedded registry backend: one SQLite database in WAL mode in the state directory.
 
-Reads run on the caller's thread, on that thread's own connection, as single indexed queries,
-so that DHCP, TFTP and HTTP boot can ask on every packet. Writes never run there: they go
-through the registry's one writer (``writer.py``), which commits them in batches on its own
-connection, off the event loop.
+Reads run on the caller's thread, on that thread's own connection, as indexed queries; the
+hot-path ones (a node by MAC or address, a role, the unknown-MAC policy) are remembered for a
+second (``cache.py``) and forgotten at every write, so that DHCP, TFTP and HTTP boot can ask
+on every packet. Writes never run there: they go through the registry's one writer
+(``writer.py``), which commits them in batches on its own connection, off the event loop.
 
 * Boot events (``record_event``) are fire-and-forget: queued, and dropped (counted, logged at
   most once per 10 s) when the queue is full. ``events`` commits the queue before it reads.
@@ -49,6 +50,7 @@ from configserver.model import (
 )
 from configserver.registry import AgentSession, nodes, sessions
 from configserver.registry import events as boot_events
+from configserver.registry.cache import ReadCache
 from configserver.registry.events import EVENTS_KEPT_PER_NODE, PRUNE_AFTER, PrunePass
 from configserver.registry.schema import (
     MIGRATIONS,
@@ -117,6 +119,7 @@ class SqliteRegistry:
         self._readers: list[sqlite3.Connection] = []
         self._readers_lock = threading.Lock()
         self._unsettled = Unsettled()
+        self._cache = ReadCache()
         self._events_since_prune = 0
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -177,7 +180,8 @@ class SqliteRegistry:
         return self._writer.run(partial(fn, **kwargs))
 
     def _committed(self, seq: int, written: int) -> None:
-        if seq:
+        if seq:  # jobs ran: any node may have changed (first the cache, then the overlay)
+            self._cache.invalidate()
             self._unsettled.settled(seq)
         self._events_since_prune += written
         if self._events_since_prune >= PRUNE_AFTER and self._writer.maintenance is None:
@@ -206,24 +210,37 @@ class SqliteRegistry:
     # -- hot path ---------------------------------------------------------------------------
 
     def lookup(self, mac: str) -> Node | None:
-        # Every node's primary MAC has a NIC row too, so one indexed query answers.
-        db = self._db()
-        row = db.execute("SELECT node FROM nics WHERE mac=?", (mac,)).fetchone()
-        if row is None:
+        node = self._cache.get(("mac", mac), self._node_with_nic, mac)
+        if node is None:
             found = self._unsettled.discovered.get(mac)
             return found[1] if found else None
-        return self._unsettled.over(load(db, row[0]))
+        return self._unsettled.over(node)
 
     def lookup_ip(self, ip: str) -> Node | None:
-        db = self._db()
-        row = db.execute("SELECT node FROM nics WHERE ip=?", (ip,)).fetchone()
-        return self._unsettled.over(load(db, row[0])) if row else None
+        return self._unsettled.over(self._cache.get(("ip", ip), self._node_with_ip, ip))
 
     def role(self, name: str) -> Role | None:
+        return self._cache.get(("role", name), self._role, name)
+
+    def unknown_mac_policy(self) -> UnknownMacPolicy:
+        return self._cache.get(("unknown_mac",), self._unknown_mac_policy)
+
+    def _node_with_nic(self, mac: str) -> Node | None:
+        # Every node's primary MAC has a NIC row too, so one indexed query finds it.
+        db = self._db()
+        row = db.execute("SELECT node FROM nics WHERE mac=?", (mac,)).fetchone()
+        return load(db, row[0]) if row else None
+
+    def _node_with_ip(self, ip: str) -> Node | None:
+        db = self._db()
+        row = db.execute("SELECT node FROM nics WHERE ip=?", (ip,)).fetchone()
+        return load(db, row[0]) if row else None
+
+    def _role(self, name: str) -> Role | None:
         row = self._db().execute("SELECT * FROM roles WHERE name=?", (name,)).fetchone()
         return role_from_row(row) if row else None
 
-    def unknown_mac_policy(self) -> UnknownMacPolicy:
+    def _unknown_mac_policy(self) -> UnknownMacPolicy:
         row = self._db().execute(
             "SELECT value FROM settings WHERE key='unknown_mac'").fetchone()
         return UnknownMacPolicy(row["value"]) if row else UnknownMacPolicy.IGNORE
