@@ -2,8 +2,8 @@
 
 Two kinds of writes share one queue, in the order they were made:
 
-* **events** (``append``): fire-and-forget boot events. The queue holds at most ``queue_limit``
-  of them; when it is full an event is dropped and counted (``dropped``), never waited for.
+* **events** (``append``): fire-and-forget boot events. Once ``queue_limit`` writes are queued
+  an event is dropped and counted (``dropped``), never waited for.
 * **jobs** (``submit``, ``run``): functions of the connection that change state. A job is never
   dropped; each runs inside a savepoint, so a job that fails (a refused write) leaves the others
   of its batch alone.
@@ -84,7 +84,6 @@ class RegistryWriter:
         self._commit_lock = threading.Lock()  # held while the connection is in use
         self._queue_lock = threading.Lock()  # held while the queue or seq changes
         self._queue: deque[Event | Job] = deque()
-        self._queued_events = 0
         self._seq = 0
         self._task: asyncio.Task[None] | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
@@ -95,22 +94,17 @@ class RegistryWriter:
 
     def append(self, event: Event) -> bool:
         """Queue one boot event; False if the queue is full (the event is dropped, counted)."""
-        with self._queue_lock:
-            if self._closed or self._queued_events >= self.queue_limit:
-                self.dropped += 1
-                full = not self._closed
-            else:
-                self._queue.append(event)
-                self._queued_events += 1
-                full = None
-        if full is None:
-            self._kick()
-            return True
-        if full:
-            self._full.warning("%s: %d boot events queued, writer behind: event dropped "
-                               "(%d dropped so far)", self._name, self.queue_limit,
-                               self.dropped)
-        return False
+        queue = self._queue
+        if self._closed or len(queue) >= self.queue_limit:
+            self.dropped += 1
+            if not self._closed:
+                self._full.warning("%s: %d writes queued, writer behind: boot event dropped "
+                                   "(%d dropped so far)", self._name, len(queue), self.dropped)
+            return False
+        queue.append(event)
+        if len(queue) == 1:
+            self._kick()  # the first of a batch; the others find its commit on the way
+        return True
 
     def submit(self, fn: Callable[[sqlite3.Connection], Any], *,
                mark: Callable[[int], None] | None = None) -> int:
@@ -157,9 +151,11 @@ class RegistryWriter:
         with self._commit_lock:
             if self._closed:
                 return
-            self._commit_queued_locked()
             with self._queue_lock:
-                self._closed = True
+                self._closed = True  # from now on, writes are refused
+                batch = self._take()
+            if batch:
+                self._commit(batch)
             self._db.close()
         if self._executor is not None:
             self._executor.shutdown(wait=True)
@@ -231,9 +227,10 @@ class RegistryWriter:
         return steps
 
     def _take(self) -> list[Event | Job]:
-        batch = list(self._queue)
-        self._queue.clear()
-        self._queued_events = 0
+        # One item at a time: events are appended without the queue lock.
+        queue, batch = self._queue, []
+        while queue:
+            batch.append(queue.popleft())
         return batch
 
     def _commit_queued_locked(self) -> None:
