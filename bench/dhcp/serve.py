@@ -1,8 +1,9 @@
 #!/usr/bin/env python3
 """Run only the config server's DHCP service (for the netns tests and the benchmark).
 
-Opens (or creates) the SQLite registry in --state-dir, adds the --node reservations, calls
-``start_dhcp`` as ``configserver serve`` does, prints READY and serves until SIGTERM.
+Opens (or creates) the SQLite registry in --state-dir, adds the --node reservations and applies
+the --inventory file (as ``configserver apply -f`` does), calls ``start_dhcp`` as
+``configserver serve`` does, prints READY and serves until SIGTERM.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet
 from configserver.dhcp.service import start_dhcp
+from configserver.http.api import spec_from_json
+from configserver.inventory import parse_inventory
 from configserver.model import NodeSpec, UnknownMacPolicy
 from configserver.registry.sqlite import SqliteRegistry
 
@@ -47,6 +50,13 @@ async def serve(args: argparse.Namespace) -> None:
         if registry.lookup(mac) is None:
             registry.add_node(NodeSpec(mac=mac, role="storage", ip=ip or None,
                                        hostname=hostname or None))
+    if args.inventory:
+        body = parse_inventory(args.inventory.read_text(), source=str(args.inventory))
+        result = registry.apply([spec_from_json(n, where=f"node #{i + 1}")
+                                 for i, n in enumerate(body["nodes"])])
+        logging.getLogger("serve").info("inventory %s: %d nodes created, %d unchanged",
+                                        args.inventory, len(result.created),
+                                        len(result.unchanged))
     if args.mode == "full" and args.subnet is None:
         # No --subnet: the server's /24, with no pool (reserved addresses only).
         args.subnet = Subnet(network=str(ipaddress.IPv4Network(f"{args.server_address}/24",
@@ -78,6 +88,8 @@ def main() -> None:
     parser.add_argument("--subnet", type=subnet)
     parser.add_argument("--relayed", type=subnet, action="append", default=[])
     parser.add_argument("--node", action="append", default=[], help="MAC,IP,HOSTNAME")
+    parser.add_argument("--inventory", type=Path,
+                        help="an inventory TOML file to apply (configserver apply -f)")
     parser.add_argument("--unknown-mac", default="ignore", choices=["ignore", "discover"])
     parser.add_argument("--port", type=int, default=67)
     parser.add_argument("--client-port", type=int, default=68)

@@ -14,6 +14,7 @@ import logging
 import os
 import sys
 import tomllib
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
@@ -241,7 +242,7 @@ def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
         return _print(args, node, f"added {node['mac']} ({node['role']})")
     if args.action == "list":
         state = "pending" if args.pending else args.state
-        nodes = client.get("/api/v1/nodes" + (f"?state={state}" if state else ""))["nodes"]
+        nodes = list_all_nodes(client, state=state)
         return _print(args, nodes, cliformat.node_table(nodes))
     if args.action == "show":
         node = client.get(f"/api/v1/nodes/{args.mac}")
@@ -254,6 +255,19 @@ def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
         return _print(args, node, f"updated {node['mac']}")
     client.delete(f"/api/v1/nodes/{args.mac}")
     return _print(args, {"removed": args.mac}, f"removed {args.mac}")
+
+
+def list_all_nodes(client: ApiClient, *, state: str | None = None,
+                   page: int = 500) -> list[dict[str, Any]]:
+    """Every node, page after page (``GET /api/v1/nodes?limit=&after=``)."""
+    nodes: list[dict[str, Any]] = []
+    query: dict[str, str] = {"limit": str(page), **({"state": state} if state else {})}
+    while True:
+        answer = client.get("/api/v1/nodes?" + urllib.parse.urlencode(query))
+        nodes.extend(answer["nodes"])
+        if not answer.get("next"):
+            return nodes
+        query["after"] = answer["next"]
 
 
 def cmd_role(args: argparse.Namespace, client: ApiClient) -> int:

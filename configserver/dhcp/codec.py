@@ -112,7 +112,7 @@ class DhcpPacket:
     @property
     def mac(self) -> str:
         """The client hardware address as ``aa:bb:...`` (chaddr is the client's identity)."""
-        return ":".join(f"{b:02x}" for b in self.chaddr)
+        return self.chaddr.hex(":")
 
     @property
     def broadcast(self) -> bool:

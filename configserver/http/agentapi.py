@@ -193,7 +193,9 @@ async def lookup(request: web.Request) -> web.Response:
                     "ready under boot %s", source, node.mac, boot_id, session.boot_id)
     elif session is None or session.boot_id != boot_id:
         token = derived or secrets.token_urlsafe(32)
-        registry.start_agent_session(node.mac, boot_id, hash_token(token))
+        # Committed before the answer: the agent's first heartbeat must find its session.
+        await asyncio.to_thread(registry.start_agent_session, node.mac, boot_id,
+                                hash_token(token))
         log.info("agent token issued to %s for boot %s (from %s)", node.mac, boot_id, source)
     elif derived and session.token_hash and hmac.compare_digest(hash_token(derived),
                                                                 session.token_hash):
@@ -241,7 +243,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     status = data.get("status", {})
     if not isinstance(status, dict):
         raise InvalidRequest("status must be a JSON object")
-    updated = request.app[REGISTRY].record_heartbeat(node.mac, status)
+    updated = await asyncio.to_thread(request.app[REGISTRY].record_heartbeat, node.mac,
+                                      status)
     return web.json_response({"state": str(updated.state),
                               "heartbeat_interval": request.app[CONFIG].heartbeat_interval})
 
@@ -253,7 +256,7 @@ async def push_inventory(request: web.Request) -> web.Response:
     inventory = data.get("inventory")
     if not isinstance(inventory, dict):
         raise InvalidRequest("inventory must be a JSON object")
-    request.app[REGISTRY].set_inventory(node.mac, inventory)
+    await asyncio.to_thread(request.app[REGISTRY].set_inventory, node.mac, inventory)
     log.info("inventory of %s updated (%d disks, %d nics)", node.mac,
              len(inventory.get("disks") or []), len(inventory.get("nics") or []))
     return web.json_response({"stored": True})
@@ -273,7 +276,8 @@ async def _sweep_lost_nodes(app: web.Application) -> None:
     while True:
         await asyncio.sleep(period)
         try:
-            lost = app[REGISTRY].mark_lost(time.time() - config.lost_after)
+            lost = await asyncio.to_thread(app[REGISTRY].mark_lost,
+                                           time.time() - config.lost_after)
         except Exception:
             log.exception("marking silent nodes lost failed")
             continue

@@ -3,10 +3,15 @@
 Reads are open, but for inventories and the export; every write needs the admin bearer
 token. Request bodies are checked here for
 shape (types, unknown fields); the registry validates values and relationships on write.
+
+Registry writes wait for their commit, and some reads are large (a page of nodes, an export, a
+node's events): those calls run on a worker thread (``asyncio.to_thread``), never on the event
+loop that also answers DHCP and TFTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 from typing import Any
 
@@ -17,6 +22,8 @@ from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, REGISTRY
 from configserver.model import Nic, NodeSpec, NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.timeline import boot_timeline
 
+NODES_PAGE = 500  # nodes per page of GET /api/v1/nodes by default
+NODES_PAGE_MAX = 1000
 _SPEC_FIELDS = {"mac", "role", "hostname", "ip", "kernel_args", "tags", "nics"}
 _ROLE_FIELDS = {"name", "image", "template", "kernel_args", "hypervisor_args", "description"}
 
@@ -125,58 +132,77 @@ async def health(request: web.Request) -> web.Response:
     return web.json_response({"status": "ok"})
 
 
+def _number(request: web.Request, name: str, default: int, top: int) -> int:
+    try:
+        return max(1, min(int(request.query.get(name, str(default))), top))
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number") from None
+
+
 async def list_nodes(request: web.Request) -> web.Response:
+    """One page of nodes in MAC order; ``next`` is the ``after`` of the next page, or null."""
     state = request.query.get("state")
     try:
         wanted = NodeState(state) if state else None
     except ValueError:
         raise InvalidRequest(f"unknown state {state!r}") from None
-    nodes = request.app[REGISTRY].list_nodes(state=wanted)
-    return web.json_response({"nodes": [n.to_json() for n in nodes]})
+    limit = _number(request, "limit", NODES_PAGE, NODES_PAGE_MAX)
+    after = request.query.get("after")
+    after = normalize_mac(after) if after else None
+    nodes = await asyncio.to_thread(request.app[REGISTRY].list_nodes, state=wanted,
+                                    limit=limit + 1, after=after)
+    more = len(nodes) > limit
+    nodes = nodes[:limit]
+    return web.json_response({"nodes": [n.to_json() for n in nodes],
+                              "next": nodes[-1].mac if more else None})
 
 
 async def add_node(request: web.Request) -> web.Response:
     require_admin(request)
-    node = request.app[REGISTRY].add_node(spec_from_json(await _body(request)))
+    spec = spec_from_json(await _body(request))
+    node = await asyncio.to_thread(request.app[REGISTRY].add_node, spec)
     return web.json_response(node.to_json(), status=201)
 
 
 async def show_node(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     mac = normalize_mac(request.match_info["mac"])
-    node = registry.lookup(mac)
-    if node is None:
-        raise NotFound(f"no node with MAC {mac}")
-    events = registry.events(node.mac)
-    body = node.to_json()
-    body["timeline"] = boot_timeline(events)
-    # Inventories name serial numbers and disks: shown with the admin token only.
-    body["inventory"] = registry.inventory(node.mac) if _is_admin(request) else None
-    body["events"] = [e.to_json() for e in events[-50:]]
-    return web.json_response(body)
+    admin = _is_admin(request)
+
+    def read() -> dict[str, Any]:
+        node = registry.lookup(mac)
+        if node is None:
+            raise NotFound(f"no node with MAC {mac}")
+        events = registry.events(node.mac)
+        body = node.to_json()
+        body["timeline"] = boot_timeline(events)
+        # Inventories name serial numbers and disks: shown with the admin token only.
+        body["inventory"] = registry.inventory(node.mac) if admin else None
+        body["events"] = [e.to_json() for e in events[-50:]]
+        return body
+
+    return web.json_response(await asyncio.to_thread(read))
 
 
 async def update_node(request: web.Request) -> web.Response:
     require_admin(request)
     changes = _node_changes(await _body(request))
-    node = request.app[REGISTRY].update_node(request.match_info["mac"], changes)
+    node = await asyncio.to_thread(request.app[REGISTRY].update_node,
+                                   request.match_info["mac"], changes)
     return web.json_response(node.to_json())
 
 
 async def remove_node(request: web.Request) -> web.Response:
     require_admin(request)
-    request.app[REGISTRY].remove_node(request.match_info["mac"])
+    await asyncio.to_thread(request.app[REGISTRY].remove_node, request.match_info["mac"])
     return web.json_response({"removed": normalize_mac(request.match_info["mac"])})
 
 
 async def node_events(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     mac = normalize_mac(request.match_info["mac"])
-    try:
-        limit = max(1, min(int(request.query.get("limit", "500")), 5000))
-    except ValueError:
-        raise InvalidRequest("limit must be a number") from None
-    events = registry.events(mac, limit)
+    limit = _number(request, "limit", 500, 5000)
+    events = await asyncio.to_thread(registry.events, mac, limit)
     if not events and registry.lookup(mac) is None:
         raise NotFound(f"no node with MAC {mac}")
     return web.json_response({"mac": mac, "events": [e.to_json() for e in events],
@@ -186,7 +212,7 @@ async def node_events(request: web.Request) -> web.Response:
 async def node_inventory(request: web.Request) -> web.Response:
     require_admin(request)
     mac = normalize_mac(request.match_info["mac"])
-    inventory = request.app[REGISTRY].inventory(mac)
+    inventory = await asyncio.to_thread(request.app[REGISTRY].inventory, mac)
     if inventory is None:
         raise NotFound(f"no inventory for {mac}")
     return web.json_response(inventory)
@@ -213,7 +239,8 @@ async def list_roles(request: web.Request) -> web.Response:
 
 async def add_role(request: web.Request) -> web.Response:
     require_admin(request)
-    role = request.app[REGISTRY].add_role(_role_from_json(await _body(request)))
+    role = await asyncio.to_thread(request.app[REGISTRY].add_role,
+                                   _role_from_json(await _body(request)))
     return web.json_response(role.to_json(), status=201)
 
 
@@ -232,13 +259,14 @@ async def update_role(request: web.Request) -> web.Response:
     changes = await _body(request)
     if not all(isinstance(v, str) for v in changes.values()):
         raise InvalidRequest("role fields are strings")
-    role = request.app[REGISTRY].update_role(request.match_info["name"], changes)
+    role = await asyncio.to_thread(request.app[REGISTRY].update_role,
+                                   request.match_info["name"], changes)
     return web.json_response(role.to_json())
 
 
 async def remove_role(request: web.Request) -> web.Response:
     require_admin(request)
-    request.app[REGISTRY].remove_role(request.match_info["name"])
+    await asyncio.to_thread(request.app[REGISTRY].remove_role, request.match_info["name"])
     return web.json_response({"removed": request.match_info["name"]})
 
 
@@ -259,14 +287,16 @@ async def apply_inventory(request: web.Request) -> web.Response:
         raise InvalidRequest("each role is an object")
     role_specs = [_role_from_json(r) for r in roles]
     specs = [spec_from_json(n, where=f"node #{i + 1}") for i, n in enumerate(nodes)]
-    result = request.app[REGISTRY].apply(specs, prune=prune, roles=role_specs)
+    result = await asyncio.to_thread(request.app[REGISTRY].apply, specs, prune=prune,
+                                     roles=role_specs)
     return web.json_response(result.to_json())
 
 
 async def export(request: web.Request) -> web.Response:
     require_admin(request)
     registry = request.app[REGISTRY]
-    nodes = [n for n in registry.list_nodes() if n.state != NodeState.PENDING]
+    nodes = [n for n in await asyncio.to_thread(registry.list_nodes)
+             if n.state != NodeState.PENDING]
     roles = [r for r in registry.list_roles() if not r.builtin]
     return web.json_response({
         "roles": [{k: v for k, v in r.to_json().items() if k in _ROLE_FIELDS} for r in roles],
@@ -305,7 +335,7 @@ async def update_settings(request: web.Request) -> web.Response:
             policy = UnknownMacPolicy(data["unknown_mac"])
         except ValueError:
             raise InvalidRequest("unknown_mac is 'ignore' or 'discover'") from None
-        request.app[REGISTRY].set_unknown_mac_policy(policy)
+        await asyncio.to_thread(request.app[REGISTRY].set_unknown_mac_policy, policy)
     return await show_settings(request)
 
 

@@ -1,4 +1,5 @@
-"""The SQLite registry's schema, its migrations and its row <-> model conversions."""
+"""The SQLite registry's schema, its migrations, its row <-> model conversions and the
+single-row queries every part of it uses (on whichever connection it is given)."""
 
 from __future__ import annotations
 
@@ -94,6 +95,63 @@ def node_from_row(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Node:
         last_seen=row["last_seen"], last_heartbeat=row["last_heartbeat"],
         facts=json.loads(row["facts"]),
     )
+
+
+def owner(db: sqlite3.Connection, mac: str) -> str | None:
+    """The primary MAC of the node that has NIC ``mac`` (or is ``mac``), if any."""
+    row = db.execute("SELECT node FROM nics WHERE mac=?", (mac,)).fetchone()
+    if row:
+        return str(row[0])
+    row = db.execute("SELECT mac FROM nodes WHERE mac=?", (mac,)).fetchone()
+    return str(row[0]) if row else None
+
+
+def state_of(db: sqlite3.Connection, mac: str) -> NodeState | None:
+    row = db.execute("SELECT state FROM nodes WHERE mac=?", (mac,)).fetchone()
+    return NodeState(row[0]) if row else None
+
+
+def load(db: sqlite3.Connection, mac: str) -> Node | None:
+    """Node ``mac`` (a primary MAC) with its NICs."""
+    row = db.execute("SELECT * FROM nodes WHERE mac=?", (mac,)).fetchone()
+    if row is None:
+        return None
+    nics = db.execute("SELECT mac, ip FROM nics WHERE node=? ORDER BY position",
+                      (mac,)).fetchall()
+    return node_from_row(row, nics)
+
+
+def load_page(db: sqlite3.Connection, *, after: str = "", state: str | None = None,
+              also: Sequence[str] = (), limit: int = -1) -> list[Node]:
+    """Nodes after MAC ``after`` in MAC order (``limit`` of them; -1: all), with their NICs.
+
+    With ``state``, only nodes in that state, and the nodes ``also`` names whatever theirs.
+    """
+    if state is None:
+        rows = db.execute("SELECT * FROM nodes WHERE mac > ? ORDER BY mac LIMIT ?",
+                          (after, limit)).fetchall()
+    else:
+        rows = db.execute(
+            "SELECT * FROM nodes WHERE mac > ? AND (state=? OR mac IN (SELECT value FROM "
+            "json_each(?))) ORDER BY mac LIMIT ?",
+            (after, state, json.dumps(list(also)), limit)).fetchall()
+    if not rows:
+        return []
+    nics: dict[str, list[sqlite3.Row]] = {}
+    if limit < 0 and state is None:
+        query = db.execute("SELECT node, mac, ip FROM nics ORDER BY node, position")
+    else:
+        query = db.execute("SELECT node, mac, ip FROM nics WHERE node IN (SELECT value FROM "
+                           "json_each(?)) ORDER BY node, position",
+                           (json.dumps([r["mac"] for r in rows]),))
+    for nic in query:
+        nics.setdefault(nic["node"], []).append(nic)
+    return [node_from_row(row, nics.get(row["mac"], [])) for row in rows]
+
+
+def role(db: sqlite3.Connection, name: str) -> Role | None:
+    row = db.execute("SELECT * FROM roles WHERE name=?", (name,)).fetchone()
+    return role_from_row(row) if row else None
 
 
 def role_from_row(row: sqlite3.Row) -> Role:
