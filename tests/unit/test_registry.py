@@ -299,17 +299,23 @@ def test_set_state_records_the_transition_and_its_reason(registry):
 
 def test_events_are_pruned_to_the_newest_per_node_every_5000_events(tmp_path):
     registry = SqliteRegistry(tmp_path / "r.sqlite", synchronous="OFF")
-    registry.add_node(NodeSpec(MAC1, "storage"))  # the first event since the registry opened
+    registry.add_node(NodeSpec(MAC1, "storage"))  # its "registered" event comes with the node
     for i in range(1, 1500):
         registry.record_event(MAC1, "dhcp.discover", {"n": i})
-    assert len(registry.events(MAC1, limit=10_000)) == 1500  # not pruned yet
-    for i in range(1500, 4999):
+    registry.flush()
+    assert registry.writer.run_maintenance() == 0  # nothing to prune yet
+    assert len(registry.events(MAC1, limit=10_000)) == 1500
+    for i in range(1500, 5000):
         registry.record_event(MAC1, "dhcp.discover", {"n": i})
-    assert len(registry.events(MAC1, limit=10_000)) == 4999
-    registry.record_event(MAC1, "dhcp.discover", {"n": 4999})  # the 5000th: pruned
+    registry.flush()
+    assert registry.writer.run_maintenance() == 0  # 4999 events written since the start
+    assert len(registry.events(MAC1, limit=10_000)) == 5000
+    registry.record_event(MAC1, "dhcp.discover", {"n": 5000})  # the 5000th: a pass is due
+    registry.flush()
+    assert registry.writer.run_maintenance() >= 1
     kept = registry.events(MAC1, limit=10_000)
     assert len(kept) == EVENTS_KEPT_PER_NODE
-    assert kept[-1].detail == {"n": 4999} and kept[0].detail == {"n": 5000 - 1000}
+    assert kept[-1].detail == {"n": 5000} and kept[0].detail == {"n": 5001 - 1000}
     registry.close()
 
 
@@ -331,15 +337,15 @@ class FailingConnection:
 
 
 @pytest.mark.parametrize(("statement", "message"), [
-    ("BEGIN IMMEDIATE", "is not writable"),
-    ("INSERT INTO nodes", "registry write failed"),
-    ("COMMIT", "registry commit failed"),
+    ("BEGIN IMMEDIATE", "registry write failed: disk I/O error"),
+    ("INSERT INTO nodes", "registry write failed: disk I/O error"),
+    ("COMMIT", "registry write failed: disk I/O error"),
 ])
 def test_a_failed_write_is_a_store_error_and_leaves_the_registry_usable(registry, statement,
                                                                          message):
     registry.add_node(NodeSpec(MAC1, "storage"))
     before = snapshot(registry)
-    registry._db = FailingConnection(registry._db, statement)
+    registry._writer._db = FailingConnection(registry._writer._db, statement)
     with pytest.raises(StoreError, match=message):
         registry.add_node(NodeSpec(MAC2, "storage", "sn2"))
     assert snapshot(registry) == before  # rolled back
