@@ -87,7 +87,19 @@ def _server(request: web.Request) -> BootServer:
     public = request.app[CONFIG].http.public_url
     if public:
         return BootServer(public.rstrip("/"))
-    return BootServer(f"http://{request.host}")
+    return BootServer(f"http://{_host_with_port(request)}")
+
+
+def _host_with_port(request: web.Request) -> str:
+    """The Host header, with the port the request came in on if it names none: GRUB's HTTP
+    client sends ``Host: 198.18.0.1`` even from port 8080, and the URLs rendered for it must
+    not fall back to port 80."""
+    host = request.host
+    if ":" in host.rsplit("]", 1)[-1]:
+        return host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+    return host if port in (None, 80) else f"{host}:{port}"
 
 
 def _client_mac(request: web.Request) -> str | None:
@@ -202,7 +214,8 @@ async def ipxe_binary(request: web.Request) -> web.StreamResponse:
     path = request.app[IPXE_DIR] / name
     if not path.is_file():
         raise NotFound(f"no iPXE binary {name!r} in {request.app[IPXE_DIR]}")
-    mac = _client_mac(request)
+    # UEFI HTTP Boot asks for the size first (HEAD): only the download is an event.
+    mac = _client_mac(request) if request.method != "HEAD" else None
     if mac:
         request.app[REGISTRY].record_event(mac, "http.ipxe", {"file": name})
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})

@@ -287,3 +287,22 @@ async def test_inventories_are_for_the_admin_only(client, registry):
     assert shown["inventory"]["dmi"]["serial"] == "S3CR3T"
     resp = await client.get(f"/api/v1/nodes/{MAC}/inventory", headers=AUTH)
     assert (await resp.json())["dmi"]["serial"] == "S3CR3T"
+
+
+async def test_urls_keep_the_servers_port_when_the_host_header_has_none(client):
+    # GRUB's HTTP client sends "Host: 198.18.0.1" whatever the port.
+    await add(client, role="dom0")
+    config = await (await client.get(f"/boot/{MAC}/grub.cfg",
+                                     headers={"Host": "198.18.0.1"})).text()
+    assert f"multiboot2 (http,198.18.0.1:{client.port})/images/dom0/xen?mac=" in config
+    assert f"netboot.server=http://198.18.0.1:{client.port} " in config
+    config = await (await client.get(f"/boot/{MAC}/grub.cfg",
+                                     headers={"Host": "boot.example:8080"})).text()
+    assert "(http,boot.example:8080)/images/dom0/xen" in config
+
+
+async def test_uefi_http_boot_size_query_is_not_a_second_download(client, registry):
+    await add(client)
+    assert (await client.head(f"/ipxe/ipxe.efi?mac={MAC}")).status == 200
+    assert (await client.get(f"/ipxe/ipxe.efi?mac={MAC}")).status == 200
+    assert [e.stage for e in registry.events(MAC)].count("http.ipxe") == 1
