@@ -1,10 +1,11 @@
 """The catalog of bootable images: what the image builds put in the images directory.
 
 Each image is a directory ``<images>/<name>/`` with a ``manifest.json`` naming its kernel,
-initramfs and (for Xen) hypervisor, and every file it ships. Only files the manifest names are
-ever served, so no path of a caller's choosing reaches the filesystem. A directory without a
-manifest is read by convention (``vmlinuz``, ``initramfs.img``, ``xen``). Manifests are re-read
-only when their modification time changes, so a rebuilt image is served at once.
+initramfs and (for Xen) hypervisor, the hypervisor's EFI binary for UEFI machines
+(``hypervisor_efi``), and every file it ships. Only files the manifest names are ever served,
+so no path of a caller's choosing reaches the filesystem. A directory without a manifest is
+read by convention (``vmlinuz``, ``initramfs.img``, ``xen``, ``xen.efi``). Manifests are
+re-read only when their modification time changes, so a rebuilt image is served at once.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ _CONVENTION = {
     "kernel": ("vmlinuz",),
     "initramfs": ("initramfs.img", "initrd.img", "initramfs"),
     "hypervisor": ("xen", "xen.gz"),
+    "hypervisor_efi": ("xen.efi",),
 }
 
 
@@ -35,6 +37,9 @@ class Image:
     hypervisor: str | None = None
     files: frozenset[str] = frozenset()
     manifest: dict[str, Any] = field(default_factory=dict, compare=False)
+    # Xen's EFI loader (xen.efi) of the same build: what a UEFI machine boots, since iPXE's EFI
+    # build has no multiboot.
+    hypervisor_efi: str | None = None
 
     def path(self, filename: str) -> Path | None:
         """The file's path if the image ships it, else None (no other path is reachable)."""
@@ -44,7 +49,8 @@ class Image:
 
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kernel": self.kernel, "initramfs": self.initramfs,
-                "hypervisor": self.hypervisor, "files": sorted(self.files),
+                "hypervisor": self.hypervisor, "hypervisor_efi": self.hypervisor_efi,
+                "files": sorted(self.files),
                 "built": self.manifest.get("built")}
 
 
@@ -86,15 +92,17 @@ def _read(name: str, directory: Path, manifest: Path) -> Image | None:
             files = data.get("files", {})
             names = frozenset(files if isinstance(files, dict | list) else ())
             kernel, initramfs = data["kernel"], data["initramfs"]
-            hypervisor = data.get("hypervisor")
-            if not all(isinstance(v, str) for v in (kernel, initramfs, hypervisor or "")):
-                raise TypeError("kernel, initramfs and hypervisor are file names")
+            hypervisor, efi = data.get("hypervisor"), data.get("hypervisor_efi")
+            if not all(isinstance(v, str) for v in (kernel, initramfs, hypervisor or "",
+                                                    efi or "")):
+                raise TypeError("kernel, initramfs and hypervisor(_efi) are file names")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("image %s: unreadable manifest %s: %s", name, manifest, exc)
             return None
-        wanted = {kernel, initramfs} | ({hypervisor} if hypervisor else set())
+        wanted = {kernel, initramfs} | {h for h in (hypervisor, efi) if h}
         names = frozenset(n for n in names | wanted if _NAME.match(str(n)))
-        return Image(name, directory, kernel, initramfs, hypervisor, names, data)
+        return Image(name, directory, kernel, initramfs, hypervisor, names, data,
+                     hypervisor_efi=efi or None)
     found: dict[str, str | None] = {}
     for part, candidates in _CONVENTION.items():
         found[part] = next((c for c in candidates if (directory / c).is_file()), None)
@@ -102,4 +110,4 @@ def _read(name: str, directory: Path, manifest: Path) -> Image | None:
         return None
     files = frozenset(v for v in found.values() if v)
     return Image(name, directory, found["kernel"], found["initramfs"],  # type: ignore[arg-type]
-                 found["hypervisor"], files, {})
+                 found["hypervisor"], files, {}, hypervisor_efi=found["hypervisor_efi"])

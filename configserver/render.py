@@ -1,8 +1,9 @@
 """Boot scripts as a pure function of (node, role, image, server): no I/O, no registry access.
 
 ``boot_plan`` works out what a machine should boot (URLs, kernel command line); the jinja2
-templates only lay the plan out as an iPXE script or a GRUB configuration. Templates use
-``StrictUndefined``, so a missing variable is an error and never an empty string.
+templates only lay the plan out as an iPXE script, a GRUB configuration or, for a Xen boot on
+UEFI, the ``xen.cfg`` of Xen's EFI loader. Templates use ``StrictUndefined``, so a missing
+variable is an error and never an empty string.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from configserver.model import BootTemplate, Node, Role
 class ScriptFormat(enum.StrEnum):
     IPXE = "ipxe"
     GRUB = "grub"
+    XEN_EFI = "xen-efi"  # xen.cfg for xen.efi; only a "xen" plan has one
 
 
 @dataclass(frozen=True)
@@ -43,6 +45,9 @@ class BootPlan:
     initramfs_url: str = ""
     initramfs_name: str = ""
     hypervisor_url: str = ""
+    hypervisor_efi_url: str = ""  # xen.efi, for UEFI machines ("" if the image has none)
+    xen_efi_config_url: str = ""  # the xen.cfg that xen.efi reads
+    kernel_name: str = ""
     kernel_cmdline: str = ""
     hypervisor_cmdline: str = ""
     message: str = ""
@@ -87,6 +92,10 @@ def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *
         initramfs_url=file_url(image.initramfs),
         initramfs_name=image.initramfs,
         hypervisor_url=file_url(image.hypervisor) if image.hypervisor else "",
+        hypervisor_efi_url=file_url(image.hypervisor_efi) if image.hypervisor_efi else "",
+        xen_efi_config_url=(_script_url(server, mac, ScriptFormat.XEN_EFI)
+                            if image.hypervisor_efi else ""),
+        kernel_name=image.kernel,
         kernel_cmdline=kernel_cmdline(node, role, server, mac),
         hypervisor_cmdline=role.hypervisor_args,
     )
@@ -109,6 +118,8 @@ def exit_plan(mac: str, server: BootServer, message: str, *,
 def _script_url(server: BootServer, mac: str, fmt: ScriptFormat) -> str:
     if fmt == ScriptFormat.GRUB:
         return server.url(f"boot/{mac}/grub.cfg")
+    if fmt == ScriptFormat.XEN_EFI:
+        return server.url(f"boot/{mac}/xen.cfg")
     return server.url(f"boot/{mac}.ipxe")
 
 

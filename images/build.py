@@ -5,8 +5,9 @@ A recipe (``images/<role>.toml``) names the elements, the extra Debian packages 
 variables of an image. This driver builds the node agent's wheels, runs ``disk-image-create``
 with ``ELEMENTS_PATH`` pointing at the project's ``elements/``, then publishes
 ``build/images/<role>/`` with ``vmlinuz``, ``initramfs.img``, for Xen images the uncompressed
-hypervisor ``xen``, and ``manifest.json`` (sizes, sha256, elements, packages, versions, build
-time), replacing the previous image only once the new one is complete.
+hypervisor ``xen`` and its EFI binary ``xen.efi`` (for UEFI machines), and ``manifest.json``
+(sizes, sha256, elements, packages, versions, build time), replacing the previous image only
+once the new one is complete.
 
 Stdlib only: it runs before anything else is installed. Usage::
 
@@ -37,6 +38,7 @@ REPO = Path(__file__).resolve().parent.parent
 # Outputs of the elements' cleanup.d scripts (suffixes of disk-image-create's -o name), and the
 # names they are published under.
 KERNEL, INITRAMFS, HYPERVISOR = "vmlinuz", "initramfs.img", "xen"
+HYPERVISOR_EFI = "xen.efi"
 APT_SOURCES = Path("/etc/apt/sources.list")
 APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
 
@@ -252,8 +254,10 @@ def make_manifest(recipe: Recipe, staged: Path, prefix: Path, seconds: float,
                   wheelhouse: Path) -> dict[str, object]:
     """The manifest the config server reads (configserver/images.py)."""
     hypervisor = HYPERVISOR if (staged / HYPERVISOR).is_file() else None
+    hypervisor_efi = HYPERVISOR_EFI if (staged / HYPERVISOR_EFI).is_file() else None
     files = {name: _file_entry(staged / name)
-             for name in (KERNEL, INITRAMFS, HYPERVISOR) if (staged / name).is_file()}
+             for name in (KERNEL, INITRAMFS, HYPERVISOR, HYPERVISOR_EFI)
+             if (staged / name).is_file()}
     versions = _read_table(prefix.with_name(prefix.name + ".versions"))
     versions.update(_read_table(prefix.with_name(prefix.name + ".xen-version")))
     wheels = sorted(wheelhouse.glob(AGENT_WHEEL_GLOB))
@@ -267,6 +271,7 @@ def make_manifest(recipe: Recipe, staged: Path, prefix: Path, seconds: float,
         "kernel": KERNEL,
         "initramfs": INITRAMFS,
         "hypervisor": hypervisor,
+        "hypervisor_efi": hypervisor_efi,
         "files": files,
         "built": datetime.now(UTC).replace(microsecond=0).isoformat(),
         "build_seconds": round(seconds, 1),
@@ -286,15 +291,18 @@ def publish(recipe: Recipe, prefix: Path, output: Path, seconds: float,
     staged = output / f".{recipe.name}.new"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    outputs = {KERNEL: ".vmlinuz", INITRAMFS: ".initramfs.img", HYPERVISOR: ".xen"}
+    outputs = {KERNEL: ".vmlinuz", INITRAMFS: ".initramfs.img", HYPERVISOR: ".xen",
+               HYPERVISOR_EFI: ".xen.efi"}
     for name, suffix in outputs.items():
         source = prefix.with_name(prefix.name + suffix)
         if source.is_file():
             shutil.move(source, staged / name)
-        elif name != HYPERVISOR:
+        elif name not in (HYPERVISOR, HYPERVISOR_EFI):
             raise BuildError(f"the build left no {source}: is 'netboot-live' in the recipe?")
-    if HYPERVISOR not in os.listdir(staged) and "xen-dom0" in recipe.elements:
-        raise BuildError("the xen-dom0 element left no hypervisor")
+    if "xen-dom0" in recipe.elements:
+        missing = [n for n in (HYPERVISOR, HYPERVISOR_EFI) if n not in os.listdir(staged)]
+        if missing:
+            raise BuildError(f"the xen-dom0 element left no hypervisor {' '.join(missing)}")
     manifest = make_manifest(recipe, staged, prefix, seconds, wheelhouse)
     (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     final = output / recipe.name

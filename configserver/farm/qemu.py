@@ -5,6 +5,9 @@ Firmware per VM:
 * ``bios``: SeaBIOS with QEMU's iPXE option ROM for virtio-net (Debian's ipxe-qemu).
 * ``uefi``: OVMF with the same iPXE ROM (its EFI driver).
 * ``uefi-pxe``: OVMF with no option ROM, so the firmware's own UEFI PXE fetches iPXE over TFTP.
+* ``uefi-http``: ``uefi-pxe`` with OVMF's IPv6 PXE turned off (fw_cfg): facing a server without
+  TFTP, its IPv4 PXE finds no boot file and the firmware falls through to UEFI HTTP Boot a
+  minute sooner than through IPv6 PXE too.
 
 The serial console goes to one log file per VM. KVM is used only when a trial run proves that a
 vCPU really executes under it (SeaBIOS writes its banner to the debug console); otherwise TCG.
@@ -47,6 +50,7 @@ class Firmware(enum.StrEnum):
     BIOS = "bios"
     UEFI = "uefi"
     UEFI_PXE = "uefi-pxe"
+    UEFI_HTTP = "uefi-http"
 
 
 class Accel(enum.StrEnum):
@@ -145,8 +149,10 @@ def command_line(vm: VmSpec, host: HostQemu) -> list[str]:
     # QEMU's default ROM for virtio-net is ipxe-qemu's efi-virtio.rom (legacy PXE and EFI
     # driver in one); naming it explicitly stopped SeaBIOS from running it on this QEMU.
     nic = f"virtio-net-pci,netdev=net0,mac={vm.mac}"
-    if vm.firmware is Firmware.UEFI_PXE:
+    if vm.firmware in (Firmware.UEFI_PXE, Firmware.UEFI_HTTP):
         nic += ",romfile="
+    if vm.firmware is Firmware.UEFI_HTTP:
+        argv += ["-fw_cfg", "name=opt/org.tianocore/IPv6PXESupport,string=n"]
     argv += ["-netdev", f"tap,id=net0,ifname={vm.tap},script=no,downscript=no",
              "-device", nic]
     for index, disk in enumerate(vm.disks):

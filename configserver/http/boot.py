@@ -1,4 +1,4 @@
-"""HTTP boot: per-node iPXE scripts and GRUB configs, iPXE binaries and image files.
+"""HTTP boot: per-node iPXE scripts, GRUB and xen.efi configs, iPXE binaries and image files.
 
 Every answer is decided by the registry (what the MAC is) and the image catalog (what the role's
 image ships); no path of the caller's choosing reaches the filesystem. Each fetch of a script or
@@ -20,6 +20,7 @@ from configserver.http.appkeys import CATALOG, CONFIG, REGISTRY
 from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.registry import Registry
 from configserver.render import (
+    BootPlan,
     BootServer,
     ScriptFormat,
     ScriptRenderer,
@@ -54,7 +55,9 @@ RESOLVE_MAC = web.AppKey("resolve_mac", MacResolver)
 IPXE_DIR = web.AppKey("ipxe_dir", Path)
 
 _IPXE_BINARY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*\.(efi|kpxe|kkpxe|pxe|lkrn)$")
-_FILE_STAGES = ("kernel", "initramfs", "hypervisor")
+# Image attribute -> the boot stage a fetch of that file records.
+_FILE_STAGES = (("kernel", "kernel"), ("initramfs", "initramfs"), ("hypervisor", "hypervisor"),
+                ("hypervisor_efi", "hypervisor"))
 # What a pending node boots when the server has a discovery image (ServerConfig).
 DISCOVERY_ROLE = "discovery"
 DISCOVERY_KERNEL_ARGS = "console=tty0 console=ttyS0,115200"
@@ -78,6 +81,7 @@ def setup_routes(app: web.Application) -> None:
     app[IPXE_DIR] = find_ipxe_dir(app[CONFIG].ipxe_dir)
     app.router.add_get("/boot/{mac}.ipxe", ipxe_script)
     app.router.add_get("/boot/{mac}/grub.cfg", grub_config)
+    app.router.add_get("/boot/{mac}/xen.cfg", xen_efi_config)
     app.router.add_get("/boot/ssh-keys", ssh_keys)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     app.router.add_get("/images/{image}/{name}", image_file)
@@ -87,7 +91,19 @@ def _server(request: web.Request) -> BootServer:
     public = request.app[CONFIG].http.public_url
     if public:
         return BootServer(public.rstrip("/"))
-    return BootServer(f"http://{request.host}")
+    return BootServer(f"http://{_host_with_port(request)}")
+
+
+def _host_with_port(request: web.Request) -> str:
+    """The Host header, with the port the request came in on if it names none: GRUB's HTTP
+    client sends ``Host: 198.18.0.1`` even from port 8080, and the URLs rendered for it must
+    not fall back to port 80."""
+    host = request.host
+    if ":" in host.rsplit("]", 1)[-1]:
+        return host
+    sockname = request.transport.get_extra_info("sockname") if request.transport else None
+    port = sockname[1] if isinstance(sockname, tuple) and len(sockname) >= 2 else None
+    return host if port in (None, 80) else f"{host}:{port}"
 
 
 def _client_mac(request: web.Request) -> str | None:
@@ -113,6 +129,11 @@ async def grub_config(request: web.Request) -> web.Response:
     return _script(request, ScriptFormat.GRUB)
 
 
+async def xen_efi_config(request: web.Request) -> web.Response:
+    """The xen.cfg that a UEFI machine's iPXE fetches, next to xen.efi, for a Xen boot."""
+    return _script(request, ScriptFormat.XEN_EFI)
+
+
 def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
     app = request.app
     config, registry = app[CONFIG], app[REGISTRY]
@@ -123,7 +144,7 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
         if registry.unknown_mac_policy() != UnknownMacPolicy.DISCOVER:
             log.info("%s: unknown MAC asked for its boot script; sent back to firmware", mac)
             plan = exit_plan(mac, server, f"{mac} is not registered here", fmt=fmt)
-            return _text(app[RENDERER].render(plan, fmt))
+            return _render(app, plan, fmt)
         node = registry.discover(mac, {"via": "http", "client": request.remote,
                                        **_client_facts(request)})
         log.info("%s: discovered, recorded as pending", mac)
@@ -137,7 +158,7 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
                                 f"(configserver node add {mac} --role ROLE)", fmt=fmt)
             registry.record_event(node.mac, "http.script", {"format": fmt.value,
                                                             "result": "pending"})
-            return _text(app[RENDERER].render(plan, fmt))
+            return _render(app, plan, fmt)
     else:
         role = registry.role(node.role)
     if role is None:  # the registry refuses unknown roles, so this is a removed role
@@ -152,6 +173,13 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
                            "client": request.remote, **({"message": plan.message}
                                                         if plan.message else {})},
                           booting=plan.kind in ("linux", "xen"))
+    return _render(app, plan, fmt)
+
+
+def _render(app: web.Application, plan: BootPlan, fmt: ScriptFormat) -> web.Response:
+    if fmt == ScriptFormat.XEN_EFI and plan.kind != "xen":
+        # Only a Xen boot script asks for xen.cfg: iPXE's "|| goto failed" asks again.
+        raise NotFound(f"{plan.mac} boots no Xen now ({plan.kind}): no xen.cfg")
     return _text(app[RENDERER].render(plan, fmt))
 
 
@@ -202,7 +230,8 @@ async def ipxe_binary(request: web.Request) -> web.StreamResponse:
     path = request.app[IPXE_DIR] / name
     if not path.is_file():
         raise NotFound(f"no iPXE binary {name!r} in {request.app[IPXE_DIR]}")
-    mac = _client_mac(request)
+    # UEFI HTTP Boot asks for the size first (HEAD): only the download is an event.
+    mac = _client_mac(request) if request.method != "HEAD" else None
     if mac:
         request.app[REGISTRY].record_event(mac, "http.ipxe", {"file": name})
     return web.FileResponse(path, headers={"Content-Type": "application/octet-stream"})
@@ -217,7 +246,7 @@ async def image_file(request: web.Request) -> web.StreamResponse:
         raise NotFound(f"image {name!r} has no file {filename!r}")
     if not path.is_file():
         raise NotFound(f"image {name!r} lists {filename!r} but it is missing on disk")
-    stage = next((s for s in _FILE_STAGES if getattr(image, s) == filename), "file")
+    stage = next((s for a, s in _FILE_STAGES if getattr(image, a) == filename), "file")
     mac = _client_mac(request)
     if mac:
         detail = {"image": name, "file": filename, "client": request.remote}

@@ -25,11 +25,12 @@ def images(tmp_path):
     (storage / "secret").write_text("not listed")
     dom0 = root / "dom0"
     dom0.mkdir()
-    for name in ("xen", "vmlinuz", "initramfs.img"):
+    for name in ("xen", "xen.efi", "vmlinuz", "initramfs.img"):
         (dom0 / name).write_bytes(name.encode())
     (dom0 / "manifest.json").write_text(json.dumps({
         "name": "dom0", "kernel": "vmlinuz", "initramfs": "initramfs.img", "hypervisor": "xen",
-        "files": {"xen": {}, "vmlinuz": {}, "initramfs.img": {}}}))
+        "hypervisor_efi": "xen.efi",
+        "files": {"xen": {}, "xen.efi": {}, "vmlinuz": {}, "initramfs.img": {}}}))
     (tmp_path / "outside").write_text("outside")
     return root
 
@@ -287,3 +288,51 @@ async def test_inventories_are_for_the_admin_only(client, registry):
     assert shown["inventory"]["dmi"]["serial"] == "S3CR3T"
     resp = await client.get(f"/api/v1/nodes/{MAC}/inventory", headers=AUTH)
     assert (await resp.json())["dmi"]["serial"] == "S3CR3T"
+
+
+async def test_uefi_xen_boot_fetches_xen_efi_and_its_xen_cfg(client, registry):
+    await add(client, role="dom0", hostname="hv1")
+    script = await (await client.get(f"/boot/{MAC}.ipxe")).text()
+    assert "iseq ${platform} efi && goto efi" in script
+    base = f"http://127.0.0.1:{client.port}"
+    assert f"kernel --name xen.efi {base}/images/dom0/xen.efi?mac={MAC} " in script
+    assert f"initrd --name xen.cfg {base}/boot/{MAC}/xen.cfg " in script
+    resp = await client.get(f"/boot/{MAC}/xen.cfg")
+    assert resp.status == 200
+    config = await resp.text()
+    assert "[global]\ndefault=netboot\n" in config
+    assert f"kernel=vmlinuz netboot.server={base} netboot.mac={MAC} " in config
+    assert "ramdisk=initramfs.img\n" in config
+    assert await (await client.get(f"/images/dom0/xen.efi?mac={MAC}")).read() == b"xen.efi"
+    events = registry.events(MAC)
+    assert [e.detail.get("format") for e in events if e.stage == "http.script"] == \
+        ["ipxe", "xen-efi"]
+    assert [e.detail["file"] for e in events if e.stage == "http.hypervisor"] == ["xen.efi"]
+    data = await (await client.get(f"/api/v1/nodes/{MAC}/events")).json()
+    assert [t["stage"] for t in data["timeline"]] == ["script", "kernel"]
+
+
+async def test_xen_cfg_is_only_for_a_xen_boot(client):
+    await add(client, role="storage")
+    resp = await client.get(f"/boot/{MAC}/xen.cfg")
+    assert (resp.status, (await resp.json())["code"]) == (404, "not_found")
+    assert (await client.get("/boot/52:54:00:00:00:99/xen.cfg")).status == 404
+
+
+async def test_urls_keep_the_servers_port_when_the_host_header_has_none(client):
+    # GRUB's HTTP client sends "Host: 198.18.0.1" whatever the port.
+    await add(client, role="dom0")
+    config = await (await client.get(f"/boot/{MAC}/grub.cfg",
+                                     headers={"Host": "198.18.0.1"})).text()
+    assert f"multiboot2 (http,198.18.0.1:{client.port})/images/dom0/xen?mac=" in config
+    assert f"netboot.server=http://198.18.0.1:{client.port} " in config
+    config = await (await client.get(f"/boot/{MAC}/grub.cfg",
+                                     headers={"Host": "boot.example:8080"})).text()
+    assert "(http,boot.example:8080)/images/dom0/xen" in config
+
+
+async def test_uefi_http_boot_size_query_is_not_a_second_download(client, registry):
+    await add(client)
+    assert (await client.head(f"/ipxe/ipxe.efi?mac={MAC}")).status == 200
+    assert (await client.get(f"/ipxe/ipxe.efi?mac={MAC}")).status == 200
+    assert [e.stage for e in registry.events(MAC)].count("http.ipxe") == 1

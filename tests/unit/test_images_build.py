@@ -101,6 +101,7 @@ def _fake_build_outputs(prefix: Path, with_xen: bool) -> None:
     prefix.with_name(prefix.name + ".versions").write_text("kernel\t6.1.0-56-amd64\n")
     if with_xen:
         prefix.with_name(prefix.name + ".xen").write_bytes(b"\x7fELF")
+        prefix.with_name(prefix.name + ".xen.efi").write_bytes(b"MZ")
         prefix.with_name(prefix.name + ".xen-version").write_text("xen\t4.17.5\n")
         prefix.with_name(prefix.name + ".xen-args").write_text("dom0_mem=1024M,max:1024M\n")
 
@@ -128,6 +129,7 @@ def test_publish_writes_the_manifest_the_catalog_reads(build, tmp_path, with_xen
     assert manifest["name"] == name
     assert manifest["kernel"] == "vmlinuz" and manifest["initramfs"] == "initramfs.img"
     assert manifest["hypervisor"] == ("xen" if with_xen else None)
+    assert manifest["hypervisor_efi"] == ("xen.efi" if with_xen else None)
     body = (final / "initramfs.img").read_bytes()
     assert manifest["files"]["initramfs.img"] == {
         "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
@@ -144,6 +146,10 @@ def test_publish_writes_the_manifest_the_catalog_reads(build, tmp_path, with_xen
     assert image is not None
     assert image.path("vmlinuz") == final / "vmlinuz"
     assert image.hypervisor == ("xen" if with_xen else None)
+    assert image.hypervisor_efi == ("xen.efi" if with_xen else None)
+    if with_xen:
+        assert image.path("xen.efi") == final / "xen.efi"
+        assert (final / "xen.efi").read_bytes() == b"MZ"
     assert sorted(p.name for p in output.iterdir()) == [name]
 
 
@@ -152,6 +158,15 @@ def test_publish_refuses_a_dom0_without_hypervisor(build, tmp_path):
     _fake_build_outputs(prefix, with_xen=False)
     recipe = build.Recipe(name="dom0", path=tmp_path / "r.toml", elements=("xen-dom0",))
     with pytest.raises(build.BuildError, match="hypervisor"):
+        build.publish(recipe, prefix, tmp_path / "images", 1.0, tmp_path)
+
+
+def test_publish_refuses_a_dom0_without_xen_efi(build, tmp_path):
+    prefix = tmp_path / "work" / "dom0"
+    _fake_build_outputs(prefix, with_xen=True)
+    prefix.with_name(prefix.name + ".xen.efi").unlink()
+    recipe = build.Recipe(name="dom0", path=tmp_path / "r.toml", elements=("xen-dom0",))
+    with pytest.raises(build.BuildError, match=r"xen\.efi"):
         build.publish(recipe, prefix, tmp_path / "images", 1.0, tmp_path)
 
 

@@ -30,12 +30,19 @@ STORAGE_IMAGE = Image("storage", Path("/x/storage"), "vmlinuz", "initramfs.img",
                       files=frozenset({"vmlinuz", "initramfs.img"}))
 DOM0_IMAGE = Image("dom0", Path("/x/dom0"), "vmlinuz", "initramfs.img", "xen",
                    frozenset({"vmlinuz", "initramfs.img", "xen"}))
+DOM0_EFI_IMAGE = Image("dom0", Path("/x/dom0"), "vmlinuz", "initramfs.img", "xen",
+                       frozenset({"vmlinuz", "initramfs.img", "xen", "xen.efi"}),
+                       hypervisor_efi="xen.efi")
 
 CASES = {
     "storage.ipxe": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC),
                      ScriptFormat.IPXE),
     "dom0.ipxe": (boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC),
                   ScriptFormat.IPXE),
+    "dom0-efi.ipxe": (boot_plan(DOM0, ROLES["dom0"], DOM0_EFI_IMAGE, SERVER, mac=MAC),
+                      ScriptFormat.IPXE),
+    "dom0.xen.cfg": (boot_plan(DOM0, ROLES["dom0"], DOM0_EFI_IMAGE, SERVER, mac=MAC,
+                               fmt=ScriptFormat.XEN_EFI), ScriptFormat.XEN_EFI),
     "storage.grub.cfg": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC,
                                    fmt=ScriptFormat.GRUB), ScriptFormat.GRUB),
     "dom0.grub.cfg": (boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC,
@@ -78,6 +85,29 @@ def test_xen_role_with_image_lacking_hypervisor_waits():
     plan = boot_plan(DOM0, ROLES["dom0"], STORAGE_IMAGE, SERVER, mac=MAC)
     assert plan.kind == "wait"
     assert "no Xen hypervisor" in plan.message
+
+
+def test_uefi_xen_boot_names_the_same_files_in_script_and_xen_cfg():
+    plan = boot_plan(DOM0, ROLES["dom0"], DOM0_EFI_IMAGE, SERVER, mac=MAC)
+    script = ScriptRenderer().render(plan)
+    efi_part = script.split(":efi\n", 1)[1].split(":failed", 1)[0]
+    names = [line.split()[2] for line in efi_part.splitlines()
+             if line.startswith(("kernel --name", "initrd --name"))]
+    assert names == ["xen.efi", "xen.cfg", "vmlinuz", "initramfs.img"]
+    assert f"{SERVER.base_url}/boot/{MAC}/xen.cfg" in efi_part
+    assert f"/images/dom0/xen.efi?mac={MAC}" in efi_part
+    config = ScriptRenderer().render(plan, ScriptFormat.XEN_EFI)
+    assert f"kernel=vmlinuz {plan.kernel_cmdline}\n" in config
+    assert "ramdisk=initramfs.img\n" in config
+    assert f"options={plan.hypervisor_cmdline}\n" in config
+
+
+def test_image_without_xen_efi_tells_a_uefi_machine_so():
+    plan = boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC)
+    assert plan.hypervisor_efi_url == "" and plan.xen_efi_config_url == ""
+    efi_part = ScriptRenderer().render(plan).split(":efi\n", 1)[1].split(":failed", 1)[0]
+    assert "ships no xen.efi" in efi_part
+    assert not [line for line in efi_part.splitlines() if line.startswith(("kernel", "boot"))]
 
 
 def test_kernel_command_line_carries_what_the_agent_needs():

@@ -128,14 +128,28 @@ def test_default_farm_boots_xen_dom0_and_storage_node_to_ready(tmp_path):
     _assert_nothing_left(farm, pids)
 
 
-def test_uefi_storage_node_boots_to_ready(tmp_path):
-    _require_images("storage")
-    farm = _farm(tmp_path, dom0=0, storage=1, firmware="uefi")
-    rows, views, _taps, pids, _status, _removed, _elapsed = _up_and_down(farm)
+def test_uefi_farm_boots_xen_dom0_and_storage_node_to_ready(tmp_path):
+    # OVMF with the iPXE ROM's EFI driver: iPXE's EFI build cannot multiboot, so the dom0
+    # boots xen.efi, which reads its xen.cfg, kernel and initramfs from what iPXE fetched.
+    _require_images("dom0", "storage")
+    if not (IMAGES / "dom0" / "xen.efi").is_file():
+        pytest.fail(f"{IMAGES / 'dom0'} has no xen.efi: rebuild it ('make image-dom0')")
+    farm = _farm(tmp_path, dom0=1, storage=1, firmware="uefi")
+    rows, views, _taps, pids, _status, _removed, elapsed = _up_and_down(farm)
 
-    assert [r["state"] for r in rows] == ["ready"], rows
-    inventory = next(iter(views.values())).get("inventory") or {}
-    assert inventory.get("boot_mode") == "uefi", inventory.get("boot_mode")
+    assert [r["state"] for r in rows] == ["ready", "ready"], rows
+    print(f"UEFI farm ready after {elapsed:.0f}s: {rows}")
+    for view in views.values():
+        inventory = view.get("inventory") or {}
+        assert inventory.get("boot_mode") == "uefi", (view["role"], inventory.get("boot_mode"))
+
+    dom0 = next(v for v in views.values() if v["role"] == "dom0")
+    xen = (dom0.get("inventory") or {}).get("xen") or {}
+    assert xen.get("hypervisor") == "xen" and xen.get("dom0") is True, dom0.get("inventory")
+    fetched = [e["detail"].get("file") for e in dom0["events"] if e["stage"] == "http.hypervisor"]
+    assert fetched == ["xen.efi"], fetched
+    serial = (farm.dir / "vms" / "dom0-1" / "serial.log").read_text(errors="replace")
+    assert "Using configuration file 'xen.cfg'" in serial and "(XEN) Bootloader: EFI" in serial
     _assert_nothing_left(farm, pids)
 
 

@@ -40,6 +40,15 @@ def test_uefi_pxe_vm_has_no_option_rom_and_its_own_vars():
     assert "if=pflash,format=raw,unit=1,file=/f/vars.fd" in argv
 
 
+def test_uefi_http_vm_has_no_option_rom_and_no_ipv6_pxe():
+    vm = _vm(firmware=qemu.Firmware.UEFI_HTTP, vars_file=Path("/f/vars.fd"))
+    argv = qemu.command_line(vm, TCG)
+    assert any(a.endswith(",romfile=") for a in argv)
+    assert argv[argv.index("-fw_cfg") + 1] == "name=opt/org.tianocore/IPv6PXESupport,string=n"
+    assert "-fw_cfg" not in qemu.command_line(
+        _vm(firmware=qemu.Firmware.UEFI_PXE, vars_file=Path("/f/vars.fd")), TCG)
+
+
 def test_uefi_without_vars_copy_is_refused():
     with pytest.raises(FarmError):
         qemu.command_line(_vm(firmware=qemu.Firmware.UEFI), TCG)

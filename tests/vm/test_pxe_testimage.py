@@ -111,3 +111,61 @@ def test_uefi_firmware_pxe_fetches_ipxe_efi_over_our_tftp(boot_lab, test_image):
                for e in tftp), tftp
     stages = [e["stage"] for e in events]
     assert stages.index("http.script") > max(stages.index(e["stage"]) for e in tftp)
+
+
+def test_uefi_xen_boots_through_xen_efi_and_ipxe_files(boot_lab, test_image):
+    # OVMF with the iPXE ROM's EFI driver: iPXE's EFI build cannot multiboot, so the script
+    # fetches xen.efi, its xen.cfg, the kernel and the initramfs, and xen.efi reads them from
+    # iPXE's virtual file system.
+    boot_lab.start_server(test_image.directory.parent, "--dhcp", "full", "--tftp", "on")
+    _add_role(boot_lab, "nbxen", "xen", "console=hvc0 earlyprintk=xen nbtest=xenefi",
+              "console=com1 com1=115200,8n1 dom0_mem=512M,max:512M dom0_max_vcpus=1")
+    boot_lab.cli("node", "add", MAC, "--role", "nbxen", "--ip", NODE_IP)
+
+    proc, serial = boot_lab.boot_vm("xen-uefi", MAC, firmware=qemu.Firmware.UEFI,
+                                    memory_mb=1536, xen=True)
+    serial.wait_for(r"Using configuration file 'xen\.cfg'", BOOT_TIMEOUT, proc=proc)
+    serial.wait_for(r"\(XEN\) Bootloader: EFI", BOOT_TIMEOUT, proc=proc)
+    line = _marker(serial, proc)
+
+    assert "hypervisor=xen" in line
+    assert "nbtest=xenefi" in line.split()
+    assert f"netboot.mac={MAC}" in line.split()
+    events = boot_lab.node(MAC)["events"]
+    files = [e["detail"].get("file") for e in events if e["stage"] == "http.hypervisor"]
+    assert files == ["xen.efi"], events
+    formats = [e["detail"].get("format") for e in events if e["stage"] == "http.script"]
+    assert formats == ["ipxe", "xen-efi"], events
+    stages = [e["stage"] for e in events]
+    assert {"http.kernel", "http.initramfs"} <= set(stages), stages
+
+
+def test_uefi_http_boot_without_tftp_falls_through_pxe_to_http(boot_lab, test_image):
+    # No TFTP server and no option ROM: OVMF's PXE gets an address but no boot file from our
+    # DHCP, gives up, and its HTTP Boot (vendor class HTTPClient) is answered with the URL of
+    # ipxe.efi; iPXE then boots the test image over HTTP as usual.
+    boot_lab.start_server(test_image.directory.parent, "--dhcp", "full", "--tftp", "off")
+    _add_role(boot_lab, "nbtest", "linux", "console=ttyS0,115200 nbtest=httpboot")
+    boot_lab.cli("node", "add", MAC, "--role", "nbtest", "--ip", NODE_IP)
+
+    proc, serial = boot_lab.boot_vm("uefi-http", MAC, firmware=qemu.Firmware.UEFI_HTTP,
+                                    memory_mb=1024)
+    serial.wait_for(r"PXE-E16: No valid offer received", BOOT_TIMEOUT, proc=proc)
+    serial.wait_for(r"URI: http://198\.18\.0\.1:8080/ipxe/ipxe\.efi", BOOT_TIMEOUT, proc=proc)
+    line = _marker(serial, proc)
+
+    assert "nbtest=httpboot" in line.split()
+    view = boot_lab.node(MAC)
+    events = view["events"]
+    stages = [e["stage"] for e in events]
+    assert not [s for s in stages if s.startswith("tftp.")], stages
+    assert "tftp" not in [step["stage"] for step in view["timeline"]], view["timeline"]
+    pxe = [e for e in events if e["stage"] == "dhcp.discover"
+           and e["detail"].get("stage") == "pxe"]
+    http = [i for i, e in enumerate(events) if e["stage"] == "dhcp.discover"
+            and e["detail"].get("stage") == "http" and e["detail"].get("arch") == 16]
+    assert pxe and http, events
+    assert events.index(pxe[-1]) < http[0], "HTTP Boot came before the PXE attempt"
+    ipxe = [e for e in events if e["stage"] == "http.ipxe"]
+    assert [e["detail"]["file"] for e in ipxe] == ["ipxe.efi"], ipxe
+    assert stages.index("http.ipxe") < stages.index("http.script") < stages.index("http.kernel")

@@ -57,6 +57,7 @@ class TestImage:
     kernel: Path
     initramfs: Path
     hypervisor: Path
+    hypervisor_efi: Path
 
 
 def _run(argv: list[str], cwd: Path | None = None, timeout: float = 300) -> str:
@@ -135,7 +136,7 @@ def _build_initramfs(busybox: bytes) -> bytes:
 
 
 def build(cache: Path = DEFAULT_CACHE) -> TestImage:
-    """Build (or reuse) ``cache/testimage/{vmlinuz,initramfs.img,xen,manifest.json}``."""
+    """Build (or reuse) ``cache/testimage/{vmlinuz,initramfs.img,xen,xen.efi,manifest.json}``."""
     cache = Path(cache)
     image_dir = cache / "testimage"
     image_dir.mkdir(parents=True, exist_ok=True)
@@ -150,12 +151,15 @@ def build(cache: Path = DEFAULT_CACHE) -> TestImage:
         _drop(pkg)  # ~400 MB of modules the fixture never uses
 
     hypervisor = image_dir / "xen"
-    if not hypervisor.exists():
+    hypervisor_efi = image_dir / "xen.efi"  # the same build's EFI loader, for UEFI machines
+    if not hypervisor.exists() or not hypervisor_efi.exists():
         pkg = _fetch_unpacked(_xen_package(), cache)
         found = sorted((pkg / "boot").glob("xen-4*.gz"))
-        if not found:
-            raise TestImageError(f"no /boot/xen-*.gz in {pkg}")
+        found_efi = sorted((pkg / "boot").glob("xen-4*.efi"))
+        if not found or not found_efi:
+            raise TestImageError(f"no /boot/xen-*.gz and xen-*.efi in {pkg}")
         hypervisor.write_bytes(gzip.decompress(found[-1].read_bytes()))
+        shutil.copyfile(found_efi[-1], hypervisor_efi)
         _drop(pkg)
 
     initramfs = image_dir / "initramfs.img"
@@ -171,13 +175,13 @@ def build(cache: Path = DEFAULT_CACHE) -> TestImage:
         stamp.write_text(digest)
 
     files = {}
-    for path in (kernel, initramfs, hypervisor):
+    for path in (kernel, initramfs, hypervisor, hypervisor_efi):
         data = path.read_bytes()
         files[path.name] = {"size": len(data), "sha256": hashlib.sha256(data).hexdigest()}
     manifest = {"name": "testimage", "kernel": "vmlinuz", "initramfs": "initramfs.img",
-                "hypervisor": "xen", "files": files}
+                "hypervisor": "xen", "hypervisor_efi": "xen.efi", "files": files}
     (image_dir / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-    return TestImage(image_dir, kernel, initramfs, hypervisor)
+    return TestImage(image_dir, kernel, initramfs, hypervisor, hypervisor_efi)
 
 
 if __name__ == "__main__":
