@@ -33,6 +33,7 @@ def test_documented_example_config_is_valid():
     ({"tftp": {"enabled": "maybe"}}, "invalid value"),
     ({"tftp": {"busy_poll": 0.002}}, "tftp.busy_poll must be between 0 and 0.001"),
     ({"tftp": {"busy_poll": -1}}, "tftp.busy_poll must be between 0 and 0.001"),
+    ({"tftp": {"lockstep_threads": 65}}, "tftp.lockstep_threads must be between 0 and 64"),
     ({"http": []}, "must be a table"),
 ])
 def test_bad_settings_name_the_key(data, message):
