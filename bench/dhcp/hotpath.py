@@ -99,9 +99,11 @@ async def run(state: Path, nodes: int, exchanges: int, events: bool,
     if profiler:
         profiler.disable()
     await service.close()
-    stats = (f"registry cache {registry._cache.hits} hits, {registry._cache.misses} misses; "
-             f"writer {registry.writer.commits} commits, {registry.writer.written} events, "
-             f"{registry.writer.dropped} dropped")
+    cache, writer = getattr(registry, "_cache", None), getattr(registry, "writer", None)
+    stats = "; ".join(
+        ([f"registry cache {cache.hits} hits, {cache.misses} misses"] if cache else [])
+        + ([f"writer {writer.commits} commits, {writer.dropped} events dropped"]
+           if writer else []))
     registry.close()
     acks = sum(codec.decode(d).message_type == MessageType.ACK for d in endpoint.sent)
     assert acks == exchanges, (acks, exchanges)

@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 
 T = TypeVar("T")
 
-TTL = 1.0
+TTL = 2.0
 LIMIT = 65536  # answers kept at most (spoofed MACs must not grow it): then it starts over
 
 

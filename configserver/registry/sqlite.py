@@ -1,8 +1,8 @@
 """The embedded registry backend: one SQLite database in WAL mode in the state directory.
 
 Reads run on the caller's thread, on that thread's own connection, as indexed queries; the
-hot-path ones (a node by MAC or address, a role, the unknown-MAC policy) are remembered for a
-second (``cache.py``) and forgotten at every write, so that DHCP, TFTP and HTTP boot can ask
+hot-path ones (a node by MAC or address, a role, the unknown-MAC policy) are remembered for two
+seconds (``cache.py``) and forgotten at every write, so that DHCP, TFTP and HTTP boot can ask
 on every packet. Writes never run there: they go through the registry's one writer
 (``writer.py``), which commits them in batches on its own connection, off the event loop.
 
