@@ -20,6 +20,7 @@ from configserver.farm.farm import Farm, FarmConfig, FarmState, plan_nodes
 pytestmark = pytest.mark.vm
 
 IMAGES = Path(__file__).resolve().parents[2] / "build" / "images"
+SSH_BUDGET = 240  # seconds after ready until sshd answers (it waits for the node's keys)
 READY_BUDGET = 900  # seconds from power-on to every agent ready, both VMs at once under TCG
 
 
@@ -87,10 +88,16 @@ def test_default_farm_boots_xen_dom0_and_storage_node_to_ready(tmp_path):
 
     def log_in(farm: Farm) -> None:
         # The way in needs no rebuild: the farm's own key, handed out by the config server.
+        # sshd starts once the node has fetched it, which may come after the agent is ready.
         for name, command in (("dom0-1", "xl info"), ("storage-1", "ss -Hltun")):
-            done = network.run(farm.ssh_command(name, ["sh", "-c", command]), timeout=60,
-                               check=False)
-            logins[name] = done.stdout + done.stderr
+            deadline = time.monotonic() + SSH_BUDGET
+            while True:
+                done = network.run(farm.ssh_command(name, ["sh", "-c", command]), timeout=60,
+                                   check=False)
+                logins[name] = done.stdout + done.stderr
+                if done.returncode == 0 or time.monotonic() > deadline:
+                    break
+                time.sleep(5)
 
     rows, views, taps, pids, status, removed, elapsed = _up_and_down(farm, log_in)
 
