@@ -52,18 +52,28 @@ RecordEvent = Callable[[str, str, dict], None]
 ExpectEvent = Callable[[float], None]
 
 
-class ActiveTransfer:
-    """One running transfer: its state machine, socket, file and timer."""
+class TransferSlot:
+    """What the service keeps of every running transfer, wherever it runs (what
+    ``TftpService.finish`` reads)."""
 
     def __init__(self, service: TftpService, client: Address, *, filename: str,
-                 mac: str | None, shared: SharedFile, transfer: TftpTransfer,
-                 local_address: str) -> None:
+                 mac: str | None, shared: SharedFile, transfer: TftpTransfer) -> None:
         self.service = service
         self.client = client
         self.filename = filename
         self.mac = mac
         self.shared = shared
         self.transfer = transfer
+
+
+class ActiveTransfer(TransferSlot):
+    """One running transfer: its state machine, socket, file and timer."""
+
+    def __init__(self, service: TftpService, client: Address, *, filename: str,
+                 mac: str | None, shared: SharedFile, transfer: TftpTransfer,
+                 local_address: str) -> None:
+        super().__init__(service, client, filename=filename, mac=mac, shared=shared,
+                         transfer=transfer)
         self._loop = service.loop
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at = 0.0
@@ -168,22 +178,17 @@ class ActiveTransfer:
         self.endpoint.close()
 
 
-class LockstepTransfer:
+class LockstepTransfer(TransferSlot):
     """One windowsize-1 transfer run by a worker thread (``lockstep.py``), not by the loop.
 
-    The attributes ``TftpService.finish`` reads are those of ``ActiveTransfer``; the state
-    machine belongs to the thread until ``ended`` is done.
+    The state machine belongs to the thread until ``ended`` is done.
     """
 
     def __init__(self, service: TftpService, client: Address, *, filename: str,
                  mac: str | None, shared: SharedFile, transfer: TftpTransfer,
                  local_address: str) -> None:
-        self.service = service
-        self.client = client
-        self.filename = filename
-        self.mac = mac
-        self.shared = shared
-        self.transfer = transfer
+        super().__init__(service, client, filename=filename, mac=mac, shared=shared,
+                         transfer=transfer)
         loop = service.loop
 
         def stray(message: str, *args: object) -> None:
