@@ -32,6 +32,10 @@ STATE_FILE = "farm.json"
 PROGRESS_STAGES = ("dhcp", "tftp", "script", "kernel", "initramfs", "agent", "ready")
 ROLE_MEMORY_MB = {"dom0": 2560, "storage": 1536}
 ROLE_CODE = {"dom0": 0xD0, "storage": 0x5A}
+# A node's address follows from its role and number alone, never from the farm's layout, so a
+# registry kept from a farm of another shape never has that address reserved for another MAC.
+ROLE_FIRST_HOST = {"dom0": 0, "storage": 40}
+MAX_PER_ROLE = 40
 
 
 @dataclass(frozen=True)
@@ -72,12 +76,15 @@ def plan_nodes(dom0: int, storage: int, firmware: str | list[str], subnet: str,
     plan = NetworkPlan("farm-plan", subnet)
     nodes: list[NodePlan] = []
     for role, count in (("dom0", dom0), ("storage", storage)):
+        if count > MAX_PER_ROLE:
+            raise FarmError(f"at most {MAX_PER_ROLE} {role} nodes in a farm, not {count}")
         for index in range(count):
             number = len(nodes)
             nodes.append(NodePlan(
                 name=f"{role}-{index + 1}", role=role,
                 mac=f"52:54:00:fa:{ROLE_CODE[role]:02x}:{index + 1:02x}",
-                ip=plan.node_ip(number), firmware=firmwares[number % len(firmwares)],
+                ip=plan.node_ip(ROLE_FIRST_HOST[role] + index),
+                firmware=firmwares[number % len(firmwares)],
                 memory_mb=ROLE_MEMORY_MB[role],
                 disks=storage_disks if role == "storage" else 0))
     return tuple(nodes)

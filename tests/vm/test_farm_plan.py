@@ -63,7 +63,19 @@ def test_default_plan_is_one_dom0_and_one_storage_node():
     nodes = plan_nodes(1, 1, "bios", "198.18.0.0/24")
     assert [(n.role, n.mac, n.ip, n.memory_mb, n.disks) for n in nodes] == [
         ("dom0", "52:54:00:fa:d0:01", "198.18.0.10", 2560, 0),
-        ("storage", "52:54:00:fa:5a:01", "198.18.0.11", 1536, 2)]
+        ("storage", "52:54:00:fa:5a:01", "198.18.0.50", 1536, 2)]
+
+
+def test_a_nodes_address_does_not_depend_on_the_farms_shape():
+    # A registry kept from a 2+2 farm must not hold the default farm's addresses for other
+    # MACs (seen: "address 198.18.0.11 is already reserved for 52:54:00:fa:d0:02").
+    layouts = [plan_nodes(d, s, "bios", "198.18.0.0/24") for d, s in ((1, 1), (2, 2), (0, 3))]
+    owner: dict[str, str] = {}
+    for nodes in layouts:
+        for node in nodes:
+            assert owner.setdefault(node.ip, node.mac) == node.mac, (node, owner)
+    with pytest.raises(FarmError):
+        plan_nodes(41, 0, "bios", "198.18.0.0/24")
 
 
 def test_firmware_list_is_cycled_over_nodes():
