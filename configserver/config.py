@@ -109,6 +109,9 @@ class ServerConfig:
     notify_socket: str | None = None
     heartbeat_interval: float = 15.0
     lost_after: float = 90.0
+    # How long the boot ticket of a boot script stays good for replacing an agent session
+    # (firmware, hypervisor and kernel must come up within it).
+    boot_ticket_lifetime: float = 1800.0
     http: HttpConfig = field(default_factory=HttpConfig)
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)

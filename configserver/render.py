@@ -54,13 +54,16 @@ class BootPlan:
     retry_seconds: int = 30
 
 
-def kernel_cmdline(node: Node, role: Role, server: BootServer, mac: str) -> str:
+def kernel_cmdline(node: Node, role: Role, server: BootServer, mac: str,
+                   ticket: str = "") -> str:
     """The Linux command line: what the agent needs to find itself, then role and node args."""
     parts = [
         f"netboot.server={server.base_url}",
         f"netboot.mac={mac}",
         f"netboot.role={role.name}",
     ]
+    if ticket:
+        parts.append(f"netboot.ticket={ticket}")
     if node.hostname:
         parts.append(f"netboot.hostname={node.hostname}")
     parts.append("BOOTIF=01-" + mac.replace(":", "-"))
@@ -69,8 +72,11 @@ def kernel_cmdline(node: Node, role: Role, server: BootServer, mac: str) -> str:
 
 
 def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *,
-              mac: str, fmt: ScriptFormat = ScriptFormat.IPXE) -> BootPlan:
-    """What ``node`` (asking through NIC ``mac``) boots; a ``wait`` plan if it cannot yet."""
+              mac: str, fmt: ScriptFormat = ScriptFormat.IPXE, ticket: str = "") -> BootPlan:
+    """What ``node`` (asking through NIC ``mac``) boots; a ``wait`` plan if it cannot yet.
+
+    ``ticket`` is this boot's ticket (``configserver.http.tickets``), passed to the agent.
+    """
     script_url = _script_url(server, mac, fmt)
     title = f"{node.hostname or mac} ({role.name})"
     if image is None:
@@ -96,7 +102,7 @@ def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *
         xen_efi_config_url=(_script_url(server, mac, ScriptFormat.XEN_EFI)
                             if image.hypervisor_efi else ""),
         kernel_name=image.kernel,
-        kernel_cmdline=kernel_cmdline(node, role, server, mac),
+        kernel_cmdline=kernel_cmdline(node, role, server, mac, ticket),
         hypervisor_cmdline=role.hypervisor_args,
     )
 

@@ -28,27 +28,54 @@ from configserver.registry.sqlite import SqliteRegistry
 log = logging.getLogger(__name__)
 
 
-def ensure_admin_token(path: Path) -> str:
-    """The admin token, generated at first start into the state directory (mode 0600)."""
+def _read_secret(path: Path) -> str | None:
     try:
-        token = path.read_text().strip()
-        if token:
-            return token
+        return path.read_text().strip() or None
     except FileNotFoundError:
-        pass
+        return None
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
-    token = secrets.token_urlsafe(32)
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` atomically, readable by its owner only (0600)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.{os.getpid()}")
     fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
+        handle.write(text + "\n")
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(partial, path)
+
+
+def ensure_admin_token(path: Path) -> str:
+    """The admin token, generated at first start into the state directory (mode 0600)."""
+    token = _read_secret(path)
+    if token:
+        return token
+    token = secrets.token_urlsafe(32)
+    _write_private(path, token)
     log.info("generated admin token in %s", path)
     return token
+
+
+def ensure_secret_key(path: Path) -> bytes:
+    """The server's secret key (boot tickets, agent tokens): made at first start, kept 0600."""
+    text = _read_secret(path)
+    if text:
+        try:
+            key = bytes.fromhex(text)
+        except ValueError:
+            raise StoreError(f"{path} is not a hex key",
+                             hint="remove it to make a new one (running nodes then "
+                                  "look up again)") from None
+        if len(key) >= 32:
+            return key
+    key = secrets.token_bytes(32)
+    _write_private(path, key.hex())
+    log.info("generated the server's secret key in %s", path)
+    return key
 
 
 def sd_notify(address: str | None, message: str) -> None:
@@ -97,10 +124,11 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         registry = SqliteRegistry(config.registry_path)
         stack.callback(registry.close)
         token = ensure_admin_token(config.token_path)
+        secret_key = ensure_secret_key(config.state_dir / "server.key")
         if config.unknown_mac is not None:
             registry.set_unknown_mac_policy(config.unknown_mac)
 
-        app = create_app(config, registry, token)
+        app = create_app(config, registry, token, secret_key=secret_key)
         runner = web.AppRunner(app, access_log=None, handle_signals=False)
         await runner.setup()
         stack.push_async_callback(runner.cleanup)

@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--mac", action="append", dest="macs",
                      help="MAC to look up with instead of the machine's (repeatable)")
     run.add_argument("--boot-id", help=f"per-boot identifier (default {BOOT_ID_FILE})")
+    run.add_argument("--boot-ticket", help="this boot's ticket (netboot.ticket=)")
     run.add_argument("--state-dir", type=Path, help="where the token is kept (/run/nodeagent)")
     run.add_argument("--api-listen", help="local API address (127.0.0.1)")
     run.add_argument("--api-port", type=int, help="local API port (9898; 0 disables it)")
@@ -78,7 +79,8 @@ def load_config(args: argparse.Namespace, environ: dict[str, str]) -> AgentConfi
             raise ConfigError(f"{config_path}: {exc}") from None
     boot_id = None if args.boot_id else (_read_optional(BOOT_ID_FILE) or "").strip() or None
     flags = {"server": args.server, "macs": args.macs, "boot_id": args.boot_id,
-             "state_dir": args.state_dir, "api_listen": args.api_listen,
+             "boot_ticket": args.boot_ticket, "state_dir": args.state_dir,
+             "api_listen": args.api_listen,
              "api_port": args.api_port, "inventory_file": args.inventory_file,
              "watch": args.watch, "notify_socket": environ.get("NOTIFY_SOCKET")}
     return build_config({"boot_id": boot_id}, kernel, file_settings, flags)

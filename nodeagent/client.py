@@ -26,6 +26,8 @@ class LookupAnswer:
     role: str | None
     heartbeat_interval: float
     token: str | None
+    # Why the server issued no token for a new boot (the old agent still beats, no ticket).
+    refused: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return {"mac": self.mac, "hostname": self.hostname, "role": self.role,
@@ -40,15 +42,20 @@ class ServerClient:
         self._http = http
         self._timeout = aiohttp.ClientTimeout(total=timeout)
 
-    async def lookup(self, macs: list[str], boot_id: str, nonce: str | None) -> LookupAnswer:
-        body = {"macs": macs, "boot_id": boot_id, "nonce": nonce}
+    async def lookup(self, macs: list[str], boot_id: str, nonce: str | None,
+                     ticket: str | None = None) -> LookupAnswer:
+        body: dict[str, Any] = {"macs": macs, "boot_id": boot_id, "nonce": nonce}
+        if ticket:
+            body["ticket"] = ticket
         answer = await self._post("lookup", body, None)
         try:
             node = answer["node"]
             return LookupAnswer(mac=str(node["mac"]), hostname=node.get("hostname"),
                                 role=node.get("role"),
                                 heartbeat_interval=float(answer["heartbeat_interval"]),
-                                token=answer.get("token"))
+                                token=answer.get("token"),
+                                refused=str(answer["refused"])[:200]
+                                if answer.get("refused") else None)
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ServerError(f"unusable lookup answer: {exc!r}") from None
 

@@ -29,6 +29,7 @@ KERNEL_PARAMETERS = {
     "netboot.mac": "boot_mac",
     "netboot.hostname": "hostname",
     "netboot.role": "role",
+    "netboot.ticket": "boot_ticket",
     "BOOTIF": "boot_mac",
 }
 
@@ -45,6 +46,9 @@ class AgentConfig:
     macs: tuple[str, ...] = ()
     hostname: str | None = None
     role: str | None = None
+    # This boot's ticket (netboot.ticket=, from the boot script): what lets the server hand
+    # this boot a new agent session when the node held one under an earlier boot.
+    boot_ticket: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
     api_listen: str = "127.0.0.1"
     # 0 disables the local API.
@@ -146,7 +150,7 @@ def _validated(values: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"watch must be true or false, not {out['watch']!r}")
     if out.get("heartbeat_jitter", 0.1) >= 1.0:
         raise ConfigError("heartbeat_jitter is a fraction of the interval, below 1")
-    for name in ("hostname", "role", "api_listen", "notify_socket"):
+    for name in ("hostname", "role", "boot_ticket", "api_listen", "notify_socket"):
         if out.get(name) is not None:
             out[name] = str(out[name])
     return AgentConfig(**out)

@@ -235,7 +235,8 @@ class AgentSession:
                     raise ServerError("no MAC address to look up with",
                                       hint="no Ethernet interface found; pass --mac")
                 answer = await self.client.lookup(list(self.macs), self.config.boot_id,
-                                                  self._lookup_nonce())
+                                                  self._lookup_nonce(),
+                                                  self.config.boot_ticket)
                 self.token = self._accept(answer)
                 break
             except NoToken as exc:
@@ -260,6 +261,11 @@ class AgentSession:
                  answer.hostname, answer.role, answer.heartbeat_interval)
 
     def _accept(self, answer: LookupAnswer) -> str:
+        if not answer.token and answer.refused:
+            raise NoToken(f"the server issued no token for boot {self.config.boot_id}: "
+                          f"{answer.refused}",
+                          hint="a new boot takes over once the node's previous agent has "
+                               "stopped heartbeating, with this boot's netboot.ticket")
         if not answer.token:
             raise NoToken(f"the server issued no token: one was already issued for boot "
                           f"{self.config.boot_id} to another lookup",

@@ -9,7 +9,10 @@ Token rules (after Ironic's agent token):
   holding the token, since the token is ``HMAC(server key, mac|boot_id|nonce)``);
 * every heartbeat and inventory push must carry ``Authorization: Bearer <token>`` together with
   the node's MAC and boot identifier in the body; anything else is 401;
-* a lookup with a new boot identifier (a reboot) replaces the old token;
+* a lookup with a new boot identifier (a reboot) replaces the old session only if it carries
+  this boot's ticket (``configserver.http.tickets``: the boot script fetched after the old
+  agent fell silent) and the old agent has stopped heartbeating; fetching a boot script or a
+  DHCP exchange never moves a node's session;
 * a lookup for an unknown MAC and one refused for any other reason get the same 404 answer;
 * lookups are rate-limited per source address by an in-memory token bucket.
 """
@@ -34,13 +37,16 @@ from aiohttp import web
 
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
 from configserver.http.api import bearer_token
-from configserver.http.appkeys import ADMIN_TOKEN, CONFIG, REGISTRY
+from configserver.http.appkeys import CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.tickets import ticket_time
 from configserver.model import Node, NodeState, normalize_mac
+from configserver.registry import AgentSession
 
 log = logging.getLogger(__name__)
 
 _BOOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
+_TICKET_FIELD = re.compile(r"^[0-9a-f.A-Za-z_-]{1,64}$")
 MAX_LOOKUP_MACS = 64
 MAX_INVENTORY_BYTES = 4 * 1024 * 1024
 REFUSED = "no node matches this lookup"
@@ -100,8 +106,34 @@ def derive_token(key: bytes, mac: str, boot_id: str, nonce: str) -> str:
 
 
 def _token_key(app: web.Application) -> bytes:
-    """The key tokens are derived with: from the admin token, so it survives restarts."""
-    return hashlib.sha256(b"netboot agent token key\0" + app[ADMIN_TOKEN].encode()).digest()
+    """The key tokens are derived with: from the server's key, so it survives restarts."""
+    return hashlib.sha256(b"netboot agent token key\0" + app[SECRET_KEY]).digest()
+
+
+def heartbeat_is_fresh(node: Node, heartbeat_interval: float, now: float) -> bool:
+    """Whether the node's current agent is still heartbeating: a beat within two and a half
+    intervals (a lost answer and jitter do not count as silence)."""
+    silent_after = 2.5 * heartbeat_interval + 1.0
+    return node.last_heartbeat is not None and now - node.last_heartbeat < silent_after
+
+
+def takeover_refusal(node: Node, session: AgentSession, ticket_issued: float | None,
+                     *, heartbeat_interval: float, ticket_lifetime: float,
+                     now: float) -> str | None:
+    """Why a lookup under a new boot may not replace the node's agent session (None: it may).
+
+    A new boot needs the boot ticket of a script fetched after the current session began and
+    after its agent last heartbeated, and never replaces an agent that is heartbeating.
+    """
+    if heartbeat_is_fresh(node, heartbeat_interval, now):
+        return "the node's agent is heartbeating"
+    if ticket_issued is None:
+        return "no valid boot ticket"
+    if ticket_issued < now - ticket_lifetime or ticket_issued > now + 60.0:
+        return "the boot ticket has expired"
+    if ticket_issued <= max(session.issued, node.last_heartbeat or 0.0):
+        return "the boot ticket is older than the current agent session"
+    return None
 
 
 def setup_agent_api(app: web.Application) -> None:
@@ -179,18 +211,27 @@ async def lookup(request: web.Request) -> web.Response:
                  node.state)
         raise NotFound(REFUSED)
 
+    ticket = data.get("ticket")
+    if ticket is not None and (not isinstance(ticket, str) or not _TICKET_FIELD.fullmatch(ticket)):
+        raise InvalidRequest("ticket must be the netboot.ticket of this boot's command line")
+
     session = registry.agent_session(node.mac)
     derived = derive_token(_token_key(request.app), node.mac, boot_id, nonce) if nonce else None
     token: str | None = None
-    if session is not None and session.boot_id != boot_id and node.state == NodeState.READY:
-        # A node that heartbeats under another boot has not rebooted: a diskless machine
-        # passes through PXE (DHCP, boot script), which moves it to ``booting`` first. So a
-        # lookup naming its MAC cannot take over its live session.
+    refusal = None
+    if session is not None and session.boot_id != boot_id:
+        issued = ticket_time(request.app[SECRET_KEY], node.mac, ticket) if ticket else None
+        refusal = takeover_refusal(node, session, issued,
+                                   heartbeat_interval=config.heartbeat_interval,
+                                   ticket_lifetime=config.boot_ticket_lifetime,
+                                   now=time.time())
+    if refusal is not None:
         registry.record_event(node.mac, "agent.lookup", {"boot_id": boot_id,
                                                          "token_issued": False,
-                                                         "refused": "node is ready"})
-        log.warning("agent lookup from %s for %s with a new boot %s refused: the node is "
-                    "ready under boot %s", source, node.mac, boot_id, session.boot_id)
+                                                         "refused": refusal})
+        log.warning("agent lookup from %s for %s with a new boot %s refused: %s (current "
+                    "boot %s)", source, node.mac, boot_id, refusal,
+                    session.boot_id if session else None)
     elif session is None or session.boot_id != boot_id:
         token = derived or secrets.token_urlsafe(32)
         # Committed before the answer: the agent's first heartbeat must find its session.
@@ -208,9 +249,11 @@ async def lookup(request: web.Request) -> web.Response:
         registry.record_event(node.mac, "agent.lookup", {"boot_id": boot_id,
                                                          "token_issued": False})
         log.info("agent lookup for %s boot %s again: no new token", node.mac, boot_id)
-    return web.json_response({"node": _node_json(node),
-                              "heartbeat_interval": config.heartbeat_interval,
-                              "token": token})
+    answer = {"node": _node_json(node), "heartbeat_interval": config.heartbeat_interval,
+              "token": token}
+    if refusal is not None:
+        answer["refused"] = refusal
+    return web.json_response(answer)
 
 
 def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
@@ -11,7 +12,7 @@ from aiohttp import web
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
 from configserver.http import agentapi, api, boot
-from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
+from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY, SECRET_KEY
 from configserver.images import ImageCatalog
 from configserver.registry import Registry
 
@@ -47,12 +48,18 @@ def _json_error(status: int, body: dict[str, object]) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def create_app(config: ServerConfig, registry: Registry, admin_token: str) -> web.Application:
-    """The whole HTTP side of the server; sockets and other services are the caller's."""
+def create_app(config: ServerConfig, registry: Registry, admin_token: str, *,
+               secret_key: bytes | None = None) -> web.Application:
+    """The whole HTTP side of the server; sockets and other services are the caller's.
+
+    ``secret_key`` signs boot tickets and derives agent tokens; without one (tests) a random
+    key lives as long as the application.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[ADMIN_TOKEN] = admin_token
+    app[SECRET_KEY] = secret_key or secrets.token_bytes(32)
     app[CATALOG] = ImageCatalog(config.images_dir)
     api.setup_routes(app)
     boot.setup_routes(app)

@@ -10,13 +10,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import re
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 from aiohttp import web
 
 from configserver.errors import InvalidMac, NotFound
-from configserver.http.appkeys import CATALOG, CONFIG, REGISTRY
+from configserver.http.appkeys import CATALOG, CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.tickets import issue_ticket
 from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.registry import Registry
 from configserver.render import (
@@ -165,14 +167,16 @@ def _script(request: web.Request, fmt: ScriptFormat) -> web.Response:
         plan = waiting_plan(mac, server, f"role {node.role!r} does not exist", fmt=fmt)
     else:
         image = app[CATALOG].get(role.image)
-        plan = boot_plan(node, role, image, server, mac=mac, fmt=fmt)
+        # The ticket links this script to the agent it starts (tickets.py); issuing one
+        # stores nothing and moves no state.
+        ticket = issue_ticket(app[SECRET_KEY], node.mac, time.time())
+        plan = boot_plan(node, role, image, server, mac=mac, fmt=fmt, ticket=ticket)
     if plan.kind == "wait":
         log.warning("%s: cannot boot: %s", mac, plan.message)
     registry.record_event(node.mac, "http.script",
                           {"format": fmt.value, "result": plan.kind,
                            "client": request.remote, **({"message": plan.message}
-                                                        if plan.message else {})},
-                          booting=plan.kind in ("linux", "xen"))
+                                                        if plan.message else {})})
     return _render(app, plan, fmt)
 
 

@@ -65,13 +65,17 @@ def transition(db: sqlite3.Connection, mac: str, state: NodeState, reason: str,
     add(db, mac, "state", detail, when)
 
 
+# A DHCP exchange moves these to ``booting``; never a ready node (its agent session decides).
+MAY_ENTER_BOOTING = frozenset({NodeState.REGISTERED, NodeState.LOST})
+
+
 def enter_booting(db: sqlite3.Connection, mac: str, when: float) -> None:
-    """A boot began (firmware DHCP, boot script): ``booting`` unless pending or there."""
+    """A boot began (firmware DHCP): ``booting`` if registered or lost."""
     node = owner(db, mac)
     if node is None:
         return
     state = state_of(db, node)
-    if state in (NodeState.PENDING, NodeState.BOOTING):
+    if state not in MAY_ENTER_BOOTING:
         return
     db.execute("UPDATE nodes SET state=?, last_seen=max(coalesce(last_seen, 0), ?) "
                "WHERE mac=?", (str(NodeState.BOOTING), when, node))

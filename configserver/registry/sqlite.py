@@ -349,14 +349,16 @@ class SqliteRegistry:
                      *, booting: bool = False) -> None:
         """Queue a boot event of ``mac`` (ignored unless it names a node); never waits.
 
-        ``booting``: a boot began, the node enters ``booting`` (unless pending or there).
+        ``booting``: a boot began (a DHCP exchange): a registered or lost node enters
+        ``booting``. A ready node stays ready: anyone on the boot network can send a DHCP
+        packet naming its MAC, so only its agent's session decides that it rebooted.
         """
         now = self._now()
         self._writer.append((mac, now, stage, detail or {}))
         if not booting:
             return
         node = self.lookup(mac)
-        if node is None or node.state in (NodeState.PENDING, NodeState.BOOTING):
+        if node is None or node.state not in boot_events.MAY_ENTER_BOOTING:
             return
 
         def mark(seq: int) -> None:

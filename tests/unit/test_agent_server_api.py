@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import time
 
 import pytest
 
 from configserver.config import HttpConfig, ServerConfig
 from configserver.http.agentapi import AGENT_API, AgentApiState, LookupRateLimiter
 from configserver.http.app import create_app
+from configserver.http.appkeys import SECRET_KEY
+from configserver.http.tickets import issue_ticket
 from configserver.model import NodeSpec, NodeState
 from configserver.registry.sqlite import SqliteRegistry
 
@@ -38,9 +41,16 @@ async def client(aiohttp_client, tmp_path, registry):
     return await aiohttp_client(make_app(tmp_path, registry))
 
 
-async def lookup(client, macs=(MAC,), boot_id=BOOT):
-    return await client.post("/api/v1/agent/lookup",
-                             json={"macs": list(macs), "boot_id": boot_id})
+async def lookup(client, macs=(MAC,), boot_id=BOOT, ticket=None):
+    body = {"macs": list(macs), "boot_id": boot_id}
+    if ticket is not None:
+        body["ticket"] = ticket
+    return await client.post("/api/v1/agent/lookup", json=body)
+
+
+def ticket_now(client, mac=MAC, at=None):
+    """The ticket a boot script rendered now (or ``at``) would carry."""
+    return issue_ticket(client.server.app[SECRET_KEY], mac, time.time() if at is None else at)
 
 
 async def heartbeat(client, token, mac=MAC, boot_id=BOOT, status=None):
@@ -110,7 +120,8 @@ async def test_token_is_bound_to_its_node_and_boot(client, registry):
 
 async def test_a_new_boot_invalidates_the_old_token(client):
     old = (await (await lookup(client)).json())["token"]
-    new = (await (await lookup(client, boot_id="second-boot")).json())["token"]
+    new = (await (await lookup(client, boot_id="second-boot",
+                              ticket=ticket_now(client))).json())["token"]
     assert new and new != old
     assert (await heartbeat(client, old)).status == 401
     assert (await heartbeat(client, old, boot_id="second-boot")).status == 401
@@ -215,7 +226,10 @@ async def test_a_lost_answer_is_recovered_with_the_same_nonce(client, registry):
     details = [e.detail for e in registry.events(MAC) if e.stage == "agent.lookup"]
     assert [d.get("token_resent", False) for d in details] == [False, True, False, False]
     # A new boot with the same nonce gets a different token; the old one is dead.
-    rebooted = await with_nonce(NONCE, boot_id="boot-2")
+    resp = await client.post("/api/v1/agent/lookup",
+                             json={"macs": [MAC], "boot_id": "boot-2", "nonce": NONCE,
+                                   "ticket": ticket_now(client)})
+    rebooted = (await resp.json())["token"]
     assert rebooted and rebooted != first
     assert (await heartbeat(client, first)).status == 401
     assert (await heartbeat(client, rebooted, boot_id="boot-2")).status == 200
@@ -242,3 +256,110 @@ async def test_a_ready_node_cannot_be_taken_over_by_a_lookup_with_a_new_boot(cli
     stolen = await (await lookup(client, boot_id="boot-evil")).json()
     assert stolen["token"] is None
     assert (await heartbeat(client, first["token"])).status == 200
+
+
+# -- finding: a ready node must not be taken over by anyone who knows its MAC ---------------
+
+
+async def ready_node(client):
+    """A node whose agent looked up and heartbeats: its token."""
+    token = (await (await lookup(client)).json())["token"]
+    assert (await heartbeat(client, token)).status == 200
+    return token
+
+
+async def test_a_boot_script_fetch_and_a_dhcp_discover_leave_a_ready_node_alone(client,
+                                                                                registry):
+    token = await ready_node(client)
+    await client.get(f"/boot/{MAC}.ipxe")
+    registry.record_event(MAC, "dhcp.discover", {"arch": 0}, booting=True)
+    registry.record_event(MAC, "dhcp.request", {"arch": 0}, booting=True)
+    await client.get(f"/api/v1/nodes/{MAC}/events")  # commits what is queued
+    assert registry.lookup(MAC).state == NodeState.READY
+    assert registry.agent_session(MAC).boot_id == BOOT
+    assert (await heartbeat(client, token)).status == 200
+
+
+async def test_no_token_for_a_new_boot_while_the_agent_heartbeats_even_with_a_ticket(client,
+                                                                                    registry):
+    token = await ready_node(client)
+    # The attack: fetch the node's boot script (anyone can), then look up as a new boot.
+    stolen = await (await lookup(client, boot_id="boot-evil",
+                                 ticket=ticket_now(client))).json()
+    assert stolen["token"] is None
+    assert stolen["refused"] == "the node's agent is heartbeating"
+    assert registry.agent_session(MAC).boot_id == BOOT
+    assert (await heartbeat(client, token)).status == 200
+
+
+@pytest.fixture
+async def quick_client(aiohttp_client, tmp_path, registry):
+    """Heartbeats every 0.2 s: an agent is silent after 1.5 s."""
+    return await aiohttp_client(make_app(tmp_path, registry, heartbeat_interval=0.2))
+
+
+async def test_a_silent_node_is_taken_over_only_with_a_fresh_genuine_ticket(quick_client,
+                                                                            registry):
+    client = quick_client
+    old_token = await ready_node(client)
+    old_beat = registry.lookup(MAC).last_heartbeat
+    await asyncio.sleep(1.6)  # the old agent falls silent
+    forged = ticket_now(client)[:-4] + "AAAA"
+    before_beat = ticket_now(client, at=old_beat - 1)
+    expired = ticket_now(client, at=time.time() - 1801)
+    other_node = ticket_now(client, mac=OTHER)
+    for ticket, reason in ((None, "no valid boot ticket"), (forged, "no valid boot ticket"),
+                           (other_node, "no valid boot ticket"),
+                           (before_beat, "the boot ticket is older than the current agent "
+                                         "session"),
+                           (expired, "the boot ticket has expired")):
+        answer = await (await lookup(client, boot_id="boot-2", ticket=ticket)).json()
+        assert (answer["token"], answer.get("refused")) == (None, reason)
+    assert registry.agent_session(MAC).boot_id == BOOT
+    ticket = ticket_now(client)
+    await asyncio.sleep(0.01)
+    new = await (await lookup(client, boot_id="boot-2", ticket=ticket)).json()
+    assert new["token"] and "refused" not in new
+    assert (await heartbeat(client, old_token)).status == 401
+    assert (await heartbeat(client, new["token"], boot_id="boot-2")).status == 200
+    # One ticket, one session: replaying it for a third boot fails even once boot-2 is silent.
+    await asyncio.sleep(1.6)
+    replay = await (await lookup(client, boot_id="boot-3", ticket=ticket)).json()
+    assert replay["refused"] == "the boot ticket is older than the current agent session"
+
+
+async def test_the_boot_script_carries_a_ticket_that_takes_over_a_silent_node(
+        aiohttp_client, tmp_path, registry):
+    images = tmp_path / "images" / "storage"
+    images.mkdir(parents=True)
+    for name in ("vmlinuz", "initramfs.img"):
+        (images / name).write_bytes(b"x")
+    (images / "manifest.json").write_text(
+        '{"name": "storage", "kernel": "vmlinuz", "initramfs": "initramfs.img"}')
+    client = await aiohttp_client(make_app(tmp_path, registry, heartbeat_interval=0.2))
+    await ready_node(client)
+    await asyncio.sleep(1.6)
+    script = await (await client.get(f"/boot/{MAC}.ipxe")).text()
+    assert registry.lookup(MAC).state == NodeState.READY  # fetching changed nothing
+    ticket = next(w.partition("=")[2] for w in script.split()
+                  if w.startswith("netboot.ticket="))
+    new = await (await lookup(client, boot_id="boot-2", ticket=ticket)).json()
+    assert new["token"]
+
+
+@pytest.mark.parametrize("ticket", [12, "", "x" * 65, "has space", "a.b\n"])
+async def test_malformed_tickets_are_400(client, ticket):
+    resp = await lookup(client, ticket=ticket)
+    assert resp.status == 400
+
+
+def test_a_ticket_names_its_node_and_time_and_nothing_else_verifies():
+    from configserver.http.tickets import ticket_time
+    key = b"k" * 32
+    ticket = issue_ticket(key, MAC, 1_700_000_000.25)
+    assert ticket_time(key, MAC, ticket) == 1_700_000_000.25
+    assert ticket_time(key, OTHER, ticket) is None
+    assert ticket_time(b"j" * 32, MAC, ticket) is None
+    assert ticket_time(key, MAC, ticket + "\n") is None
+    stamp, _, tag = ticket.partition(".")
+    assert ticket_time(key, MAC, f"{int(stamp, 16) + 1:x}.{tag}") is None

@@ -7,12 +7,15 @@ import json
 import random
 import socket
 import stat
+import time
 
 import aiohttp
 import pytest
 
 from configserver.config import HttpConfig, ServerConfig
 from configserver.http.app import create_app
+from configserver.http.appkeys import SECRET_KEY
+from configserver.http.tickets import issue_ticket
 from configserver.model import NodeSpec, NodeState
 from configserver.registry.sqlite import SqliteRegistry
 from nodeagent import sdnotify
@@ -50,8 +53,9 @@ def free_port() -> int:
 class Agent:
     """An AgentSession running as a task, with its own HTTP client."""
 
-    def __init__(self, url, state_dir, boot_id="boot-1"):
+    def __init__(self, url, state_dir, boot_id="boot-1", boot_ticket=None):
         self.config = build_config({"server": url, "boot_id": boot_id, "state_dir": state_dir,
+                                    "boot_ticket": boot_ticket,
                                     "macs": [MAC], "backoff_initial": 0.05,
                                     "backoff_max": 0.2, "api_port": 0})
         self.pushed = 0
@@ -144,9 +148,11 @@ async def test_restart_in_the_same_boot_gets_the_same_token_again(aiohttp_server
         await stranger.until(lambda: stranger.session.status.lookups >= 3)
         assert stranger.session.status.heartbeats == 0
         assert "no token" in stranger.session.status.last_error
-    # A new boot (which passes through PXE, so the node is booting again) gets a new token.
-    registry.record_event(MAC, "dhcp.discover", {"arch": 0}, booting=True)
-    async with Agent(url, tmp_path / "elsewhere", boot_id="boot-2") as rebooted:
+    # A new boot gets a new token once the old agent is silent, with its boot script's ticket.
+    await asyncio.sleep(2.5 * 0.2 + 1.1)
+    ticket = issue_ticket(server.app[SECRET_KEY], MAC, time.time())
+    async with Agent(url, tmp_path / "elsewhere", boot_id="boot-2",
+                     boot_ticket=ticket) as rebooted:
         await rebooted.until(lambda: rebooted.session.status.heartbeats >= 1)
         assert registry.agent_session(MAC).boot_id == "boot-2"
 
