@@ -1,4 +1,4 @@
-"""HTTP client for the config server's agent API (lookup, heartbeat, inventory).
+"""HTTP client for the config server's agent API (lookup, enroll, heartbeat, inventory).
 
 It only moves requests and answers and maps failures onto ``ServerError`` subclasses; when to
 retry is the session's business.
@@ -7,12 +7,15 @@ retry is the session's business.
 from __future__ import annotations
 
 import logging
+import ssl
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
 
 from nodeagent.errors import ServerError, TokenRejected
+from nodeagent.identity import Certificate
 
 log = logging.getLogger(__name__)
 
@@ -37,10 +40,26 @@ class LookupAnswer:
 class ServerClient:
     """Calls ``/api/v1/agent/*`` on one config server."""
 
-    def __init__(self, base_url: str, http: aiohttp.ClientSession, timeout: float) -> None:
+    def __init__(self, base_url: str, http: aiohttp.ClientSession, timeout: float,
+                 tls: ssl.SSLContext | None = None) -> None:
         self.base_url = base_url.rstrip("/")
-        self._http = http
+        self.http = http
         self._timeout = aiohttp.ClientTimeout(total=timeout)
+        # The TLS context of every call: the pinned CA, then also this node's certificate.
+        self.tls = tls
+
+    async def enroll(self, mac: str, boot_id: str, csr: bytes,
+                     token: str | None) -> Certificate:
+        """A certificate for this boot's key: bought with the token, renewed with mTLS."""
+        answer = await self._post("enroll", {"mac": mac, "boot_id": boot_id,
+                                             "csr": csr.decode()}, token)
+        try:
+            not_after = float(answer["not_after"])
+            renew_after = float(answer.get("renew_after") or
+                                time.time() + (not_after - time.time()) / 2)
+            return Certificate(str(answer["certificate"]).encode(), not_after, renew_after)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ServerError(f"unusable enrollment answer: {exc!r}") from None
 
     async def lookup(self, macs: list[str], boot_id: str, nonce: str | None,
                      ticket: str | None = None) -> LookupAnswer:
@@ -59,12 +78,12 @@ class ServerClient:
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise ServerError(f"unusable lookup answer: {exc!r}") from None
 
-    async def heartbeat(self, mac: str, boot_id: str, token: str,
+    async def heartbeat(self, mac: str, boot_id: str, token: str | None,
                         status: dict[str, Any]) -> dict[str, Any]:
         return await self._post("heartbeat", {"mac": mac, "boot_id": boot_id,
                                               "status": status}, token)
 
-    async def push_inventory(self, mac: str, boot_id: str, token: str,
+    async def push_inventory(self, mac: str, boot_id: str, token: str | None,
                              inventory: dict[str, Any]) -> None:
         await self._post("inventory", {"mac": mac, "boot_id": boot_id,
                                        "inventory": inventory}, token)
@@ -74,8 +93,9 @@ class ServerClient:
         url = f"{self.base_url}/api/v1/agent/{endpoint}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            async with self._http.post(url, json=body, headers=headers,
-                                       timeout=self._timeout) as response:
+            async with self.http.post(url, json=body, headers=headers, timeout=self._timeout,
+                                       ssl=self.tls if self.tls is not None else True
+                                       ) as response:
                 try:
                     answer = await response.json(content_type=None)
                 except ValueError:

@@ -21,6 +21,7 @@ DEFAULT_STATE_DIR = Path("/run/nodeagent")
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 DEFAULT_API_PORT = 9898
 
+_CA_FINGERPRINT = re.compile(r"sha256:[A-Za-z0-9_-]{43}")
 _BOOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 # Kernel parameter -> AgentConfig field.
@@ -30,6 +31,8 @@ KERNEL_PARAMETERS = {
     "netboot.hostname": "hostname",
     "netboot.role": "role",
     "netboot.ticket": "boot_ticket",
+    "netboot.api": "api",
+    "netboot.ca": "ca_fingerprint",
     "BOOTIF": "boot_mac",
 }
 
@@ -40,6 +43,11 @@ class AgentConfig:
 
     server: str
     boot_id: str
+    # The HTTPS base URL of the config server's API (netboot.api=) and the fingerprint of the
+    # CA that signs its certificate (netboot.ca=). Without them the API is reached at
+    # ``server`` (a development setup without TLS).
+    api: str | None = None
+    ca_fingerprint: str | None = None
     # The MAC the node booted from (BOOTIF / netboot.mac); sent first in lookups.
     boot_mac: str | None = None
     # When set, replaces the MACs found on the machine (simulating another node).
@@ -62,6 +70,11 @@ class AgentConfig:
     inventory_file: Path | None = None
     watch: bool = True
     notify_socket: str | None = None
+
+    @property
+    def api_url(self) -> str:
+        """Where the agent API is: the HTTPS API if named, else the boot server."""
+        return self.api or self.server
 
     def lookup_macs(self, found: tuple[str, ...]) -> tuple[str, ...]:
         """The MACs to look up with: overrides or those found, the boot MAC first."""
@@ -126,6 +139,20 @@ def _validated(values: dict[str, Any]) -> AgentConfig:
         raise ConfigError(f"invalid server URL {out['server']!r}",
                           hint="e.g. netboot.server=http://198.18.0.1:8080")
     out["server"] = server
+    if out.get("api") is not None:
+        api = str(out["api"]).rstrip("/")
+        if not re.match(r"^https://[^/\s]+", api):
+            raise ConfigError(f"invalid API URL {out['api']!r}",
+                              hint="e.g. netboot.api=https://198.18.0.1:8443")
+        out["api"] = api
+        if not out.get("ca_fingerprint"):
+            raise ConfigError("an HTTPS API needs the CA's fingerprint",
+                              hint="netboot.ca=sha256:... (the boot script passes it)")
+    if out.get("ca_fingerprint") is not None:
+        if not _CA_FINGERPRINT.fullmatch(str(out["ca_fingerprint"])):
+            raise ConfigError(f"invalid CA fingerprint {out['ca_fingerprint']!r}",
+                              hint="sha256: and 43 base64url characters")
+        out["ca_fingerprint"] = str(out["ca_fingerprint"])
     boot_id = str(out["boot_id"]).strip()
     if not _BOOT_ID.match(boot_id):
         raise ConfigError(f"invalid boot identifier {boot_id!r}")

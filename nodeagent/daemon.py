@@ -38,9 +38,10 @@ async def run_agent(config: AgentConfig) -> None:
     connector = aiohttp.TCPConnector(limit=4, enable_cleanup_closed=True)
     async with contextlib.AsyncExitStack() as stack:
         http = await stack.enter_async_context(aiohttp.ClientSession(connector=connector))
-        client = ServerClient(config.server, http, config.request_timeout)
+        client = ServerClient(config.api_url, http, config.request_timeout)
         session = AgentSession(config, client, inventory_source, macs=found_macs())
-        log.info("agent starting: server %s, boot %s, MACs %s", config.server,
+        log.info("agent starting: server %s, API %s, boot %s, MACs %s", config.server,
+                 config.api_url,
                  config.boot_id, ",".join(session.macs) or "none")
 
         if config.api_port:

@@ -32,6 +32,7 @@ from nodeagent import __version__, sdnotify
 from nodeagent.client import LookupAnswer, ServerClient
 from nodeagent.config import AgentConfig
 from nodeagent.errors import InventoryError, NoToken, ServerError, TokenRejected
+from nodeagent.identity import Certificate, NodeKey, fetch_pinned_ca, server_context
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
 
@@ -187,12 +188,18 @@ class AgentSession:
         self._token_file = config.state_dir / "token.json"
         self._session_file = config.state_dir / "session.json"
         self._nonce: str | None = None
+        # With an HTTPS API: this boot's key, the pinned CA and the certificate in use.
+        self.key = NodeKey(config.state_dir) if config.api else None
+        self.certificate: Certificate | None = None
+        self._ca_pem: bytes | None = None
 
     # -- public ------------------------------------------------------------------------------
 
     async def run(self) -> None:
         pusher = asyncio.create_task(self._push_inventory_forever(), name="inventory-push")
         try:
+            if self.key is not None:
+                await self._trust_pinned_ca()
             while True:
                 await self._look_up_until_accepted()
                 try:
@@ -238,6 +245,8 @@ class AgentSession:
                                                   self._lookup_nonce(),
                                                   self.config.boot_ticket)
                 self.token = self._accept(answer)
+                if self.key is not None:
+                    await self._enroll(answer.mac)
                 break
             except NoToken as exc:
                 self.status.last_error = exc.message
@@ -309,8 +318,58 @@ class AgentSession:
         except OSError as exc:
             log.warning("%s: cannot write %s: %s", self._mac(), path, exc)
 
+    async def _trust_pinned_ca(self) -> None:
+        """Fetch the CA that the command line pins; retried until the boot server has it."""
+        assert self.config.ca_fingerprint is not None
+        backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
+        while self._ca_pem is None:
+            try:
+                self._ca_pem = await fetch_pinned_ca(self.client.http, self.config.server,
+                                                     self.config.ca_fingerprint,
+                                                     self.config.request_timeout)
+            except ServerError as exc:
+                self.status.last_error = exc.message
+                delay = backoff.next_delay(exc.retry_after)
+                log.warning("%s: %s; retrying in %.1fs", self._mac(), exc.message, delay)
+                await asyncio.sleep(delay)
+        self.client.tls = server_context(self._ca_pem)
+
+    async def _enroll(self, mac: str) -> None:
+        """A certificate for this boot: the one kept from an earlier start, else a new one
+        bought with the token (or, to renew, with the current certificate)."""
+        assert self.key is not None and self._ca_pem is not None
+        certificate = None if self.certificate else self.key.saved()
+        if certificate is None:
+            token = None if self.certificate else self.token
+            certificate = await self.client.enroll(mac, self.config.boot_id,
+                                                   await asyncio.to_thread(self.key.csr, mac),
+                                                   token)
+            await asyncio.to_thread(self.key.store, certificate)
+            log.info("%s: certificate issued for boot %s, valid until %s", mac,
+                     self.config.boot_id, time.strftime("%Y-%m-%d %H:%M:%S",
+                                                        time.gmtime(certificate.not_after)))
+        self.client.tls = await asyncio.to_thread(self.key.client_context, self._ca_pem)
+        self.certificate = certificate
+
+    async def _renew_if_due(self, mac: str) -> None:
+        if self.certificate is None or time.time() < self.certificate.renew_after:
+            return
+        try:
+            await self._enroll(mac)
+        except TokenRejected:
+            raise
+        except ServerError as exc:  # the old certificate is still good: try again later
+            log.warning("%s: certificate renewal failed: %s", mac, exc.message)
+
+    def _credential(self) -> str | None:
+        """What heartbeats and pushes carry: nothing once the certificate speaks for us."""
+        return None if self.certificate is not None else self.token
+
     def _forget_token(self) -> None:
         self.token = None
+        self.certificate = None
+        if self._ca_pem is not None:
+            self.client.tls = server_context(self._ca_pem)
         self._authenticated.clear()
         with contextlib.suppress(OSError):
             self._token_file.unlink()
@@ -328,8 +387,9 @@ class AgentSession:
                                                     "rss_bytes": agent_rss_bytes()},
                       "role": await self.role_facts()}
             try:
+                await self._renew_if_due(self.status.node.mac)
                 answer = await self.client.heartbeat(self.status.node.mac, self.config.boot_id,
-                                                     self.token, report)
+                                                     self._credential(), report)
             except TokenRejected:
                 raise
             except ServerError as exc:
@@ -362,7 +422,7 @@ class AgentSession:
                 self.inventory = inventory
                 assert self.status.node is not None and self.token is not None
                 await self.client.push_inventory(self.status.node.mac, self.config.boot_id,
-                                                 self.token, inventory)
+                                                 self._credential(), inventory)
             except (ServerError, InventoryError) as exc:
                 self._inventory_wanted.set()
                 delay = backoff.next_delay(getattr(exc, "retry_after", None))
