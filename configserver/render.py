@@ -16,6 +16,10 @@ import jinja2
 from configserver.images import Image
 from configserver.model import BootTemplate, Node, Role
 
+# iPXE (src/arch/x86/image/multiboot.c, MB_MAX_CMDLINE) keeps the command lines of a multiboot
+# kernel and its modules, each after its URL, in one 512-byte buffer and cuts what is beyond.
+MULTIBOOT_CMDLINE_MAX = 512
+
 
 class ScriptFormat(enum.StrEnum):
     IPXE = "ipxe"
@@ -28,6 +32,8 @@ class BootServer:
     """How nodes reach this server, as seen by the client that asked."""
 
     base_url: str  # e.g. http://198.18.0.1:8080 (no trailing slash)
+    # The fingerprint of the CA that signs the API's certificate ("" without TLS).
+    ca_fingerprint: str = ""
 
     def url(self, path: str) -> str:
         return f"{self.base_url}/{path.lstrip('/')}"
@@ -57,8 +63,12 @@ class BootPlan:
 def kernel_cmdline(node: Node, role: Role, server: BootServer, mac: str,
                    ticket: str = "") -> str:
     """The Linux command line: what the agent needs to find itself, then role and node args."""
-    parts = [
-        f"netboot.server={server.base_url}",
+    parts = [f"netboot.server={server.base_url}"]
+    if server.ca_fingerprint:
+        # The agent learns the API's URL from the boot server and trusts it only through
+        # the CA this pins (the value after "sha256:", to keep the line short).
+        parts.append(f"netboot.ca={server.ca_fingerprint.removeprefix('sha256:')}")
+    parts += [
         f"netboot.mac={mac}",
         f"netboot.role={role.name}",
     ]
@@ -66,7 +76,6 @@ def kernel_cmdline(node: Node, role: Role, server: BootServer, mac: str,
         parts.append(f"netboot.ticket={ticket}")
     if node.hostname:
         parts.append(f"netboot.hostname={node.hostname}")
-    parts.append("BOOTIF=01-" + mac.replace(":", "-"))
     parts.extend(a for a in (role.kernel_args, node.kernel_args) if a)
     return " ".join(parts)
 
@@ -87,12 +96,17 @@ def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *
                         message=f"image {image.name!r} has no Xen hypervisor for role "
                                 f"{role.name}")
 
-    def file_url(name: str) -> str:
-        # Tagged with the MAC so that each fetch lands in this node's timeline.
-        return server.url(f"images/{image.name}/{name}") + f"?mac={mac}"
+    xen = role.template == BootTemplate.XEN
 
-    return BootPlan(
-        kind="xen" if role.template == BootTemplate.XEN else "linux",
+    def file_url(name: str) -> str:
+        # Tagged with the MAC so that each fetch lands in this node's timeline; not for Xen,
+        # whose URLs count against iPXE's 512 bytes of multiboot command lines (the server
+        # then knows the node by its address).
+        url = server.url(f"images/{image.name}/{name}")
+        return url if xen else f"{url}?mac={mac}"
+
+    plan = BootPlan(
+        kind="xen" if xen else "linux",
         title=title, mac=mac, script_url=script_url,
         kernel_url=file_url(image.kernel),
         initramfs_url=file_url(image.initramfs),
@@ -105,6 +119,23 @@ def boot_plan(node: Node, role: Role, image: Image | None, server: BootServer, *
         kernel_cmdline=kernel_cmdline(node, role, server, mac, ticket),
         hypervisor_cmdline=role.hypervisor_args,
     )
+    needed = multiboot_bytes(plan) if xen else 0
+    if needed > MULTIBOOT_CMDLINE_MAX:
+        return BootPlan(kind="wait", title=title, mac=mac, script_url=script_url,
+                        message=f"Xen's command lines need {needed} bytes, iPXE passes at most "
+                                f"{MULTIBOOT_CMDLINE_MAX} to a multiboot kernel: shorten the "
+                                f"kernel or hypervisor arguments of role {role.name} or node "
+                                f"{node.hostname or mac}")
+    return plan
+
+
+def multiboot_bytes(plan: BootPlan) -> int:
+    """What iPXE's BIOS multiboot loader copies for a Xen plan: each image's URL, a space and
+    its command line, NUL-terminated, for Xen, the kernel and the initramfs together."""
+    lines = ((plan.hypervisor_url, plan.hypervisor_cmdline), (plan.kernel_url,
+                                                              plan.kernel_cmdline),
+             (plan.initramfs_url, ""))
+    return sum(len(url) + (len(args) + 1 if args else 0) + 1 for url, args in lines)
 
 
 def waiting_plan(mac: str, server: BootServer, message: str, *,

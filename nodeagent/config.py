@@ -21,7 +21,7 @@ DEFAULT_STATE_DIR = Path("/run/nodeagent")
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 DEFAULT_API_PORT = 9898
 
-_CA_FINGERPRINT = re.compile(r"sha256:[A-Za-z0-9_-]{43}")
+_CA_FINGERPRINT = re.compile(r"[A-Za-z0-9_-]{43}")
 _BOOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 
 # Kernel parameter -> AgentConfig field.
@@ -43,9 +43,9 @@ class AgentConfig:
 
     server: str
     boot_id: str
-    # The HTTPS base URL of the config server's API (netboot.api=) and the fingerprint of the
-    # CA that signs its certificate (netboot.ca=). Without them the API is reached at
-    # ``server`` (a development setup without TLS).
+    # The fingerprint of the CA that signs the API's certificate (netboot.ca=) and the API's
+    # HTTPS URL (learnt from the boot server unless set). Without a CA the API is reached at
+    # ``server`` without TLS (a development setup).
     api: str | None = None
     ca_fingerprint: str | None = None
     # The MAC the node booted from (BOOTIF / netboot.mac); sent first in lookups.
@@ -143,16 +143,17 @@ def _validated(values: dict[str, Any]) -> AgentConfig:
         api = str(out["api"]).rstrip("/")
         if not re.match(r"^https://[^/\s]+", api):
             raise ConfigError(f"invalid API URL {out['api']!r}",
-                              hint="e.g. netboot.api=https://198.18.0.1:8443")
+                              hint="e.g. api = \"https://198.18.0.1:8443\"")
         out["api"] = api
         if not out.get("ca_fingerprint"):
             raise ConfigError("an HTTPS API needs the CA's fingerprint",
-                              hint="netboot.ca=sha256:... (the boot script passes it)")
+                              hint="netboot.ca= (the boot script passes it)")
     if out.get("ca_fingerprint") is not None:
-        if not _CA_FINGERPRINT.fullmatch(str(out["ca_fingerprint"])):
+        pinned = str(out["ca_fingerprint"]).removeprefix("sha256:")
+        if not _CA_FINGERPRINT.fullmatch(pinned):
             raise ConfigError(f"invalid CA fingerprint {out['ca_fingerprint']!r}",
-                              hint="sha256: and 43 base64url characters")
-        out["ca_fingerprint"] = str(out["ca_fingerprint"])
+                              hint="43 base64url characters of SHA-256 (sha256: optional)")
+        out["ca_fingerprint"] = "sha256:" + pinned
     boot_id = str(out["boot_id"]).strip()
     if not _BOOT_ID.match(boot_id):
         raise ConfigError(f"invalid boot identifier {boot_id!r}")

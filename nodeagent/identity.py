@@ -1,9 +1,10 @@
 """The node's x.509 identity: the config server's CA, pinned, and this boot's key and certificate.
 
-* The boot script names the CA by fingerprint (``netboot.ca=sha256:<base64url>``) on the kernel
-  command line, which arrives the same way as the kernel itself. The agent fetches the CA
-  certificate from the boot server (``/boot/ca.pem``, plain HTTP like every boot file) and
-  trusts it only if its SHA-256 matches: from then on every API call is HTTPS against that CA.
+* The boot script names the CA by fingerprint (``netboot.ca=<base64url SHA-256>``) on the
+  kernel command line, which arrives the same way as the kernel itself. The agent fetches the
+  CA certificate and the API's URL from the boot server (``/boot/agent.json``, plain HTTP like
+  every boot file) and trusts the CA only if its SHA-256 matches: from then on every API call
+  is HTTPS against that CA, so a forged answer can name another URL but not another CA.
 * The key is made at start (ECDSA P-256) and lives in the state directory, a tmpfs: RAM on a
   diskless node, gone with the boot. The agent sends a CSR with this boot's token and gets a
   short-lived certificate naming the node and this boot; heartbeats and inventory pushes then
@@ -29,8 +30,8 @@ from cryptography.x509.oid import NameOID
 
 from nodeagent.errors import ServerError
 
-CA_PATH = "boot/ca.pem"
-MAX_CA_BYTES = 64 * 1024
+TRUST_PATH = "boot/agent.json"
+MAX_TRUST_BYTES = 64 * 1024
 
 
 def ca_fingerprint(pem: bytes) -> str:
@@ -40,27 +41,38 @@ def ca_fingerprint(pem: bytes) -> str:
     return "sha256:" + digest.decode()
 
 
-async def fetch_pinned_ca(http: aiohttp.ClientSession, server: str, fingerprint: str,
-                          timeout: float) -> bytes:
-    """The CA certificate from the boot server, if it is the one the command line names."""
-    url = f"{server.rstrip('/')}/{CA_PATH}"
+@dataclass(frozen=True)
+class BootTrust:
+    """What the boot server says about its API: the URL, and the CA its certificate chains to."""
+
+    api_url: str
+    ca_pem: bytes
+
+
+async def fetch_boot_trust(http: aiohttp.ClientSession, server: str, fingerprint: str,
+                           timeout: float) -> BootTrust:
+    """The API's URL and CA from the boot server, if the CA is the one the command line pins."""
+    url = f"{server.rstrip('/')}/{TRUST_PATH}"
     try:
         async with http.get(url, timeout=aiohttp.ClientTimeout(total=timeout)) as response:
             if response.status != 200:
-                raise ServerError(f"cannot fetch the CA from {url}: HTTP {response.status}",
+                raise ServerError(f"cannot fetch {url}: HTTP {response.status}",
                                   http_status=response.status)
-            pem = await response.content.read(MAX_CA_BYTES + 1)
+            body = await response.content.read(MAX_TRUST_BYTES + 1)
     except (TimeoutError, aiohttp.ClientError, OSError) as exc:
-        raise ServerError(f"cannot fetch the CA from {url}: {type(exc).__name__}: "
-                          f"{exc}") from None
+        raise ServerError(f"cannot fetch {url}: {type(exc).__name__}: {exc}") from None
     try:
-        found = ca_fingerprint(pem) if len(pem) <= MAX_CA_BYTES else "too large"
-    except ValueError:
-        found = "not a PEM certificate"
+        answer = json.loads(body) if len(body) <= MAX_TRUST_BYTES else None
+        api_url, pem = str(answer["api_url"]), str(answer["ca_pem"]).encode()
+        found = ca_fingerprint(pem)
+    except (ValueError, TypeError, KeyError):
+        raise ServerError(f"{url} is not what a config server answers") from None
     if found != fingerprint:
         raise ServerError(f"the CA at {url} is not the one this boot names "
                           f"({found} != {fingerprint})")
-    return pem
+    if not api_url.startswith("https://"):
+        raise ServerError(f"{url} names no HTTPS API ({api_url[:80]!r})")
+    return BootTrust(api_url.rstrip("/"), pem)
 
 
 def server_context(ca_pem: bytes) -> ssl.SSLContext:

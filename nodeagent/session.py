@@ -32,7 +32,7 @@ from nodeagent import __version__, sdnotify
 from nodeagent.client import LookupAnswer, ServerClient
 from nodeagent.config import AgentConfig
 from nodeagent.errors import InventoryError, NoToken, ServerError, TokenRejected
-from nodeagent.identity import Certificate, NodeKey, fetch_pinned_ca, server_context
+from nodeagent.identity import Certificate, NodeKey, fetch_boot_trust, server_context
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
 
@@ -189,7 +189,7 @@ class AgentSession:
         self._session_file = config.state_dir / "session.json"
         self._nonce: str | None = None
         # With an HTTPS API: this boot's key, the pinned CA and the certificate in use.
-        self.key = NodeKey(config.state_dir) if config.api else None
+        self.key = NodeKey(config.state_dir) if config.ca_fingerprint else None
         self.certificate: Certificate | None = None
         self._ca_pem: bytes | None = None
 
@@ -319,20 +319,26 @@ class AgentSession:
             log.warning("%s: cannot write %s: %s", self._mac(), path, exc)
 
     async def _trust_pinned_ca(self) -> None:
-        """Fetch the CA that the command line pins; retried until the boot server has it."""
+        """Learn the API's URL and CA from the boot server, trusting only the pinned CA;
+        retried until the boot server answers."""
         assert self.config.ca_fingerprint is not None
         backoff = Backoff(self.config.backoff_initial, self.config.backoff_max, self._rng)
         while self._ca_pem is None:
             try:
-                self._ca_pem = await fetch_pinned_ca(self.client.http, self.config.server,
-                                                     self.config.ca_fingerprint,
-                                                     self.config.request_timeout)
+                trust = await fetch_boot_trust(self.client.http, self.config.server,
+                                               self.config.ca_fingerprint,
+                                               self.config.request_timeout)
             except ServerError as exc:
                 self.status.last_error = exc.message
                 delay = backoff.next_delay(exc.retry_after)
                 log.warning("%s: %s; retrying in %.1fs", self._mac(), exc.message, delay)
                 await asyncio.sleep(delay)
+                continue
+            self._ca_pem = trust.ca_pem
+            self.client.base_url = self.config.api or trust.api_url
         self.client.tls = server_context(self._ca_pem)
+        log.info("%s: API at %s, its CA pinned by %s", self._mac(), self.client.base_url,
+                 self.config.ca_fingerprint)
 
     async def _enroll(self, mac: str) -> None:
         """A certificate for this boot: the one kept from an earlier start, else a new one

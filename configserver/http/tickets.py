@@ -23,12 +23,13 @@ import hashlib
 import hmac
 import re
 
-_TICKET = re.compile(r"^([0-9a-f]{1,16})\.([A-Za-z0-9_-]{22})$")
+# A 96-bit tag: a ticket must fit in iPXE's 512 bytes for all multiboot command lines.
+_TICKET = re.compile(r"([0-9a-f]{1,16})\.([A-Za-z0-9_-]{16})")
 
 
 def _tag(key: bytes, mac: str, issued_ms: int) -> str:
     digest = hmac.new(key, f"boot-ticket|{mac}|{issued_ms}".encode(), hashlib.sha256).digest()
-    return base64.urlsafe_b64encode(digest[:16]).rstrip(b"=").decode()
+    return base64.urlsafe_b64encode(digest[:12]).decode()
 
 
 def issue_ticket(key: bytes, mac: str, now: float) -> str:

@@ -9,6 +9,7 @@ import pytest
 from configserver.images import Image
 from configserver.model import BUILTIN_ROLES, Nic, Node
 from configserver.render import (
+    MULTIBOOT_CMDLINE_MAX,
     BootPlan,
     BootServer,
     ScriptFormat,
@@ -16,11 +17,14 @@ from configserver.render import (
     boot_plan,
     exit_plan,
     grub_path,
+    multiboot_bytes,
     waiting_plan,
 )
 
 GOLDEN = Path(__file__).parent / "golden"
-SERVER = BootServer("http://198.18.0.1:8080")
+PLAIN = BootServer("http://198.18.0.1:8080")
+SERVER = BootServer("http://198.18.0.1:8080", ca_fingerprint="sha256:" + "A" * 43)
+TICKET = "18c5f2b3a10.kGx3x_ZsLw0tVVaQ"
 ROLES = {r.name: r for r in BUILTIN_ROLES}
 MAC = "52:54:00:aa:bb:01"
 NODE = Node(mac=MAC, role="storage", hostname="sn1", nics=(Nic(MAC, "198.18.0.21"),),
@@ -35,10 +39,12 @@ DOM0_EFI_IMAGE = Image("dom0", Path("/x/dom0"), "vmlinuz", "initramfs.img", "xen
                        hypervisor_efi="xen.efi")
 
 CASES = {
-    "storage.ipxe": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC),
-                     ScriptFormat.IPXE),
-    "dom0.ipxe": (boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC),
-                  ScriptFormat.IPXE),
+    "storage.ipxe": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC,
+                               ticket=TICKET), ScriptFormat.IPXE),
+    "storage-plain.ipxe": (boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, PLAIN, mac=MAC),
+                           ScriptFormat.IPXE),
+    "dom0.ipxe": (boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC,
+                            ticket=TICKET), ScriptFormat.IPXE),
     "dom0-efi.ipxe": (boot_plan(DOM0, ROLES["dom0"], DOM0_EFI_IMAGE, SERVER, mac=MAC),
                       ScriptFormat.IPXE),
     "dom0.xen.cfg": (boot_plan(DOM0, ROLES["dom0"], DOM0_EFI_IMAGE, SERVER, mac=MAC,
@@ -95,7 +101,7 @@ def test_uefi_xen_boot_names_the_same_files_in_script_and_xen_cfg():
              if line.startswith(("kernel --name", "initrd --name"))]
     assert names == ["xen.efi", "xen.cfg", "vmlinuz", "initramfs.img"]
     assert f"{SERVER.base_url}/boot/{MAC}/xen.cfg" in efi_part
-    assert f"/images/dom0/xen.efi?mac={MAC}" in efi_part
+    assert f"{SERVER.base_url}/images/dom0/xen.efi " in efi_part
     config = ScriptRenderer().render(plan, ScriptFormat.XEN_EFI)
     assert f"kernel=vmlinuz {plan.kernel_cmdline}\n" in config
     assert "ramdisk=initramfs.img\n" in config
@@ -113,9 +119,12 @@ def test_image_without_xen_efi_tells_a_uefi_machine_so():
 def test_kernel_command_line_carries_what_the_agent_needs():
     plan = boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC)
     args = plan.kernel_cmdline.split()
-    assert args[:4] == ["netboot.server=http://198.18.0.1:8080", f"netboot.mac={MAC}",
-                        "netboot.role=storage", "netboot.hostname=sn1"]
-    assert "BOOTIF=01-52-54-00-aa-bb-01" in args
+    assert args[:5] == ["netboot.server=http://198.18.0.1:8080", "netboot.ca=" + "A" * 43,
+                        f"netboot.mac={MAC}", "netboot.role=storage", "netboot.hostname=sn1"]
+    assert not [a for a in args if a.startswith("BOOTIF=")]  # netboot.mac says it
+    with_ticket = boot_plan(NODE, ROLES["storage"], STORAGE_IMAGE, SERVER, mac=MAC,
+                            ticket=TICKET).kernel_cmdline.split()
+    assert with_ticket[4] == f"netboot.ticket={TICKET}"
     assert args[-1] == "quiet"  # node arguments come last so they win
 
 
@@ -128,3 +137,20 @@ def test_missing_variable_is_an_error_not_an_empty_string():
 def test_grub_path():
     assert grub_path("http://198.18.0.1:8080/images/a/vmlinuz") == \
         "(http,198.18.0.1:8080)/images/a/vmlinuz"
+
+
+def test_a_xen_boot_fits_ipxes_multiboot_command_line_buffer_or_says_why_not():
+    plan = boot_plan(DOM0, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC, ticket=TICKET)
+    assert plan.kind == "xen"
+    used = multiboot_bytes(plan)
+    # As iPXE lays them out: "URL args\0" for Xen and the kernel, "URL\0" for the initramfs.
+    script = ScriptRenderer().render(plan)
+    lines = [line.split(" || ")[0].split(" ", 1)[1] for line in script.splitlines()
+             if line.startswith(("kernel http", "module http"))]
+    assert used == sum(len(line) + 1 for line in lines) <= MULTIBOOT_CMDLINE_MAX
+    long_args = Node(mac=MAC, role="dom0", hostname="hv1", nics=(Nic(MAC),),
+                     kernel_args="x" * (513 - used))
+    refused = boot_plan(long_args, ROLES["dom0"], DOM0_IMAGE, SERVER, mac=MAC, ticket=TICKET)
+    assert refused.kind == "wait"
+    assert f"need {used + 513 - used + 1} bytes" in refused.message
+    assert "at most 512" in refused.message
