@@ -24,15 +24,17 @@ PRE_SCRIPT_WINDOW = 120.0
 
 
 def latest_boot(events: Sequence[BootEvent]) -> list[BootEvent]:
-    """The events of the node's latest boot (all of them if it never entered ``booting``).
+    """The events of the node's latest boot (all of them if it never began one).
 
-    A boot starts where the node entered ``booting`` (its boot script, or a firmware DHCP
-    request), together with the firmware's DHCP and TFTP exchanges just before it: an iPXE
-    ROM's DHCP does not mark a boot by itself, but it belongs to it.
+    A boot starts at its boot script (one that boots an image), or where the node entered
+    ``booting`` for another reason than its agent (a boot loader's DHCP), together with the
+    firmware's DHCP and TFTP exchanges just before: an iPXE ROM's DHCP does not mark a boot by
+    itself, but it belongs to it. A ready node's reboot moves its state only when the new
+    agent takes the session over, long after the script: that transition is no start.
     """
     start = None
     for event in reversed(events):
-        if event.stage == "state" and event.detail.get("to") == "booting":
+        if _starts_boot(event):
             start = event.time
             break
     if start is None:
@@ -46,6 +48,13 @@ def latest_boot(events: Sequence[BootEvent]) -> list[BootEvent]:
     while events[first].time < start and not _begins_boot(events[first]):
         first += 1
     return list(events[first:])
+
+
+def _starts_boot(event: BootEvent) -> bool:
+    if event.stage == "http.script":
+        return event.detail.get("result") in ("linux", "xen")
+    return (event.stage == "state" and event.detail.get("to") == "booting"
+            and event.detail.get("reason") != "agent started")
 
 
 def _os_dhcp(event: BootEvent) -> bool:

@@ -206,7 +206,9 @@ class DhcpPolicy:
         if node is not None:
             detail = {"arch": client.arch, "user_class": client.user_class,
                       "stage": str(client.stage)}
-            booting = client.stage == BootStage.FIRMWARE_PXE and kind == MessageType.DISCOVER
+            # A boot loader's DISCOVER starts a boot of a registered or lost node (never of a
+            # ready one: the registry leaves those to their agent sessions).
+            booting = client.stage != BootStage.NONE and kind == MessageType.DISCOVER
             self._record(mac, f"dhcp.{kind.name.lower()}", detail, booting=booting)
         return node
 

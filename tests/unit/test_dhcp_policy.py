@@ -12,7 +12,7 @@ from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
 from configserver.dhcp.leases import LeaseStore
 from configserver.dhcp.policy import PROXY_PORT, DhcpPolicy, RecentlyUnknown
-from configserver.model import Nic, NodeSpec, UnknownMacPolicy
+from configserver.model import Nic, NodeSpec, NodeState, UnknownMacPolicy
 from configserver.registry.sqlite import SqliteRegistry
 
 SERVER = "198.18.0.1"
@@ -330,3 +330,14 @@ def test_recently_unknown_expires_and_stays_bounded():
     for key in "bcde":
         cache.add(key)
     assert len(cache._until) <= 3
+
+
+def test_an_ipxe_rom_starts_a_boot_but_no_dhcp_packet_moves_a_ready_node(registry, leases):
+    policy = make_policy(registry, leases)
+    dora(policy, NODE_MAC, IPXE)  # an iPXE ROM as the firmware (the farm's VMs)
+    assert registry.lookup(NODE_MAC).state == "booting"
+    registry.set_state(NODE_MAC, NodeState.READY, "its agent heartbeats")
+    for options in (BIOS_PXE, IPXE, None):
+        dora(policy, NODE_MAC, options)  # anyone can send these naming its MAC
+    registry.events(NODE_MAC)  # commits what is queued
+    assert registry.lookup(NODE_MAC).state == "ready"

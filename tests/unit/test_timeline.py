@@ -43,3 +43,15 @@ def test_firmware_dhcp_long_before_the_script_is_another_attempt():
     events = [ev(0, "dhcp.discover", stage="pxe"), ev(500, "http.script"),
               ev(500, "state", to="booting")]
     assert latest_boot(events) == events[1:]
+
+
+def test_a_ready_nodes_reboot_starts_at_its_script_not_at_the_agents_takeover():
+    # A ready node's state stays put through DHCP and its script; the new agent moves it.
+    events = [ev(10, "state", to="ready"), ev(20, "agent.heartbeat"),
+              ev(400, "dhcp.discover", stage="ipxe"), ev(410, "http.script", result="xen"),
+              ev(411, "http.kernel"), ev(412, "http.initramfs"),
+              ev(600, "state", to="booting", reason="agent started"),
+              ev(600, "agent.lookup"), ev(601, "agent.heartbeat"), ev(601, "state", to="ready")]
+    assert [t["stage"] for t in boot_timeline(events)] == [
+        "dhcp", "script", "kernel", "initramfs", "agent", "ready"]
+    assert boot_timeline(events)[0]["time"] == 400
