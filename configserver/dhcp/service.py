@@ -7,6 +7,8 @@ error while answering is logged (rate-limited) and dropped; the server keeps ans
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 
@@ -56,6 +58,10 @@ class DhcpService:
         self.dropped = 0  # malformed datagrams
         self.failed = 0  # requests whose answer raised (registry down, a bug)
         self.answered = 0
+        self.unlisted_relay = 0  # relayed datagrams from a source not in ``dhcp.relays``
+        self.pending_expired = 0
+        self._relays = frozenset(config.dhcp.relays)
+        self._expiry_task: asyncio.Task[None] | None = None
         self._sightings: OrderedDict[str, str] = OrderedDict()
         self._endpoints: dict[str, DhcpEndpoint] = {}
 
@@ -73,6 +79,21 @@ class DhcpService:
         except Exception:
             self._close_sockets()
             raise
+        self._expiry_task = asyncio.get_running_loop().create_task(self._expire_pending())
+
+    async def _expire_pending(self) -> None:
+        """Remove pending (discovered) nodes not seen for ``dhcp.pending_expiry`` seconds."""
+        expiry = self.config.dhcp.pending_expiry
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.registry.purge_pending, expiry)
+            except Exception as exc:
+                log.warning("expiring pending nodes failed: %s", exc)
+            else:
+                self.pending_expired += len(removed)
+                if removed:
+                    log.info("%d pending nodes not seen for %d s removed", len(removed), expiry)
+            await asyncio.sleep(min(60.0, expiry / 4))
 
     def _handler(self, kind: str) -> DatagramHandler:
         def handle(data: bytes, source: Address) -> None:
@@ -88,6 +109,13 @@ class DhcpService:
             self.dropped += 1
             self.bad_input.warning("dropped malformed DHCP datagram from "
                                    "%s:%d: %s", source[0], source[1], exc.message)
+            return None
+        if request.giaddr != "0.0.0.0" and source[0] not in self._relays:
+            # Anyone can set giaddr: only the relays we were told about may speak for a subnet.
+            self.unlisted_relay += 1
+            self.bad_input.warning("%s: dropped relayed DHCP datagram (giaddr %s) from %s, "
+                                   "which is not in dhcp.relays (%d so far)", request.mac,
+                                   request.giaddr, source[0], self.unlisted_relay)
             return None
         try:
             reply = self.policy.answer(request, kind)
@@ -143,6 +171,10 @@ class DhcpService:
     async def close(self) -> None:
         """Stop answering, let the commit in flight finish, and close the lease store."""
         self._close_sockets()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
         await self.leases.drain()
         self.leases.close()
 
