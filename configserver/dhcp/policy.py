@@ -383,7 +383,7 @@ class DhcpPolicy:
             return False
         return True
 
-    def _forget_unknown(self, mac: str) -> None:
+    def forget_unknown(self, mac: str) -> None:
         for plan in self._plans():
             plan.unknown.drop(mac)
 
@@ -405,7 +405,7 @@ class DhcpPolicy:
         if request.options.get(codec.OPT_SERVER_ID, self.server_id) != self.server_id:
             return
         if self.leases.release(mac, request.ciaddr) is not None:
-            self._forget_unknown(mac)
+            self.forget_unknown(mac)
             log.info("%s: released %s", mac, request.ciaddr)
 
     def _decline(self, request: DhcpPacket, mac: str) -> None:
@@ -416,7 +416,7 @@ class DhcpPolicy:
         if ip is None or lease is None or lease.ip != ip:
             return
         self.leases.decline(mac, ip, self.config.decline_quarantine)
-        self._forget_unknown(mac)
+        self.forget_unknown(mac)
         log.warning("%s: declined %s (address in use?): quarantined for %d s", mac, ip,
                     self.config.decline_quarantine)
 

@@ -15,8 +15,8 @@ from collections import OrderedDict
 from configserver.config import DhcpMode, ServerConfig
 from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
-from configserver.dhcp.errors import MalformedPacket
-from configserver.dhcp.leases import LeaseStore
+from configserver.dhcp.errors import LeaseStoreError, MalformedPacket
+from configserver.dhcp.leases import Lease, LeaseStore
 from configserver.dhcp.policy import DHCP_PORT, PROXY_PORT, DhcpPolicy
 from configserver.dhcp.transport import Address, DatagramHandler, DhcpEndpoint, listen
 from configserver.ratelog import RateLimitedLog
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BROADCAST = "255.255.255.255"
 SIGHTINGS_KEPT = 4096
+PURGE_TIMEOUT = 30.0
 
 
 def destination(request: DhcpPacket, reply: DhcpPacket, source: Address, port: str, *,
@@ -161,6 +162,20 @@ class DhcpService:
             if nic.ip == ip:
                 return nic.mac
         return node.mac
+
+    async def purge(self, macs: set[str]) -> list[Lease]:
+        """End the leases and offers of ``macs`` and wait until that is on disk."""
+        ended = self.leases.purge(macs)
+        for mac in macs:
+            self.policy.forget_unknown(mac)
+        done = asyncio.get_running_loop().create_future()
+        self.leases.when_durable(lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, PURGE_TIMEOUT)
+        except TimeoutError:
+            raise LeaseStoreError("the purge is not on disk yet (lease store commit failing?)",
+                                  hint="see the server's log") from None
+        return ended
 
     def _close_sockets(self) -> None:
         for endpoint in self.sockets:
