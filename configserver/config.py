@@ -65,8 +65,8 @@ class DhcpConfig:
     # the pool for long. Registered nodes are never limited.
     unknown_lease_time: int = 300
     unknown_pool_share: float = 0.5
-    unknown_rate: float = 20.0
-    unknown_burst: int = 100
+    unknown_rate: float = 5.0
+    unknown_burst: int = 20
     # Discovery (unknown_mac = discover): at most ``pending_per_window`` new pending nodes per
     # ``pending_window`` seconds; a pending node not seen for ``pending_expiry`` s is removed.
     pending_per_window: int = 64
