@@ -70,6 +70,8 @@ def test_random_mac_flood_leaves_addresses_for_a_node_and_a_new_client(tmp_path)
                           ).fetchall()
         db.close()
         flooded = [seconds for mac, seconds in rows if mac not in (NODE_MAC, STRANGER_MAC)]
+        print(f"\nflood: {offers['sent packets']:.0f} DISCOVERs in {flood_seconds:.1f} s, "
+              f"{offers['received packets']:.0f} offers, {len(flooded)} leases bound")
         # The flood got the burst plus the rate for its duration, never the pool, and only
         # short leases (the defaults: burst 20, 5/s, 300 s; half the pool at most).
         assert flooded and len(flooded) <= min(50, 20 + 5 * flood_seconds + 5), len(flooded)

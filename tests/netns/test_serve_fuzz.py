@@ -137,6 +137,13 @@ def seeds() -> list[tuple[str, list[int]]]:
     return ([(d.hex(), [67, 4011]) for d in dhcp] + [(t.hex(), [69]) for t in tftp])
 
 
+def udp_counters(ns) -> dict[str, int]:
+    """The namespace's UDP counters (/proc/net/snmp): datagrams taken in, buffer overflows."""
+    lines = [line.split() for line in ns.run("cat", "/proc/net/snmp").stdout.splitlines()
+             if line.startswith("Udp:")]
+    return dict(zip(lines[0][1:], map(int, lines[1][1:]), strict=True))
+
+
 def rss_kib(pid: int) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -169,6 +176,7 @@ def test_fuzzed_datagrams_leave_serve_answering_and_flat(tmp_path):
         try:
             netlab.wait_for((state / "server.json").exists, 30, "configserver serve",
                             process=server, log=log)
+            before = udp_counters(server_ns)
             sender = client_ns.popen(sys.executable, "-c", SENDER, str(spec),
                                      stdout=subprocess.PIPE, text=True)
             samples = [rss_kib(server.pid)]
@@ -177,6 +185,7 @@ def test_fuzzed_datagrams_leave_serve_answering_and_flat(tmp_path):
                 samples.append(rss_kib(server.pid))
                 assert server.poll() is None, log.read_text()[-3000:]
             report = json.loads(sender.stdout.read())
+            after = udp_counters(server_ns)
             # Right afterwards: a real DHCP client and a real TFTP client are answered.
             client_ns.ip("link", "set", "eth0", "address", NODE_MAC)
             lease = dhclient(client_ns, tmp_path, timeout=15)
@@ -190,7 +199,10 @@ def test_fuzzed_datagrams_leave_serve_answering_and_flat(tmp_path):
     warm = samples[max(1, len(samples) // 10)]
     print(f"\nfuzz: {report['sent']} datagrams in {report['seconds']:.1f} s; "
           f"RSS start {samples[0]} KiB, after a tenth {warm} KiB, max {max(samples)} KiB, "
-          f"end {samples[-1]} KiB ({len(samples)} samples)")
+          f"end {samples[-1]} KiB ({len(samples)} samples); server namespace UDP: "
+          f"{after['InDatagrams'] - before['InDatagrams']} datagrams delivered to its sockets, "
+          f"{after['RcvbufErrors'] - before['RcvbufErrors']} lost to full buffers, "
+          f"{after['NoPorts'] - before['NoPorts']} to closed ports")
     assert report["sent"] == DATAGRAMS or report["seconds"] >= SECONDS * 0.95, report
     assert f"fixed-address {NODE_IP};" in lease, (lease, text[-3000:])
     assert fetched.returncode == 0 and target.exists(), (fetched.stdout, fetched.stderr)
