@@ -27,8 +27,8 @@ from configserver.registry.sqlite import SqliteRegistry
 def dhcp_setting(text: str) -> tuple[str, object]:
     """NAME=VALUE of a numeric [dhcp] setting (checked as the config file's would be)."""
     name, _, value = text.partition("=")
-    return name, from_mapping({"dhcp": {name: float(value) if "." in value else int(value)}}
-                              ).dhcp.__getattribute__(name)
+    config = from_mapping({"dhcp": {name: float(value) if "." in value else int(value)}})
+    return name, getattr(config.dhcp, name)
 
 
 def subnet(text: str) -> Subnet:
