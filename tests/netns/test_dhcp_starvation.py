@@ -7,9 +7,11 @@ pool, while dhclient asks as an ordinary client on the same link.
 
 from __future__ import annotations
 
+import random
 import re
 import shutil
 import sqlite3
+import sys
 import time
 
 import pytest
@@ -17,8 +19,10 @@ from netlab import namespaces, veth_pair
 from test_dhcp_clients import NODE_MAC, SERVER_IP, STRANGER_MAC, DhcpServer, dhclient
 from test_dhcp_perfdhcp import stats
 
-pytestmark = [pytest.mark.netns,
-              pytest.mark.skipif(shutil.which("perfdhcp") is None, reason="perfdhcp missing")]
+from configserver.registry.sqlite import MAX_PENDING
+
+pytestmark = pytest.mark.netns
+needs_perfdhcp = pytest.mark.skipif(shutil.which("perfdhcp") is None, reason="perfdhcp missing")
 
 FLOODER = "198.18.0.2"
 RELAY_IP = "198.19.0.1"
@@ -39,6 +43,7 @@ def lease_time(lease_file: str) -> int:
     return int(found[-1])
 
 
+@needs_perfdhcp
 def test_random_mac_flood_leaves_addresses_for_a_node_and_a_new_client(tmp_path):
     with namespaces(2, "nbflood") as (server_ns, client_ns):
         veth_pair(server_ns, client_ns, f"{SERVER_IP}/24", f"{FLOODER}/24")
@@ -79,6 +84,7 @@ def test_random_mac_flood_leaves_addresses_for_a_node_and_a_new_client(tmp_path)
         assert offers["received packets"] < FLOOD / 2
 
 
+@needs_perfdhcp
 def test_relayed_packets_are_answered_only_from_listed_relays(tmp_path):
     with namespaces(2, "nbrelay") as (server_ns, client_ns):
         veth_pair(server_ns, client_ns, f"{SERVER_IP}/24", f"{FLOODER}/24")
@@ -104,3 +110,66 @@ def test_relayed_packets_are_answered_only_from_listed_relays(tmp_path):
         # (perfdhcp's first exchange may race the neighbour resolution of the relay route.)
         assert offers["sent packets"] >= 20, listed.stdout
         assert offers["received packets"] >= offers["sent packets"] - 2, listed.stdout
+
+
+SPOOF_SENDER = r"""
+import socket, sys
+packets = [bytes.fromhex(line) for line in open(sys.argv[1])]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 1 << 22)
+s.bind((sys.argv[2], 0))
+for i, packet in enumerate(packets):
+    s.sendto(packet, (sys.argv[3], 67))
+print(len(packets))
+"""
+PXE_MAC = "52:54:00:0d:00:01"
+PXE_VENDOR = "PXEClient:Arch:00000:UNDI:002001"
+
+
+def spoofed_pxe_discovers(count: int) -> str:
+    """Firmware-PXE DISCOVERs from ``count`` random MACs, one hex datagram per line."""
+    from configserver.dhcp import codec
+    from configserver.dhcp.codec import DhcpPacket
+
+    rng = random.Random(6)
+    return "".join(codec.encode(DhcpPacket(
+        op=1, xid=i, chaddr=bytes([2, *rng.randbytes(5)]),
+        options={53: b"\x01", 60: PXE_VENDOR.encode(), 93: b"\0\0"})).hex() + "\n"
+        for i in range(count))
+
+
+def test_spoofed_pxe_flood_then_a_real_pxe_client_is_recorded_and_booted(tmp_path):
+    """4096 spoofed PXE MACs used to fill the pending list: then nobody got an answer."""
+    flood = tmp_path / "flood.hex"
+    flood.write_text(spoofed_pxe_discovers(MAX_PENDING))
+    with namespaces(2, "nbpxe") as (server_ns, client_ns):
+        veth_pair(server_ns, client_ns, f"{SERVER_IP}/24", f"{FLOODER}/24")
+        server = DhcpServer(server_ns, tmp_path, "--log-level", "WARNING",
+                            "--subnet", f"198.18.0.0/24,pool={POOL[0]}-{POOL[1]}",
+                            "--unknown-mac", "discover",
+                            "--dhcp-setting", "pending_per_window=16",
+                            "--dhcp-setting", "pending_window=4.0")
+        try:
+            sent = client_ns.run(sys.executable, "-c", SPOOF_SENDER, str(flood), FLOODER,
+                                 SERVER_IP, timeout=60)
+            assert sent.stdout.strip() == str(MAX_PENDING)
+            # A real client that says it is a PXE ROM, asking again and again (bounded).
+            client_ns.ip("link", "set", "eth0", "address", PXE_MAC)
+            deadline, lease, tries = time.monotonic() + 40, "", 0
+            while time.monotonic() < deadline and 'filename "undionly.kpxe"' not in lease:
+                tries += 1
+                lease = dhclient(client_ns, tmp_path, timeout=8,
+                                 conf=f'send vendor-class-identifier "{PXE_VENDOR}";\n')
+        finally:
+            server.stop()
+        log = server.log_text()
+        assert 'filename "undionly.kpxe"' in lease, (tries, lease, log[-3000:])
+        assert "fixed-address 198.18.0.1" in lease
+        db = sqlite3.connect(tmp_path / "registry.sqlite")
+        pending = dict(db.execute("SELECT mac, state FROM nodes").fetchall())
+        db.close()
+        assert pending.get(PXE_MAC) == "pending"
+        # The flood was recorded 16 per 4 s window, not 4096 at once.
+        assert len(pending) < MAX_PENDING // 8, len(pending)
+        print(f"\nspoofed PXE flood: {MAX_PENDING} MACs, {len(pending)} pending nodes; "
+              f"the real client booted after {tries} dhclient run(s)")
