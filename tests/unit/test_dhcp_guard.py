@@ -16,13 +16,14 @@ from test_dhcp_policy import (
     request_for,
 )
 
-from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet
+from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet, from_mapping
 from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
 from configserver.dhcp.guard import TokenBuckets, UnknownHolders, Window
 from configserver.dhcp.leases import LeaseStore
 from configserver.dhcp.policy import DHCP_PORT, DhcpPolicy
 from configserver.dhcp.service import DhcpService
+from configserver.errors import ConfigError
 from configserver.model import NodeSpec, NodeState, UnknownMacPolicy
 from configserver.registry.sqlite import MAX_PENDING, SqliteRegistry
 
@@ -237,3 +238,23 @@ def test_window(clock):
     assert window.take()
 
 
+
+
+@pytest.mark.parametrize(("dhcp", "message"), [
+    ({"relayed": [{"network": "198.19.0.0/24"}]}, "relayed subnets need dhcp.relays"),
+    ({"relays": ["198.19.0.300"]}, "is not an IPv4 address"),
+    ({"unknown_lease_time": 30}, "unknown_lease_time must be between"),
+    ({"unknown_lease_time": 7200}, "unknown_lease_time must be between"),
+    ({"unknown_pool_share": 0}, "unknown_pool_share must be in"),
+    ({"unknown_rate": 0}, "unknown_rate must be positive"),
+    ({"pending_expiry": -1}, "pending_expiry must be positive"),
+])
+def test_guard_settings_are_checked(dhcp, message):
+    with pytest.raises(ConfigError, match=message):
+        from_mapping({"dhcp": dhcp})
+
+
+def test_guard_settings_from_toml():
+    config = from_mapping({"dhcp": {"relays": ["198.19.0.1"], "unknown_lease_time": 600,
+                                    "relayed": [{"network": "198.19.0.0/24"}]}})
+    assert config.dhcp.relays == ("198.19.0.1",) and config.dhcp.unknown_lease_time == 600
