@@ -56,6 +56,22 @@ class DhcpConfig:
     # UDP address to bind; default: all addresses of the interface (SO_BINDTODEVICE).
     bind_address: str = "0.0.0.0"
     decline_quarantine: int = 600
+    # Source addresses of the DHCP relays we trust: a packet with giaddr set from any other
+    # source is dropped (a client posing as a relay could drain a relayed subnet's pool).
+    relays: tuple[str, ...] = ()
+    # Unregistered MACs (unknown or pending): a short lease time, at most this share of each
+    # pool, and new ones take addresses at most at ``unknown_rate`` per second (burst
+    # ``unknown_burst``) per relay and per local port, so a flood of random MACs cannot bind
+    # the pool for long. Registered nodes are never limited.
+    unknown_lease_time: int = 300
+    unknown_pool_share: float = 0.5
+    unknown_rate: float = 5.0
+    unknown_burst: int = 20
+    # Discovery (unknown_mac = discover): at most ``pending_per_window`` new pending nodes per
+    # ``pending_window`` seconds; a pending node not seen for ``pending_expiry`` s is removed.
+    pending_per_window: int = 64
+    pending_window: float = 60.0
+    pending_expiry: int = 3600
     # iPXE binaries handed to firmware PXE (over TFTP) and UEFI HTTP boot (under /ipxe/).
     bios_bootfile: str = "undionly.kpxe"
     uefi_bootfile: str = "ipxe.efi"
@@ -221,6 +237,7 @@ def _check(config: Any, prefix: str) -> None:
             port(getattr(config, name), name)
         if config.lease_time < 60:
             raise ConfigError(f"{prefix}lease_time must be at least 60 seconds")
+        _check_guards(config, prefix)
     elif isinstance(config, Subnet):
         try:
             net = ipaddress.IPv4Network(config.network, strict=False)
@@ -237,3 +254,26 @@ def _check(config: Any, prefix: str) -> None:
                             > ipaddress.IPv4Address(config.pool[1])):
             raise ConfigError(f"{prefix}pool: start {config.pool[0]} is after end "
                               f"{config.pool[1]}")
+
+
+def _check_guards(config: DhcpConfig, prefix: str) -> None:
+    """The anti-starvation, relay and discovery settings of ``[dhcp]``."""
+    for relay in config.relays:
+        try:
+            ipaddress.IPv4Address(relay)
+        except ValueError:
+            raise ConfigError(f"{prefix}relays: {relay!r} is not an IPv4 address") from None
+    if config.relayed and not config.relays:
+        raise ConfigError(f"{prefix}relayed subnets need {prefix}relays",
+                          hint="list the source addresses of your DHCP relays, e.g. "
+                               "relays = [\"198.19.0.1\"]")
+    if not 60 <= config.unknown_lease_time <= max(config.lease_time, 60):
+        raise ConfigError(f"{prefix}unknown_lease_time must be between 60 seconds and "
+                          f"lease_time ({config.lease_time}), not {config.unknown_lease_time}")
+    if not 0 < config.unknown_pool_share <= 1:
+        raise ConfigError(f"{prefix}unknown_pool_share must be in (0, 1], "
+                          f"not {config.unknown_pool_share}")
+    for name in ("unknown_rate", "unknown_burst", "pending_per_window", "pending_window",
+                 "pending_expiry"):
+        if getattr(config, name) <= 0:
+            raise ConfigError(f"{prefix}{name} must be positive, not {getattr(config, name)}")

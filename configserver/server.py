@@ -22,6 +22,7 @@ from configserver.errors import ConfigError, StoreError
 from configserver.http.app import create_app
 from configserver.http.appkeys import CATALOG
 from configserver.http.boot import IPXE_DIR, RESOLVE_MAC
+from configserver.http.leaseapi import DHCP
 from configserver.netif import interface_ipv4
 from configserver.registry.sqlite import SqliteRegistry
 
@@ -154,6 +155,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
                                     http_base=http_base, tftp_enabled=_tftp_on(config))
             stack.push_async_callback(dhcp.close)
             app[RESOLVE_MAC].leases = dhcp.mac_for_ip
+            app[DHCP].service = dhcp
             log.info("DHCP (%s) on %s", config.dhcp.mode, config.interface)
         if _tftp_on(config):
             from configserver.tftp.service import start_tftp

@@ -74,7 +74,8 @@ async def run(state: Path, nodes: int, exchanges: int, events: bool,
     registry.apply(fleet(nodes))
     relayed = Subnet("198.19.0.0/16", pool=("198.19.16.0", "198.19.255.250"), router=RELAY)
     config = ServerConfig(state_dir=state, interface="eth0", dhcp=DhcpConfig(
-        mode=DhcpMode.FULL, subnet=Subnet("198.18.0.0/24"), relayed=(relayed,)))
+        mode=DhcpMode.FULL, subnet=Subnet("198.18.0.0/24"), relayed=(relayed,),
+        relays=(RELAY,)))
     leases = LeaseStore(state / "leases.sqlite")
     policy = DhcpPolicy(config.dhcp, registry, leases, server_address=SERVER,
                         http_base=f"http://{SERVER}:8080", tftp_enabled=True)

@@ -16,12 +16,19 @@ import signal
 import sys
 from pathlib import Path
 
-from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet
+from configserver.config import DhcpConfig, DhcpMode, ServerConfig, Subnet, from_mapping
 from configserver.dhcp.service import start_dhcp
 from configserver.http.api import spec_from_json
 from configserver.inventory import parse_inventory
 from configserver.model import NodeSpec, UnknownMacPolicy
 from configserver.registry.sqlite import SqliteRegistry
+
+
+def dhcp_setting(text: str) -> tuple[str, object]:
+    """NAME=VALUE of a numeric [dhcp] setting (checked as the config file's would be)."""
+    name, _, value = text.partition("=")
+    config = from_mapping({"dhcp": {name: float(value) if "." in value else int(value)}})
+    return name, getattr(config.dhcp, name)
 
 
 def subnet(text: str) -> Subnet:
@@ -63,7 +70,8 @@ async def serve(args: argparse.Namespace) -> None:
                                                                strict=False)))
     dhcp = DhcpConfig(mode=DhcpMode(args.mode), subnet=args.subnet,
                       relayed=tuple(args.relayed), port=args.port, client_port=args.client_port,
-                      proxy_port=args.proxy_port)
+                      proxy_port=args.proxy_port, relays=tuple(args.relay),
+                      **dict(args.dhcp_setting))
     config = ServerConfig(state_dir=args.state_dir, interface=args.interface, dhcp=dhcp)
     service = await start_dhcp(config, registry, server_address=args.server_address,
                                http_base=args.http_base, tftp_enabled=not args.no_tftp)
@@ -87,6 +95,10 @@ def main() -> None:
     parser.add_argument("--http-base", default="")
     parser.add_argument("--subnet", type=subnet)
     parser.add_argument("--relayed", type=subnet, action="append", default=[])
+    parser.add_argument("--relay", action="append", default=[],
+                        help="source address of a trusted DHCP relay (dhcp.relays)")
+    parser.add_argument("--dhcp-setting", action="append", default=[], type=dhcp_setting,
+                        metavar="NAME=VALUE", help="another [dhcp] setting, e.g. unknown_rate=50")
     parser.add_argument("--node", action="append", default=[], help="MAC,IP,HOSTNAME")
     parser.add_argument("--inventory", type=Path,
                         help="an inventory TOML file to apply (configserver apply -f)")

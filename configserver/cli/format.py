@@ -101,3 +101,12 @@ def image_table(images: Sequence[dict[str, Any]]) -> str:
     return table(("IMAGE", "KERNEL", "INITRAMFS", "HYPERVISOR", "BUILT"),
                  [(i["name"], i["kernel"], i["initramfs"], i["hypervisor"], i.get("built"))
                   for i in images])
+
+
+def lease_table(leases: Sequence[dict[str, Any]], now: float | None = None) -> str:
+    if not leases:
+        return "no leases"
+    moment = now or time.time()
+    return table(("IP", "MAC", "STATE", "REGISTERED", "EXPIRES IN", "HOSTNAME"),
+                 [(x["ip"], x["mac"], x["state"], "yes" if x["registered"] else "no",
+                   f"{max(0, int(x['expires'] - moment))}s", x["hostname"]) for x in leases])

@@ -78,6 +78,21 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(set_)
     rm = nsub.add_parser("rm", parents=[common], help="forget a machine")
     rm.add_argument("mac")
+    purge = nsub.add_parser("purge", parents=[common],
+                            help="remove discovered machines in bulk (after a spoofed flood)")
+    purge.add_argument("--pending", action="store_true", required=True,
+                       help="the pending (discovered, unregistered) machines")
+    purge.add_argument("--older-than", type=duration, metavar="AGE",
+                       help="only those not seen for AGE (e.g. 90s, 30m, 1h, 2d)")
+
+    lease = sub.add_parser("lease", parents=[common], help="DHCP leases")
+    lsub = lease.add_subparsers(dest="action", required=True, metavar="ACTION")
+    llist = lsub.add_parser("list", parents=[common], help="current leases and offers")
+    llist.add_argument("--unknown", action="store_true", help="only unregistered MACs'")
+    lpurge = lsub.add_parser("purge", parents=[common],
+                             help="end leases now (after a flood of random MACs)")
+    lpurge.add_argument("--unknown", action="store_true", required=True,
+                        help="every lease and offer of an unregistered MAC")
 
     role = sub.add_parser("role", parents=[common], help="roles (what machines boot)")
     rsub = role.add_subparsers(dest="action", required=True, metavar="ACTION")
@@ -104,6 +119,20 @@ def build_parser() -> argparse.ArgumentParser:
     farm = sub.add_parser("farm", help="QEMU test farm (up, status, down)", add_help=False)
     farm.add_argument("farm_args", nargs=argparse.REMAINDER)
     return parser
+
+
+def duration(text: str) -> float:
+    """Seconds from ``90``, ``90s``, ``30m``, ``1h`` or ``2d``."""
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    number, unit = (text[:-1], text[-1]) if text[-1:] in units else (text, "s")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r} (e.g. 90s, 30m, 1h)"
+                                         ) from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"not a duration: {text!r}")
+    return value
 
 
 def _node_options(parser: argparse.ArgumentParser) -> None:
@@ -253,8 +282,24 @@ def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
             raise ConfigError("nothing to change", hint="see 'configserver node set --help'")
         node = client.patch(f"/api/v1/nodes/{args.mac}", body)
         return _print(args, node, f"updated {node['mac']}")
+    if args.action == "purge":
+        body: dict[str, Any] = {"state": "pending"}
+        if args.older_than is not None:
+            body["older_than"] = args.older_than
+        removed = client.post("/api/v1/nodes/purge", body)["removed"]
+        return _print(args, {"removed": removed}, f"removed {len(removed)} pending nodes")
     client.delete(f"/api/v1/nodes/{args.mac}")
     return _print(args, {"removed": args.mac}, f"removed {args.mac}")
+
+
+def cmd_lease(args: argparse.Namespace, client: ApiClient) -> int:
+    from configserver.cli import format as cliformat
+
+    if args.action == "list":
+        leases = client.get("/api/v1/leases" + ("?unknown=1" if args.unknown else ""))["leases"]
+        return _print(args, leases, cliformat.lease_table(leases))
+    purged = client.post("/api/v1/leases/purge", {"unknown": True})["purged"]
+    return _print(args, purged, f"ended {len(purged)} leases and offers of unregistered MACs")
 
 
 def list_all_nodes(client: ApiClient, *, state: str | None = None,
@@ -324,5 +369,5 @@ def cmd_images(args: argparse.Namespace, client: ApiClient) -> int:
     return _print(args, images, cliformat.image_table(images))
 
 
-COMMANDS = {"node": cmd_node, "role": cmd_role, "apply": cmd_apply, "export": cmd_export,
-            "settings": cmd_settings, "images": cmd_images}
+COMMANDS = {"node": cmd_node, "lease": cmd_lease, "role": cmd_role, "apply": cmd_apply,
+            "export": cmd_export, "settings": cmd_settings, "images": cmd_images}

@@ -141,6 +141,21 @@ class LeaseStore:
     def decline(self, mac: str, ip: str, quarantine: float) -> Lease:
         return self._stage(Lease(ip, mac, LeaseState.DECLINED, self.now() + quarantine))
 
+    def purge(self, macs: set[str]) -> list[Lease]:
+        """End the offers and leases ``macs`` hold now (an operator's purge); what ended."""
+        now, ended = self.now(), []
+        for lease in list(self._by_ip.values()):
+            if lease.mac not in macs or lease.state == LeaseState.DECLINED \
+                    or not lease.active(now):
+                continue
+            if lease.state == LeaseState.OFFERED:
+                self._by_ip.pop(lease.ip, None)
+                self._by_mac.pop(lease.mac, None)
+            else:
+                self._stage(replace(lease, state=LeaseState.RELEASED, expires=now))
+            ended.append(lease)
+        return ended
+
     def forget_offer(self, mac: str) -> None:
         """The client took another server's offer: free what we held for it."""
         lease = self._by_mac.get(mac)

@@ -10,24 +10,24 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from configserver.config import DhcpConfig, DhcpMode, Subnet
+from configserver.config import DhcpConfig, DhcpMode
 from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
-from configserver.dhcp.leases import LeaseStore
+from configserver.dhcp.guard import TokenBuckets, Window
+from configserver.dhcp.leases import LeaseState, LeaseStore
 from configserver.dhcp.options import (
     BootClient,
     BootStage,
     classify,
-    ip_list,
     pxe_vendor_options,
     u32,
 )
-from configserver.model import Node, UnknownMacPolicy
-from configserver.ratelog import worth_logging
+from configserver.dhcp.plan import RecentlyUnknown, SubnetPlan
+from configserver.errors import TooManyPending
+from configserver.model import Node, NodeState, UnknownMacPolicy
+from configserver.ratelog import RateLimitedLog, worth_logging
 from configserver.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -35,6 +35,7 @@ log = logging.getLogger(__name__)
 OFFER_HOLD = 60.0
 EXHAUSTED_RESCAN = 1.0  # seconds before a full pool is scanned again
 EXHAUSTED_LOG_INTERVAL = 60.0
+SEEN_AGAIN_AFTER = 60.0  # a pending node asking again refreshes its last_seen this often
 PROXY_PORT = "proxy"
 DHCP_PORT = "dhcp"
 
@@ -54,89 +55,6 @@ class BootAnswer:
     tftp: bool
 
 
-@dataclass
-class SubnetPlan:
-    """A subnet we serve, with its options pre-encoded and a cursor into its pool."""
-
-    subnet: Subnet
-    network: ipaddress.IPv4Network
-    lease_time: int
-    options: dict[int, bytes]
-    pool_start: int = 0
-    pool_end: int = -1
-    cursor: int = 0
-    excluded: frozenset[str] = field(default_factory=frozenset)
-    exhausted_at: float = float("-inf")
-    exhausted_logged_at: float = float("-inf")
-
-    @classmethod
-    def build(cls, subnet: Subnet, default_lease: int, server_address: str) -> SubnetPlan:
-        net = ipaddress.IPv4Network(subnet.network, strict=False)
-        lease_time = subnet.lease_time or default_lease
-        options = {codec.OPT_SUBNET_MASK: net.netmask.packed,
-                   codec.OPT_BROADCAST: net.broadcast_address.packed}
-        if subnet.router:
-            options[codec.OPT_ROUTER] = ip_list([subnet.router])
-        if subnet.dns:
-            options[codec.OPT_DNS] = ip_list(subnet.dns)
-        if subnet.domain:
-            options[codec.OPT_DOMAIN] = subnet.domain.encode()
-        if subnet.mtu:
-            options[codec.OPT_MTU] = subnet.mtu.to_bytes(2, "big")
-        plan = cls(subnet, net, lease_time, options,
-                   excluded=frozenset({server_address, subnet.router or ""}))
-        if subnet.pool:
-            plan.pool_start = int(ipaddress.IPv4Address(subnet.pool[0]))
-            plan.pool_end = int(ipaddress.IPv4Address(subnet.pool[1]))
-            plan.cursor = plan.pool_start
-        return plan
-
-    def in_pool(self, ip: str) -> bool:
-        try:
-            return self.pool_start <= codec.ip_to_int(ip) <= self.pool_end
-        except ValueError:
-            return False
-
-    def contains(self, ip: str) -> bool:
-        """Whether ``ip`` is a host address of this subnet."""
-        try:
-            value = codec.ip_to_int(ip)
-        except ValueError:
-            return False
-        first = int(self.network.network_address)
-        last = int(self.network.broadcast_address)
-        return first < value < last
-
-
-class RecentlyUnknown:
-    """Registry answers "no such MAC" / "address not reserved", remembered for ``ttl`` seconds.
-
-    Under load (an OS client's DISCOVER and REQUEST, or perfdhcp) the same negative registry
-    lookup repeats within milliseconds; remembering it briefly halves the registry queries. A
-    node or reservation added meanwhile takes effect at most ``ttl`` seconds later (a client
-    given a pool address instead is NAKed at its REQUEST or renewal and starts again).
-    """
-
-    def __init__(self, ttl: float = 2.0, limit: int = 65536,
-                 clock: Callable[[], float] = time.monotonic) -> None:
-        self.ttl = ttl
-        self.limit = limit
-        self._clock = clock
-        self._until: dict[str, float] = {}
-
-    def __contains__(self, key: str) -> bool:
-        until = self._until.get(key)
-        return until is not None and until > self._clock()
-
-    def add(self, key: str) -> None:
-        if len(self._until) >= self.limit:
-            self._until.clear()
-        self._until[key] = self._clock() + self.ttl
-
-    def forget(self, key: str) -> None:
-        self._until.pop(key, None)
-
-
 class DhcpPolicy:
     """The DHCP server's decisions; the only piece that consults the registry and leases."""
 
@@ -149,14 +67,21 @@ class DhcpPolicy:
         self.server_id = ipaddress.IPv4Address(server_address).packed
         self.http_base = http_base.rstrip("/")
         self.tftp_enabled = tftp_enabled
+        share = config.unknown_pool_share
         self.local: SubnetPlan | None = (
-            SubnetPlan.build(config.subnet, config.lease_time, server_address)
+            SubnetPlan.build(config.subnet, config.lease_time, server_address, share)
             if config.subnet else None)
-        self.relayed = [SubnetPlan.build(s, config.lease_time, server_address)
+        self.relayed = [SubnetPlan.build(s, config.lease_time, server_address, share)
                         for s in config.relayed]
         self.event_failures = 0
         self.unknown_macs = RecentlyUnknown()
         self.unreserved = RecentlyUnknown()
+        # Unregistered clients: new ones per relay/port, their share of a pool, new pending.
+        self.new_unknown = TokenBuckets(config.unknown_rate, config.unknown_burst, leases.now)
+        self.new_pending = Window(config.pending_per_window, config.pending_window, leases.now)
+        self.refused = RateLimitedLog(log)
+        self.share_refused = 0
+        self._seed_unknown_holders()
 
     # -- entry point ------------------------------------------------------------------------
 
@@ -197,12 +122,10 @@ class DhcpPolicy:
         node = self.registry.lookup(mac)
         if node is None and client.stage == BootStage.NONE:
             self.unknown_macs.add(mac)
-        if node is None and client.stage != BootStage.NONE and kind == MessageType.DISCOVER \
+        if client.stage != BootStage.NONE and kind == MessageType.DISCOVER and (
+                node is None or node.state == NodeState.PENDING) \
                 and self.registry.unknown_mac_policy() == UnknownMacPolicy.DISCOVER:
-            node = self.registry.discover(mac, {"arch": client.arch,
-                                                "vendor_class": client.vendor_class,
-                                                "user_class": client.user_class})
-            log.info("%s: unknown PXE client recorded as pending node", mac)
+            node = self._discover(mac, node, client)
         if node is not None:
             detail = {"arch": client.arch, "user_class": client.user_class,
                       "stage": str(client.stage)}
@@ -210,6 +133,29 @@ class DhcpPolicy:
             # ready one: the registry leaves those to their agent sessions).
             booting = client.stage != BootStage.NONE and kind == MessageType.DISCOVER
             self._record(mac, f"dhcp.{kind.name.lower()}", detail, booting=booting)
+        return node
+
+    def _discover(self, mac: str, node: Node | None, client: BootClient) -> Node | None:
+        """Record an unknown PXE client as pending (at most ``pending_per_window`` new ones
+        per window), or refresh a pending one's last_seen; None if it is not recorded."""
+        facts = {"arch": client.arch, "vendor_class": client.vendor_class,
+                 "user_class": client.user_class}
+        if node is not None:
+            if self.leases.now() - (node.last_seen or 0.0) >= SEEN_AGAIN_AFTER:
+                self.registry.discover(mac, facts)  # seen again: keeps it from expiring
+            return node
+        if not self.new_pending.take():
+            self.refused.warning("%s: unknown PXE client not recorded: %d new pending nodes "
+                                 "per %.0f s already (%d refused so far)", mac,
+                                 self.config.pending_per_window, self.config.pending_window,
+                                 self.new_pending.refused)
+            return None
+        try:
+            node = self.registry.discover(mac, facts)
+        except TooManyPending as exc:
+            self.refused.warning("%s: %s", mac, exc.message)
+            return None
+        log.info("%s: unknown PXE client recorded as pending node", mac)
         return node
 
     def _event(self, node: Node | None, mac: str, stage: str, **detail: object) -> None:
@@ -349,19 +295,24 @@ class DhcpPolicy:
             reply.options[codec.OPT_RELAY_AGENT] = relay_info
         return reply
 
-    def _lease_options(self, reply: DhcpPacket, plan: SubnetPlan) -> None:
-        reply.options[codec.OPT_LEASE_TIME] = u32(plan.lease_time)
-        reply.options[codec.OPT_RENEWAL_TIME] = u32(plan.lease_time // 2)
-        reply.options[codec.OPT_REBINDING_TIME] = u32(plan.lease_time * 7 // 8)
+    def _lease_options(self, reply: DhcpPacket, lease_time: int) -> None:
+        reply.options[codec.OPT_LEASE_TIME] = u32(lease_time)
+        reply.options[codec.OPT_RENEWAL_TIME] = u32(lease_time // 2)
+        reply.options[codec.OPT_REBINDING_TIME] = u32(lease_time * 7 // 8)
 
     def _offer(self, request: DhcpPacket, mac: str, node: Node | None, client: BootClient,
                plan: SubnetPlan) -> Reply | None:
+        unknown = _unregistered(node)
+        if unknown and not self._admit_unknown(request, mac, plan):
+            return None
         ip = self._choose(request, mac, node, plan)
         if ip is None:
             return None
-        self.leases.offer(mac, ip, OFFER_HOLD)
+        lease = self.leases.offer(mac, ip, OFFER_HOLD)
+        if unknown:
+            plan.unknown.hold(mac, lease.expires)
         reply = self._reply(request, MessageType.OFFER, plan, node, ip)
-        self._lease_options(reply, plan)
+        self._lease_options(reply, self._lease_time(plan, unknown))
         self._add_boot(reply, self.boot_answer(mac, node, client), client)
         self._event(node, mac, "dhcp.offer", ip=ip)
         return Reply(reply)
@@ -388,20 +339,75 @@ class DhcpPolicy:
             reply.options[codec.OPT_MESSAGE] = b"address not available"
             reply.flags |= codec.BROADCAST_FLAG if request.giaddr != "0.0.0.0" else 0
             return Reply(reply)
+        unknown = _unregistered(node)
+        if unknown and not self._admit_unknown(request, mac, plan):
+            return None
         hostname = node.hostname if node is not None else (
             request.text_option(codec.OPT_HOSTNAME) or "").rstrip("\0") or None
-        self.leases.bind(mac, ip, plan.lease_time, hostname)
+        lease_time = self._lease_time(plan, unknown)
+        lease = self.leases.bind(mac, ip, lease_time, hostname)
+        if unknown:
+            plan.unknown.hold(mac, lease.expires)
         reply = self._reply(request, MessageType.ACK, plan, node, ip)
         reply.ciaddr = request.ciaddr
-        self._lease_options(reply, plan)
+        self._lease_options(reply, lease_time)
         self._add_boot(reply, self.boot_answer(mac, node, client), client)
         self._event(node, mac, "dhcp.ack", ip=ip)
         return Reply(reply, durable=True)
+
+    # -- unregistered clients (see guard.py) ------------------------------------------------
+
+    def _lease_time(self, plan: SubnetPlan, unknown: bool) -> int:
+        return min(self.config.unknown_lease_time, plan.lease_time) if unknown \
+            else plan.lease_time
+
+    def _admit_unknown(self, request: DhcpPacket, mac: str, plan: SubnetPlan) -> bool:
+        """Whether an unregistered MAC may take (or keep) an address of ``plan``'s pool.
+
+        One that holds one already may; a new one needs a token of its relay's (or the local
+        port's) bucket and room in the unregistered clients' share of the pool.
+        """
+        now = self.leases.now()
+        current = self.leases.by_mac(mac)
+        if plan.unknown.holds(mac, now) or (current is not None and current.active(now)
+                                            and plan.in_pool(current.ip)):
+            return True
+        if plan.unknown.full(now):
+            self.share_refused += 1
+            self.refused.warning("%s: not answered: unregistered clients hold %d addresses of "
+                                 "pool %s, their share (%d refused so far)", mac,
+                                 plan.unknown.limit, plan.subnet.network, self.share_refused)
+            return False
+        if not self.new_unknown.take(request.giaddr):
+            self.refused.warning("%s: not answered: new unregistered clients via %s exceed "
+                                 "%g/s (%d refused so far)", mac, request.giaddr,
+                                 self.config.unknown_rate, self.new_unknown.refused)
+            return False
+        return True
+
+    def forget_unknown(self, mac: str) -> None:
+        for plan in self._plans():
+            plan.unknown.drop(mac)
+
+    def _plans(self) -> list[SubnetPlan]:
+        return [*([self.local] if self.local else []), *self.relayed]
+
+    def _seed_unknown_holders(self) -> None:
+        """After a restart: which stored leases unregistered MACs hold."""
+        now = self.leases.now()
+        for lease in self.leases:
+            if not lease.active(now) or lease.state not in (LeaseState.BOUND,
+                                                            LeaseState.OFFERED):
+                continue
+            for plan in self._plans():
+                if plan.in_pool(lease.ip) and _unregistered(self.registry.lookup(lease.mac)):
+                    plan.unknown.hold(lease.mac, lease.expires)
 
     def _release(self, request: DhcpPacket, mac: str) -> None:
         if request.options.get(codec.OPT_SERVER_ID, self.server_id) != self.server_id:
             return
         if self.leases.release(mac, request.ciaddr) is not None:
+            self.forget_unknown(mac)
             log.info("%s: released %s", mac, request.ciaddr)
 
     def _decline(self, request: DhcpPacket, mac: str) -> None:
@@ -412,6 +418,7 @@ class DhcpPolicy:
         if ip is None or lease is None or lease.ip != ip:
             return
         self.leases.decline(mac, ip, self.config.decline_quarantine)
+        self.forget_unknown(mac)
         log.warning("%s: declined %s (address in use?): quarantined for %d s", mac, ip,
                     self.config.decline_quarantine)
 
@@ -458,7 +465,13 @@ class DhcpPolicy:
         return Reply(reply)
 
 
-__all__ = ["DHCP_PORT", "PROXY_PORT", "BootAnswer", "DhcpPolicy", "Reply"]
+__all__ = ["DHCP_PORT", "PROXY_PORT", "BootAnswer", "DhcpPolicy", "RecentlyUnknown", "Reply",
+           "SubnetPlan"]
+
+
+def _unregistered(node: Node | None) -> bool:
+    """Unknown to the registry, or only discovered (pending): gets the guarded treatment."""
+    return node is None or node.state == NodeState.PENDING
 
 
 def _inside(ip: str, network: ipaddress.IPv4Network) -> bool:

@@ -7,14 +7,16 @@ error while answering is logged (rate-limited) and dropped; the server keeps ans
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections import OrderedDict
 
 from configserver.config import DhcpMode, ServerConfig
 from configserver.dhcp import codec
 from configserver.dhcp.codec import DhcpPacket, MessageType
-from configserver.dhcp.errors import MalformedPacket
-from configserver.dhcp.leases import LeaseStore
+from configserver.dhcp.errors import LeaseStoreError, MalformedPacket
+from configserver.dhcp.leases import Lease, LeaseStore
 from configserver.dhcp.policy import DHCP_PORT, PROXY_PORT, DhcpPolicy
 from configserver.dhcp.transport import Address, DatagramHandler, DhcpEndpoint, listen
 from configserver.ratelog import RateLimitedLog
@@ -24,6 +26,7 @@ log = logging.getLogger(__name__)
 
 BROADCAST = "255.255.255.255"
 SIGHTINGS_KEPT = 4096
+PURGE_TIMEOUT = 30.0
 
 
 def destination(request: DhcpPacket, reply: DhcpPacket, source: Address, port: str, *,
@@ -56,6 +59,10 @@ class DhcpService:
         self.dropped = 0  # malformed datagrams
         self.failed = 0  # requests whose answer raised (registry down, a bug)
         self.answered = 0
+        self.unlisted_relay = 0  # relayed datagrams from a source not in ``dhcp.relays``
+        self.pending_expired = 0
+        self._relays = frozenset(config.dhcp.relays)
+        self._expiry_task: asyncio.Task[None] | None = None
         self._sightings: OrderedDict[str, str] = OrderedDict()
         self._endpoints: dict[str, DhcpEndpoint] = {}
 
@@ -73,6 +80,21 @@ class DhcpService:
         except Exception:
             self._close_sockets()
             raise
+        self._expiry_task = asyncio.get_running_loop().create_task(self._expire_pending())
+
+    async def _expire_pending(self) -> None:
+        """Remove pending (discovered) nodes not seen for ``dhcp.pending_expiry`` seconds."""
+        expiry = self.config.dhcp.pending_expiry
+        while True:
+            try:
+                removed = await asyncio.to_thread(self.registry.purge_pending, expiry)
+            except Exception as exc:
+                log.warning("expiring pending nodes failed: %s", exc)
+            else:
+                self.pending_expired += len(removed)
+                if removed:
+                    log.info("%d pending nodes not seen for %d s removed", len(removed), expiry)
+            await asyncio.sleep(min(60.0, expiry / 4))
 
     def _handler(self, kind: str) -> DatagramHandler:
         def handle(data: bytes, source: Address) -> None:
@@ -88,6 +110,13 @@ class DhcpService:
             self.dropped += 1
             self.bad_input.warning("dropped malformed DHCP datagram from "
                                    "%s:%d: %s", source[0], source[1], exc.message)
+            return None
+        if request.giaddr != "0.0.0.0" and source[0] not in self._relays:
+            # Anyone can set giaddr: only the relays we were told about may speak for a subnet.
+            self.unlisted_relay += 1
+            self.bad_input.warning("%s: dropped relayed DHCP datagram (giaddr %s) from %s, "
+                                   "which is not in dhcp.relays (%d so far)", request.mac,
+                                   request.giaddr, source[0], self.unlisted_relay)
             return None
         try:
             reply = self.policy.answer(request, kind)
@@ -134,6 +163,20 @@ class DhcpService:
                 return nic.mac
         return node.mac
 
+    async def purge(self, macs: set[str]) -> list[Lease]:
+        """End the leases and offers of ``macs`` and wait until that is on disk."""
+        ended = self.leases.purge(macs)
+        for mac in macs:
+            self.policy.forget_unknown(mac)
+        done = asyncio.get_running_loop().create_future()
+        self.leases.when_durable(lambda: done.done() or done.set_result(None))
+        try:
+            await asyncio.wait_for(done, PURGE_TIMEOUT)
+        except TimeoutError:
+            raise LeaseStoreError("the purge is not on disk yet (lease store commit failing?)",
+                                  hint="see the server's log") from None
+        return ended
+
     def _close_sockets(self) -> None:
         for endpoint in self.sockets:
             endpoint.close()
@@ -143,6 +186,10 @@ class DhcpService:
     async def close(self) -> None:
         """Stop answering, let the commit in flight finish, and close the lease store."""
         self._close_sockets()
+        if self._expiry_task is not None:
+            self._expiry_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._expiry_task
         await self.leases.drain()
         self.leases.close()
 

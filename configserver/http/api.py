@@ -69,7 +69,7 @@ def require_admin(request: web.Request) -> None:
                                 "admin.token)")
 
 
-async def _body(request: web.Request) -> dict[str, Any]:
+async def read_body(request: web.Request) -> dict[str, Any]:
     data = await request.json()
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")
@@ -159,7 +159,7 @@ async def list_nodes(request: web.Request) -> web.Response:
 
 async def add_node(request: web.Request) -> web.Response:
     require_admin(request)
-    spec = spec_from_json(await _body(request))
+    spec = spec_from_json(await read_body(request))
     node = await asyncio.to_thread(request.app[REGISTRY].add_node, spec)
     return web.json_response(node.to_json(), status=201)
 
@@ -186,7 +186,7 @@ async def show_node(request: web.Request) -> web.Response:
 
 async def update_node(request: web.Request) -> web.Response:
     require_admin(request)
-    changes = _node_changes(await _body(request))
+    changes = _node_changes(await read_body(request))
     node = await asyncio.to_thread(request.app[REGISTRY].update_node,
                                    request.match_info["mac"], changes)
     return web.json_response(node.to_json())
@@ -240,7 +240,7 @@ async def list_roles(request: web.Request) -> web.Response:
 async def add_role(request: web.Request) -> web.Response:
     require_admin(request)
     role = await asyncio.to_thread(request.app[REGISTRY].add_role,
-                                   _role_from_json(await _body(request)))
+                                   _role_from_json(await read_body(request)))
     return web.json_response(role.to_json(), status=201)
 
 
@@ -256,7 +256,7 @@ async def show_role(request: web.Request) -> web.Response:
 
 async def update_role(request: web.Request) -> web.Response:
     require_admin(request)
-    changes = await _body(request)
+    changes = await read_body(request)
     if not all(isinstance(v, str) for v in changes.values()):
         raise InvalidRequest("role fields are strings")
     role = await asyncio.to_thread(request.app[REGISTRY].update_role,
@@ -273,7 +273,7 @@ async def remove_role(request: web.Request) -> web.Response:
 async def apply_inventory(request: web.Request) -> web.Response:
     """Declarative bulk create/update of roles and nodes, in one transaction."""
     require_admin(request)
-    data = await _body(request)
+    data = await read_body(request)
     unknown = set(data) - {"nodes", "roles", "prune"}
     if unknown:
         raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
@@ -327,7 +327,7 @@ async def show_settings(request: web.Request) -> web.Response:
 
 async def update_settings(request: web.Request) -> web.Response:
     require_admin(request)
-    data = await _body(request)
+    data = await read_body(request)
     if set(data) - {"unknown_mac"}:
         raise InvalidRequest("only 'unknown_mac' can be set")
     if "unknown_mac" in data:

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot
+from configserver.http import agentapi, api, boot, leaseapi
 from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY, SECRET_KEY
 from configserver.images import ImageCatalog
 from configserver.registry import Registry
@@ -61,6 +61,7 @@ def create_app(config: ServerConfig, registry: Registry, admin_token: str, *,
     app[ADMIN_TOKEN] = admin_token
     app[SECRET_KEY] = secret_key or secrets.token_bytes(32)
     app[CATALOG] = ImageCatalog(config.images_dir)
+    leaseapi.setup_routes(app)  # before api's /nodes/{mac}
     api.setup_routes(app)
     boot.setup_routes(app)
     agentapi.setup_agent_api(app)

@@ -194,6 +194,19 @@ def discover(db: sqlite3.Connection, mac: str, facts: dict[str, Any], now: float
     add_event(db, mac, "discovered", facts, now)
 
 
+def purge_pending(db: sqlite3.Connection, cutoff: float | None) -> list[str]:
+    """Delete the pending nodes last seen before ``cutoff`` (all if None); their MACs."""
+    rows = db.execute("SELECT mac FROM nodes WHERE state=? AND coalesce(last_seen, created) < ?"
+                      " ORDER BY mac", (str(NodeState.PENDING),
+                                        float("inf") if cutoff is None else cutoff)).fetchall()
+    macs = [(row[0],) for row in rows]
+    # Their timelines go too: a flood of spoofed MACs must not leave events behind.
+    for table, column in (("nics", "node"), ("inventories", "mac"), ("events", "mac"),
+                          ("nodes", "mac")):
+        db.executemany(f"DELETE FROM {table} WHERE {column}=?", macs)
+    return [mac for (mac,) in macs]
+
+
 def pending_count(db: sqlite3.Connection) -> int:
     return int(db.execute("SELECT count(*) FROM nodes WHERE state=?",
                           (str(NodeState.PENDING),)).fetchone()[0])

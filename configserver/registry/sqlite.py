@@ -345,6 +345,12 @@ class SqliteRegistry:
         self._writer.submit(job, mark=mark)
         return node
 
+    def purge_pending(self, older_than: float | None = None) -> list[str]:
+        """Remove the pending nodes not seen for ``older_than`` seconds (all if None); their
+        MACs. Waits for the commit: call it off the event loop."""
+        cutoff = None if older_than is None else self._now() - older_than
+        return self._run(nodes.purge_pending, cutoff=cutoff)
+
     def record_event(self, mac: str, stage: str, detail: dict[str, Any] | None = None,
                      *, booting: bool = False) -> None:
         """Queue a boot event of ``mac`` (ignored unless it names a node); never waits.

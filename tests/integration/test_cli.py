@@ -193,3 +193,23 @@ def test_server_notifies_systemd_when_ready_and_stopping(tmp_path):
             assert not (tmp_path / "state" / "server.json").exists()
         finally:
             proc.kill()
+
+
+def test_node_purge_pending_and_lease_commands(server):
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(server.state / "registry.sqlite")
+    for i in range(3):
+        registry.discover(f"02:00:00:00:03:{i:02x}", {"arch": 0})
+    registry.close()
+    kept = cli(server, "node", "purge", "--pending", "--older-than", "1h", "--json")
+    assert kept.returncode == 0 and json.loads(kept.stdout) == {"removed": []}, kept.stderr
+    purged = cli(server, "node", "purge", "--pending")
+    assert purged.returncode == 0 and purged.stdout.strip() == "removed 3 pending nodes"
+    assert json.loads(cli(server, "node", "list", "--pending", "--json").stdout) == []
+    bad = cli(server, "node", "purge", "--pending", "--older-than", "soon")
+    assert bad.returncode == 2 and "not a duration" in bad.stderr
+    # This server runs without DHCP: the lease commands say so in one line.
+    leases = cli(server, "lease", "list", "--unknown")
+    assert leases.returncode == 1 and "DHCP server is not running" in leases.stderr
+    assert len(leases.stderr.strip().splitlines()) <= 2

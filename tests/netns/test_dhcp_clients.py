@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import ipaddress
+import os
 import re
 import select
 import sqlite3
@@ -41,10 +42,12 @@ class DhcpServer:
 
     def __init__(self, ns: Netns, state_dir: Path, *args: str) -> None:
         self.log = state_dir / "server.log"
+        # This checkout's configserver, whatever the venv's editable install points at.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
         self.process = ns.popen(
             sys.executable, str(SERVE), "--state-dir", str(state_dir), "--interface", "eth0",
             "--server-address", SERVER_IP, *args,
-            stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True)
+            stdout=subprocess.PIPE, stderr=self.log.open("w"), text=True, env=env)
         self._wait_ready(20)
 
     def _wait_ready(self, timeout: float) -> None:

@@ -175,7 +175,8 @@ def service(request, stores):
     config = ServerConfig(state_dir=state, dhcp=DhcpConfig(
         mode=request.param,
         subnet=Subnet("198.18.0.0/24", pool=("198.18.0.100", "198.18.0.250")),
-        relayed=(Subnet("198.19.0.0/24", pool=("198.19.0.10", "198.19.0.20")),)))
+        relayed=(Subnet("198.19.0.0/24", pool=("198.19.0.10", "198.19.0.20")),),
+        relays=("198.18.0.66",)))
     policy = DhcpPolicy(config.dhcp, registry, leases, server_address="198.18.0.1",
                         http_base="http://198.18.0.1:8080", tftp_enabled=True)
     service = DhcpService(config, registry, leases, policy)

@@ -47,6 +47,8 @@ def leases(tmp_path):
 
 
 def make_policy(registry, leases, mode=DhcpMode.FULL, tftp=True, **changes):
+    # The pools here are tiny: unregistered clients may use all of them unless a test says.
+    changes.setdefault("unknown_pool_share", 1.0)
     config = replace(DhcpConfig(mode=mode, subnet=LOCAL, relayed=(RELAYED,)), **changes)
     return DhcpPolicy(config, registry, leases, server_address=SERVER, http_base=HTTP,
                       tftp_enabled=tftp)

@@ -35,7 +35,7 @@ def service(tmp_path):
     registry.add_node(NodeSpec(mac="52:54:00:00:00:01", role="storage", ip="198.18.0.50"))
     subnet = Subnet("198.18.0.0/24", pool=("198.18.0.100", "198.18.0.200"))
     config = ServerConfig(state_dir=tmp_path, interface="eth0", dhcp=DhcpConfig(
-        mode=DhcpMode.FULL, subnet=subnet))
+        mode=DhcpMode.FULL, subnet=subnet, relays=("198.18.0.2", "198.20.0.1")))
     leases = LeaseStore(tmp_path / "leases.sqlite")
     policy = DhcpPolicy(config.dhcp, registry, leases, server_address=SERVER,
                         http_base="http://198.18.0.1:8080", tftp_enabled=True)
