@@ -1,8 +1,10 @@
-"""The agent's local API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``.
+"""The agent's own API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``.
 
-Every request must carry ``Authorization: Bearer <agent token>``, the token the config server
-issued for this boot (also in ``state_dir/token.json``, readable by root only). Before the agent
-holds a token every request is refused.
+Once the node holds its certificate the API speaks HTTPS only, with that certificate. A request
+is let in if it carries ``Authorization: Bearer <agent token>``, the token the config server
+issued for this boot (in ``state_dir/token.json``, readable by root only), or a client
+certificate of the config server's CA naming an admin or a node (another agent). Before the
+agent holds a token every request is refused.
 """
 
 from __future__ import annotations
@@ -15,11 +17,14 @@ from aiohttp import web
 
 from nodeagent import __version__
 from nodeagent.errors import AgentError, Unauthorized
+from nodeagent.identity import IDENTITY_URN, peer_identity
 from nodeagent.session import AgentSession
 
 log = logging.getLogger(__name__)
 
 SESSION = web.AppKey("session", AgentSession)
+# Whose certificates may call this API: the operators, and other nodes' agents.
+ALLOWED_PEERS = (f"{IDENTITY_URN}admin:", f"{IDENTITY_URN}node:")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -29,9 +34,11 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
     try:
         token = request.app[SESSION].token
         scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        if (not token or scheme.lower() != "bearer"
-                or not hmac.compare_digest(presented.strip().encode(), token.encode())):
-            raise Unauthorized("the agent token is required",
+        by_token = bool(token and scheme.lower() == "bearer"
+                        and hmac.compare_digest(presented.strip().encode(), token.encode()))
+        if not (by_token or (token and _allowed_peer(request))):
+            raise Unauthorized("the agent token or an admin's or node's certificate is "
+                               "required",
                                hint="Authorization: Bearer <token from token.json>")
         return await handler(request)
     except AgentError as exc:
@@ -41,6 +48,12 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
             raise
         return web.json_response({"status": exc.status, "code": "http_error",
                                   "message": exc.reason}, status=exc.status)
+
+
+def _allowed_peer(request: web.Request) -> bool:
+    ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
+    identity = peer_identity(ssl_object.getpeercert() if ssl_object is not None else None)
+    return identity is not None and identity.startswith(ALLOWED_PEERS)
 
 
 async def status(request: web.Request) -> web.Response:

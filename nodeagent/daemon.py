@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import logging
 import signal
+import ssl
 
 import aiohttp
 from aiohttp import web
@@ -23,6 +24,24 @@ from nodeagent.session import (
 from nodeagent.watch import Debouncer, watch_changes
 
 log = logging.getLogger(__name__)
+
+
+async def _start_local_api(runner: web.AppRunner, config: AgentConfig,
+                           tls: ssl.SSLContext | None) -> None:
+    site = web.TCPSite(runner, config.api_listen, config.api_port, ssl_context=tls)
+    try:
+        await site.start()
+        log.info("local API on %s://%s:%d", "https" if tls else "http", config.api_listen,
+                 config.api_port)
+    except OSError as exc:
+        log.error("local API disabled: cannot listen on %s:%d: %s",
+                  config.api_listen, config.api_port, exc)
+
+
+async def _start_local_api_when_enrolled(runner: web.AppRunner, config: AgentConfig,
+                                         session: AgentSession) -> None:
+    await session.enrolled.wait()
+    await _start_local_api(runner, config, session.api_tls())
 
 
 async def run_agent(config: AgentConfig) -> None:
@@ -48,13 +67,12 @@ async def run_agent(config: AgentConfig) -> None:
             runner = web.AppRunner(create_local_app(session), access_log=None)
             await runner.setup()
             stack.push_async_callback(runner.cleanup)
-            site = web.TCPSite(runner, config.api_listen, config.api_port)
-            try:
-                await site.start()
-                log.info("local API on %s:%d", config.api_listen, config.api_port)
-            except OSError as exc:
-                log.error("local API disabled: cannot listen on %s:%d: %s",
-                          config.api_listen, config.api_port, exc)
+            if session.key is None:
+                await _start_local_api(runner, config, None)
+            else:  # HTTPS with this boot's certificate, once there is one
+                starter = asyncio.create_task(_start_local_api_when_enrolled(runner, config,
+                                                                             session))
+                stack.callback(starter.cancel)
 
         if config.watch and not config.inventory_file:
             debouncer = Debouncer(session.request_inventory, config.inventory_debounce,

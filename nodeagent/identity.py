@@ -21,6 +21,7 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 from cryptography import x509
@@ -31,6 +32,8 @@ from cryptography.x509.oid import NameOID
 from nodeagent.errors import ServerError
 
 TRUST_PATH = "boot/agent.json"
+# How the config server's CA names who a certificate is for (a URI SAN).
+IDENTITY_URN = "urn:netboot:"
 MAX_TRUST_BYTES = 64 * 1024
 
 
@@ -143,6 +146,24 @@ class NodeKey:
         context = server_context(ca_pem)
         context.load_cert_chain(self.cert_path, self.key_path)
         return context
+
+
+def api_server_context(ca_pem: bytes, key: NodeKey) -> ssl.SSLContext:
+    """The agent's own API: this node's certificate, clients' certificates checked against our
+    CA when they present one (the local token still works without)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cadata=ca_pem.decode())
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.verify_mode = ssl.CERT_OPTIONAL
+    context.load_cert_chain(key.cert_path, key.key_path)
+    return context
+
+
+def peer_identity(peercert: dict[str, Any] | None) -> str | None:
+    """The netboot identity (``urn:netboot:<kind>:...``) of a verified client certificate."""
+    for kind, value in (peercert or {}).get("subjectAltName", ()):
+        if kind == "URI" and isinstance(value, str) and value.startswith(IDENTITY_URN):
+            return value
+    return None
 
 
 def _write_private(path: Path, data: bytes) -> None:

@@ -21,6 +21,7 @@ import logging
 import os
 import random
 import secrets
+import ssl
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -32,7 +33,13 @@ from nodeagent import __version__, sdnotify
 from nodeagent.client import LookupAnswer, ServerClient
 from nodeagent.config import AgentConfig
 from nodeagent.errors import InventoryError, NoToken, ServerError, TokenRejected
-from nodeagent.identity import Certificate, NodeKey, fetch_boot_trust, server_context
+from nodeagent.identity import (
+    Certificate,
+    NodeKey,
+    api_server_context,
+    fetch_boot_trust,
+    server_context,
+)
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
 
@@ -192,6 +199,8 @@ class AgentSession:
         self.key = NodeKey(config.state_dir) if config.ca_fingerprint else None
         self.certificate: Certificate | None = None
         self._ca_pem: bytes | None = None
+        self.enrolled = asyncio.Event()
+        self._api_tls: ssl.SSLContext | None = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -356,6 +365,17 @@ class AgentSession:
                                                         time.gmtime(certificate.not_after)))
         self.client.tls = await asyncio.to_thread(self.key.client_context, self._ca_pem)
         self.certificate = certificate
+        if self._api_tls is not None:  # new handshakes of the own API present the new one
+            await asyncio.to_thread(self._api_tls.load_cert_chain, self.key.cert_path,
+                                    self.key.key_path)
+        self.enrolled.set()
+
+    def api_tls(self) -> ssl.SSLContext:
+        """The TLS context of the agent's own API (after enrollment), kept current."""
+        assert self.key is not None and self._ca_pem is not None
+        if self._api_tls is None:
+            self._api_tls = api_server_context(self._ca_pem, self.key)
+        return self._api_tls
 
     async def _renew_if_due(self, mac: str) -> None:
         if self.certificate is None or time.time() < self.certificate.renew_after:
