@@ -14,8 +14,15 @@ last block it received in order, and the next window starts after it. An acknowl
 anything already acknowledged is ignored (no Sorcerer's Apprentice resend); a lost block or
 ACK is repaired by the retransmission timer. Without a client-chosen timeout (RFC 2349) the
 timer adapts to the measured round trip (RFC 6298 style, Karn's rule), bounded by
-``RetransmitPolicy``; the transfer gives up after ``retries`` timeouts in a row *and* at least
-``give_up_after`` seconds without progress.
+``RetransmitPolicy``.
+
+What a client that stops answering can make the server send is bounded (issue 13: a silent
+client got the whole window resent on every timeout for 30 s): each timeout quadruples the
+timer (up to ``maximum``), and the transfer gives up after ``retries`` timeouts in a row *or*
+``give_up_after`` seconds without progress, so the window goes out at most ``retries + 1``
+times; the window itself is bounded at negotiation (``options.negotiate``). A transfer whose
+client never answered at all (no ACK of the OACK or of block 1) gives up after
+``silent_timeout`` seconds, sooner than that: it holds a slot that a real client may need.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ class RetransmitPolicy:
     maximum: float = 1.0
     retries: int = 5
     give_up_after: float = 5.0
+    silent_timeout: float = 3.0
 
 
 class TftpTransfer:
@@ -74,6 +82,7 @@ class TftpTransfer:
         self._timeouts = 0
         self._backed_off = False
         self._last_progress = now
+        self._oack_acknowledged = False
         self._window_sent_at = now
         self._window_retransmitted = False
         self.deadline: float | None = None
@@ -87,6 +96,11 @@ class TftpTransfer:
     @property
     def bytes_acknowledged(self) -> int:
         return min(self.size, (self.base - 1) * self.blksize)
+
+    @property
+    def answered(self) -> bool:
+        """Whether the client acknowledged anything (the OACK, or a block) yet."""
+        return self.base > 1 or self._oack_acknowledged
 
     @property
     def rto(self) -> float:
@@ -138,13 +152,20 @@ class TftpTransfer:
         if not self.active or self.deadline is None or now < self.deadline:
             return []
         self._timeouts += 1
-        if (self._timeouts > self._policy.retries
-                and now - self._last_progress >= self._policy.give_up_after):
+        policy = self._policy
+        if not self.answered and now >= self.started + policy.silent_timeout:
+            self.failure = "client never answered"
+        elif (self._timeouts > policy.retries
+                or now - self._last_progress >= policy.give_up_after):
             self.failure = "client stopped answering"
+        if self.failure is not None:
             self._finish(Phase.FAILED, now)
             return [Error(ErrorCode.NOT_DEFINED, "timeout").encode()]
         if self._fixed_rto is None:
-            self._rto = min(self._rto * 2, self._policy.maximum)
+            # Four times longer each time: a lost block still costs only the short adaptive
+            # timer, and `retries` timeouts still reach a wait of several seconds (atftp
+            # re-ACKs only after 5 s of silence; see the service).
+            self._rto = min(self._rto * 4, policy.maximum)
             self._backed_off = True
         self.retransmissions += 1
         if self.phase is Phase.OACK_SENT:
@@ -166,6 +187,7 @@ class TftpTransfer:
                 return False
             self._sample_rtt(now)
             self.phase = Phase.SENDING
+            self._oack_acknowledged = True
             self._timeouts = 0
             self._last_progress = now
             return True
@@ -209,7 +231,10 @@ class TftpTransfer:
             self._window_retransmitted = False
         else:
             self._window_retransmitted = True
-        self.deadline = now + self._rto
+        deadline = now + self._rto
+        if not self.answered:
+            deadline = min(deadline, self.started + self._policy.silent_timeout)
+        self.deadline = deadline
 
     def _sample_rtt(self, now: float) -> None:
         if self._window_retransmitted:

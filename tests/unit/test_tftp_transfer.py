@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -197,7 +198,64 @@ def test_timeout_after_a_loss_returns_to_normal_on_the_next_clean_ack():
     assert transfer.rto == pytest.approx(0.02)
     now = transfer.deadline
     transfer.on_timeout(now)                        # block 17 or its ACK was lost
-    assert transfer.rto == pytest.approx(0.04)
+    assert transfer.rto == pytest.approx(0.08)     # backed off (x4)
     transfer.on_ack(17, now + 0.001)                # Karn: no sample from a resent block
     transfer.on_ack(18, now + 0.002)                # block 18 was sent once: sampled
     assert transfer.rto == pytest.approx(0.02)
+
+
+# The service's policy with the default settings (TftpService builds it from TftpConfig).
+SERVICE_POLICY = RetransmitPolicy(initial=1.0, minimum=0.02, maximum=8.0, retries=5,
+                                  give_up_after=30.0, silent_timeout=3.0)
+
+
+def _until_given_up(transfer: TftpTransfer) -> list[tuple[float, list[bytes]]]:
+    """Let every deadline pass (a silent client): when the transfer sent what, until it ends."""
+    sent = []
+    while transfer.active:
+        now = transfer.deadline
+        sent.append((now, transfer.on_timeout(now)))
+    return sent
+
+
+def test_a_client_silent_after_one_ack_gets_the_window_at_most_retries_plus_one_times():
+    """Issue 13: one ACK of the OACK, then silence, got the whole window resent on every
+    timeout for 30 s (11 resends); now at most `retries` resends, the last wait longer than
+    the 5 s after which atftp re-ACKs, and the transfer ends well within give_up_after."""
+    content = bytes(64 * 1024 * 20)
+    params = negotiate((("blksize", "1024"), ("windowsize", "16")), len(content))
+    transfer = _transfer(content, params, policy=SERVICE_POLICY)
+    transfer.start(0.0)
+    first = transfer.on_ack(0, 0.001)
+    assert len(first) == 16 and transfer.answered
+    sent = _until_given_up(transfer)
+    assert [out for _, out in sent[:-1]] == [first] * SERVICE_POLICY.retries
+    assert [parse(d) for d in sent[-1][1]] == [Error(0, "timeout")]
+    assert transfer.failure == "client stopped answering"
+    times = [0.001] + [at for at, _ in sent]
+    assert max(b - a for a, b in itertools.pairwise(times)) > 5.0
+    assert times[-1] < 20.0
+
+
+def test_a_client_timeout_is_not_a_licence_to_resend_for_ever():
+    """RFC 2349 timeout 1 (no back-off): 30 resends in 30 s before; now `retries`."""
+    content = bytes(512 * 100)
+    transfer = _transfer(content, negotiate((("timeout", "1"), ("windowsize", "4")),
+                                            len(content)), policy=SERVICE_POLICY)
+    transfer.start(0.0)
+    transfer.on_ack(0, 0.001)
+    sent = _until_given_up(transfer)
+    assert len(sent) == SERVICE_POLICY.retries + 1
+    assert sent[-1][0] == pytest.approx(6.001)
+
+
+@pytest.mark.parametrize("options", [(), (("blksize", "1468"),)])
+def test_a_client_that_never_answers_frees_its_slot_after_silent_timeout(options):
+    """Issue 13: 1000 such requests held every slot for 30 s; now silent_timeout (3 s)."""
+    content = bytes(5000)
+    transfer = _transfer(content, negotiate(options, len(content)), policy=SERVICE_POLICY)
+    assert len(transfer.start(0.0)) == 1 and not transfer.answered
+    sent = _until_given_up(transfer)
+    assert [at for at, _ in sent] == [1.0, SERVICE_POLICY.silent_timeout]
+    assert transfer.failure == "client never answered" and not transfer.answered
+    assert isinstance(parse(sent[-1][1][0]), Error)
