@@ -71,7 +71,7 @@ class TftpConfig:
     max_transfers_per_client: int = 8
     # Bytes in flight (sent, not yet acknowledged) to one client address, all its transfers
     # together: each transfer's window (blksize x windowsize) is lowered to fit what is left.
-    max_inflight_per_client: int = 1024 * 1024
+    max_inflight_per_client: int = 256 * 1024
     # A transfer whose client never acknowledged anything ends after this many seconds; while
     # every slot is taken, the oldest such transfer makes room for a new request.
     silent_timeout: float = 3.0

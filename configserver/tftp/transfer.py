@@ -16,13 +16,19 @@ ACK is repaired by the retransmission timer. Without a client-chosen timeout (RF
 timer adapts to the measured round trip (RFC 6298 style, Karn's rule), bounded by
 ``RetransmitPolicy``.
 
-What a client that stops answering can make the server send is bounded (issue 13: a silent
-client got the whole window resent on every timeout for 30 s): each timeout quadruples the
-timer (up to ``maximum``), and the transfer gives up after ``retries`` timeouts in a row *or*
-``give_up_after`` seconds without progress, so the window goes out at most ``retries + 1``
-times; the window itself is bounded at negotiation (``options.negotiate``). A transfer whose
-client never answered at all (no ACK of the OACK or of block 1) gives up after
-``silent_timeout`` seconds, sooner than that: it holds a slot that a real client may need.
+Each timeout doubles the timer (up to ``maximum``), and the transfer gives up after
+``retries`` timeouts in a row *and* at least ``give_up_after`` seconds without progress. The
+first timeout resends the whole window; further timeouts in a row resend only its first and
+last blocks (a probe, much as TCP resends one segment after a timeout). A client that went
+silent once used to get the whole window on each of a dozen timeouts (issue 13: 16.8 MB each
+with blksize 65464 and windowsize 256); now it gets the window twice and two blocks per
+further timeout, and the window itself is bounded at negotiation (``options.negotiate``).
+Those two blocks are what a client still missing something needs: one that lacks the first
+block can only say so with a duplicate ACK, which is ignored, and one that lacks only the
+last cannot know the window is over; a client that has both acknowledges on its own timer
+(atftp, after 5 s of silence). A transfer whose client never answered at all (no ACK of the
+OACK or of block 1) gives up after ``silent_timeout`` seconds, sooner: it holds a slot that
+a real client may need.
 """
 
 from __future__ import annotations
@@ -156,21 +162,23 @@ class TftpTransfer:
         if not self.answered and now >= self.started + policy.silent_timeout:
             self.failure = "client never answered"
         elif (self._timeouts > policy.retries
-                or now - self._last_progress >= policy.give_up_after):
+                and now - self._last_progress >= policy.give_up_after):
             self.failure = "client stopped answering"
         if self.failure is not None:
             self._finish(Phase.FAILED, now)
             return [Error(ErrorCode.NOT_DEFINED, "timeout").encode()]
         if self._fixed_rto is None:
-            # Four times longer each time: a lost block still costs only the short adaptive
-            # timer, and `retries` timeouts still reach a wait of several seconds (atftp
-            # re-ACKs only after 5 s of silence; see the service).
-            self._rto = min(self._rto * 4, policy.maximum)
+            self._rto = min(self._rto * 2, policy.maximum)
             self._backed_off = True
         self.retransmissions += 1
         if self.phase is Phase.OACK_SENT:
             self._arm(now, retransmitted=True)
             return [OptionAck(self.params.oack).encode()]
+        if self._timeouts > 1 and self.windowsize > 1:
+            # A probe: the window's first and last blocks; the others stay sent.
+            self._arm(now, retransmitted=True)
+            probe = sorted({self.base, self.sent_high})
+            return [self.packet(block) for block in probe]
         return self._send_window(now, retransmitted=True)
 
     def abort(self, reason: str, now: float) -> None:

@@ -194,7 +194,8 @@ def test_five_hundred_simultaneous_transfers(lab, tmp_path):
     (lab["root"] / "shared.bin").write_bytes(os.urandom(size))
     expected = sha256(lab["root"] / "shared.bin")
     server = _server(lab["server_ns"], lab["root"], lab["workdir"],
-                     f"max_transfers_per_client={count}", "timeout=2")
+                     f"max_transfers_per_client={count}",
+                     f"max_inflight_per_client={count * 512}", "timeout=2")
     lab["server"].stop()  # one server on port 69 at a time
     gate = tmp_path / "gate"
     os.mkfifo(gate)
