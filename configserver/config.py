@@ -85,6 +85,12 @@ class TftpConfig:
     bind_address: str = "0.0.0.0"
     max_transfers: int = 1000
     max_transfers_per_client: int = 8
+    # Bytes in flight (sent, not yet acknowledged) to one client address, all its transfers
+    # together: each transfer's window (blksize x windowsize) is lowered to fit what is left.
+    max_inflight_per_client: int = 256 * 1024
+    # A transfer whose client never acknowledged anything ends after this many seconds; while
+    # every slot is taken, the oldest such transfer makes room for a new request.
+    silent_timeout: float = 3.0
     # Retransmission: adaptive between min_timeout and timeout unless the client sets one.
     timeout: float = 1.0
     min_timeout: float = 0.02
@@ -232,6 +238,12 @@ def _check(config: Any, prefix: str) -> None:
         if isinstance(config, TftpConfig) and not 0 <= config.lockstep_threads <= 64:
             raise ConfigError(f"{prefix}lockstep_threads must be between 0 and 64, "
                               f"not {config.lockstep_threads}")
+        if isinstance(config, TftpConfig) and config.max_inflight_per_client < 512:
+            raise ConfigError(f"{prefix}max_inflight_per_client must be at least 512 bytes "
+                              f"(one default block), not {config.max_inflight_per_client}")
+        if isinstance(config, TftpConfig) and not 0 < config.silent_timeout <= 60:
+            raise ConfigError(f"{prefix}silent_timeout must be between 0 and 60 seconds, "
+                              f"not {config.silent_timeout}")
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):
             port(getattr(config, name), name)

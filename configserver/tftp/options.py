@@ -8,6 +8,11 @@ server allows are lowered, which RFC 2348 and RFC 7440 permit for blksize and wi
 for an illegal operation and aborts, and a client that asked for the size loses nothing when
 the first DATA block is empty anyway.
 When no option is accepted there is no OACK and the first DATA block answers the request.
+
+``max_window_bytes`` bounds what one window may hold (blksize x windowsize: what is in flight
+before the client acknowledges): windowsize is lowered to fit, and blksize too when not even
+one block fits, though not below 512 (or what the client asked for, if less); the caller
+checks the result, which may still not fit.
 """
 
 from __future__ import annotations
@@ -43,10 +48,11 @@ def _number(text: str) -> int | None:
 
 def negotiate(options: Iterable[tuple[str, str]], file_size: int, *,
               max_blksize: int = BLKSIZE_MAX,
-              max_windowsize: int = WINDOWSIZE_MAX) -> TransferParameters:
+              max_windowsize: int = WINDOWSIZE_MAX,
+              max_window_bytes: int | None = None) -> TransferParameters:
     """Decide the parameters of a read transfer of a ``file_size``-byte file."""
     blksize, windowsize, timeout = DEFAULT_BLKSIZE, 1, None
-    accepted: list[tuple[str, str]] = []
+    accepted: list[str] = []
     seen: set[str] = set()
     for name, value in options:
         if name in seen:
@@ -57,14 +63,19 @@ def negotiate(options: Iterable[tuple[str, str]], file_size: int, *,
             continue
         if name == "blksize" and number >= BLKSIZE_MIN:
             blksize = min(number, BLKSIZE_MAX, max_blksize)
-            accepted.append((name, str(blksize)))
         elif name == "tsize" and file_size:
-            accepted.append((name, str(file_size)))
+            pass
         elif name == "timeout" and TIMEOUT_MIN <= number <= TIMEOUT_MAX:
             timeout = number
-            accepted.append((name, str(number)))
         elif name == "windowsize" and number >= WINDOWSIZE_MIN:
             windowsize = min(number, WINDOWSIZE_MAX, max_windowsize)
-            accepted.append((name, str(windowsize)))
+        else:
+            continue
+        accepted.append(name)
+    if max_window_bytes is not None:
+        blksize = max(min(blksize, max_window_bytes), min(blksize, DEFAULT_BLKSIZE))
+        windowsize = max(1, min(windowsize, max_window_bytes // blksize))
+    values = {"blksize": blksize, "tsize": file_size, "timeout": timeout,
+              "windowsize": windowsize}
     return TransferParameters(blksize=blksize, windowsize=windowsize, timeout=timeout,
-                              oack=tuple(accepted))
+                              oack=tuple((name, str(values[name])) for name in accepted))

@@ -2,9 +2,14 @@
 
 This is where the pieces meet: ``codec`` parses requests, ``files`` resolves and opens what
 they name, ``options`` negotiates, ``transfer`` runs each transfer and ``server`` moves the
-bytes. The service enforces the limits (all transfers, transfers per client address), turns
-each transfer into boot events of the node whose DHCP lease holds the client address, and
-logs bad packets at a bounded rate before dropping them.
+bytes. The service enforces the limits (all transfers; transfers and bytes in flight per
+client address, ``limits``), turns each transfer into boot events of the node whose DHCP
+lease holds the client address, and logs bad packets at a bounded rate before dropping them.
+
+While every slot is taken, a new request takes the slot of the oldest transfer whose client
+never answered (requests that nobody acknowledges, such as a flood from spoofed addresses,
+would otherwise keep real clients out until they time out); such transfers also end on their
+own after ``silent_timeout``.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from configserver.tftp.codec import (
 )
 from configserver.tftp.errors import FileRefused, MalformedPacket, TftpSocketError
 from configserver.tftp.files import Catalog, OpenFiles, ServedRoots, SharedFile
+from configserver.tftp.limits import ClientShares, window_bytes
 from configserver.tftp.lockstep import LockstepSender
 from configserver.tftp.netascii import NetasciiReader
 from configserver.tftp.options import negotiate
@@ -64,6 +70,8 @@ class TransferSlot:
         self.mac = mac
         self.shared = shared
         self.transfer = transfer
+        # What this transfer takes of its client address's bytes in flight.
+        self.window_bytes = window_bytes(transfer.params, transfer.size)
 
 
 class ActiveTransfer(TransferSlot):
@@ -132,6 +140,14 @@ class ActiveTransfer(TransferSlot):
         deadline = transfer.deadline
         if deadline is not None and deadline < self._timer_at:
             self._rearm()
+
+    def evict(self) -> None:
+        """End the transfer at once to free its slot for another client."""
+        self.transfer.abort("evicted: server full and the client never answered",
+                            self._loop.time())
+        self.endpoint.send([Error(ErrorCode.NOT_DEFINED, "server busy").encode()],
+                           self.client)
+        self.service.finish(self)
 
     def _poll_for_ack(self) -> None:
         """Wait for a quick client's next ACK by polling, not sleeping (see eventloop.py).
@@ -253,7 +269,11 @@ class TftpService:
         self.lockstep_threads = ThreadPoolExecutor(max(1, config.lockstep_threads),
                                                    thread_name_prefix="tftp-lockstep")
         self.lockstep_running = 0
-        self.per_client: dict[str, int] = {}
+        self.per_client = ClientShares(max_transfers=config.max_transfers_per_client,
+                                       max_window_bytes=config.max_inflight_per_client)
+        # Transfers on the loop whose client has not answered (yet), oldest first; those
+        # that have are dropped from it lazily (see _evict_unanswered).
+        self.unanswered: dict[Address, ActiveTransfer] = {}
         self.bad_packets = RateLimitedLog(log)
         self.completed = 0
         self.failed = 0
@@ -262,11 +282,13 @@ class TftpService:
         self.expect_event = expect_event if config.busy_poll > 0 else None
         # atftp ignores a repeated block and re-ACKs only when its own 5 s timer expires,
         # which each ignored block restarts: after a lost ACK it answers only once our
-        # back-off exceeds 5 s. Hence the long back-off ceiling and give-up time.
+        # back-off exceeds 5 s. Hence the long back-off ceiling (reached within `retries`
+        # timeouts from the 20 ms minimum: the timer quadruples on each).
         self._policy = RetransmitPolicy(
             initial=config.timeout, minimum=min(config.min_timeout, config.timeout),
             maximum=8 * config.timeout, retries=config.retries,
-            give_up_after=max(4 * config.timeout * config.retries, 30.0))
+            give_up_after=max(4 * config.timeout * config.retries, 30.0),
+            silent_timeout=config.silent_timeout)
         self.listener: RequestListener | None = None
 
     def listen(self) -> None:
@@ -322,17 +344,29 @@ class TftpService:
         if request.mode is TransferMode.MAIL:
             self._refuse(client, ErrorCode.ILLEGAL_OPERATION, "mail mode is not supported")
             return
-        if len(self.transfers) >= self.config.max_transfers:
-            self._refuse(client, ErrorCode.NOT_DEFINED, "server busy, try again later")
-            self.bad_packets.warning("TFTP: %d transfers running, request from %s:%d refused",
-                                     len(self.transfers), *client)
-            return
-        if self.per_client.get(client[0], 0) >= self.config.max_transfers_per_client:
+        if self.per_client.full(client[0]):
             self._refuse(client, ErrorCode.NOT_DEFINED, "too many transfers from this client")
             self.bad_packets.warning("TFTP: client %s reached its limit of %d transfers",
                                      client[0], self.config.max_transfers_per_client)
             return
+        if len(self.transfers) >= self.config.max_transfers and not self._evict_unanswered():
+            self._refuse(client, ErrorCode.NOT_DEFINED, "server busy, try again later")
+            self.bad_packets.warning("TFTP: %d transfers running, request from %s:%d refused",
+                                     len(self.transfers), *client)
+            return
         self._start(request, client, local_address)
+
+    def _evict_unanswered(self) -> bool:
+        """End the oldest transfer whose client never answered; False if there is none."""
+        while self.unanswered:
+            active = self.unanswered.pop(next(iter(self.unanswered)))
+            if active.transfer.active and not active.transfer.answered:
+                self.bad_packets.warning("TFTP: %d transfers running; the oldest that was "
+                                         "never answered (%s:%d) makes room",
+                                         len(self.transfers), *active.client)
+                active.evict()
+                return True
+        return False
 
     def _start(self, request: ReadRequest, client: Address, local_address: str) -> None:
         try:
@@ -360,8 +394,16 @@ class TftpService:
                 self._refuse(client, ErrorCode.NOT_DEFINED, "server read error")
                 return
             read, size = reader.read, reader.size
+        room = self.per_client.room(client[0])
         params = negotiate(request.options, size, max_blksize=self.config.max_blksize,
-                           max_windowsize=self.config.max_windowsize)
+                           max_windowsize=self.config.max_windowsize, max_window_bytes=room)
+        if window_bytes(params, size) > room:
+            self.files.release(shared)
+            self._refuse(client, ErrorCode.NOT_DEFINED, "too much data in flight to this client")
+            self.bad_packets.warning("TFTP: client %s has %d bytes in flight, its limit; "
+                                     "request refused", client[0],
+                                     self.config.max_inflight_per_client - room)
+            return
         if request.mode is TransferMode.NETASCII:
             reader.keep = params.windowsize * params.blksize
         transfer = TftpTransfer(size, params, read, policy=self._policy, now=self.loop.time())
@@ -379,9 +421,11 @@ class TftpService:
             self._refuse(client, ErrorCode.NOT_DEFINED, "server cannot start the transfer")
             return
         self.transfers[client] = active
-        self.per_client[client[0]] = self.per_client.get(client[0], 0) + 1
-        if kind is LockstepTransfer:
+        self.per_client.add(client[0], active.window_bytes)
+        if isinstance(active, LockstepTransfer):
             self.lockstep_running += 1
+        else:
+            self.unanswered[client] = active
         log.debug("TFTP %s:%d (%s) reads %r: %d bytes, blksize %d, windowsize %d", *client,
                   mac or "unknown MAC", request.filename, size, params.blksize,
                   params.windowsize)
@@ -389,18 +433,15 @@ class TftpService:
                                         "seconds": 0.0, "client": client[0]})
         active.begin()
 
-    def finish(self, active: ActiveTransfer) -> None:
+    def finish(self, active: ActiveTransfer | LockstepTransfer) -> None:
         """Tear down a transfer that ended (or is being aborted) and record how it went."""
         if self.transfers.get(active.client) is not active:
             return
         del self.transfers[active.client]
         if isinstance(active, LockstepTransfer):
             self.lockstep_running -= 1
-        remaining = self.per_client.get(active.client[0], 1) - 1
-        if remaining > 0:
-            self.per_client[active.client[0]] = remaining
-        else:
-            self.per_client.pop(active.client[0], None)
+        self.unanswered.pop(active.client, None)
+        self.per_client.remove(active.client[0], active.window_bytes)
         active.close()
         self.files.release(active.shared)
         transfer = active.transfer

@@ -14,8 +14,21 @@ last block it received in order, and the next window starts after it. An acknowl
 anything already acknowledged is ignored (no Sorcerer's Apprentice resend); a lost block or
 ACK is repaired by the retransmission timer. Without a client-chosen timeout (RFC 2349) the
 timer adapts to the measured round trip (RFC 6298 style, Karn's rule), bounded by
-``RetransmitPolicy``; the transfer gives up after ``retries`` timeouts in a row *and* at least
-``give_up_after`` seconds without progress.
+``RetransmitPolicy``.
+
+Each timeout doubles the timer (up to ``maximum``), and the transfer gives up after
+``retries`` timeouts in a row *and* at least ``give_up_after`` seconds without progress. The
+first timeout resends the whole window; further timeouts in a row resend only its first and
+last blocks (a probe, much as TCP resends one segment after a timeout). A client that went
+silent once used to get the whole window on each of a dozen timeouts (issue 13: 16.8 MB each
+with blksize 65464 and windowsize 256); now it gets the window twice and two blocks per
+further timeout, and the window itself is bounded at negotiation (``options.negotiate``).
+Those two blocks are what a client still missing something needs: one that lacks the first
+block can only say so with a duplicate ACK, which is ignored, and one that lacks only the
+last cannot know the window is over; a client that has both acknowledges on its own timer
+(atftp, after 5 s of silence). A transfer whose client never answered at all (no ACK of the
+OACK or of block 1) gives up after ``silent_timeout`` seconds, sooner: it holds a slot that
+a real client may need.
 """
 
 from __future__ import annotations
@@ -43,6 +56,7 @@ class RetransmitPolicy:
     maximum: float = 1.0
     retries: int = 5
     give_up_after: float = 5.0
+    silent_timeout: float = 3.0
 
 
 class TftpTransfer:
@@ -74,6 +88,7 @@ class TftpTransfer:
         self._timeouts = 0
         self._backed_off = False
         self._last_progress = now
+        self._oack_acknowledged = False
         self._window_sent_at = now
         self._window_retransmitted = False
         self.deadline: float | None = None
@@ -87,6 +102,11 @@ class TftpTransfer:
     @property
     def bytes_acknowledged(self) -> int:
         return min(self.size, (self.base - 1) * self.blksize)
+
+    @property
+    def answered(self) -> bool:
+        """Whether the client acknowledged anything (the OACK, or a block) yet."""
+        return self.base > 1 or self._oack_acknowledged
 
     @property
     def rto(self) -> float:
@@ -138,18 +158,27 @@ class TftpTransfer:
         if not self.active or self.deadline is None or now < self.deadline:
             return []
         self._timeouts += 1
-        if (self._timeouts > self._policy.retries
-                and now - self._last_progress >= self._policy.give_up_after):
+        policy = self._policy
+        if not self.answered and now >= self.started + policy.silent_timeout:
+            self.failure = "client never answered"
+        elif (self._timeouts > policy.retries
+                and now - self._last_progress >= policy.give_up_after):
             self.failure = "client stopped answering"
+        if self.failure is not None:
             self._finish(Phase.FAILED, now)
             return [Error(ErrorCode.NOT_DEFINED, "timeout").encode()]
         if self._fixed_rto is None:
-            self._rto = min(self._rto * 2, self._policy.maximum)
+            self._rto = min(self._rto * 2, policy.maximum)
             self._backed_off = True
         self.retransmissions += 1
         if self.phase is Phase.OACK_SENT:
             self._arm(now, retransmitted=True)
             return [OptionAck(self.params.oack).encode()]
+        if self._timeouts > 1 and self.windowsize > 1:
+            # A probe: the window's first and last blocks; the others stay sent.
+            self._arm(now, retransmitted=True)
+            probe = sorted({self.base, self.sent_high})
+            return [self.packet(block) for block in probe]
         return self._send_window(now, retransmitted=True)
 
     def abort(self, reason: str, now: float) -> None:
@@ -166,6 +195,7 @@ class TftpTransfer:
                 return False
             self._sample_rtt(now)
             self.phase = Phase.SENDING
+            self._oack_acknowledged = True
             self._timeouts = 0
             self._last_progress = now
             return True
@@ -209,7 +239,10 @@ class TftpTransfer:
             self._window_retransmitted = False
         else:
             self._window_retransmitted = True
-        self.deadline = now + self._rto
+        deadline = now + self._rto
+        if not self.answered:
+            deadline = min(deadline, self.started + self._policy.silent_timeout)
+        self.deadline = deadline
 
     def _sample_rtt(self, now: float) -> None:
         if self._window_retransmitted:

@@ -7,68 +7,28 @@ checksums of everything fetched are compared with the served files.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
-import netlab
 import pytest
 from netlab import namespaces, veth_pair
+from tftplab import TftpServerProcess, sha256
 
 pytestmark = pytest.mark.netns
 
 SERVER_IP, CLIENT_IP = "198.18.40.1", "198.18.40.2"
 CLIENT_MAC = "52:54:00:40:00:02"
-REPO = Path(__file__).resolve().parents[2]
 ROLLOVER = 65536 * 512 + 1  # blksize 512: block numbers wrap once
 SIZES = {"empty.bin": 0, "b511.bin": 511, "b512.bin": 512, "b513.bin": 513, "b1024.bin": 1024,
          "b4404.bin": 3 * 1468, "rollover.bin": ROLLOVER, "big.bin": 64 * 1024 * 1024}
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        while chunk := stream.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-class TftpServerProcess:
-    """``python -m configserver.tftp`` inside a namespace; its events are its stdout lines."""
-
-    def __init__(self, ns, root: Path, workdir: Path, *settings: str) -> None:
-        self.events_path = workdir / f"events-{time.monotonic_ns()}.jsonl"
-        self.log_path = self.events_path.with_suffix(".log")
-        argv = [sys.executable, "-m", "configserver.tftp", "--root", str(root),
-                "--address", SERVER_IP, "--port", "69", "--interface", "eth0",
-                "--lease", f"{CLIENT_IP}={CLIENT_MAC}", "--log-level", "INFO"]
-        for setting in settings:
-            argv += ["--set", setting]
-        with self.events_path.open("w") as out, self.log_path.open("w") as err:
-            self.proc = ns.popen(*argv, stdout=out, stderr=err, cwd=REPO)
-        deadline = time.monotonic() + 20
-        while "READY" not in self.events_path.read_text():
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError("TFTP server did not start: " + self.log_path.read_text())
-            time.sleep(0.05)
-
-    def events(self) -> list[dict]:
-        return [json.loads(line) for line in self.events_path.read_text().splitlines()
-                if line.startswith("{")]
-
-    def peak_memory_kib(self) -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmHWM")
-
-    def stop(self) -> None:
-        netlab.stop(self.proc)
+def _server(ns, root: Path, workdir: Path, *settings: str) -> TftpServerProcess:
+    return TftpServerProcess(ns, root, workdir, *settings, address=SERVER_IP,
+                             leases=(f"{CLIENT_IP}={CLIENT_MAC}",))
 
 
 @pytest.fixture(scope="module")
@@ -85,10 +45,10 @@ def lab(tmp_path_factory):
                 remaining -= len(chunk)
     (workdir / "secret.txt").write_text("not for TFTP clients\n")
     (root / "escape-link").symlink_to(workdir / "secret.txt")
-    digests = {name: _sha256(root / name) for name in SIZES}
+    digests = {name: sha256(root / name) for name in SIZES}
     with namespaces(2, "tftp") as (server_ns, client_ns):
         veth_pair(server_ns, client_ns, f"{SERVER_IP}/24", f"{CLIENT_IP}/24")
-        server = TftpServerProcess(server_ns, root, workdir)
+        server = _server(server_ns, root, workdir)
         try:
             yield {"server": server, "server_ns": server_ns, "client": client_ns,
                    "root": root, "workdir": workdir, "digests": digests}
@@ -123,7 +83,7 @@ def test_client_fetches_file_intact(lab, client, name, tmp_path):
     result = lab["client"].run(*_get_argv(client, name, target), check=False, timeout=300)
     assert result.returncode == 0, result.stderr
     assert target.exists() and target.stat().st_size == SIZES[name]
-    assert _sha256(target) == lab["digests"][name]
+    assert sha256(target) == lab["digests"][name]
 
 
 def test_transfers_are_boot_events_of_the_leased_mac(lab, tmp_path):
@@ -222,7 +182,7 @@ def test_ten_mib_survive_five_percent_loss(lab, client, lossy, tmp_path):
         elapsed = time.monotonic() - started
         lost = dropped()
     assert result.returncode == 0, result.stderr
-    assert _sha256(target) == _sha256(source)
+    assert sha256(target) == sha256(source)
     print(f"{client}: 10 MiB with 5% loss ({lost} packets dropped) in {elapsed:.1f} s")
     assert lost > 100  # the loss really happened
 
@@ -232,9 +192,10 @@ def test_five_hundred_simultaneous_transfers(lab, tmp_path):
     every file arrives intact, the server's memory stays bounded."""
     count, size = 520, 1024 * 1024
     (lab["root"] / "shared.bin").write_bytes(os.urandom(size))
-    expected = _sha256(lab["root"] / "shared.bin")
-    server = TftpServerProcess(lab["server_ns"], lab["root"], lab["workdir"],
-                               f"max_transfers_per_client={count}", "timeout=2")
+    expected = sha256(lab["root"] / "shared.bin")
+    server = _server(lab["server_ns"], lab["root"], lab["workdir"],
+                     f"max_transfers_per_client={count}",
+                     f"max_inflight_per_client={count * 512}", "timeout=2")
     lab["server"].stop()  # one server on port 69 at a time
     gate = tmp_path / "gate"
     os.mkfifo(gate)
@@ -257,7 +218,7 @@ def test_five_hundred_simultaneous_transfers(lab, tmp_path):
         outputs = [p.stdout.read().decode(errors="replace") for p in procs]
         failures = [(i, outputs[i]) for i in range(count)
                     if procs[i].returncode or not (tmp_path / f"out{i}").exists()
-                    or _sha256(tmp_path / f"out{i}") != expected]
+                    or sha256(tmp_path / f"out{i}") != expected]
         assert not failures, (len(failures), failures[:5])
         peak_kib = server.peak_memory_kib()
         concurrent = peak = 0
@@ -276,7 +237,7 @@ def test_five_hundred_simultaneous_transfers(lab, tmp_path):
             with contextlib.suppress(Exception):
                 proc.stdout.close()
         server.stop()
-        lab["server"] = TftpServerProcess(lab["server_ns"], lab["root"], lab["workdir"])
+        lab["server"] = _server(lab["server_ns"], lab["root"], lab["workdir"])
 
 
 def test_netascii_mode_round_trips_line_endings(lab, tmp_path):

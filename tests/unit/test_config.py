@@ -34,6 +34,9 @@ def test_documented_example_config_is_valid():
     ({"tftp": {"busy_poll": 0.002}}, "tftp.busy_poll must be between 0 and 0.001"),
     ({"tftp": {"busy_poll": -1}}, "tftp.busy_poll must be between 0 and 0.001"),
     ({"tftp": {"lockstep_threads": 65}}, "tftp.lockstep_threads must be between 0 and 64"),
+    ({"tftp": {"max_inflight_per_client": 511}},
+     "tftp.max_inflight_per_client must be at least 512 bytes"),
+    ({"tftp": {"silent_timeout": 0}}, "tftp.silent_timeout must be between 0 and 60"),
     ({"http": []}, "must be a table"),
 ])
 def test_bad_settings_name_the_key(data, message):

@@ -129,6 +129,23 @@ def test_server_limits_lower_blksize_and_windowsize():
     assert params.oack == (("blksize", "1468"), ("windowsize", "64"))
 
 
+@pytest.mark.parametrize("options, room, blksize, windowsize", [
+    # The silent client of issue 13: 64 blocks of 65464 bytes, 16 fit in 1 MiB.
+    ((("blksize", "65464"), ("windowsize", "64")), 1 << 20, 65464, 16),
+    ((("blksize", "1468"), ("windowsize", "64")), 1 << 20, 1468, 64),   # fits as asked
+    ((("windowsize", "8"),), 2000, 512, 3),
+    ((("blksize", "65464"), ("windowsize", "4")), 1200, 1200, 1),      # one smaller block
+    ((("blksize", "1468"),), 300, 512, 1),                             # not below 512...
+    ((("blksize", "256"), ("windowsize", "4")), 300, 256, 1),          # ...unless asked
+])
+def test_the_window_is_lowered_to_the_bytes_in_flight_allowed(options, room, blksize,
+                                                              windowsize):
+    params = negotiate(options, 10 ** 9, max_window_bytes=room)
+    assert (params.blksize, params.windowsize) == (blksize, windowsize)
+    assert dict(params.oack) == {name: str(params.blksize if name == "blksize"
+                                           else params.windowsize) for name, _ in options}
+
+
 # -- property tests -----------------------------------------------------------------------
 
 # Request fields are NUL-terminated latin-1 strings; option names are case-insensitive and

@@ -27,6 +27,7 @@ from configserver.tftp.codec import (
     parse,
 )
 from configserver.tftp.errors import TftpSocketError
+from configserver.tftp.limits import ClientShare
 from configserver.tftp.service import (
     ActiveTransfer,
     LockstepTransfer,
@@ -186,7 +187,8 @@ async def test_duplicate_request_does_not_start_a_second_transfer(service_factor
             assert isinstance(packet, Data) and packet.block == 1, packet
             senders.add(tid)
     assert len(senders) == 1
-    assert len(service.transfers) == 1 and service.per_client == {"127.0.0.1": 1}
+    assert len(service.transfers) == 1
+    assert service.per_client.shares == {"127.0.0.1": ClientShare(transfers=1, window_bytes=512)}
     assert [e[1] for e in events] == ["tftp.start"]
     client.close()
 
@@ -203,6 +205,78 @@ async def test_per_client_limit_refuses_the_extra_transfer(service_factory):
     assert len(service.transfers) == 2
     for client in clients:
         client.close()
+
+
+async def test_a_full_server_ends_the_oldest_silent_transfer_for_a_new_client(
+        service_factory, root):
+    """Issue 13: requests nobody answers filled every slot and kept real clients out for
+    30 s. Now the oldest transfer that was never answered makes room (ERROR 0 to it)."""
+    service, address, events = await service_factory(max_transfers=4, lockstep_threads=0)
+    silent = [UdpClient() for _ in range(4)]
+    fresh = UdpClient()
+    try:
+        for client in silent:
+            await client.send(ReadRequest("big.bin", "octet", (("blksize", "1024"),)),
+                              address)
+            assert isinstance((await client.receive())[0], OptionAck)
+        assert await fresh.fetch("small.bin", address) == (root / "small.bin").read_bytes()
+        packet, _ = await silent[0].receive()
+        assert isinstance(packet, Error) and packet.message == "server busy"
+        errors = [e[2]["error"] for e in events if e[1] == "tftp.error"]
+        assert errors == ["evicted: server full and the client never answered"]
+        assert service.completed == 1 and len(service.transfers) == 3
+    finally:
+        for client in (*silent, fresh):
+            client.close()
+
+
+async def test_a_client_that_never_answers_frees_its_slot_after_silent_timeout(
+        service_factory):
+    service, address, events = await service_factory(silent_timeout=0.2, timeout=0.3)
+    client = UdpClient()
+    try:
+        await client.send(ReadRequest("big.bin", "octet"), address)
+        assert isinstance((await client.receive())[0], Data)
+        packet, _ = await client.receive(timeout=1.0)
+        assert isinstance(packet, Error)
+        assert not service.transfers and not service.per_client and not service.unanswered
+        assert events[-1][2]["error"] == "client never answered"
+    finally:
+        client.close()
+
+
+async def test_the_bytes_in_flight_to_one_address_are_capped(service_factory, root):
+    """Issue 13: one client could have 256 blocks of 65464 bytes resent to it; now the
+    windows of all its transfers together fit max_inflight_per_client."""
+    service, address, _ = await service_factory(max_inflight_per_client=4096)
+    wide = (("blksize", "1024"), ("windowsize", "8"))
+    first, second = UdpClient(), UdpClient()
+    try:
+        await first.send(ReadRequest("big.bin", "octet", wide), address)
+        oack, tid = await first.receive()
+        assert oack == OptionAck((("blksize", "1024"), ("windowsize", "4")))
+        await second.send(ReadRequest("big.bin", "octet", wide), address)
+        refused, _ = await second.receive()
+        assert isinstance(refused, Error) and "in flight" in refused.message
+        await first.send(Ack(0), tid)
+        received = bytearray()
+        while len(received) < 512 * 40:
+            packet, _ = await first.receive()
+            if packet.block == (len(received) // 1024 + 1) & 0xFFFF:
+                received += packet.payload
+                if packet.block % 4 == 0 or len(received) == 512 * 40:
+                    await first.send(Ack(packet.block), tid)
+        await first.send(Ack(21), tid)
+        assert bytes(received) == (root / "big.bin").read_bytes()
+        for _ in range(100):
+            if not service.per_client:
+                break
+            await asyncio.sleep(0.01)
+        assert await second.fetch("small.bin", address, wide) == (
+            root / "small.bin").read_bytes()
+    finally:
+        first.close()
+        second.close()
 
 
 async def test_malformed_requests_are_dropped_and_logged_rate_limited(service_factory, caplog,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import os
 
 import pytest
@@ -201,3 +202,65 @@ def test_timeout_after_a_loss_returns_to_normal_on_the_next_clean_ack():
     transfer.on_ack(17, now + 0.001)                # Karn: no sample from a resent block
     transfer.on_ack(18, now + 0.002)                # block 18 was sent once: sampled
     assert transfer.rto == pytest.approx(0.02)
+
+
+# The service's policy with the default settings (TftpService builds it from TftpConfig).
+SERVICE_POLICY = RetransmitPolicy(initial=1.0, minimum=0.02, maximum=8.0, retries=5,
+                                  give_up_after=30.0, silent_timeout=3.0)
+
+
+def _until_given_up(transfer: TftpTransfer) -> list[tuple[float, list[bytes]]]:
+    """Let every deadline pass (a silent client): when the transfer sent what, until it ends."""
+    sent = []
+    while transfer.active:
+        now = transfer.deadline
+        sent.append((now, transfer.on_timeout(now)))
+    return sent
+
+
+@pytest.mark.parametrize("timeout", [None, 1])
+def test_a_client_silent_after_one_ack_gets_the_window_twice_then_one_block_a_timeout(timeout):
+    """Issue 13: one ACK of the OACK, then silence, got the whole window resent on each of
+    the 11 timeouts before the transfer gave up (30 with a client timeout of 1 s, which does
+    not back off). Now the window goes out once more, then only its first and last blocks."""
+    content = bytes(1024 * 100)
+    options = (("blksize", "1024"), ("windowsize", "16"))
+    if timeout:
+        options += (("timeout", str(timeout)),)
+    transfer = _transfer(content, negotiate(options, len(content)), policy=SERVICE_POLICY)
+    transfer.start(0.0)
+    first = transfer.on_ack(0, 0.001)
+    assert [b.block for b in _blocks(first)] == list(range(1, 17)) and transfer.answered
+    sent = _until_given_up(transfer)
+    assert sent[0][1] == first
+    assert {tuple(out) for _, out in sent[1:-1]} == {(transfer.packet(1), transfer.packet(16))}
+    assert [parse(d) for d in sent[-1][1]] == [Error(0, "timeout")]
+    assert transfer.failure == "client stopped answering"
+    assert len(sent) <= (31 if timeout else 12)
+    times = [0.001] + [at for at, _ in sent]
+    # Still the long waits a real client may need (atftp re-ACKs after 5 s of silence).
+    assert timeout or max(b - a for a, b in itertools.pairwise(times)) > 5.0
+    assert 30.0 <= times[-1] <= 30.0 + SERVICE_POLICY.maximum
+
+
+@pytest.mark.parametrize("ack, window", [(4, [5, 6, 7, 8]), (2, [3, 4, 5, 6])])
+def test_the_probe_keeps_the_window_so_that_any_ack_in_it_moves_on(ack, window):
+    transfer = _transfer(bytes(64 * 40), negotiate((("blksize", "64"), ("windowsize", "4")),
+                                                   64 * 40), policy=SERVICE_POLICY)
+    transfer.start(0.0)
+    transfer.on_ack(0, 0.001)
+    assert len(transfer.on_timeout(transfer.deadline)) == 4   # the window again
+    assert [b.block for b in _blocks(transfer.on_timeout(transfer.deadline))] == [1, 4]
+    assert [b.block for b in _blocks(transfer.on_ack(ack, transfer.deadline))] == window
+
+
+@pytest.mark.parametrize("options", [(), (("blksize", "1468"),)])
+def test_a_client_that_never_answers_frees_its_slot_after_silent_timeout(options):
+    """Issue 13: 1000 such requests held every slot for 30 s; now silent_timeout (3 s)."""
+    content = bytes(5000)
+    transfer = _transfer(content, negotiate(options, len(content)), policy=SERVICE_POLICY)
+    assert len(transfer.start(0.0)) == 1 and not transfer.answered
+    sent = _until_given_up(transfer)
+    assert [at for at, _ in sent] == [1.0, SERVICE_POLICY.silent_timeout]
+    assert transfer.failure == "client never answered" and not transfer.answered
+    assert isinstance(parse(sent[-1][1][0]), Error)
