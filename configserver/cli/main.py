@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", help="only machines in this state")
     show = nsub.add_parser("show", parents=[common], help="one machine, with its timeline")
     show.add_argument("mac")
+    events = nsub.add_parser("events", parents=[common], help="a machine's boot events")
+    events.add_argument("mac")
+    events.add_argument("--limit", type=int, default=500, help="newest N events (default 500)")
     set_ = nsub.add_parser("set", parents=[common], help="change a machine")
     set_.add_argument("mac")
     set_.add_argument("--role")
@@ -134,7 +137,9 @@ def main(argv: list[str] | None = None) -> int:
                                          token=os.environ.get("NETBOOT_ADMIN_TOKEN"))
         return COMMANDS[args.command](args, client)
     except NetbootError as exc:
-        print(exc.one_line("configserver"), file=sys.stderr)
+        from configserver.cli.format import printable
+
+        print(printable(exc.one_line("configserver")), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -213,10 +218,14 @@ async def _serve_async(config: ServerConfig, selector: PollingSelector) -> None:
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:
+    """Print ``data`` as JSON (``--json``: ASCII, every control character escaped) or ``text``
+    for people, in which no character from the network reaches the terminal raw."""
+    from configserver.cli.format import printable
+
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True))
     elif text:
-        print(text)
+        print(printable(text, newlines=True))
     return 0
 
 
@@ -247,6 +256,9 @@ def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
     if args.action == "show":
         node = client.get(f"/api/v1/nodes/{args.mac}")
         return _print(args, node, cliformat.node_details(node))
+    if args.action == "events":
+        answer = client.get(f"/api/v1/nodes/{args.mac}/events?limit={args.limit}")
+        return _print(args, answer, cliformat.node_events(answer))
     if args.action == "set":
         body = _node_body(args)
         if not body:
