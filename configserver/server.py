@@ -17,6 +17,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from configserver import statedir
 from configserver.config import DhcpMode, ServerConfig, Subnet
 from configserver.errors import ConfigError, StoreError
 from configserver.http.app import create_app
@@ -39,14 +40,8 @@ def ensure_admin_token(path: Path) -> str:
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
     token = secrets.token_urlsafe(32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(token + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
+    path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
+    statedir.write_private(path, token + "\n")
     log.info("generated admin token in %s", path)
     return token
 
@@ -93,7 +88,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        statedir.prepare(config.state_dir)
         registry = SqliteRegistry(config.registry_path)
         stack.callback(registry.close)
         token = ensure_admin_token(config.token_path)
@@ -152,7 +147,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
 
         endpoint = {"url": f"http://{_local(config.http.listen)}:{port}", "pid": os.getpid(),
                     "boot_url": http_base}
-        config.endpoint_path.write_text(json.dumps(endpoint) + "\n")
+        statedir.write_private(config.endpoint_path, json.dumps(endpoint) + "\n")
         stack.callback(_remove_endpoint, config.endpoint_path, os.getpid())
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from configserver import statedir
 from configserver.errors import DuplicateMac, StoreError, TooManyPending
 from configserver.model import (
     BUILTIN_ROLES,
@@ -122,7 +123,8 @@ class SqliteRegistry:
         self._cache = ReadCache()
         self._events_since_prune = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
+            statedir.private_file(self.path)  # its -wal and -shm files get the same mode
             db = self._connect()
             self._migrate(db)
         except (sqlite3.Error, OSError) as exc:
