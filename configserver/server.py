@@ -23,6 +23,7 @@ from configserver.errors import ConfigError, StoreError
 from configserver.http.app import create_app
 from configserver.http.appkeys import CATALOG
 from configserver.http.boot import IPXE_DIR, RESOLVE_MAC
+from configserver.http.limits import runner_options
 from configserver.netif import interface_ipv4
 from configserver.registry.sqlite import SqliteRegistry
 
@@ -96,7 +97,8 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
             registry.set_unknown_mac_policy(config.unknown_mac)
 
         app = create_app(config, registry, token)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               **runner_options(config.http))
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, config.http.listen, config.http.port,

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import sys
 import tomllib
 import urllib.parse
@@ -201,11 +202,27 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     config = dataclasses.replace(server_config(args, state_dir),
                                  notify_socket=os.environ.get("NOTIFY_SOCKET"))
     log.info("configserver %s starting", __version__)
+    raise_open_files_limit()
     try:
         eventloop.run(lambda selector: _serve_async(config, selector))
     except OSError as exc:
         raise ConfigError(f"cannot serve: {exc}") from None
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit: every HTTP connection and
+    every TFTP transfer holds a descriptor, and the usual soft limit of 1024 is soon reached
+    (systemd's LimitNOFILE= sets the hard one). Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # Linux caps RLIMIT_NOFILE (fs.nr_open): neither is ever infinite
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+    log.info("open files limit: %d", soft)
+    return soft
 
 
 async def _serve_async(config: ServerConfig, selector: PollingSelector) -> None:

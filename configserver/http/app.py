@@ -10,7 +10,7 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot
+from configserver.http import agentapi, api, boot, limits
 from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
 from configserver.images import ImageCatalog
 from configserver.registry import Registry
@@ -49,7 +49,8 @@ def _json_error(status: int, body: dict[str, object]) -> web.Response:
 
 def create_app(config: ServerConfig, registry: Registry, admin_token: str) -> web.Application:
     """The whole HTTP side of the server; sockets and other services are the caller's."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[limits.body_deadline, error_middleware],
+                          client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[ADMIN_TOKEN] = admin_token

@@ -387,6 +387,9 @@ class SqliteRegistry:
     def agent_session(self, mac: str) -> AgentSession | None:
         return sessions.session(self._db(), mac)
 
+    def agent_session_by_token(self, token_hash: str) -> AgentSession | None:
+        return sessions.by_token(self._db(), token_hash)
+
     def start_agent_session(self, mac: str, boot_id: str, token_hash: str | None) -> None:
         self._run(sessions.start, mac=mac, boot_id=boot_id, token_hash=token_hash,
                   now=self._now())

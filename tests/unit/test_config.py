@@ -16,6 +16,7 @@ def test_documented_example_config_is_valid():
     assert config.dhcp.subnet.pool == ("198.18.0.100", "198.18.0.199")
     assert config.dhcp.relayed[0].network == "198.18.10.0/24"
     assert config.http.port == 8080
+    assert (config.http.keepalive_timeout, config.http.body_timeout) == (15.0, 30.0)
     assert config.tftp.enabled is True
 
 
@@ -35,6 +36,8 @@ def test_documented_example_config_is_valid():
     ({"tftp": {"busy_poll": -1}}, "tftp.busy_poll must be between 0 and 0.001"),
     ({"tftp": {"lockstep_threads": 65}}, "tftp.lockstep_threads must be between 0 and 64"),
     ({"http": []}, "must be a table"),
+    ({"http": {"keepalive_timeout": 0}}, "http.keepalive_timeout must be between 0 and 3600"),
+    ({"http": {"body_timeout": 7200}}, "http.body_timeout must be between 0 and 3600"),
 ])
 def test_bad_settings_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):
