@@ -92,8 +92,10 @@ class HttpConfig:
     public_url: str | None = None
     # Idle and slow connections (configserver/http/limits.py): a connection that has not sent
     # a whole request head this many seconds after it opened or after its last answer is
-    # closed, and a request's body must arrive within body_timeout of its head.
-    keepalive_timeout: float = 15.0
+    # closed, and a request's body must arrive within body_timeout of its head. 20 s is longer
+    # than aiohttp's client keep-alive (15 s, the agents'), so that a client drops an idle
+    # connection before the server does and never sends on one being closed.
+    keepalive_timeout: float = 20.0
     body_timeout: float = 30.0
 
 

@@ -16,7 +16,7 @@ def test_documented_example_config_is_valid():
     assert config.dhcp.subnet.pool == ("198.18.0.100", "198.18.0.199")
     assert config.dhcp.relayed[0].network == "198.18.10.0/24"
     assert config.http.port == 8080
-    assert (config.http.keepalive_timeout, config.http.body_timeout) == (15.0, 30.0)
+    assert (config.http.keepalive_timeout, config.http.body_timeout) == (20.0, 30.0)
     assert config.tftp.enabled is True
 
 
