@@ -112,6 +112,13 @@ class HttpConfig:
     port: int = 8080
     # URL the nodes use to reach this server; default: the interface's address and port.
     public_url: str | None = None
+    # Idle and slow connections (configserver/http/limits.py): a connection that has not sent
+    # a whole request head this many seconds after it opened or after its last answer is
+    # closed, and a request's body must arrive within body_timeout of its head. 20 s is longer
+    # than aiohttp's client keep-alive (15 s, the agents'), so that a client drops an idle
+    # connection before the server does and never sends on one being closed.
+    keepalive_timeout: float = 20.0
+    body_timeout: float = 30.0
 
 
 @dataclass(frozen=True)
@@ -232,6 +239,11 @@ def _check(config: Any, prefix: str) -> None:
 
     if isinstance(config, (HttpConfig, TftpConfig)):
         port(config.port, "port")
+        if isinstance(config, HttpConfig):
+            for name in ("keepalive_timeout", "body_timeout"):
+                if not 0 < getattr(config, name) <= 3600:
+                    raise ConfigError(f"{prefix}{name} must be between 0 and 3600 seconds, "
+                                      f"not {getattr(config, name)}")
         if isinstance(config, TftpConfig) and not 0 <= config.busy_poll <= 0.001:
             raise ConfigError(f"{prefix}busy_poll must be between 0 and 0.001 seconds, "
                               f"not {config.busy_poll}")

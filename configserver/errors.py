@@ -85,6 +85,25 @@ class RoleInUse(Conflict):
     code = "role_in_use"
 
 
+class RequestTooLarge(NetbootError):
+    """A request body larger than its route takes (refused before it is read)."""
+
+    status = 413
+    code = "too_large"
+
+
+class RequestTimeout(NetbootError):
+    """A request whose body did not arrive in time."""
+
+    status = 408
+    code = "request_timeout"
+
+
+class ExpectationFailed(NetbootError):
+    status = 417
+    code = "expectation_failed"
+
+
 class Unauthorized(NetbootError):
     status = 401
     code = "unauthorized"

@@ -17,12 +17,14 @@ from pathlib import Path
 
 from aiohttp import web
 
+from configserver import statedir
 from configserver.config import DhcpMode, ServerConfig, Subnet
 from configserver.errors import ConfigError, StoreError
 from configserver.http.app import create_app
 from configserver.http.appkeys import CATALOG
 from configserver.http.boot import IPXE_DIR, RESOLVE_MAC
 from configserver.http.leaseapi import DHCP
+from configserver.http.limits import runner_options
 from configserver.netif import interface_ipv4
 from configserver.registry.sqlite import SqliteRegistry
 
@@ -38,25 +40,14 @@ def _read_secret(path: Path) -> str | None:
         raise StoreError(f"cannot read {path}: {exc}") from exc
 
 
-def _write_private(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` atomically, readable by its owner only (0600)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.{os.getpid()}")
-    fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as handle:
-        handle.write(text + "\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(partial, path)
-
-
 def ensure_admin_token(path: Path) -> str:
     """The admin token, generated at first start into the state directory (mode 0600)."""
     token = _read_secret(path)
     if token:
         return token
     token = secrets.token_urlsafe(32)
-    _write_private(path, token)
+    path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
+    statedir.write_private(path, token + "\n")
     log.info("generated admin token in %s", path)
     return token
 
@@ -74,7 +65,8 @@ def ensure_secret_key(path: Path) -> bytes:
         if len(key) >= 32:
             return key
     key = secrets.token_bytes(32)
-    _write_private(path, key.hex())
+    path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
+    statedir.write_private(path, key.hex() + "\n")
     log.info("generated the server's secret key in %s", path)
     return key
 
@@ -121,7 +113,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
     stop = stop or asyncio.Event()
     loop = asyncio.get_running_loop()
     async with AsyncExitStack() as stack:
-        config.state_dir.mkdir(parents=True, exist_ok=True)
+        statedir.prepare(config.state_dir)
         registry = SqliteRegistry(config.registry_path)
         stack.callback(registry.close)
         token = ensure_admin_token(config.token_path)
@@ -130,7 +122,8 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
             registry.set_unknown_mac_policy(config.unknown_mac)
 
         app = create_app(config, registry, token, secret_key=secret_key)
-        runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                               **runner_options(config.http))
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
         site = web.TCPSite(runner, config.http.listen, config.http.port,
@@ -182,7 +175,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
 
         endpoint = {"url": f"http://{_local(config.http.listen)}:{port}", "pid": os.getpid(),
                     "boot_url": http_base}
-        config.endpoint_path.write_text(json.dumps(endpoint) + "\n")
+        statedir.write_private(config.endpoint_path, json.dumps(endpoint) + "\n")
         stack.callback(_remove_endpoint, config.endpoint_path, os.getpid())
 
         for sig in (signal.SIGTERM, signal.SIGINT):

@@ -1,4 +1,10 @@
-"""Human-readable tables and details for the CLI (pure: data in, text out)."""
+"""Human-readable tables and details for the CLI (pure: data in, text out).
+
+Everything shown comes from the server, and much of it from the network: hostnames and vendor
+classes in DHCP requests, facts in boot-script query strings, agents' inventories. Every value
+passes through ``printable`` before it reaches the terminal, so none can move the cursor, set
+the window title or clear the screen.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +13,33 @@ from collections.abc import Sequence
 from typing import Any
 
 
+def printable(text: object, *, newlines: bool = False) -> str:
+    """``text`` with every character that a terminal would not simply show escaped.
+
+    C0 controls (ESC, BEL, CR, TAB...), DEL and C1 controls (CSI, OSC...), and so every
+    escape sequence, become ``\\xNN``; other invisible characters (bidirectional overrides,
+    zero-width ones, line separators) become ``\\uNNNN``. With ``newlines``, line breaks stay
+    (for text that is already made of lines); the result is always printable line by line.
+    """
+    text = str(text)
+    if text.isprintable():
+        return text
+    out = []
+    for char in text:
+        if char.isprintable() or (newlines and char == "\n"):
+            out.append(char)
+        elif ord(char) < 0x100:
+            out.append(f"\\x{ord(char):02x}")
+        elif ord(char) < 0x10000:
+            out.append(f"\\u{ord(char):04x}")
+        else:
+            out.append(f"\\U{ord(char):08x}")
+    return "".join(out)
+
+
 def table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    cells = [[str(h) for h in headers]] + [["-" if c in (None, "") else str(c) for c in r]
-                                           for r in rows]
+    cells = [[printable(h) for h in headers]] + [
+        ["-" if c in (None, "") else printable(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
                      for row in cells)
@@ -57,16 +87,37 @@ def node_details(node: dict[str, Any], now: float | None = None) -> str:
     timeline = node.get("timeline") or []
     if timeline:
         lines.append("Boot timeline:")
-        lines.extend(f"  +{item['offset']:8.3f}s  {item['stage']:<10} ({item['event']})"
-                     for item in timeline)
+        lines.extend(timeline_lines(timeline))
     events = node.get("events") or []
     if events:
         lines.append("Recent events:")
-        for event in events[-15:]:
-            stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-            detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
-            lines.append(f"  {stamp}  {event['stage']:<16} {detail}".rstrip())
-    return "\n".join(lines)
+        lines.extend(event_lines(events[-15:]))
+    return "\n".join(printable(line) for line in lines)
+
+
+def timeline_lines(timeline: Sequence[dict[str, Any]]) -> list[str]:
+    return [printable(f"  +{item['offset']:8.3f}s  {item['stage']:<10} ({item['event']})")
+            for item in timeline]
+
+
+def event_lines(events: Sequence[dict[str, Any]]) -> list[str]:
+    """One line per boot event: time, stage, details."""
+    lines = []
+    for event in events:
+        stamp = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+        detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
+        lines.append(printable(f"  {stamp}  {event['stage']:<16} {detail}".rstrip()))
+    return lines
+
+
+def node_events(answer: dict[str, Any]) -> str:
+    """``GET /api/v1/nodes/{mac}/events``: the boot timeline, then every event."""
+    lines = [f"Boot timeline of {answer['mac']}:" if answer.get("timeline") else
+             f"No boot timeline for {answer['mac']}"]
+    lines.extend(timeline_lines(answer.get("timeline") or []))
+    lines.append("Events:" if answer.get("events") else "No events")
+    lines.extend(event_lines(answer.get("events") or []))
+    return "\n".join(printable(line) for line in lines)
 
 
 def inventory_summary(inventory: dict[str, Any]) -> str:

@@ -12,6 +12,7 @@ import dataclasses
 import json
 import logging
 import os
+import resource
 import sys
 import tomllib
 import urllib.parse
@@ -72,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     lst.add_argument("--state", help="only machines in this state")
     show = nsub.add_parser("show", parents=[common], help="one machine, with its timeline")
     show.add_argument("mac")
+    events = nsub.add_parser("events", parents=[common], help="a machine's boot events")
+    events.add_argument("mac")
+    events.add_argument("--limit", type=int, default=500, help="newest N events (default 500)")
     set_ = nsub.add_parser("set", parents=[common], help="change a machine")
     set_.add_argument("mac")
     set_.add_argument("--role")
@@ -163,7 +167,9 @@ def main(argv: list[str] | None = None) -> int:
                                          token=os.environ.get("NETBOOT_ADMIN_TOKEN"))
         return COMMANDS[args.command](args, client)
     except NetbootError as exc:
-        print(exc.one_line("configserver"), file=sys.stderr)
+        from configserver.cli.format import printable
+
+        print(printable(exc.one_line("configserver")), file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         return 130
@@ -225,11 +231,27 @@ def _serve(args: argparse.Namespace, state_dir: Path) -> int:
     config = dataclasses.replace(server_config(args, state_dir),
                                  notify_socket=os.environ.get("NOTIFY_SOCKET"))
     log.info("configserver %s starting", __version__)
+    raise_open_files_limit()
     try:
         eventloop.run(lambda selector: _serve_async(config, selector))
     except OSError as exc:
         raise ConfigError(f"cannot serve: {exc}") from None
     return 0
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit: every HTTP connection and
+    every TFTP transfer holds a descriptor, and the usual soft limit of 1024 is soon reached
+    (systemd's LimitNOFILE= sets the hard one). Returns the limit now in force."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:  # Linux caps RLIMIT_NOFILE (fs.nr_open): neither is ever infinite
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+            soft = hard
+        except (ValueError, OSError) as exc:
+            log.warning("cannot raise the open files limit from %d to %d: %s", soft, hard, exc)
+    log.info("open files limit: %d", soft)
+    return soft
 
 
 async def _serve_async(config: ServerConfig, selector: PollingSelector) -> None:
@@ -242,10 +264,14 @@ async def _serve_async(config: ServerConfig, selector: PollingSelector) -> None:
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:
+    """Print ``data`` as JSON (``--json``: ASCII, every control character escaped) or ``text``
+    for people, in which no character from the network reaches the terminal raw."""
+    from configserver.cli.format import printable
+
     if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True))
+        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True))
     elif text:
-        print(text)
+        print(printable(text, newlines=True))
     return 0
 
 
@@ -276,6 +302,9 @@ def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
     if args.action == "show":
         node = client.get(f"/api/v1/nodes/{args.mac}")
         return _print(args, node, cliformat.node_details(node))
+    if args.action == "events":
+        answer = client.get(f"/api/v1/nodes/{args.mac}/events?limit={args.limit}")
+        return _print(args, answer, cliformat.node_events(answer))
     if args.action == "set":
         body = _node_body(args)
         if not body:

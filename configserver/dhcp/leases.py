@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from configserver import statedir
 from configserver.dhcp.errors import LeaseStoreError
 
 log = logging.getLogger(__name__)
@@ -69,7 +70,8 @@ class LeaseStore:
         self._flush_task: asyncio.Task[None] | None = None
         self._closed = False
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
+            statedir.private_file(self.path)  # its -wal and -shm files get the same mode
             self._db = sqlite3.connect(str(self.path), isolation_level=None,
                                        check_same_thread=False, timeout=10.0)
             self._db.execute("PRAGMA journal_mode=WAL")

@@ -8,7 +8,9 @@ Token rules (after Ironic's agent token):
   sent again (the first answer may have been lost on the way; knowing the nonce is as good as
   holding the token, since the token is ``HMAC(server key, mac|boot_id|nonce)``);
 * every heartbeat and inventory push must carry ``Authorization: Bearer <token>`` together with
-  the node's MAC and boot identifier in the body; anything else is 401;
+  the node's MAC and boot identifier in the body; anything else is 401. The token alone names
+  the session, so it is checked before any byte of the body is read (and before a client
+  sending ``Expect: 100-continue`` sends it), like the body's declared size;
 * a lookup with a new boot identifier (a reboot) replaces the old session only if it carries
   this boot's ticket (``configserver.http.tickets``: the boot script fetched after the old
   agent fell silent) and the old agent has stopped heartbeating; fetching a boot script or a
@@ -36,6 +38,7 @@ from typing import Any
 from aiohttp import web
 
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
+from configserver.http import limits
 from configserver.http.api import bearer_token
 from configserver.http.appkeys import CONFIG, REGISTRY, SECRET_KEY
 from configserver.http.tickets import ticket_time
@@ -48,6 +51,7 @@ _BOOT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 _NONCE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 _TICKET_FIELD = re.compile(r"^[0-9a-f.A-Za-z_-]{1,64}$")
 MAX_LOOKUP_MACS = 64
+MAX_BODY_BYTES = 64 * 1024  # lookups and heartbeats
 MAX_INVENTORY_BYTES = 4 * 1024 * 1024
 REFUSED = "no node matches this lookup"
 
@@ -140,18 +144,18 @@ def setup_agent_api(app: web.Application) -> None:
     """Add the agent routes and the background task that marks silent nodes lost."""
     if AGENT_API not in app:
         app[AGENT_API] = AgentApiState()
-    app.router.add_post("/api/v1/agent/lookup", lookup)
-    app.router.add_post("/api/v1/agent/heartbeat", heartbeat)
-    app.router.add_post("/api/v1/agent/inventory", push_inventory)
+    app.router.add_post("/api/v1/agent/lookup", lookup,
+                        expect_handler=limits.expect_handler(MAX_BODY_BYTES))
+    app.router.add_post("/api/v1/agent/heartbeat", heartbeat,
+                        expect_handler=limits.expect_handler(MAX_BODY_BYTES, _require_session))
+    app.router.add_post("/api/v1/agent/inventory", push_inventory,
+                        expect_handler=limits.expect_handler(MAX_INVENTORY_BYTES,
+                                                             _require_session))
     app.cleanup_ctx.append(_lost_node_sweeper)
 
 
-async def _json_body(request: web.Request, limit: int = 64 * 1024) -> dict[str, Any]:
-    if request.content_length is not None and request.content_length > limit:
-        raise InvalidRequest(f"request body larger than {limit} bytes")
-    body = await request.read()
-    if len(body) > limit:
-        raise InvalidRequest(f"request body larger than {limit} bytes")
+async def _json_body(request: web.Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    body = await limits.read_body(request, limit)
     try:
         data = json.loads(body or b"{}")
     except ValueError as exc:
@@ -256,33 +260,48 @@ async def lookup(request: web.Request) -> web.Response:
     return web.json_response(answer)
 
 
-def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:
-    """The node whose current token and boot identifier the request carries, else 401."""
+_SESSION = web.RequestKey("agent_session", AgentSession)
+_REFUSED_TOKEN = "invalid or missing agent token"
+_REFUSED_HINT = "look the node up again to get a token for this boot"
+
+
+async def _require_session(request: web.Request) -> None:
+    _session(request)
+
+
+def _session(request: web.Request) -> AgentSession:
+    """The agent session whose token the request carries, else 401; from the headers alone,
+    so before any byte of the body is read."""
+    if _SESSION in request:
+        return request[_SESSION]
     presented = bearer_token(request)
-    refused = Unauthorized("invalid or missing agent token",
-                           hint="look the node up again to get a token for this boot")
-    if presented is None:
-        raise refused
+    session = (request.app[REGISTRY].agent_session_by_token(hash_token(presented))
+               if presented is not None else None)
+    if session is None:
+        raise Unauthorized(_REFUSED_TOKEN, hint=_REFUSED_HINT)
+    request[_SESSION] = session
+    return session
+
+
+def _authenticate(request: web.Request, session: AgentSession, data: dict[str, Any]) -> Node:
+    """The session's node, if the body names it (any of its MACs) and the session's boot."""
+    refused = Unauthorized(_REFUSED_TOKEN, hint=_REFUSED_HINT)
     try:
         mac = normalize_mac(data.get("mac", ""))
         boot_id = _boot_id(data)
     except InvalidRequest:
         raise refused from None
-    registry = request.app[REGISTRY]
-    node = registry.lookup(mac)
-    session = registry.agent_session(mac) if node is not None else None
-    expected = session.token_hash if session and session.boot_id == boot_id else None
-    # Compare even when nothing is expected, so every refusal costs the same.
-    valid = hmac.compare_digest(hash_token(presented), expected or "0" * 64)
-    if node is None or expected is None or not valid:
+    node = request.app[REGISTRY].lookup(mac)
+    if node is None or node.mac != session.mac or boot_id != session.boot_id:
         raise refused
     return node
 
 
 async def heartbeat(request: web.Request) -> web.Response:
     """``POST /api/v1/agent/heartbeat`` ``{"mac", "boot_id", "status": {...}}`` + token."""
+    session = _session(request)
     data = await _json_body(request)
-    node = _authenticate(request, data)
+    node = _authenticate(request, session, data)
     status = data.get("status", {})
     if not isinstance(status, dict):
         raise InvalidRequest("status must be a JSON object")
@@ -294,8 +313,9 @@ async def heartbeat(request: web.Request) -> web.Response:
 
 async def push_inventory(request: web.Request) -> web.Response:
     """``POST /api/v1/agent/inventory`` ``{"mac", "boot_id", "inventory": {...}}`` + token."""
+    session = _session(request)
     data = await _json_body(request, MAX_INVENTORY_BYTES)
-    node = _authenticate(request, data)
+    node = _authenticate(request, session, data)
     inventory = data.get("inventory")
     if not isinstance(inventory, dict):
         raise InvalidRequest("inventory must be a JSON object")

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot, leaseapi
+from configserver.http import agentapi, api, boot, leaseapi, limits
 from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY, SECRET_KEY
 from configserver.images import ImageCatalog
 from configserver.registry import Registry
@@ -55,7 +55,8 @@ def create_app(config: ServerConfig, registry: Registry, admin_token: str, *,
     ``secret_key`` signs boot tickets and derives agent tokens; without one (tests) a random
     key lives as long as the application.
     """
-    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+    app = web.Application(middlewares=[limits.body_deadline, error_middleware],
+                          client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
     app[ADMIN_TOKEN] = admin_token

@@ -71,6 +71,10 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE TABLE settings (key TEXT PRIMARY KEY, value TEXT NOT NULL);
     """,
+    # Agent requests are authenticated by their token alone, before their body is read.
+    """
+    CREATE INDEX nodes_token_hash ON nodes(token_hash) WHERE token_hash IS NOT NULL;
+    """,
 )
 
 

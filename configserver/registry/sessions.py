@@ -33,6 +33,16 @@ def session(db: sqlite3.Connection, mac: str) -> AgentSession | None:
     return AgentSession(node, row["boot_id"], row["token_hash"], row["token_issued"] or 0)
 
 
+def by_token(db: sqlite3.Connection, token_hash: str) -> AgentSession | None:
+    """The session whose token hashes to ``token_hash`` (indexed), if exactly one does."""
+    rows = db.execute("SELECT mac, boot_id, token_hash, token_issued FROM nodes "
+                      "WHERE token_hash=? LIMIT 2", (token_hash,)).fetchall()
+    if len(rows) != 1 or rows[0]["boot_id"] is None:
+        return None
+    row = rows[0]
+    return AgentSession(row["mac"], row["boot_id"], row["token_hash"], row["token_issued"] or 0)
+
+
 def start(db: sqlite3.Connection, mac: str, boot_id: str, token_hash: str | None,
           now: float) -> None:
     node = _owner(db, mac)

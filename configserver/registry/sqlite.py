@@ -35,6 +35,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any, TypeVar
 
+from configserver import statedir
 from configserver.errors import DuplicateMac, StoreError, TooManyPending
 from configserver.model import (
     BUILTIN_ROLES,
@@ -122,7 +123,8 @@ class SqliteRegistry:
         self._cache = ReadCache()
         self._events_since_prune = 0
         try:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self.path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
+            statedir.private_file(self.path)  # its -wal and -shm files get the same mode
             db = self._connect()
             self._migrate(db)
         except (sqlite3.Error, OSError) as exc:
@@ -392,6 +394,9 @@ class SqliteRegistry:
 
     def agent_session(self, mac: str) -> AgentSession | None:
         return sessions.session(self._db(), mac)
+
+    def agent_session_by_token(self, token_hash: str) -> AgentSession | None:
+        return sessions.by_token(self._db(), token_hash)
 
     def start_agent_session(self, mac: str, boot_id: str, token_hash: str | None) -> None:
         self._run(sessions.start, mac=mac, boot_id=boot_id, token_hash=token_hash,

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -213,3 +214,28 @@ def test_node_purge_pending_and_lease_commands(server):
     leases = cli(server, "lease", "list", "--unknown")
     assert leases.returncode == 1 and "DHCP server is not running" in leases.stderr
     assert len(leases.stderr.strip().splitlines()) <= 2
+
+
+def test_cli_escapes_terminal_sequences_from_the_network(server):
+    """Facts from a boot request's query string reach `node show/list/events` escaped."""
+    title, clear = "\x1b]0;pwned\x07", "\x1b[2J"
+    assert cli(server, "settings", "--unknown-mac", "discover").returncode == 0
+    mac = "52:54:00:aa:bb:0e"
+    query = urllib.parse.urlencode({"manufacturer": title, "product": clear})
+    with urllib.request.urlopen(f"{server.url}/boot/{mac}.ipxe?{query}", timeout=5) as resp:
+        assert resp.status == 200
+    outputs = {args: cli(server, "node", *args) for args in
+               (("show", mac), ("list",), ("events", mac))}
+    for args, done in outputs.items():
+        assert done.returncode == 0, (args, done.stderr)
+        assert not any(c in done.stdout for c in "\x1b\x07\x9b"), (args, done.stdout)
+        assert all(line.isprintable() for line in done.stdout.splitlines()), args
+    for args in (("show", mac), ("events", mac)):
+        assert "\\x1b]0;pwned\\x07" in outputs[args].stdout, outputs[args].stdout
+        assert "\\x1b[2J" in outputs[args].stdout, outputs[args].stdout
+    assert mac in outputs[("list",)].stdout
+    shown = json.loads(cli(server, "node", "show", mac, "--json").stdout)
+    assert shown["facts"]["manufacturer"] == title and shown["facts"]["product"] == clear
+    events = json.loads(cli(server, "node", "events", mac, "--json").stdout)
+    assert [(e["detail"]["manufacturer"], e["detail"]["product"]) for e in events["events"]
+            if e["stage"] == "discovered"] == [(title, clear)]

@@ -166,6 +166,39 @@ async def test_inventory_push_needs_the_token_and_is_stored(client, registry):
     assert registry.inventory(MAC) == inventory
 
 
+async def test_a_refused_push_is_answered_before_its_body_is_read(client, registry):
+    # The token alone names the session: 401 (and 413 for a declared size over the limit)
+    # before the client, waiting for "100 Continue", has sent a byte of the body.
+    token = (await (await lookup(client)).json())["token"]
+    sent = []
+
+    async def body():
+        sent.append(1)
+        yield b'{"mac": "%s", "boot_id": "%s", "inventory": {}}' % (MAC.encode(), BOOT.encode())
+
+    refused = await client.post("/api/v1/agent/inventory", data=body(), expect100=True,
+                                headers={"Authorization": "Bearer nope",
+                                         "Content-Type": "application/json"})
+    assert refused.status == 401 and sent == []
+    oversized = await client.post(
+        "/api/v1/agent/inventory", data=b"x", expect100=True,
+        headers={"Authorization": f"Bearer {token}", "Content-Length": str(5 * 2**20)})
+    assert oversized.status == 413 and (await oversized.json())["code"] == "too_large"
+    accepted = await client.post("/api/v1/agent/inventory", data=body(), expect100=True,
+                                 headers={"Authorization": f"Bearer {token}",
+                                          "Content-Type": "application/json"})
+    assert accepted.status == 200 and sent == [1]
+    assert registry.inventory(MAC) == {}
+
+
+async def test_a_token_is_good_only_for_its_own_node_and_boot(client, registry):
+    registry.add_node(NodeSpec(mac=OTHER, role="storage", hostname="store2"))
+    token = (await (await lookup(client)).json())["token"]
+    assert (await heartbeat(client, token, mac=OTHER)).status == 401
+    assert (await heartbeat(client, token, boot_id="another-boot")).status == 401
+    assert (await heartbeat(client, token)).status == 200
+
+
 async def test_lookups_are_rate_limited_per_source(aiohttp_client, tmp_path, registry):
     app = make_app(tmp_path, registry)
     app[AGENT_API] = AgentApiState(limiter=LookupRateLimiter(rate=0.01, burst=3))

@@ -16,6 +16,7 @@ def test_documented_example_config_is_valid():
     assert config.dhcp.subnet.pool == ("198.18.0.100", "198.18.0.199")
     assert config.dhcp.relayed[0].network == "198.18.10.0/24"
     assert config.http.port == 8080
+    assert (config.http.keepalive_timeout, config.http.body_timeout) == (20.0, 30.0)
     assert config.tftp.enabled is True
 
 
@@ -38,6 +39,8 @@ def test_documented_example_config_is_valid():
      "tftp.max_inflight_per_client must be at least 512 bytes"),
     ({"tftp": {"silent_timeout": 0}}, "tftp.silent_timeout must be between 0 and 60"),
     ({"http": []}, "must be a table"),
+    ({"http": {"keepalive_timeout": 0}}, "http.keepalive_timeout must be between 0 and 3600"),
+    ({"http": {"body_timeout": 7200}}, "http.body_timeout must be between 0 and 3600"),
 ])
 def test_bad_settings_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):

@@ -371,6 +371,11 @@ def test_agent_sessions_and_inventories_through_any_nic(registry, clock):
     registry.set_inventory(MAC2, {"cpu": {"count": 4}})
     assert registry.inventory(MAC2) == registry.inventory(MAC1) == {"cpu": {"count": 4}}
     assert registry.inventory(MAC3) is None and registry.agent_session(MAC3) is None
+    # By its token's hash alone (an agent request's headers): the session, whichever NIC.
+    assert registry.agent_session_by_token("hash") == session
+    registry.start_agent_session(MAC1, "boot-3", "hash-3")
+    assert registry.agent_session_by_token("hash") is None
+    assert registry.agent_session_by_token("hash-3").boot_id == "boot-3"
     for write in (lambda: registry.start_agent_session(MAC3, "boot-1", "h"),
                   lambda: registry.record_heartbeat(MAC3, {}),
                   lambda: registry.set_inventory(MAC3, {})):
