@@ -90,6 +90,11 @@ class HttpConfig:
     port: int = 8080
     # URL the nodes use to reach this server; default: the interface's address and port.
     public_url: str | None = None
+    # The API (/api/v1) over TLS, with client certificates of our CA; plain HTTP serves only
+    # what firmware fetches.
+    https_port: int = 8443
+    # Until the node agent speaks HTTPS: its endpoints (/api/v1/agent/*) on plain HTTP too.
+    plain_agent_api: bool = True
 
 
 @dataclass(frozen=True)
@@ -118,8 +123,14 @@ class ServerConfig:
         return self.state_dir / "registry.sqlite"
 
     @property
-    def token_path(self) -> Path:
-        return self.state_dir / "admin.token"
+    def pki_dir(self) -> Path:
+        """The CA (ca.key, ca.pem) and the server's TLS certificate."""
+        return self.state_dir / "pki"
+
+    @property
+    def socket_path(self) -> Path:
+        """The local admin's unix socket (mode 0600): requests on it are the local admin."""
+        return self.state_dir / "api.sock"
 
     @property
     def endpoint_path(self) -> Path:
@@ -207,6 +218,8 @@ def _check(config: Any, prefix: str) -> None:
 
     if isinstance(config, (HttpConfig, TftpConfig)):
         port(config.port, "port")
+        if isinstance(config, HttpConfig):
+            port(config.https_port, "https_port")
         if isinstance(config, TftpConfig) and not 0 <= config.busy_poll <= 0.001:
             raise ConfigError(f"{prefix}busy_poll must be between 0 and 0.001 seconds, "
                               f"not {config.busy_poll}")

@@ -12,6 +12,12 @@ Token rules (after Ironic's agent token):
 * a lookup with a new boot identifier (a reboot) replaces the old token;
 * a lookup for an unknown MAC and one refused for any other reason get the same 404 answer;
 * lookups are rate-limited per source address by an in-memory token bucket.
+
+Enrollment (``POST /api/v1/agent/enroll``): the token of this boot, or the node's current
+client certificate (mTLS, to renew), buys a short-lived certificate for a CSR whose key the
+agent made in RAM. The certificate names the node and this boot (``Identity("node", mac,
+boot_id=...)``); from then on heartbeats and inventories may authenticate with it instead of
+the token, as long as its boot is the node's current agent session.
 """
 
 from __future__ import annotations
@@ -19,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import hmac
 import json
@@ -34,8 +41,10 @@ from aiohttp import web
 
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
 from configserver.http.api import bearer_token
-from configserver.http.appkeys import ADMIN_TOKEN, CONFIG, REGISTRY
+from configserver.http.appkeys import AUTHORITY, CONFIG, REGISTRY
+from configserver.http.auth import IDENTITY
 from configserver.model import Node, NodeState, normalize_mac
+from configserver.pki import Identity
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +53,8 @@ _NONCE = re.compile(r"^[A-Za-z0-9_-]{22,128}$")
 MAX_LOOKUP_MACS = 64
 MAX_INVENTORY_BYTES = 4 * 1024 * 1024
 REFUSED = "no node matches this lookup"
+NODE_CERT_LIFETIME = datetime.timedelta(hours=24)
+MAX_CSR_BYTES = 16 * 1024
 
 
 class LookupRateLimiter:
@@ -100,8 +111,8 @@ def derive_token(key: bytes, mac: str, boot_id: str, nonce: str) -> str:
 
 
 def _token_key(app: web.Application) -> bytes:
-    """The key tokens are derived with: from the admin token, so it survives restarts."""
-    return hashlib.sha256(b"netboot agent token key\0" + app[ADMIN_TOKEN].encode()).digest()
+    """The key tokens are derived with: from the CA's key, so it survives restarts."""
+    return app[AUTHORITY].derive_secret("netboot agent token key")
 
 
 def setup_agent_api(app: web.Application) -> None:
@@ -111,6 +122,7 @@ def setup_agent_api(app: web.Application) -> None:
     app.router.add_post("/api/v1/agent/lookup", lookup)
     app.router.add_post("/api/v1/agent/heartbeat", heartbeat)
     app.router.add_post("/api/v1/agent/inventory", push_inventory)
+    app.router.add_post("/api/v1/agent/enroll", enroll)
     app.cleanup_ctx.append(_lost_node_sweeper)
 
 
@@ -214,12 +226,13 @@ async def lookup(request: web.Request) -> web.Response:
 
 
 def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:
-    """The node whose current token and boot identifier the request carries, else 401."""
-    presented = bearer_token(request)
+    """The node whose current boot the request proves, else 401.
+
+    The proof is the node's client certificate for that boot (verified by TLS), or the
+    agent token of that boot with the node's MAC and boot identifier in the body.
+    """
     refused = Unauthorized("invalid or missing agent token",
                            hint="look the node up again to get a token for this boot")
-    if presented is None:
-        raise refused
     try:
         mac = normalize_mac(data.get("mac", ""))
         boot_id = _boot_id(data)
@@ -228,12 +241,52 @@ def _authenticate(request: web.Request, data: dict[str, Any]) -> Node:
     registry = request.app[REGISTRY]
     node = registry.lookup(mac)
     session = registry.agent_session(mac) if node is not None else None
+    identity = request.get(IDENTITY)
+    if identity is not None and identity.kind == "node":
+        if (node is None or session is None or identity.name != node.mac
+                or identity.boot_id != boot_id or session.boot_id != boot_id):
+            raise Unauthorized("this node certificate is not for the node's current boot",
+                               hint="enroll again with this boot's agent token")
+        return node
+    presented = bearer_token(request)
+    if presented is None:
+        raise refused
     expected = session.token_hash if session and session.boot_id == boot_id else None
     # Compare even when nothing is expected, so every refusal costs the same.
     valid = hmac.compare_digest(hash_token(presented), expected or "0" * 64)
     if node is None or expected is None or not valid:
         raise refused
     return node
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/enroll`` ``{"mac", "boot_id", "csr"}`` + token or node certificate.
+
+    Answers ``{"certificate", "ca", "not_after", "renew_after"}``. The certificate names the
+    node's registered addresses and hostname and the address the request came from.
+    """
+    data = await _json_body(request)
+    node = _authenticate(request, data)
+    csr = data.get("csr")
+    if not isinstance(csr, str) or len(csr) > MAX_CSR_BYTES:
+        raise InvalidRequest("csr must be a PEM certificate request")
+    boot_id = _boot_id(data)
+    sans = [node.hostname or "", *(nic.ip or "" for nic in node.nics), request.remote or ""]
+    authority = request.app[AUTHORITY]
+    issued = authority.sign_csr(csr.encode(), Identity("node", node.mac, boot_id=boot_id),
+                                NODE_CERT_LIFETIME, sans=[n for n in sans if n])
+    lifetime = NODE_CERT_LIFETIME.total_seconds()
+    identity = request.get(IDENTITY)
+    renewal = identity is not None and identity.kind == "node"
+    request.app[REGISTRY].record_event(node.mac, "agent.enroll", {
+        "boot_id": boot_id, "serial": f"{issued.serial:x}", "not_after": issued.not_after,
+        "renewal": renewal})
+    log.info("node certificate %x issued to %s for boot %s (%s, from %s)", issued.serial,
+             node.mac, boot_id, "renewal" if renewal else "token", request.remote)
+    return web.json_response({"certificate": issued.pem.decode(),
+                              "ca": authority.certificate_pem.decode(),
+                              "not_after": issued.not_after,
+                              "renew_after": issued.not_after - lifetime / 3})
 
 
 async def heartbeat(request: web.Request) -> web.Response:

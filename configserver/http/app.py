@@ -10,9 +10,11 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot
-from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY
+from configserver.http import agentapi, api, boot, usersapi
+from configserver.http.appkeys import API_BASE, AUTHORITY, CATALOG, CONFIG, REGISTRY, REVOCATIONS
+from configserver.http.auth import auth_middleware
 from configserver.images import ImageCatalog
+from configserver.pki import CertificateAuthority, Revocations
 from configserver.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -47,13 +49,22 @@ def _json_error(status: int, body: dict[str, object]) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def create_app(config: ServerConfig, registry: Registry, admin_token: str) -> web.Application:
-    """The whole HTTP side of the server; sockets and other services are the caller's."""
-    app = web.Application(middlewares=[error_middleware], client_max_size=16 * 1024 * 1024)
+def create_app(config: ServerConfig, registry: Registry, authority: CertificateAuthority, *,
+               api_base: str = "") -> web.Application:
+    """The whole HTTP side of the server; sockets and other services are the caller's.
+
+    One application serves every listener (plain HTTP, HTTPS, the unix socket); the
+    ``auth_middleware`` tells them apart. ``api_base`` is the HTTPS URL nodes use.
+    """
+    app = web.Application(middlewares=[error_middleware, auth_middleware],
+                          client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
-    app[ADMIN_TOKEN] = admin_token
+    app[AUTHORITY] = authority
+    app[API_BASE] = api_base.rstrip("/")
+    app[REVOCATIONS] = Revocations(registry.revoked_certificates(), clock=authority.now)
     app[CATALOG] = ImageCatalog(config.images_dir)
+    usersapi.setup_routes(app)
     api.setup_routes(app)
     boot.setup_routes(app)
     agentapi.setup_agent_api(app)

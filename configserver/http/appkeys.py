@@ -6,9 +6,14 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.images import ImageCatalog
+from configserver.pki import CertificateAuthority, Revocations
 from configserver.registry import Registry
 
 CONFIG = web.AppKey("config", ServerConfig)
 REGISTRY = web.AppKey("registry", Registry)
-ADMIN_TOKEN = web.AppKey("admin_token", str)
 CATALOG = web.AppKey("catalog", ImageCatalog)
+# The CA (its certificate is public: /boot/ca.pem) and the HTTPS base URL of the API, e.g.
+# https://198.18.0.1:8443, for the boot side to hand to nodes.
+AUTHORITY = web.AppKey("authority", CertificateAuthority)
+API_BASE = web.AppKey("api_base", str)
+REVOCATIONS = web.AppKey("revocations", Revocations)
