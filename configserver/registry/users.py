@@ -34,8 +34,10 @@ def add(db: sqlite3.Connection, name: str, *, kind: str, tenant: str | None, ser
     if row is not None and row["revoked"] is None:
         raise Conflict(f"user {name!r} exists",
                        hint=f"revoke it first ('configserver user revoke {name}')")
-    db.execute("INSERT OR REPLACE INTO users (name, kind, tenant, created, revoked) "
-               "VALUES (?,?,?,?,NULL)", (name, kind, tenant, now))
+    # An update, not a replace: a replace would cascade to the revoked certificates.
+    db.execute("INSERT INTO users (name, kind, tenant, created, revoked) VALUES (?,?,?,?,NULL) "
+               "ON CONFLICT(name) DO UPDATE SET kind=excluded.kind, tenant=excluded.tenant, "
+               "created=excluded.created, revoked=NULL", (name, kind, tenant, now))
     db.execute("INSERT INTO certificates (serial, user, issued, not_after) VALUES (?,?,?,?)",
                (f"{serial:x}", name, now, not_after))
     found = get(db, name)

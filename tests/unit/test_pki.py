@@ -44,7 +44,7 @@ def test_half_a_ca_is_refused_not_replaced(tmp_path):
     CertificateAuthority.load_or_create(tmp_path)
     key = (tmp_path / "ca.key").read_bytes()
     (tmp_path / "ca.pem").unlink()
-    with pytest.raises(StoreError, match="ca.pem") as refused:
+    with pytest.raises(StoreError, match=r"ca\.pem") as refused:
         CertificateAuthority.load_or_create(tmp_path)
     assert "ca.key and ca.pem" in refused.value.hint
     assert (tmp_path / "ca.key").read_bytes() == key
@@ -147,3 +147,25 @@ def test_the_server_certificate_follows_names_and_expiry(tmp_path):
     now[0] += 70 * 86400  # 20 of 90 days left: issued again
     ensure_server_certificate(ca, tmp_path, moved)
     assert cert_path.read_bytes() != second
+
+
+def test_users_in_the_registry_revoke_and_come_back(tmp_path):
+    from configserver.errors import Conflict, NotFound
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        user = registry.add_user("alice", "admin", None, 2**150 + 1, 1_900_000_000.0)
+        assert user.serial == 2**150 + 1 and user.revoked is None
+        with pytest.raises(Conflict):
+            registry.add_user("alice", "admin", None, 7, 1_900_000_000.0)
+        with pytest.raises(NotFound):
+            registry.revoke_user("nobody")
+        assert registry.revoke_user("alice").revoked is not None
+        assert [s for s, _ in registry.revoked_certificates()] == [2**150 + 1]
+        again = registry.add_user("alice", "tenant", "acme", 8, 1_900_000_000.0)
+        assert (again.kind, again.tenant, again.serial, again.revoked) == ("tenant", "acme",
+                                                                           8, None)
+        assert [s for s, _ in registry.revoked_certificates()] == [2**150 + 1]
+    finally:
+        registry.close()
