@@ -119,6 +119,11 @@ class HttpConfig:
     # connection before the server does and never sends on one being closed.
     keepalive_timeout: float = 20.0
     body_timeout: float = 30.0
+    # The API (/api/v1) over TLS, with client certificates of our CA; plain HTTP serves only
+    # what firmware fetches.
+    https_port: int = 8443
+    # Until the node agent speaks HTTPS: its endpoints (/api/v1/agent/*) on plain HTTP too.
+    plain_agent_api: bool = True
 
 
 @dataclass(frozen=True)
@@ -150,8 +155,14 @@ class ServerConfig:
         return self.state_dir / "registry.sqlite"
 
     @property
-    def token_path(self) -> Path:
-        return self.state_dir / "admin.token"
+    def pki_dir(self) -> Path:
+        """The CA (ca.key, ca.pem) and the server's TLS certificate."""
+        return self.state_dir / "pki"
+
+    @property
+    def socket_path(self) -> Path:
+        """The local admin's unix socket (mode 0600): requests on it are the local admin."""
+        return self.state_dir / "api.sock"
 
     @property
     def endpoint_path(self) -> Path:
@@ -244,6 +255,7 @@ def _check(config: Any, prefix: str) -> None:
                 if not 0 < getattr(config, name) <= 3600:
                     raise ConfigError(f"{prefix}{name} must be between 0 and 3600 seconds, "
                                       f"not {getattr(config, name)}")
+            port(config.https_port, "https_port")
         if isinstance(config, TftpConfig) and not 0 <= config.busy_poll <= 0.001:
             raise ConfigError(f"{prefix}busy_poll must be between 0 and 0.001 seconds, "
                               f"not {config.busy_poll}")

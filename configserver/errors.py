@@ -140,3 +140,25 @@ class StoreError(NetbootError):
 
     status = 500
     code = "store_error"
+
+
+class Forbidden(NetbootError):
+    """Authenticated, but this identity may not do that."""
+
+    status = 403
+    code = "forbidden"
+
+
+class HttpsRequired(NetbootError):
+    """The API was asked over plain HTTP, which serves only what firmware fetches."""
+
+    status = 403
+    code = "https_required"
+
+
+class InvalidCsr(InvalidRequest):
+    code = "invalid_csr"
+
+
+class WeakKey(InvalidCsr):
+    code = "weak_key"

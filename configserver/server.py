@@ -25,7 +25,9 @@ from configserver.http.appkeys import CATALOG
 from configserver.http.boot import IPXE_DIR, RESOLVE_MAC
 from configserver.http.leaseapi import DHCP
 from configserver.http.limits import runner_options
+from configserver.listeners import https_listener, renew_server_certificate, unix_listener
 from configserver.netif import interface_ipv4
+from configserver.pki import CertificateAuthority
 from configserver.registry.sqlite import SqliteRegistry
 
 log = logging.getLogger(__name__)
@@ -38,18 +40,6 @@ def _read_secret(path: Path) -> str | None:
         return None
     except OSError as exc:
         raise StoreError(f"cannot read {path}: {exc}") from exc
-
-
-def ensure_admin_token(path: Path) -> str:
-    """The admin token, generated at first start into the state directory (mode 0600)."""
-    token = _read_secret(path)
-    if token:
-        return token
-    token = secrets.token_urlsafe(32)
-    path.parent.mkdir(mode=statedir.DIR_MODE, parents=True, exist_ok=True)
-    statedir.write_private(path, token + "\n")
-    log.info("generated admin token in %s", path)
-    return token
 
 
 def ensure_secret_key(path: Path) -> bytes:
@@ -116,16 +106,30 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
         statedir.prepare(config.state_dir)
         registry = SqliteRegistry(config.registry_path)
         stack.callback(registry.close)
-        token = ensure_admin_token(config.token_path)
         secret_key = ensure_secret_key(config.state_dir / "server.key")
         if config.unknown_mac is not None:
             registry.set_unknown_mac_policy(config.unknown_mac)
+        authority = await asyncio.to_thread(CertificateAuthority.load_or_create,
+                                            config.pki_dir)
+        https = await https_listener(config, authority, address)
+        stack.callback(https.sock.close)
+        log.info("HTTPS API on %s:%d (%s), CA %s", config.http.listen, https.port,
+                 https.api_base, authority.fingerprint)
+        local = unix_listener(config.socket_path)
+        stack.callback(local.close)
+        stack.callback(_remove_socket, config.socket_path, os.stat(config.socket_path).st_ino)
 
-        app = create_app(config, registry, token, secret_key=secret_key)
+        app = create_app(config, registry, authority, api_base=https.api_base,
+                         secret_key=secret_key)
         runner = web.AppRunner(app, access_log=None, handle_signals=False,
                                **runner_options(config.http))
         await runner.setup()
         stack.push_async_callback(runner.cleanup)
+        for sock, context in ((https.sock, https.context), (local, None)):
+            await web.SockSite(runner, sock, ssl_context=context, backlog=1024).start()
+        renewal = asyncio.create_task(renew_server_certificate(config, authority, https),
+                                      name="server-certificate-renewal")
+        stack.callback(renewal.cancel)
         site = web.TCPSite(runner, config.http.listen, config.http.port,
                            reuse_address=True, backlog=1024)
         try:
@@ -173,7 +177,10 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
                                     expect_event=expect_event)
             stack.push_async_callback(tftp.close)
 
-        endpoint = {"url": f"http://{_local(config.http.listen)}:{port}", "pid": os.getpid(),
+        endpoint = {"url": f"https://{_local(config.http.listen)}:{https.port}",
+                    "socket": str(config.socket_path), "api_base": https.api_base,
+                    "http_url": f"http://{_local(config.http.listen)}:{port}",
+                    "ca_fingerprint": authority.fingerprint, "pid": os.getpid(),
                     "boot_url": http_base}
         statedir.write_private(config.endpoint_path, json.dumps(endpoint) + "\n")
         stack.callback(_remove_endpoint, config.endpoint_path, os.getpid())
@@ -196,6 +203,12 @@ def _tftp_on(config: ServerConfig) -> bool:
 
 def _local(listen: str) -> str:
     return "127.0.0.1" if listen in ("0.0.0.0", "", "::") else listen
+
+
+def _remove_socket(path: Path, inode: int) -> None:
+    with contextlib.suppress(OSError):
+        if os.stat(path).st_ino == inode:  # not another server's socket since
+            path.unlink()
 
 
 def _remove_endpoint(path: Path, pid: int) -> None:

@@ -106,3 +106,26 @@ def _no_subprocess_in_unit_tests(request, monkeypatch):
 
 class ProcessBanned(BaseException):
     """Raised when a unit test starts a process (a BaseException so no handler hides it)."""
+
+
+@pytest.fixture
+def pki(tmp_path):
+    """A CA of its own for the test (tests/pkitest.py)."""
+    from pkitest import Pki
+
+    return Pki(tmp_path)
+
+
+@pytest.fixture
+async def serve_split(aiohttp_client, pki):
+    """``await serve_split(app[, identity])``: a SplitClient (tests/pkitest.py) of ``app``."""
+    from pkitest import ADMIN, split_client
+
+    sessions: list = []
+
+    async def start(app, identity=ADMIN):
+        return await split_client(aiohttp_client, app, pki, identity, cleanup=sessions)
+
+    yield start
+    for session in sessions:
+        await session.close()

@@ -1,8 +1,10 @@
 """``configserver``: the only place that reads argv, the environment and config files.
 
-Every command but ``serve`` talks to the running server through its API; on the server host the
-state directory tells where it listens and holds the admin token, so no other credential is
-needed. Errors are one line with a hint and a non-zero exit, never a traceback.
+Every command but ``serve`` talks to the running server through its API: on the server host over
+the state directory's unix socket (the local admin, no credential needed), from elsewhere over
+HTTPS with a client certificate (``--server https://HOST:8443 --cert --key --ca`` or
+``--bundle DIR``, or the same as $NETBOOT_SERVER, $NETBOOT_CERT, $NETBOOT_KEY, $NETBOOT_CA,
+$NETBOOT_BUNDLE). Errors are one line with a hint and a non-zero exit, never a traceback.
 """
 
 from __future__ import annotations
@@ -20,10 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from configserver import __version__, eventloop
+from configserver.cli import users
 from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
 from configserver.errors import ConfigError, NetbootError
 from configserver.eventloop import PollingSelector
-from configserver.http.client import ApiClient
+from configserver.http.client import ApiClient, Credentials
 from configserver.inventory import format_inventory, parse_inventory
 
 log = logging.getLogger("configserver")
@@ -35,7 +38,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"state directory (default {DEFAULT_STATE_DIR}, "
                              "or $NETBOOT_STATE_DIR)")
     common.add_argument("--server", default=argparse.SUPPRESS,
-                        help="API URL (default: the server running on the state directory)")
+                        help="API URL, https://HOST:8443 (default: the server running on the "
+                             "state directory, through its unix socket)")
+    common.add_argument("--cert", type=Path, default=argparse.SUPPRESS,
+                        help="client certificate (PEM) for --server")
+    common.add_argument("--key", type=Path, default=argparse.SUPPRESS,
+                        help="its private key (PEM)")
+    common.add_argument("--ca", type=Path, default=argparse.SUPPRESS,
+                        help="the server's CA certificate (PEM)")
+    common.add_argument("--bundle", type=Path, default=argparse.SUPPRESS, metavar="DIR",
+                        help="a directory made by 'user add' (NAME.pem, NAME.key, ca.pem)")
     common.add_argument("--json", action="store_true", default=argparse.SUPPRESS,
                         help="print JSON")
 
@@ -50,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
                                                    "if present)")
     serve.add_argument("--images", type=Path, help="images directory (default build/images)")
     serve.add_argument("--http-port", type=int)
+    serve.add_argument("--https-port", type=int, help="HTTPS API port (default 8443)")
     serve.add_argument("--listen", help="HTTP listen address (default 0.0.0.0)")
     serve.add_argument("--public-url", help="URL nodes use to reach this server")
     serve.add_argument("--interface", help="serving interface for DHCP and TFTP")
@@ -120,6 +133,7 @@ def build_parser() -> argparse.ArgumentParser:
     settings = sub.add_parser("settings", parents=[common], help="show or change settings")
     settings.add_argument("--unknown-mac", choices=["ignore", "discover"])
     sub.add_parser("images", parents=[common], help="list the images the server can boot")
+    users.add_parser(sub, common)
     farm = sub.add_parser("farm", help="QEMU test farm (up, status, down)", add_help=False)
     farm.add_argument("farm_args", nargs=argparse.REMAINDER)
     return parser
@@ -163,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return _serve(args, state_dir)
-        client = ApiClient.for_state_dir(state_dir, url=getattr(args, "server", None),
-                                         token=os.environ.get("NETBOOT_ADMIN_TOKEN"))
+        url = getattr(args, "server", None) or os.environ.get("NETBOOT_SERVER") or None
+        client = ApiClient.for_state_dir(state_dir, url=url, credentials=_credentials(args))
         return COMMANDS[args.command](args, client)
     except NetbootError as exc:
         from configserver.cli.format import printable
@@ -175,13 +189,28 @@ def main(argv: list[str] | None = None) -> int:
         return 130
 
 
+def _credentials(args: argparse.Namespace) -> Credentials | None:
+    """The client certificate of the command line, else of the environment."""
+    def given(option: str) -> Path | None:
+        value = getattr(args, option, None) or os.environ.get(f"NETBOOT_{option.upper()}")
+        return Path(value) if value else None
+
+    bundle = given("bundle")
+    found = Credentials.from_bundle(bundle) if bundle else Credentials()
+    cert, key, ca = given("cert"), given("key"), given("ca")
+    if cert and not key:
+        raise ConfigError("--cert needs --key", hint="or pass --bundle DIR")
+    result = Credentials(cert or found.cert, key or found.key, ca or found.ca)
+    return result if any((result.cert, result.key, result.ca)) else None
+
+
 def _command_word(argv: list[str]) -> int | None:
     """Index of the first word that is not an option or an option's value."""
     skip = False
     for index, word in enumerate(argv):
         if skip:
             skip = False
-        elif word in ("--state-dir", "--server"):
+        elif word in ("--state-dir", "--server", "--cert", "--key", "--ca", "--bundle"):
             skip = True
         elif not word.startswith("-"):
             return index
@@ -206,6 +235,7 @@ def server_config(args: argparse.Namespace, state_dir: Path) -> ServerConfig:
     http, dhcp, tftp = (data.setdefault(k, {}) for k in ("http", "dhcp", "tftp"))
     overrides = [
         (data, "images_dir", args.images), (http, "port", args.http_port),
+        (http, "https_port", args.https_port),
         (http, "listen", args.listen), (http, "public_url", args.public_url),
         (data, "interface", args.interface), (dhcp, "mode", args.dhcp),
         (tftp, "enabled", args.tftp), (tftp, "port", args.tftp_port),
@@ -399,4 +429,5 @@ def cmd_images(args: argparse.Namespace, client: ApiClient) -> int:
 
 
 COMMANDS = {"node": cmd_node, "lease": cmd_lease, "role": cmd_role, "apply": cmd_apply,
-            "export": cmd_export, "settings": cmd_settings, "images": cmd_images}
+            "export": cmd_export, "settings": cmd_settings, "images": cmd_images,
+            "user": users.cmd_user}

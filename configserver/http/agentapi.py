@@ -17,6 +17,12 @@ Token rules (after Ironic's agent token):
   DHCP exchange never moves a node's session;
 * a lookup for an unknown MAC and one refused for any other reason get the same 404 answer;
 * lookups are rate-limited per source address by an in-memory token bucket.
+
+Enrollment (``POST /api/v1/agent/enroll``): the token of this boot, or the node's current
+client certificate (mTLS, to renew), buys a short-lived certificate for a CSR whose key the
+agent made in RAM. The certificate names the node and this boot (``Identity("node", mac,
+boot_id=...)``); from then on heartbeats and inventories may authenticate with it instead of
+the token, as long as its boot is the node's current agent session.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import datetime
 import hashlib
 import hmac
 import json
@@ -40,9 +47,11 @@ from aiohttp import web
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
 from configserver.http import limits
 from configserver.http.api import bearer_token
-from configserver.http.appkeys import CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.appkeys import AUTHORITY, CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.auth import IDENTITY
 from configserver.http.tickets import ticket_time
 from configserver.model import Node, NodeState, normalize_mac
+from configserver.pki import Identity
 from configserver.registry import AgentSession
 
 log = logging.getLogger(__name__)
@@ -54,6 +63,8 @@ MAX_LOOKUP_MACS = 64
 MAX_BODY_BYTES = 64 * 1024  # lookups and heartbeats
 MAX_INVENTORY_BYTES = 4 * 1024 * 1024
 REFUSED = "no node matches this lookup"
+NODE_CERT_LIFETIME = datetime.timedelta(hours=24)
+MAX_CSR_BYTES = 16 * 1024
 
 
 class LookupRateLimiter:
@@ -110,8 +121,9 @@ def derive_token(key: bytes, mac: str, boot_id: str, nonce: str) -> str:
 
 
 def _token_key(app: web.Application) -> bytes:
-    """The key tokens are derived with: from the server's key, so it survives restarts."""
-    return hashlib.sha256(b"netboot agent token key\0" + app[SECRET_KEY]).digest()
+    """The key tokens are derived with: from the CA's key, so it survives restarts."""
+    return app[AUTHORITY].derive_secret("netboot agent token key")
+
 
 
 def heartbeat_is_fresh(node: Node, heartbeat_interval: float, now: float) -> bool:
@@ -151,6 +163,8 @@ def setup_agent_api(app: web.Application) -> None:
     app.router.add_post("/api/v1/agent/inventory", push_inventory,
                         expect_handler=limits.expect_handler(MAX_INVENTORY_BYTES,
                                                              _require_session))
+    app.router.add_post("/api/v1/agent/enroll", enroll,
+                        expect_handler=limits.expect_handler(MAX_BODY_BYTES, _require_session))
     app.cleanup_ctx.append(_lost_node_sweeper)
 
 
@@ -270,15 +284,24 @@ async def _require_session(request: web.Request) -> None:
 
 
 def _session(request: web.Request) -> AgentSession:
-    """The agent session whose token the request carries, else 401; from the headers alone,
-    so before any byte of the body is read."""
+    """The agent session the request proves, else 401: the node's client certificate for its
+    current boot (verified by TLS), or that boot's agent token. From the headers alone, so
+    before any byte of the body is read."""
     if _SESSION in request:
         return request[_SESSION]
-    presented = bearer_token(request)
-    session = (request.app[REGISTRY].agent_session_by_token(hash_token(presented))
-               if presented is not None else None)
-    if session is None:
-        raise Unauthorized(_REFUSED_TOKEN, hint=_REFUSED_HINT)
+    identity = request.get(IDENTITY)
+    registry = request.app[REGISTRY]
+    if identity is not None and identity.kind == "node":
+        session = registry.agent_session(identity.name)
+        if session is None or session.mac != identity.name or session.boot_id != identity.boot_id:
+            raise Unauthorized("this node certificate is not for the node's current boot",
+                               hint="enroll again with this boot's agent token")
+    else:
+        presented = bearer_token(request)
+        session = (registry.agent_session_by_token(hash_token(presented))
+                   if presented is not None else None)
+        if session is None:
+            raise Unauthorized(_REFUSED_TOKEN, hint=_REFUSED_HINT)
     request[_SESSION] = session
     return session
 
@@ -295,6 +318,37 @@ def _authenticate(request: web.Request, session: AgentSession, data: dict[str, A
     if node is None or node.mac != session.mac or boot_id != session.boot_id:
         raise refused
     return node
+
+
+async def enroll(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/enroll`` ``{"mac", "boot_id", "csr"}`` + token or node certificate.
+
+    Answers ``{"certificate", "ca", "not_after", "renew_after"}``. The certificate names the
+    node's registered addresses and hostname and the address the request came from.
+    """
+    session = _session(request)
+    data = await _json_body(request)
+    node = _authenticate(request, session, data)
+    csr = data.get("csr")
+    if not isinstance(csr, str) or len(csr) > MAX_CSR_BYTES:
+        raise InvalidRequest("csr must be a PEM certificate request")
+    boot_id = _boot_id(data)
+    sans = [node.hostname or "", *(nic.ip or "" for nic in node.nics), request.remote or ""]
+    authority = request.app[AUTHORITY]
+    issued = authority.sign_csr(csr.encode(), Identity("node", node.mac, boot_id=boot_id),
+                                NODE_CERT_LIFETIME, sans=[n for n in sans if n])
+    lifetime = NODE_CERT_LIFETIME.total_seconds()
+    identity = request.get(IDENTITY)
+    renewal = identity is not None and identity.kind == "node"
+    request.app[REGISTRY].record_event(node.mac, "agent.enroll", {
+        "boot_id": boot_id, "serial": f"{issued.serial:x}", "not_after": issued.not_after,
+        "renewal": renewal})
+    log.info("node certificate %x issued to %s for boot %s (%s, from %s)", issued.serial,
+             node.mac, boot_id, "renewal" if renewal else "token", request.remote)
+    return web.json_response({"certificate": issued.pem.decode(),
+                              "ca": authority.certificate_pem.decode(),
+                              "not_after": issued.not_after,
+                              "renew_after": issued.not_after - lifetime / 3})
 
 
 async def heartbeat(request: web.Request) -> web.Response:

@@ -11,9 +11,19 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot, leaseapi, limits
-from configserver.http.appkeys import ADMIN_TOKEN, CATALOG, CONFIG, REGISTRY, SECRET_KEY
+from configserver.http import agentapi, api, boot, leaseapi, limits, usersapi
+from configserver.http.appkeys import (
+    API_BASE,
+    AUTHORITY,
+    CATALOG,
+    CONFIG,
+    REGISTRY,
+    REVOCATIONS,
+    SECRET_KEY,
+)
+from configserver.http.auth import auth_middleware
 from configserver.images import ImageCatalog
+from configserver.pki import CertificateAuthority, Revocations
 from configserver.registry import Registry
 
 log = logging.getLogger(__name__)
@@ -48,21 +58,27 @@ def _json_error(status: int, body: dict[str, object]) -> web.Response:
     return web.json_response(body, status=status)
 
 
-def create_app(config: ServerConfig, registry: Registry, admin_token: str, *,
-               secret_key: bytes | None = None) -> web.Application:
+def create_app(config: ServerConfig, registry: Registry, authority: CertificateAuthority, *,
+               api_base: str = "", secret_key: bytes | None = None) -> web.Application:
     """The whole HTTP side of the server; sockets and other services are the caller's.
 
-    ``secret_key`` signs boot tickets and derives agent tokens; without one (tests) a random
-    key lives as long as the application.
+    One application serves every listener (plain HTTP, HTTPS, the unix socket); the
+    ``auth_middleware`` tells them apart. ``api_base`` is the HTTPS URL nodes use.
+    ``secret_key`` signs boot tickets; without one (tests) a random key lives as long as the
+    application.
     """
-    app = web.Application(middlewares=[limits.body_deadline, error_middleware],
+    app = web.Application(middlewares=[limits.body_deadline, error_middleware,
+                                       auth_middleware],
                           client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
-    app[ADMIN_TOKEN] = admin_token
+    app[AUTHORITY] = authority
+    app[API_BASE] = api_base.rstrip("/")
+    app[REVOCATIONS] = Revocations(registry.revoked_certificates(), clock=authority.now)
     app[SECRET_KEY] = secret_key or secrets.token_bytes(32)
     app[CATALOG] = ImageCatalog(config.images_dir)
     leaseapi.setup_routes(app)  # before api's /nodes/{mac}
+    usersapi.setup_routes(app)
     api.setup_routes(app)
     boot.setup_routes(app)
     agentapi.setup_agent_api(app)

@@ -6,11 +6,16 @@ from aiohttp import web
 
 from configserver.config import ServerConfig
 from configserver.images import ImageCatalog
+from configserver.pki import CertificateAuthority, Revocations
 from configserver.registry import Registry
 
 CONFIG = web.AppKey("config", ServerConfig)
 REGISTRY = web.AppKey("registry", Registry)
-ADMIN_TOKEN = web.AppKey("admin_token", str)
-# Signs boot tickets and derives agent tokens; made at first start, kept in the state dir.
+# Signs boot tickets; made at first start, kept in the state dir.
 SECRET_KEY = web.AppKey("secret_key", bytes)
 CATALOG = web.AppKey("catalog", ImageCatalog)
+# The CA (its certificate is public: /boot/ca.pem) and the HTTPS base URL of the API, e.g.
+# https://198.18.0.1:8443, for the boot side to hand to nodes.
+AUTHORITY = web.AppKey("authority", CertificateAuthority)
+API_BASE = web.AppKey("api_base", str)
+REVOCATIONS = web.AppKey("revocations", Revocations)

@@ -41,6 +41,25 @@ class AgentSession:
     issued: float
 
 
+@dataclass(frozen=True)
+class User:
+    """A person with a client certificate: an admin, or a user of one tenant."""
+
+    name: str
+    kind: str
+    tenant: str | None
+    created: float
+    revoked: float | None
+    serial: int | None  # of the newest certificate
+    not_after: float | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "tenant": self.tenant,
+                "created": self.created, "revoked": self.revoked,
+                "serial": None if self.serial is None else f"{self.serial:x}",
+                "not_after": self.not_after}
+
+
 class Registry(Protocol):
     # Hot path: what the protocol servers ask.
     def lookup(self, mac: str) -> Node | None: ...
@@ -79,8 +98,16 @@ class Registry(Protocol):
     def inventory(self, mac: str) -> dict[str, Any] | None: ...
     def mark_lost(self, silent_since: float) -> list[str]: ...
 
+    # Users and their certificates.
+    def add_user(self, name: str, kind: str, tenant: str | None, serial: int,
+                 not_after: float) -> User: ...
+    def users(self) -> list[User]: ...
+    def user(self, name: str) -> User | None: ...
+    def revoke_user(self, name: str) -> User: ...
+    def revoked_certificates(self) -> list[tuple[int, float]]: ...
+
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
-__all__ = ["AgentSession", "Registry"]
+__all__ = ["AgentSession", "Registry", "User"]

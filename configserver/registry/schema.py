@@ -75,6 +75,24 @@ MIGRATIONS: tuple[str, ...] = (
     """
     CREATE INDEX nodes_token_hash ON nodes(token_hash) WHERE token_hash IS NOT NULL;
     """,
+    # 3: users and the client certificates issued to them (serials as hex text: 159 bits).
+    """
+    CREATE TABLE users (
+        name TEXT PRIMARY KEY,
+        kind TEXT NOT NULL,
+        tenant TEXT,
+        created REAL NOT NULL,
+        revoked REAL
+    );
+    CREATE TABLE certificates (
+        serial TEXT PRIMARY KEY,
+        user TEXT NOT NULL REFERENCES users(name) ON DELETE CASCADE,
+        issued REAL NOT NULL,
+        not_after REAL NOT NULL,
+        revoked REAL
+    );
+    CREATE INDEX certificates_user ON certificates(user);
+    """,
 )
 
 

@@ -49,7 +49,7 @@ from configserver.model import (
     UnknownMacPolicy,
     normalize_mac,
 )
-from configserver.registry import AgentSession, nodes, sessions
+from configserver.registry import AgentSession, User, nodes, sessions, users
 from configserver.registry import events as boot_events
 from configserver.registry.cache import ReadCache
 from configserver.registry.events import EVENTS_KEPT_PER_NODE, PRUNE_AFTER, PrunePass
@@ -413,6 +413,25 @@ class SqliteRegistry:
 
     def mark_lost(self, silent_since: float) -> list[str]:
         return self._run(sessions.mark_lost, silent_since=silent_since, now=self._now())
+
+    # -- users ------------------------------------------------------------------------------
+
+    def add_user(self, name: str, kind: str, tenant: str | None, serial: int,
+                 not_after: float) -> User:
+        return self._run(users.add, name=name, kind=kind, tenant=tenant, serial=serial,
+                         not_after=not_after, now=self._now())
+
+    def users(self) -> list[User]:
+        return users.list_all(self._db())
+
+    def user(self, name: str) -> User | None:
+        return users.get(self._db(), name)
+
+    def revoke_user(self, name: str) -> User:
+        return self._run(users.revoke, name=name, now=self._now())
+
+    def revoked_certificates(self) -> list[tuple[int, float]]:
+        return users.revoked(self._db())
 
 
 __all__ = ["MAX_PENDING", "MIGRATIONS", "SqliteRegistry"]

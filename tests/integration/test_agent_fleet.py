@@ -22,6 +22,9 @@ import netlab
 import pytest
 from netlab import wait_for
 
+from configserver.errors import NetbootError
+from configserver.http.client import ApiClient
+
 pytestmark = pytest.mark.integration
 
 HEARTBEAT = 1.0
@@ -48,6 +51,7 @@ class Server:
         self.state = root / "state"
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
+        self.https_port = free_port()
         (root / "images").mkdir(parents=True, exist_ok=True)
         dom0 = root / "images" / "dom0"
         dom0.mkdir(exist_ok=True)
@@ -62,7 +66,8 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "configserver", "serve", "--config", str(self.config),
              "--state-dir", str(self.state), "--images", str(self.root / "images"),
-             "--http-port", str(self.port), "--listen", "127.0.0.1", "--tftp", "off"],
+             "--http-port", str(self.port), "--https-port", str(self.https_port),
+             "--listen", "127.0.0.1", "--tftp", "off"],
             stdout=self.log, stderr=self.log)
         netlab.wait_for(self._healthy, 30, "the server to answer", step=0.05,
                         process=self.proc, log=self.root / "server.log")
@@ -70,7 +75,7 @@ class Server:
     def _healthy(self) -> bool:
         try:
             self.get("/api/v1/health")
-        except OSError:
+        except NetbootError:
             return False
         return True
 
@@ -87,11 +92,10 @@ class Server:
         return done
 
     def get(self, path: str, timeout: float = 10.0):
-        token = (self.state / "admin.token").read_text().strip()
-        request = urllib.request.Request(self.url + path,
-                                         headers={"Authorization": f"Bearer {token}"})
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return json.load(response)
+        """As the local admin, over the state directory's unix socket."""
+        client = ApiClient.for_state_dir(self.state)
+        client.timeout = timeout
+        return client.get(path)
 
     def post(self, path: str, body: dict, token: str | None = None) -> tuple[int, dict]:
         headers = {"Content-Type": "application/json"}

@@ -35,7 +35,8 @@ class Server:
         began = time.monotonic()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "configserver", "serve", "--state-dir", str(self.state),
-             "--images", str(self.images), "--http-port", "0", "--listen", "127.0.0.1"],
+             "--images", str(self.images), "--http-port", "0", "--https-port", "0",
+             "--listen", "127.0.0.1"],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             netlab.wait_for(endpoint.exists, 20, "the server to start", step=0.02,
@@ -44,7 +45,8 @@ class Server:
             exited = self.proc.poll() is not None  # only then does reading stderr end
             raise AssertionError(f"{exc}: {self.proc.stderr.read() if exited else ''}") from None
         self.startup = time.monotonic() - began
-        self.url = json.loads(endpoint.read_text())["url"]
+        answer = json.loads(endpoint.read_text())
+        self.url, self.api_url = answer["http_url"], answer["url"]
 
     def kill(self, sig: int = signal.SIGKILL) -> None:
         assert self.proc is not None
@@ -116,9 +118,13 @@ def test_cli_without_a_server_says_so(tmp_path):
     assert "no config server is running" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_admin_token_is_private(server):
-    token = server.state / "admin.token"
-    assert token.stat().st_mode & 0o777 == 0o600
+def test_the_ca_key_and_the_local_socket_are_private(server):
+    assert (server.state / "pki" / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (server.state / "pki" / "server.key").stat().st_mode & 0o777 == 0o600
+    socket_path = server.state / "api.sock"
+    assert socket_path.stat().st_mode & 0o777 == 0o600
+    assert json.loads((server.state / "server.json").read_text())["socket"] == str(socket_path)
+    assert not (server.state / "admin.token").exists()  # no passwords
 
 
 def test_sigkill_during_adds_loses_no_acknowledged_node(server):
@@ -183,7 +189,8 @@ def test_server_notifies_systemd_when_ready_and_stopping(tmp_path):
         env = {**os.environ, "NOTIFY_SOCKET": str(sock_path)}
         proc = subprocess.Popen(
             [sys.executable, "-m", "configserver", "serve", "--state-dir",
-             str(tmp_path / "state"), "--http-port", "0", "--listen", "127.0.0.1"],
+             str(tmp_path / "state"), "--http-port", "0", "--https-port", "0",
+             "--listen", "127.0.0.1"],
             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             assert sock.recv(4096).startswith(b"READY=1")
@@ -192,6 +199,7 @@ def test_server_notifies_systemd_when_ready_and_stopping(tmp_path):
             assert sock.recv(4096) == b"STOPPING=1"
             assert proc.wait(timeout=20) == 0
             assert not (tmp_path / "state" / "server.json").exists()
+            assert not (tmp_path / "state" / "api.sock").exists()
         finally:
             proc.kill()
 

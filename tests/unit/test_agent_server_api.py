@@ -14,6 +14,7 @@ from configserver.http.app import create_app
 from configserver.http.appkeys import SECRET_KEY
 from configserver.http.tickets import issue_ticket
 from configserver.model import NodeSpec, NodeState
+from configserver.pki import CertificateAuthority
 from configserver.registry.sqlite import SqliteRegistry
 
 MAC = "52:54:00:aa:bb:01"
@@ -33,7 +34,7 @@ def make_app(tmp_path, registry, **config):
     config.setdefault("heartbeat_interval", 7.0)
     server = ServerConfig(state_dir=tmp_path / "state", images_dir=tmp_path / "images",
                           http=HttpConfig(port=0), **config)
-    return create_app(server, registry, "admin-token")
+    return create_app(server, registry, CertificateAuthority.load_or_create(tmp_path / "pki"))
 
 
 @pytest.fixture

@@ -17,6 +17,7 @@ from configserver.http.app import create_app
 from configserver.http.appkeys import SECRET_KEY
 from configserver.http.tickets import issue_ticket
 from configserver.model import NodeSpec, NodeState
+from configserver.pki import CertificateAuthority
 from configserver.registry.sqlite import SqliteRegistry
 from nodeagent import sdnotify
 from nodeagent.api import create_local_app
@@ -41,7 +42,7 @@ def registry(tmp_path):
 def server_app(tmp_path, registry):
     config = ServerConfig(state_dir=tmp_path / "state", images_dir=tmp_path / "images",
                           http=HttpConfig(port=0), heartbeat_interval=0.2, lost_after=30)
-    return create_app(config, registry, "admin")
+    return create_app(config, registry, CertificateAuthority.load_or_create(tmp_path / "pki"))
 
 
 def free_port() -> int:

@@ -4,14 +4,16 @@ import json
 import logging
 
 import pytest
+from pkitest import TENANT, tls_client
 
 from configserver.config import HttpConfig, ServerConfig
 from configserver.http import boot
 from configserver.http.app import create_app
+from configserver.http.appkeys import AUTHORITY
+from configserver.pki import Identity
 from configserver.registry.sqlite import SqliteRegistry
 
-TOKEN = "test-admin-token"
-AUTH = {"Authorization": f"Bearer {TOKEN}"}
+AUTH: dict[str, str] = {}  # the API client is an admin by its certificate
 MAC = "52:54:00:aa:bb:01"
 
 
@@ -43,12 +45,12 @@ def registry(tmp_path):
 
 
 @pytest.fixture
-async def client(aiohttp_client, tmp_path, images, registry):
+async def client(serve_split, pki, tmp_path, images, registry):
     config = ServerConfig(state_dir=tmp_path / "state", images_dir=images,
                           ipxe_dir=tmp_path / "ipxe", http=HttpConfig(port=0))
     (tmp_path / "ipxe").mkdir()
     (tmp_path / "ipxe" / "ipxe.efi").write_bytes(b"MZ-ipxe")
-    return await aiohttp_client(create_app(config, registry, TOKEN))
+    return await serve_split(create_app(config, registry, pki.authority))
 
 
 async def add(client, **body):
@@ -57,13 +59,44 @@ async def add(client, **body):
     return await client.post("/api/v1/nodes", json=body, headers=AUTH)
 
 
-async def test_writes_need_the_admin_token(client):
-    for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": TOKEN}):
-        resp = await client.post("/api/v1/nodes", json={"mac": MAC, "role": "storage"},
-                                 headers=headers)
-        assert resp.status == 401
-        assert (await resp.json())["code"] == "unauthorized"
+ADMIN_ROUTES = [("GET", "/api/v1/nodes"), ("POST", "/api/v1/nodes"),
+                ("GET", f"/api/v1/nodes/{MAC}"), ("GET", f"/api/v1/nodes/{MAC}/events"),
+                ("GET", f"/api/v1/nodes/{MAC}/inventory"), ("GET", "/api/v1/roles"),
+                ("POST", "/api/v1/roles"), ("GET", "/api/v1/settings"),
+                ("PATCH", "/api/v1/settings"), ("POST", "/api/v1/apply"),
+                ("GET", "/api/v1/export"), ("GET", "/api/v1/images"),
+                ("GET", "/api/v1/users"), ("POST", "/api/v1/users/x/revoke")]
+
+
+async def test_every_api_route_needs_an_admin_certificate(client, aiohttp_client, pki):
+    nobody = await tls_client(aiohttp_client, client.server, pki, None)
+    tenant = await tls_client(aiohttp_client, client.server, pki, TENANT)
+    node = await tls_client(aiohttp_client, client.server, pki,
+                            Identity("node", MAC, boot_id="b1"))
+    for method, path in ADMIN_ROUTES:
+        # The admin bearer token is gone: a header is no credential.
+        resp = await nobody.request(method, path, json={},
+                                    headers={"Authorization": "Bearer x"})
+        assert resp.status == 401 and (await resp.json())["code"] == "unauthorized", path
+        for caller in (tenant, node):
+            resp = await caller.request(method, path, json={})
+            assert resp.status == 403 and (await resp.json())["code"] == "forbidden", path
     assert (await client.get("/api/v1/nodes")).status == 200
+    assert (await nobody.get("/api/v1/health")).status == 200
+    assert (await nobody.get("/api/v1/whoami")).status == 401
+    me = await (await tenant.get("/api/v1/whoami")).json()
+    assert me == {"kind": "tenant", "name": "tess", "tenant": "acme", "boot_id": None,
+                  "channel": "https"}
+
+
+async def test_plain_http_serves_no_api(client):
+    for path in ("/api/v1/nodes", "/api/v1/health", "/api/v1/whoami", "/api/v1/users"):
+        resp = await client.plain.get(path)
+        body = await resp.json()
+        assert resp.status == 403 and body["code"] == "https_required", path
+        assert f"{client.server.scheme}://" in body["message"] or "https://" in body["message"]
+    ca = await (await client.plain.get("/boot/ca.pem")).read()
+    assert ca == client.server.app[AUTHORITY].certificate_pem
 
 
 async def test_node_crud_and_errors_are_json(client):
@@ -242,7 +275,6 @@ async def test_apply_export_round_trip(client):
             "roles": [{"name": "gpu", "image": "dom0", "template": "xen"}]}
     first = await (await client.post("/api/v1/apply", json=body, headers=AUTH)).json()
     assert len(first["created"]) == 20 and first["roles"] == ["gpu"]
-    assert (await client.get("/api/v1/export")).status == 401
     exported = await (await client.get("/api/v1/export", headers=AUTH)).json()
     again = await (await client.post("/api/v1/apply", json=exported, headers=AUTH)).json()
     assert (len(again["unchanged"]), again["created"], again["roles"]) == (20, [], [])
@@ -268,26 +300,15 @@ async def test_fetches_by_unknown_machines_leave_no_trace(client, registry):
     assert registry.events("52:54:00:00:00:77") == []
 
 
-def test_empty_admin_token_file_is_replaced(tmp_path):
-    from configserver.server import ensure_admin_token
-
-    path = tmp_path / "admin.token"
-    path.write_text("")
-    token = ensure_admin_token(path)
-    assert len(token) >= 32 and path.read_text().strip() == token
-    assert path.stat().st_mode & 0o777 == 0o600
-    assert ensure_admin_token(path) == token
-
-
-async def test_inventories_are_for_the_admin_only(client, registry):
+async def test_inventories_are_for_admins_only(client, registry, aiohttp_client, pki):
     await add(client)
     registry.set_inventory(MAC, {"dmi": {"serial": "S3CR3T"}})
-    assert (await client.get(f"/api/v1/nodes/{MAC}/inventory")).status == 401
+    nobody = await tls_client(aiohttp_client, client.server, pki, None)
+    for path in (f"/api/v1/nodes/{MAC}/inventory", f"/api/v1/nodes/{MAC}"):
+        assert (await nobody.get(path)).status == 401
     shown = await (await client.get(f"/api/v1/nodes/{MAC}")).json()
-    assert shown["inventory"] is None
-    shown = await (await client.get(f"/api/v1/nodes/{MAC}", headers=AUTH)).json()
     assert shown["inventory"]["dmi"]["serial"] == "S3CR3T"
-    resp = await client.get(f"/api/v1/nodes/{MAC}/inventory", headers=AUTH)
+    resp = await client.get(f"/api/v1/nodes/{MAC}/inventory")
     assert (await resp.json())["dmi"]["serial"] == "S3CR3T"
 
 

@@ -7,6 +7,7 @@ import pytest
 from configserver.config import HttpConfig, ServerConfig
 from configserver.http.app import create_app
 from configserver.http.boot import public_keys
+from configserver.pki import CertificateAuthority
 from configserver.registry.sqlite import SqliteRegistry
 
 KEY_A = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIA farm@lab"
@@ -22,7 +23,8 @@ async def serve(aiohttp_client, tmp_path):
         registries.append(registry)
         config = ServerConfig(state_dir=tmp_path, images_dir=tmp_path / "images",
                               ssh_keys=keys_file, http=HttpConfig(port=0))
-        return await aiohttp_client(create_app(config, registry, "token"))
+        authority = CertificateAuthority.load_or_create(tmp_path / "pki")
+        return await aiohttp_client(create_app(config, registry, authority))
 
     yield start
     for registry in registries:

@@ -14,8 +14,6 @@ from configserver.http.client import ApiClient
 from configserver.model import NodeSpec, NodeState
 from configserver.registry.sqlite import SqliteRegistry
 
-TOKEN = "test-admin-token"
-
 
 def mac(n: int) -> str:
     return f"52:54:00:00:{n // 256:02x}:{n % 256:02x}"
@@ -68,10 +66,10 @@ async def test_pages_show_queued_state_changes_and_discoveries(registry):
 
 
 @pytest.fixture
-async def client(aiohttp_client, tmp_path, registry):
+async def client(serve_split, pki, tmp_path, registry):
     config = ServerConfig(state_dir=tmp_path / "state", images_dir=tmp_path / "images",
                           ipxe_dir=tmp_path / "ipxe", http=HttpConfig(port=0))
-    return await aiohttp_client(create_app(config, registry, TOKEN))
+    return await serve_split(create_app(config, registry, pki.authority))
 
 
 async def test_the_api_pages_with_a_cursor(client):
@@ -92,8 +90,8 @@ async def test_the_api_pages_with_a_cursor(client):
         assert resp.status == 400 and (await resp.json())["code"] == code
 
 
-async def test_the_cli_node_list_pages_through_everything(client):
-    api = ApiClient(str(client.make_url("")).rstrip("/"), TOKEN)
+async def test_the_cli_node_list_pages_through_everything(client, pki):
+    api = ApiClient(str(client.make_url("")).rstrip("/"), tls=pki.client_context())
     nodes = await asyncio.to_thread(list_all_nodes, api, page=7)  # 9 requests
     assert [n["mac"] for n in nodes] == [mac(n) for n in range(60)]
     pending = await asyncio.to_thread(list_all_nodes, api, state="pending", page=7)

@@ -1,0 +1,90 @@
+"""The config server's TLS side: its server certificate (kept fresh) and its SSL context.
+
+``server.pem``/``server.key`` live beside the CA. The certificate is issued again when the
+names it must carry change or when less than a third of its lifetime is left.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ssl
+from collections.abc import Sequence
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from configserver.errors import StoreError
+from configserver.pki.authority import CertificateAuthority, general_names, write_private
+
+SERVER_LIFETIME = datetime.timedelta(days=90)
+
+
+def server_names(address: str | None, listen: str, hostname: str) -> list[str]:
+    """What the server certificate names: our address, a specific listen address,
+    127.0.0.1, localhost and the host name."""
+    names = [address or "", "" if listen in ("", "0.0.0.0", "::") else listen,
+             "127.0.0.1", "localhost", hostname]
+    return list(dict.fromkeys(n for n in names if n))
+
+
+def _current_names(certificate: x509.Certificate) -> set[str]:
+    try:
+        sans = certificate.extensions.get_extension_for_class(x509.SubjectAlternativeName)
+    except x509.ExtensionNotFound:
+        return set()
+    return {str(n.value) for n in sans.value}
+
+
+def ensure_server_certificate(authority: CertificateAuthority, directory: Path,
+                              names: Sequence[str],
+                              lifetime: datetime.timedelta = SERVER_LIFETIME,
+                              ) -> tuple[Path, Path]:
+    """``(server.pem, server.key)`` in ``directory``, issued again if stale; returns paths."""
+    cert_path, key_path = directory / "server.pem", directory / "server.key"
+    wanted = {str(n.value) for n in general_names(names)}
+    try:
+        current = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        fresh = (current.not_valid_after_utc.timestamp() - authority.now()
+                 > lifetime.total_seconds() / 3)
+        ours = current.issuer == authority.certificate.subject and key_path.exists()
+        if fresh and ours and _current_names(current) == wanted:
+            return cert_path, key_path
+    except (OSError, ValueError):
+        pass
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = authority.issue_server_certificate(key, list(names), lifetime)
+    try:
+        write_private(key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        write_private(cert_path, issued.pem + authority.certificate_pem, 0o644)
+    except OSError as exc:
+        raise StoreError(f"cannot write the server certificate in {directory}: {exc}") from None
+    return cert_path, key_path
+
+
+def server_context(authority: CertificateAuthority, cert_path: Path,
+                   key_path: Path) -> ssl.SSLContext:
+    """TLS 1.2 or newer; a client certificate is optional but, if sent, must be ours."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.load_cert_chain(cert_path, key_path)
+    context.load_verify_locations(cadata=authority.certificate_pem.decode())
+    context.verify_mode = ssl.CERT_OPTIONAL
+    return context
+
+
+def client_context(ca_pem: bytes | None = None, ca_file: Path | None = None,
+                   cert: Path | None = None, key: Path | None = None) -> ssl.SSLContext:
+    """A client's context trusting our CA only, with its client certificate if given."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if ca_pem is not None:
+        context.load_verify_locations(cadata=ca_pem.decode())
+    if ca_file is not None:
+        context.load_verify_locations(cafile=str(ca_file))
+    if cert is not None:
+        context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
