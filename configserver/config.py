@@ -122,8 +122,9 @@ class HttpConfig:
     # The API (/api/v1) over TLS, with client certificates of our CA; plain HTTP serves only
     # what firmware fetches.
     https_port: int = 8443
-    # Until the node agent speaks HTTPS: its endpoints (/api/v1/agent/*) on plain HTTP too.
-    plain_agent_api: bool = True
+    # The agent endpoints (/api/v1/agent/*) on plain HTTP too, with the agent token: only for
+    # agents older than enrollment (they know no netboot.ca=); off by default.
+    plain_agent_api: bool = False
 
 
 @dataclass(frozen=True)

@@ -123,16 +123,18 @@ class NodeKey:
             self._private_key(), hashes.SHA256())
         return request.public_bytes(serialization.Encoding.PEM)
 
-    def store(self, certificate: Certificate) -> None:
+    def store(self, certificate: Certificate, boot_id: str) -> None:
         _write_private(self.cert_path, certificate.pem)
         _write_private(self._meta_path, json.dumps(
-            {"not_after": certificate.not_after,
+            {"boot_id": boot_id, "not_after": certificate.not_after,
              "renew_after": certificate.renew_after}).encode())
 
-    def saved(self, now: float | None = None) -> Certificate | None:
+    def saved(self, boot_id: str, now: float | None = None) -> Certificate | None:
         """The certificate kept from an earlier start in this boot, if still good."""
         try:
             meta = json.loads(self._meta_path.read_bytes())
+            if meta.get("boot_id") != boot_id:
+                return None
             pem = self.cert_path.read_bytes()
             certificate = Certificate(pem, float(meta["not_after"]),
                                       float(meta["renew_after"]))

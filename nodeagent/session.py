@@ -353,13 +353,13 @@ class AgentSession:
         """A certificate for this boot: the one kept from an earlier start, else a new one
         bought with the token (or, to renew, with the current certificate)."""
         assert self.key is not None and self._ca_pem is not None
-        certificate = None if self.certificate else self.key.saved()
+        certificate = None if self.certificate else self.key.saved(self.config.boot_id)
         if certificate is None:
             token = None if self.certificate else self.token
             certificate = await self.client.enroll(mac, self.config.boot_id,
                                                    await asyncio.to_thread(self.key.csr, mac),
                                                    token)
-            await asyncio.to_thread(self.key.store, certificate)
+            await asyncio.to_thread(self.key.store, certificate, self.config.boot_id)
             log.info("%s: certificate issued for boot %s, valid until %s", mac,
                      self.config.boot_id, time.strftime("%Y-%m-%d %H:%M:%S",
                                                         time.gmtime(certificate.not_after)))

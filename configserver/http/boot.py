@@ -17,7 +17,7 @@ from pathlib import Path
 from aiohttp import web
 
 from configserver.errors import InvalidMac, NotFound
-from configserver.http.appkeys import CATALOG, CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.appkeys import API_BASE, AUTHORITY, CATALOG, CONFIG, REGISTRY, SECRET_KEY
 from configserver.http.tickets import issue_ticket
 from configserver.model import NodeState, Role, UnknownMacPolicy, normalize_mac
 from configserver.registry import Registry
@@ -85,15 +85,18 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/boot/{mac}/grub.cfg", grub_config)
     app.router.add_get("/boot/{mac}/xen.cfg", xen_efi_config)
     app.router.add_get("/boot/ssh-keys", ssh_keys)
+    app.router.add_get("/boot/agent.json", agent_trust)
     app.router.add_get("/ipxe/{name}", ipxe_binary)
     app.router.add_get("/images/{image}/{name}", image_file)
 
 
 def _server(request: web.Request) -> BootServer:
+    # With an HTTPS API, the command line pins its CA (the agent then reads /boot/agent.json).
+    pinned = request.app[AUTHORITY].fingerprint if request.app.get(API_BASE) else ""
     public = request.app[CONFIG].http.public_url
     if public:
-        return BootServer(public.rstrip("/"))
-    return BootServer(f"http://{_host_with_port(request)}")
+        return BootServer(public.rstrip("/"), ca_fingerprint=pinned)
+    return BootServer(f"http://{_host_with_port(request)}", ca_fingerprint=pinned)
 
 
 def _host_with_port(request: web.Request) -> str:
@@ -224,6 +227,18 @@ async def ssh_keys(request: web.Request) -> web.Response:
     if mac:
         request.app[REGISTRY].record_event(mac, "http.ssh_keys", {"client": request.remote})
     return _text(public_keys(text))
+
+
+async def agent_trust(request: web.Request) -> web.Response:
+    """Where agents find the API, and the CA its certificate chains to: public, over plain
+    HTTP like every boot file. An agent trusts the CA only if it is the one its kernel
+    command line pins (``netboot.ca=``), so a forged answer gets it nowhere."""
+    api_base = request.app.get(API_BASE)
+    if not api_base:
+        raise NotFound("this server has no HTTPS API for agents")
+    return web.json_response({"api_url": api_base,
+                              "ca_pem": request.app[AUTHORITY].certificate_pem.decode()},
+                             headers={"Cache-Control": "no-store"})
 
 
 async def ipxe_binary(request: web.Request) -> web.StreamResponse:

@@ -7,10 +7,12 @@ many agents share this one host.
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import os
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -52,6 +54,7 @@ class Server:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.https_port = free_port()
+        self.api_url = f"https://127.0.0.1:{self.https_port}"
         (root / "images").mkdir(parents=True, exist_ok=True)
         dom0 = root / "images" / "dom0"
         dom0.mkdir(exist_ok=True)
@@ -101,13 +104,18 @@ class Server:
         headers = {"Content-Type": "application/json"}
         if token is not None:
             headers["Authorization"] = f"Bearer {token}"
-        request = urllib.request.Request(self.url + path, data=json.dumps(body).encode(),
+        request = urllib.request.Request(self.api_url + path, data=json.dumps(body).encode(),
                                          headers=headers, method="POST")
+        context = ssl.create_default_context(cafile=self.state / "pki" / "ca.pem")
         try:
-            with urllib.request.urlopen(request, timeout=10) as response:
+            with urllib.request.urlopen(request, timeout=10, context=context) as response:
                 return response.status, json.load(response)
         except urllib.error.HTTPError as exc:
             return exc.code, json.load(exc)
+
+    @property
+    def ca_fingerprint(self) -> str:
+        return json.loads((self.state / "server.json").read_text())["ca_fingerprint"]
 
     def nodes(self) -> dict[str, dict]:
         return {n["mac"]: n for n in self.get("/api/v1/nodes")["nodes"]}
@@ -124,7 +132,8 @@ class AgentProcess:
         self.state_dir = root / f"agent-{address.replace(':', '')}"
         self.state_dir.mkdir(parents=True, exist_ok=True)
         cmdline_file = self.state_dir / f"cmdline-{boot_id}"
-        cmdline_file.write_text(cmdline + "\n")
+        # As a boot script would: the CA the agent pins, then what the test adds.
+        cmdline_file.write_text(f"netboot.ca={server.ca_fingerprint} {cmdline}\n")
         argv = [sys.executable, "-m", "nodeagent", "run", "--cmdline", str(cmdline_file),
                 "--config", "/dev/null", "--server", server.url, "--mac", address,
                 "--boot-id", boot_id, "--state-dir", str(self.state_dir),
@@ -209,13 +218,18 @@ def test_agent_lookup_heartbeat_inventory_and_local_api(server, agents, tmp_path
     unknown = server.post("/api/v1/agent/lookup", {"macs": [mac(999)], "boot_id": "x"})
     assert unknown[0] == 404
 
-    # The local API answers only with the agent token.
-    local = f"http://127.0.0.1:{api_port}/v1/status"
+    # The agent's own API: HTTPS with the node's certificate (of our CA, naming 127.0.0.1),
+    # answering only with the agent token (or an admin's or node's certificate).
+    trust = ssl.create_default_context(cafile=server.state / "pki" / "ca.pem")
+    wait_for(lambda: (agent.state_dir / "node.pem").exists(), 30, "the node's certificate")
+    local = f"https://127.0.0.1:{api_port}/v1/status"
     with pytest.raises(urllib.error.HTTPError) as refused:
-        urllib.request.urlopen(local, timeout=5)
+        urllib.request.urlopen(local, timeout=5, context=trust)
     assert refused.value.code == 401
+    with pytest.raises((urllib.error.URLError, http.client.HTTPException, OSError)):  # no HTTP
+        urllib.request.urlopen(f"http://127.0.0.1:{api_port}/v1/status", timeout=5)
     request = urllib.request.Request(local, headers={"Authorization": f"Bearer {token}"})
-    with urllib.request.urlopen(request, timeout=5) as response:
+    with urllib.request.urlopen(request, timeout=5, context=trust) as response:
         local_status = json.load(response)
     assert local_status["phase"] == "heartbeat" and local_status["node"]["mac"] == address
     # Still beating after that.
