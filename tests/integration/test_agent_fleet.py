@@ -221,7 +221,7 @@ def test_agent_lookup_heartbeat_inventory_and_local_api(server, agents, tmp_path
     # The agent's own API: HTTPS with the node's certificate (of our CA, naming 127.0.0.1),
     # answering only with the agent token (or an admin's or node's certificate).
     trust = ssl.create_default_context(cafile=server.state / "pki" / "ca.pem")
-    wait_for(lambda: (agent.state_dir / "node.pem").exists(), 30, "the node's certificate")
+    wait_for((agent.state_dir / "node.pem").exists, 30, "the node's certificate")
     local = f"https://127.0.0.1:{api_port}/v1/status"
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(local, timeout=5, context=trust)

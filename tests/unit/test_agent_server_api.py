@@ -33,7 +33,7 @@ def registry(tmp_path):
 def make_app(tmp_path, registry, **config):
     config.setdefault("heartbeat_interval", 7.0)
     server = ServerConfig(state_dir=tmp_path / "state", images_dir=tmp_path / "images",
-                          http=HttpConfig(port=0), **config)
+                          http=HttpConfig(port=0, plain_agent_api=True), **config)
     return create_app(server, registry, CertificateAuthority.load_or_create(tmp_path / "pki"))
 
 

@@ -41,7 +41,8 @@ def registry(tmp_path):
 
 def server_app(tmp_path, registry):
     config = ServerConfig(state_dir=tmp_path / "state", images_dir=tmp_path / "images",
-                          http=HttpConfig(port=0), heartbeat_interval=0.2, lost_after=30)
+                          http=HttpConfig(port=0, plain_agent_api=True),
+                          heartbeat_interval=0.2, lost_after=30)
     return create_app(config, registry, CertificateAuthority.load_or_create(tmp_path / "pki"))
 
 
