@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -18,6 +19,8 @@ from pathlib import Path
 
 import netlab
 import pytest
+
+from configserver.http.client import ApiClient
 
 pytestmark = pytest.mark.integration
 
@@ -50,20 +53,30 @@ class Server:
         except AssertionError:
             netlab.stop(self.proc)
             raise
-        self.url = json.loads((self.state / "server.json").read_text())["url"]
-        self.port = int(self.url.rsplit(":", 1)[1])
+        endpoint = json.loads((self.state / "server.json").read_text())
+        self.url = endpoint["url"]  # the API: HTTPS
+        self.https_port = int(self.url.rsplit(":", 1)[1])
+        self.port = int(endpoint["http_url"].rsplit(":", 1)[1])  # boot files: plain HTTP
+        self.ca = self.state / "pki" / "ca.pem"
+        self.trust = ssl.create_default_context(cafile=self.ca)
 
-    def connect(self) -> socket.socket:
-        sock = socket.create_connection(("127.0.0.1", self.port), timeout=10)
+    def connect(self, tls: bool = False) -> socket.socket:
+        """A raw connection to the plain HTTP port, or to the API's port over TLS."""
+        sock = socket.create_connection(("127.0.0.1", self.https_port if tls else self.port),
+                                        timeout=10)
+        if tls:
+            sock = self.trust.wrap_socket(sock, server_hostname="127.0.0.1")
         sock.settimeout(10)
         return sock
 
-    def api(self, method: str, path: str, body: dict, token: str | None = None) -> dict:
-        token = token or (self.state / "admin.token").read_text().strip()
+    def api(self, method: str, path: str, body: dict) -> dict:
+        """As the local admin (the unix socket), or anyone for the agent's lookup (HTTPS)."""
+        if not path.startswith("/api/v1/agent/"):
+            return ApiClient.for_state_dir(self.state).request(method, path, body)
         request = urllib.request.Request(
             self.url + path, method=method, data=json.dumps(body).encode(),
-            headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=10) as answer:
+            headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10, context=self.trust) as answer:
             return json.loads(answer.read())
 
 
@@ -104,7 +117,8 @@ def _curl_push(server: Server, body: Path, token: str, *extra: str) -> tuple[int
     """(status, bytes curl uploaded) of an inventory push with ``Expect: 100-continue``."""
     done = subprocess.run(
         ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}",
-         "--expect100-timeout", "5", "-H", f"Authorization: Bearer {token}",
+         "--expect100-timeout", "5", "--cacert", str(server.ca),
+         "-H", f"Authorization: Bearer {token}",
          "-H", "Content-Type: application/json", "-H", "Expect: 100-continue", *extra,
          "--data-binary", f"@{body}", f"{server.url}/api/v1/agent/inventory"],
         capture_output=True, text=True, timeout=30, check=False)
@@ -116,7 +130,7 @@ def test_idle_connections_and_slow_heads_are_closed(quick_server):
     began = time.monotonic()
     idle = [quick_server.connect() for _ in range(50)]
     slow = quick_server.connect()
-    slow.sendall(b"GET /api/v1/health HTTP/1.1\r\n")
+    slow.sendall(b"GET /images/storage/vmlinuz HTTP/1.1\r\n")
     trickled = 0
     try:
         while time.monotonic() - began < 8:  # one byte every 0.2 s: never a whole head
@@ -132,16 +146,22 @@ def test_idle_connections_and_slow_heads_are_closed(quick_server):
     assert 1.5 < idle_closed < 5 and 1.5 < slow_closed < 5
     # A served connection stays open for the next request, then idles out too.
     sock = quick_server.connect()
-    sock.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    sock.sendall(b"GET /images/storage/vmlinuz HTTP/1.1\r\nHost: x\r\n\r\n")
     assert sock.recv(65536).startswith(b"HTTP/1.1 200")
     assert 1.5 < _closed_after(sock, time.monotonic()) < 5
-    with urllib.request.urlopen(quick_server.url + "/api/v1/health", timeout=5) as answer:
+    # The HTTPS API's connections idle out the same way.
+    api = quick_server.connect(tls=True)
+    api.sendall(b"GET /api/v1/health HTTP/1.1\r\nHost: x\r\n\r\n")
+    assert api.recv(65536).startswith(b"HTTP/1.1 200")
+    assert 1.5 < _closed_after(api, time.monotonic()) < 5
+    with urllib.request.urlopen(quick_server.url + "/api/v1/health", timeout=5,
+                                context=quick_server.trust) as answer:
         assert answer.status == 200
 
 
 def test_a_slow_body_gets_408_and_the_connection_closes(quick_server):
     began = time.monotonic()
-    sock = quick_server.connect()
+    sock = quick_server.connect(tls=True)
     sock.sendall(b"POST /api/v1/agent/lookup HTTP/1.1\r\nHost: x\r\n"
                  b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{\"macs\": ")
     answer = sock.recv(65536)
@@ -159,7 +179,7 @@ def test_unauthenticated_inventory_push_is_refused_before_its_body(server, tmp_p
                      + b"x" * (FOUR_MIB - 100) + b'"}}')
     assert _curl_push(server, body, "not-a-token") == (401, 0)
     # Without Expect: the answer comes on the headers alone, before any byte of the body.
-    sock = server.connect()
+    sock = server.connect(tls=True)
     began = time.monotonic()
     sock.sendall(b"POST /api/v1/agent/inventory HTTP/1.1\r\nHost: x\r\n"
                  b"Authorization: Bearer not-a-token\r\nContent-Type: application/json\r\n"
@@ -182,7 +202,8 @@ def test_unauthenticated_inventory_push_is_refused_before_its_body(server, tmp_p
     small.write_text(json.dumps({"mac": MAC, "boot_id": "boot-1", "status": {}}))
     done = subprocess.run(
         ["curl", "-sS", "-o", "/dev/null", "-w", "%{http_code} %{size_upload}",
-         "-H", "Authorization: Bearer nope", "-H", "Expect: 100-continue",
+         "--cacert", str(server.ca), "-H", "Authorization: Bearer nope",
+         "-H", "Expect: 100-continue",
          "--data-binary", f"@{small}", f"{server.url}/api/v1/agent/heartbeat"],
         capture_output=True, text=True, timeout=30, check=False)
     assert done.stdout.split() == ["401", "0"], done.stdout + done.stderr
