@@ -69,8 +69,12 @@ def test_agent_in_a_namespace_pushes_a_new_inventory_when_links_change(tmp_path:
                             step=0.1, process=server, log=tmp_path / "logs.txt")
             server_ns.run(sys.executable, "-m", "configserver", "--state-dir", str(state),
                           "node", "add", AGENT_MAC, "--role", "storage")
+            # As a boot script would: the CA that the agent pins.
+            fingerprint = json.loads((state / "server.json").read_text())["ca_fingerprint"]
+            cmdline = tmp_path / "cmdline"
+            cmdline.write_text(f"netboot.ca={fingerprint}\n")
             agent = agent_ns.popen(
-                sys.executable, "-m", "nodeagent", "run", "--cmdline", "/dev/null",
+                sys.executable, "-m", "nodeagent", "run", "--cmdline", str(cmdline),
                 "--config", "/dev/null", "--server", "http://198.18.9.1:8080",
                 "--boot-id", "netns-boot", "--state-dir", str(tmp_path / "agent"),
                 "--api-port", "0", stdout=logs, stderr=logs)

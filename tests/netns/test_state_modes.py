@@ -25,8 +25,22 @@ REPO = Path(__file__).resolve().parents[2]
 CONFIGSERVER = (sys.executable, "-m", "configserver")  # this checkout's code (cwd=REPO)
 
 
+# Certificates are public (the CA's is served at /boot/ca.pem); keys and the rest are not.
+PUBLIC = {"pki/ca.pem", "pki/server.pem"}
+
+
 def _modes(state: Path) -> dict[str, int]:
-    return {entry.name: stat.S_IMODE(entry.lstat().st_mode) for entry in state.iterdir()}
+    """Every file's mode, and every directory's with 0o100 added to what files must have:
+    a directory 0700 counts as private like a file 0600."""
+    modes = {}
+    for entry in state.rglob("*"):
+        name, mode = entry.relative_to(state).as_posix(), stat.S_IMODE(entry.lstat().st_mode)
+        if entry.is_dir():
+            mode = 0o600 if mode == 0o700 else mode
+        elif name in PUBLIC:
+            mode = 0o600 if mode in (0o600, 0o644) else mode
+        modes[name] = mode
+    return modes
 
 
 def test_state_directory_and_its_files_are_private(tmp_path):
@@ -59,8 +73,8 @@ def test_state_directory_and_its_files_are_private(tmp_path):
             netlab.stop(server, 15)
     stopped = _modes(state)
     expected = {"registry.sqlite", "registry.sqlite-wal", "registry.sqlite-shm",
-                "leases.sqlite", "leases.sqlite-wal", "leases.sqlite-shm", "admin.token",
-                "server.json", "old-notes.txt"}
+                "leases.sqlite", "leases.sqlite-wal", "leases.sqlite-shm", "server.key",
+                "api.sock", "pki", "pki/ca.key", "server.json", "old-notes.txt"}
     assert expected <= set(running), running
     assert {name: mode for name, mode in running.items() if mode != 0o600} == {}
     assert {name: mode for name, mode in stopped.items() if mode != 0o600} == {}
