@@ -50,8 +50,13 @@ async def lookup(client, macs=(MAC,), boot_id=BOOT, ticket=None):
 
 
 def ticket_now(client, mac=MAC, at=None):
-    """The ticket a boot script rendered now (or ``at``) would carry."""
-    return issue_ticket(client.server.app[SECRET_KEY], mac, time.time() if at is None else at)
+    """The ticket a boot script rendered now (or ``at``) would carry. A ticket counts whole
+    milliseconds, so "now" is a few milliseconds after whatever the test did just before (a
+    real boot script comes seconds after the session it replaces)."""
+    if at is None:
+        time.sleep(0.005)
+        at = time.time()
+    return issue_ticket(client.server.app[SECRET_KEY], mac, at)
 
 
 async def heartbeat(client, token, mac=MAC, boot_id=BOOT, status=None):
