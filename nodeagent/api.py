@@ -59,7 +59,9 @@ def _allowed_peer(request: web.Request) -> bool:
 async def status(request: web.Request) -> web.Response:
     session = request.app[SESSION]
     return web.json_response({"version": __version__, "server": session.config.server,
-                              "boot_id": session.config.boot_id, **session.status.to_json()})
+                              "boot_id": session.config.boot_id, **session.status.to_json(),
+                              "reconcile": (session.reconciler.status.to_json()
+                                            if session.reconciler else None)})
 
 
 async def inventory(request: web.Request) -> web.Response:

@@ -88,14 +88,36 @@ class ServerClient:
         await self._post("inventory", {"mac": mac, "boot_id": boot_id,
                                        "inventory": inventory}, token)
 
+    async def work(self, mac: str, boot_id: str, token: str | None, after: int | None,
+                   wait: float) -> dict[str, Any]:
+        """This node's desired state; waits up to ``wait`` s for a generation after ``after``."""
+        params = {"mac": mac, "boot_id": boot_id, "wait": f"{wait:g}"}
+        if after is not None:
+            params["after"] = str(after)
+        timeout = aiohttp.ClientTimeout(total=(self._timeout.total or 30.0) + wait)
+        return await self._request("GET", "work", None, token, params=params,
+                                   timeout=timeout)
+
+    async def report(self, mac: str, boot_id: str, token: str | None, *,
+                     generation: int | None, role: str, report: dict[str, Any]) -> None:
+        """What this node's role actually has, after a reconcile pass."""
+        await self._post("report", {"mac": mac, "boot_id": boot_id,
+                                    "generation": generation, role: report}, token)
+
     async def _post(self, endpoint: str, body: dict[str, Any],
                     token: str | None) -> dict[str, Any]:
+        return await self._request("POST", endpoint, body, token)
+
+    async def _request(self, method: str, endpoint: str, body: dict[str, Any] | None,
+                       token: str | None, *, params: dict[str, str] | None = None,
+                       timeout: aiohttp.ClientTimeout | None = None) -> dict[str, Any]:
         url = f"{self.base_url}/api/v1/agent/{endpoint}"
         headers = {"Authorization": f"Bearer {token}"} if token else {}
         try:
-            async with self.http.post(url, json=body, headers=headers, timeout=self._timeout,
-                                       ssl=self.tls if self.tls is not None else True
-                                       ) as response:
+            async with self.http.request(method, url, json=body, headers=headers,
+                                         params=params, timeout=timeout or self._timeout,
+                                         ssl=self.tls if self.tls is not None else True
+                                         ) as response:
                 try:
                     answer = await response.json(content_type=None)
                 except ValueError:

@@ -71,3 +71,25 @@ class InventoryError(AgentError):
     """Collecting the inventory failed as a whole (single facts never raise)."""
 
     code = "inventory_error"
+
+
+class RoleError(AgentError):
+    """A cloud role could not bring its node to the desired state (a tool failed)."""
+
+    code = "role_error"
+
+
+class LvmError(RoleError):
+    """An LVM or disk command failed; the message says which and why."""
+
+
+class LioError(RoleError):
+    """rtslib-fb or the kernel's target modules are missing or refused."""
+
+
+class IscsiError(RoleError):
+    """An iscsiadm call failed."""
+
+
+class MdError(RoleError):
+    """An mdadm call failed."""

@@ -42,6 +42,7 @@ from nodeagent.identity import (
 )
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
+from nodeagent.roles import Reconciler, role_for
 
 log = logging.getLogger(__name__)
 
@@ -201,6 +202,9 @@ class AgentSession:
         self._ca_pem: bytes | None = None
         self.enrolled = asyncio.Event()
         self._api_tls: ssl.SSLContext | None = None
+        # The cloud part of the role (storage, dom0), once the lookup named the role.
+        self.reconciler: Reconciler | None = None
+        self._reconcile_task: asyncio.Task[None] | None = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -211,6 +215,7 @@ class AgentSession:
                 await self._trust_pinned_ca()
             while True:
                 await self._look_up_until_accepted()
+                self._start_reconciling()
                 try:
                     await self._heartbeat_forever()
                 except TokenRejected as exc:
@@ -221,6 +226,37 @@ class AgentSession:
             pusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pusher
+            if self._reconcile_task is not None:
+                self._reconcile_task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await self._reconcile_task
+
+    def _start_reconciling(self) -> None:
+        """Run the role's reconcile loop (once per agent; it survives a new lookup)."""
+        if self._reconcile_task is not None or self.status.node is None:
+            return
+        role = role_for(self.status.node.role)
+        if role is None:
+            return
+        self.reconciler = Reconciler(role, self._fetch_work, self._post_report)
+        self._reconcile_task = asyncio.create_task(self.reconciler.run(),
+                                                   name=f"reconcile-{role.name}")
+        log.info("%s: reconciling the %s role toward the control plane", self._mac(),
+                 role.name)
+
+    async def _fetch_work(self, after: int | None, wait: float) -> dict[str, Any]:
+        await self._authenticated.wait()
+        assert self.status.node is not None
+        return await self.client.work(self.status.node.mac, self.config.boot_id,
+                                      self._credential(), after, wait)
+
+    async def _post_report(self, generation: int | None, role: str,
+                           report: dict[str, Any]) -> None:
+        await self._authenticated.wait()
+        assert self.status.node is not None
+        await self.client.report(self.status.node.mac, self.config.boot_id,
+                                 self._credential(), generation=generation, role=role,
+                                 report=report)
 
     def request_inventory(self) -> None:
         """Ask for a fresh inventory push (collected again)."""

@@ -50,6 +50,12 @@ def build_parser() -> argparse.ArgumentParser:
     ssh = sub.add_parser("ssh", help="ssh into a farm node as root (from the farm's namespace)")
     ssh.add_argument("node", help="node name, e.g. dom0-1")
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run there")
+    off = sub.add_parser("power-off", help="pull the plug on one VM (SIGKILL; disks stay)")
+    off.add_argument("node")
+    on = sub.add_parser("power-on", help="boot one VM again (same MAC, tap and disks)")
+    on.add_argument("node")
+    on.add_argument("--no-wait", action="store_true", help="return once the VM is started")
+    on.add_argument("--json", action="store_true")
     return parser
 
 
@@ -98,6 +104,11 @@ def _run(args: argparse.Namespace) -> int:
                       + (f"{share * 100:5.1f}% of a core" if share is not None else "stopped")
                       + f" over {row['seconds']:.0f}s")
         return 0
+    if args.command == "power-off":
+        farm.power_off(args.node)
+        return 0
+    if args.command == "power-on":
+        return _show(farm.power_on(args.node, wait=not args.no_wait), args.json)
     if args.command == "ssh":
         argv = farm.ssh_command(args.node, args.remote)
         os.execvp(argv[0], argv)

@@ -260,9 +260,12 @@ class Farm:
                             "-o", "ConnectTimeout=10", f"root@{node['ip']}", *command)
 
     def _boot(self, index: int, node: NodePlan, host: qemu.HostQemu) -> dict[str, Any]:
+        tap = self.net.add_tap(f"tap{index}")
+        return self._start_vm(node, tap, host)
+
+    def _start_vm(self, node: NodePlan, tap: str, host: qemu.HostQemu) -> dict[str, Any]:
         vm_dir = self.dir / "vms" / node.name
         vm_dir.mkdir(parents=True, exist_ok=True)
-        tap = self.net.add_tap(f"tap{index}")
         firmware = qemu.Firmware(node.firmware)
         spec = qemu.VmSpec(
             name=node.name, mac=node.mac, tap=tap, serial_log=vm_dir / "serial.log",
@@ -274,6 +277,48 @@ class Farm:
         self.report(f"{node.name}: powered on ({node.mac}, {node.role}, {node.firmware})")
         return {**asdict(node), "tap": tap, "pid": proc.pid, "power_on": time.time(),
                 "serial_log": str(spec.serial_log)}
+
+    # -- one node's power -------------------------------------------------------------------------
+
+    def _node(self, state: FarmState, name: str) -> dict[str, Any]:
+        node = next((n for n in state.nodes if n["name"] == name), None)
+        if node is None:
+            names = ", ".join(n["name"] for n in state.nodes) or "none"
+            raise FarmError(f"no farm node {name!r}", hint=f"nodes: {names}")
+        return node
+
+    def power_off(self, name: str) -> dict[str, Any]:
+        """Pull the plug on ``name``: SIGKILL its QEMU (a hard crash; its disks stay)."""
+        state = self._loaded()
+        node = self._node(state, name)
+        if _is_ours(node["pid"], self.dir, self.net.namespace):
+            network.kill_now(node["pid"])
+            self.report(f"{name}: powered off (QEMU {node['pid']} killed)")
+        return node
+
+    def power_on(self, name: str, *, wait: bool = True) -> list[dict[str, Any]]:
+        """Boot ``name`` again (same MAC, tap and disks) after ``power_off`` or a crash."""
+        state = self._loaded()
+        node = self._node(state, name)
+        if _is_ours(node["pid"], self.dir, self.net.namespace):
+            raise FarmError(f"{name} is running (QEMU {node['pid']})",
+                            hint="power it off first")
+        plan = NodePlan(**{k: node[k] for k in ("name", "role", "mac", "ip", "firmware",
+                                                "memory_mb", "disks")})
+        binary = shutil.which(qemu.QEMU) or qemu.QEMU
+        started = self._start_vm(plan, node["tap"], qemu.HostQemu(qemu.Accel(state.accel),
+                                                                  binary))
+        state.nodes[state.nodes.index(node)] = started
+        state.save(self.dir)
+        if not wait:
+            return self.rows(state)
+        return self.wait_ready(FarmState(**{**asdict(state), "nodes": [started]}))
+
+    def _loaded(self) -> FarmState:
+        state = FarmState.load(self.dir)
+        if state is None:
+            raise FarmError(f"no farm is up in {self.dir}", hint="start one with 'up'")
+        return state
 
     # -- progress ---------------------------------------------------------------------------------
 

@@ -207,6 +207,14 @@ def stop_pids(pids: Sequence[int], grace: float = 3.0) -> None:
         running = [p for p in running if alive(p)]
 
 
+def kill_now(pid: int, timeout: float = 5.0) -> None:
+    """SIGKILL ``pid`` (no chance to clean up: a pulled plug for a VM) and wait until it is gone."""
+    _signal(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while alive(pid) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+
 def _signal(pid: int, sig: int) -> bool:
     try:
         os.kill(pid, sig)

@@ -1,0 +1,115 @@
+"""What each role does for the cloud: reconcile its node toward the control plane's desired
+state and report what is.
+
+The loop (``Reconciler``) long-polls ``/api/v1/agent/work`` (the config server never opens a
+connection into a node), hands the role's part of the answer to the role, and posts the role's
+report of actual state to ``/api/v1/agent/report``. It runs a pass on every new generation of
+the work, and at least every ``resync_interval`` seconds anyway (so drift, such as a leg that
+came back, is repaired without a change on the server); a pass never assumes the previous one
+finished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from nodeagent.errors import ServerError
+
+log = logging.getLogger(__name__)
+
+POLL_WAIT = 25.0
+BUSY_WAIT = 3.0
+
+
+class Role(Protocol):
+    name: str
+
+    async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]: ...
+    def busy(self) -> bool: ...
+
+
+def role_for(name: str | None) -> Role | None:
+    """The cloud role of a node role, if it has one."""
+    if name == "storage":
+        from nodeagent.roles.storage import StorageRole
+        return StorageRole()
+    if name == "dom0":
+        from nodeagent.roles.dom0 import Dom0Role
+        return Dom0Role()
+    return None
+
+
+@dataclass
+class ReconcileStatus:
+    passes: int = 0
+    generation: int | None = None
+    last_pass: float | None = None
+    last_duration: float | None = None
+    last_error: str | None = None
+    last_report: dict[str, Any] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"passes": self.passes, "generation": self.generation,
+                "last_pass": self.last_pass, "last_duration": self.last_duration,
+                "last_error": self.last_error, "report": self.last_report}
+
+
+# (after generation, wait seconds) -> work message; (generation, role name, report) -> None
+FetchWork = Callable[[int | None, float], Awaitable[dict[str, Any]]]
+PostReport = Callable[[int | None, str, dict[str, Any]], Awaitable[None]]
+
+
+class Reconciler:
+    """Fetch work, reconcile, report; forever. Errors are logged and retried with backoff."""
+
+    def __init__(self, role: Role, fetch: FetchWork, post: PostReport, *,
+                 poll_wait: float = POLL_WAIT, backoff_max: float = 30.0) -> None:
+        self.role = role
+        self.status = ReconcileStatus()
+        self._fetch = fetch
+        self._post = post
+        self._poll_wait = poll_wait
+        self._backoff_max = backoff_max
+
+    async def run(self) -> None:
+        generation: int | None = None
+        failures = 0
+        while True:
+            wait = BUSY_WAIT if self.role.busy() or failures else self._poll_wait
+            try:
+                work = await self._fetch(generation, wait)
+                generation = int(work.get("generation") or 0)
+                started = time.monotonic()
+                report = await self.role.reconcile(work.get(self.role.name) or {})
+                self.status.last_duration = round(time.monotonic() - started, 3)
+                await self._post(generation, self.role.name, report)
+            except asyncio.CancelledError:
+                raise
+            except ServerError as exc:  # TokenRejected too: the heartbeat loop looks up again
+                failures += 1
+                self.status.last_error = exc.message
+                delay = min(self._backoff_max, 0.5 * 2 ** min(failures, 6))
+                log.warning("%s role: %s; again in %.1fs", self.role.name, exc.message, delay)
+                generation = None
+                await asyncio.sleep(delay)
+                continue
+            except Exception as exc:  # a bug in one pass must not end reconciling for good
+                failures += 1
+                self.status.last_error = f"{type(exc).__name__}: {exc}"
+                delay = min(self._backoff_max, 0.5 * 2 ** min(failures, 6))
+                log.exception("%s role: reconcile pass failed; again in %.1fs",
+                              self.role.name, delay)
+                generation = None
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self.status.passes += 1
+            self.status.generation = generation
+            self.status.last_pass = time.time()
+            self.status.last_error = None
+            self.status.last_report = report

@@ -1,0 +1,194 @@
+"""The dom0 role: attach the volumes the control plane assigned to this node.
+
+An attachment is two iSCSI legs (one per storage node, CHAP with this dom0's own initiator
+name and secret) under one md RAID1 array named after the volume, ``/dev/md/nb-<id>``: the
+same path on every dom0. One reconcile pass, safe to repeat after any crash:
+
+1. log in to every leg of every wanted volume that has no usable session;
+2. if the array runs, put back any leg whose session is usable again but which md dropped
+   (``--re-add``: the bitmap resyncs only what changed); else assemble it from the legs that
+   carry its superblock (degraded if one is missing), or create it when the control plane says
+   the volume was never initialized and neither leg has a superblock;
+3. stop every array of ours that is not wanted, then log out of its legs. An array that is
+   still open is not torn down (the storage nodes' ACLs are what fences this node).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nodeagent.errors import IscsiError, MdError, RoleError
+from nodeagent.roles import iscsi, md
+
+log = logging.getLogger(__name__)
+
+DEVICE_WAIT = 10.0
+
+
+class Dom0Role:
+    """Reconciles iSCSI sessions and md arrays toward the ``dom0`` part of the work."""
+
+    name = "dom0"
+
+    def __init__(self) -> None:
+        self._initiator: str | None = None
+        self._settled = True
+
+    def busy(self) -> bool:
+        """Not every attachment is whole: look again soon (a leg may be back)."""
+        return not self._settled
+
+    async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
+        initiator = work.get("initiator")
+        wanted = [a for a in work.get("attachments") or [] if isinstance(a, dict)]
+        report: dict[str, Any] = {"initiator": initiator, "attachments": [], "detached": []}
+        if wanted and isinstance(initiator, str) and initiator != self._initiator:
+            await iscsi.ensure_iface(initiator)
+            self._initiator = initiator
+        for attachment in wanted:
+            try:
+                report["attachments"].append(await self._attach(attachment))
+            except RoleError as exc:
+                log.warning("volume %s: %s", attachment.get("name"), exc)
+                report["attachments"].append(self._state(attachment, error=str(exc)))
+        report["detached"] = await self._detach_unwanted(wanted)
+        self._settled = all(a["state"] == "attached" for a in report["attachments"])
+        return report
+
+    async def _attach(self, attachment: dict[str, Any]) -> dict[str, Any]:
+        name = attachment["md_name"]
+        legs = attachment.get("legs") or []
+        errors = []
+        array = md.arrays().get(name)
+        members = {m.device: m.state for m in array.members} if array else {}
+        for leg in legs:
+            session = iscsi.sessions().get((leg["target"], leg["portal"]))
+            if session is not None and session.state != "LOGGED_IN":
+                # Recovery gave up (the target was gone, or not yet exported again when the
+                # node came back). While md still counts the leg in sync, let recovery run.
+                if any(members.get(d) == "in_sync" for d in session.devices):
+                    continue
+                for device in session.devices:
+                    if device in members:
+                        await md.fail(name, device)
+                await iscsi.logout(leg["target"], leg["portal"])
+                session = None
+            if session is None:
+                try:
+                    await iscsi.login(leg["target"], leg["portal"], attachment["user"],
+                                      attachment["secret"])
+                except IscsiError as exc:
+                    errors.append(f"leg on {leg['node']}: {exc}")
+        devices = await self._leg_devices(legs)
+        array = md.arrays().get(name)
+        if array is None:
+            await self._start(attachment, devices)
+        else:
+            members = {m.device: m.state for m in array.members}
+            for device in devices.values():
+                if device is None:
+                    continue
+                state = members.get(device)
+                if (state in (None, "faulty") and iscsi.device_alive(device)
+                        and await md.examine(device) == name):
+                    await md.readd(name, device)
+        return self._state(attachment, error="; ".join(errors) or None)
+
+    async def _leg_devices(self, legs: list[dict[str, Any]]) -> dict[str, str | None]:
+        """The block device of each leg (by storage node), waiting briefly for udev."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + DEVICE_WAIT
+        while True:
+            found = iscsi.sessions()
+            devices: dict[str, str | None] = {}
+            for leg in legs:
+                session = found.get((leg["target"], leg["portal"]))
+                devices[leg["node"]] = (session.devices[0] if session and session.usable
+                                        else None)
+            pending = [leg for leg in legs
+                       if devices[leg["node"]] is None
+                       and (s := found.get((leg["target"], leg["portal"]))) is not None
+                       and s.state == "LOGGED_IN"]
+            if not pending or loop.time() > deadline:
+                return devices
+            await asyncio.sleep(0.5)
+
+    async def _start(self, attachment: dict[str, Any], devices: dict[str, str | None]) -> None:
+        name = attachment["md_name"]
+        present = [d for d in devices.values() if d is not None]
+        labelled = [d for d in present if await md.examine(d) == name]
+        if labelled:
+            await md.assemble(name, labelled)
+        elif attachment.get("create") and len(present) == len(devices) == 2:
+            if any([await md.examine(d) for d in present]):
+                raise MdError(f"a leg of {name} carries another array's superblock")
+            await md.create(name, int(attachment["size"]), present)
+        elif attachment.get("create"):
+            raise MdError(f"{name}: both legs are needed to create the array; "
+                             f"have {len(present)}")
+        else:
+            raise MdError(f"{name}: no leg carries the array's superblock")
+
+    def _state(self, attachment: dict[str, Any], error: str | None = None) -> dict[str, Any]:
+        name = attachment["md_name"]
+        array = md.arrays().get(name)
+        found = iscsi.sessions()
+        legs = []
+        members = {m.device: m.state for m in array.members} if array else {}
+        for leg in attachment.get("legs") or []:
+            session = found.get((leg["target"], leg["portal"]))
+            device = session.devices[0] if session and session.devices else None
+            member = members.get(device) if device else None
+            if member == "in_sync":
+                state = "active"
+            elif member == "rebuilding":
+                state = "rebuilding"
+            elif member == "faulty":
+                state = "faulty"
+            else:
+                state = "missing"
+            legs.append({"node": leg["node"], "state": state,
+                         "session": session.state if session else None, "device": device})
+        if array is None:
+            state, sync = ("error" if error else "attaching"), None
+        else:
+            sync = {"action": array.sync_action, "percent": array.sync_percent}
+            if array.sync_action in ("resync", "recover"):
+                state = "resyncing"
+            elif array.degraded or any(leg["state"] != "active" for leg in legs):
+                state = "degraded"
+            else:
+                state = "attached"
+        return {"volume": attachment["volume"], "state": state,
+                "device": md.path(name) if array else None,
+                "created": array is not None, "sync": sync, "legs": legs, "error": error}
+
+    async def _detach_unwanted(self, wanted: list[dict[str, Any]]) -> list[str]:
+        names = {a["md_name"] for a in wanted}
+        keep = {(leg["target"], leg["portal"]) for a in wanted for leg in a.get("legs") or []}
+        detached = []
+        busy: set[str] = set()
+        for name in md.arrays():
+            if name in names:
+                continue
+            try:
+                await md.stop(name)
+            except MdError as exc:
+                log.warning("array %s is not wanted here but cannot stop: %s", name, exc)
+                busy.add(name)
+                continue
+            detached.append(name.removeprefix(md.NAME_PREFIX))
+        for (target, portal) in iscsi.sessions():
+            volume = target.removeprefix(iscsi.TARGET_PREFIX)
+            if (target, portal) in keep or f"{md.NAME_PREFIX}{volume}" in busy:
+                continue
+            try:
+                await iscsi.logout(target, portal)
+            except IscsiError as exc:
+                log.warning("cannot log out of %s: %s", target, exc)
+                continue
+            if volume not in detached:
+                detached.append(volume)
+        return detached

@@ -1,0 +1,189 @@
+"""LVM on a storage node's own disks: which disks are empty, the ``netboot`` volume group, and
+one logical volume per volume leg.
+
+A disk is ``ours`` when it is a physical volume of our volume group, ``empty`` when it has no
+partitions, no signature ``blkid`` knows, is not mounted or held, and its first and last MiB
+read as zeros; anything else is ``foreign`` and never written. The volume group is created, or
+extended, only from empty disks, and only when the control plane has placed a leg here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from nodeagent.errors import LvmError
+from nodeagent.plugins import ToolUnavailable, run_tool
+
+log = logging.getLogger(__name__)
+
+VG = "netboot"
+TAG = "netboot"
+READY_TAG = "netboot_zeroed"  # a leg is usable once it has been zeroed end to end
+PROBE_BYTES = 1 << 20
+TIMEOUT = 60.0
+ZERO_TIMEOUT = 1800.0
+SKIP_PREFIXES = ("zram", "loop", "nbd", "drbd", "md", "dm-", "sr", "ram")
+
+
+@dataclass(frozen=True)
+class Disk:
+    path: str
+    size: int
+    state: str  # ours | empty | foreign
+    why: str = ""
+
+    def to_json(self) -> dict[str, Any]:
+        return {"path": self.path, "size": self.size, "state": self.state, "why": self.why}
+
+
+async def _run(argv: list[str], timeout: float = TIMEOUT) -> str:
+    try:
+        return await run_tool(argv, timeout)
+    except ToolUnavailable as exc:
+        raise LvmError(exc.message) from None
+
+
+def _report(text: str, section: str) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for report in json.loads(text).get("report", []):
+        rows.extend(report.get(section, []))
+    return rows
+
+
+async def physical_volumes() -> dict[str, str]:
+    """``{device: vg name or ""}`` for every LVM physical volume."""
+    text = await _run(["pvs", "--reportformat", "json", "-o", "pv_name,vg_name"])
+    return {row["pv_name"]: row.get("vg_name", "") for row in _report(text, "pv")}
+
+
+def _zeros_at_ends(path: str, size: int) -> bool:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        for offset in {0, max(0, size - PROBE_BYTES)}:
+            data = os.pread(fd, PROBE_BYTES, offset)
+            if data.count(0) != len(data):
+                return False
+    finally:
+        os.close(fd)
+    return True
+
+
+async def disks() -> list[Disk]:
+    """Every whole disk of the node, classified."""
+    text = await _run(["lsblk", "--json", "--bytes", "-o",
+                       "NAME,PATH,SIZE,TYPE,RO,FSTYPE,MOUNTPOINT"])
+    try:
+        pvs = await physical_volumes()
+    except LvmError:
+        pvs = {}
+    out = []
+    for device in json.loads(text).get("blockdevices", []):
+        name, path = device.get("name", ""), device.get("path", "")
+        if device.get("type") != "disk" or name.startswith(SKIP_PREFIXES):
+            continue
+        size = int(device.get("size") or 0)
+        out.append(await _classify(device, path, size, pvs))
+    return out
+
+
+async def _classify(device: dict[str, Any], path: str, size: int,
+                    pvs: dict[str, str]) -> Disk:
+    if path in pvs:
+        if pvs[path] == VG:
+            return Disk(path, size, "ours")
+        return Disk(path, size, "foreign", f"physical volume of {pvs[path] or 'no'} VG")
+    if device.get("ro") in (True, "1", 1):
+        return Disk(path, size, "foreign", "read-only")
+    if device.get("children"):
+        return Disk(path, size, "foreign", "has partitions")
+    if device.get("fstype") or device.get("mountpoint"):
+        return Disk(path, size, "foreign", f"holds {device.get('fstype') or 'a mount'}")
+    if size < 64 * PROBE_BYTES:
+        return Disk(path, size, "foreign", "smaller than 64 MiB")
+    holders = Path("/sys/class/block") / Path(path).name / "holders"
+    if holders.is_dir() and any(holders.iterdir()):
+        return Disk(path, size, "foreign", "in use by another device")
+    try:
+        await run_tool(["blkid", "-p", "-o", "export", path], TIMEOUT)
+        return Disk(path, size, "foreign", "blkid finds a signature")
+    except ToolUnavailable as exc:
+        if "(2)" not in exc.message:  # 2: nothing found; anything else: cannot tell
+            return Disk(path, size, "foreign", f"cannot probe: {exc.message}")
+    try:
+        if not await asyncio.to_thread(_zeros_at_ends, path, size):
+            return Disk(path, size, "foreign", "holds data (not zeros) with no signature")
+    except OSError as exc:
+        return Disk(path, size, "foreign", f"cannot read: {exc}")
+    return Disk(path, size, "empty")
+
+
+async def volume_group() -> dict[str, Any] | None:
+    """``{"name", "size", "free"}`` of our volume group, or None if there is none."""
+    text = await _run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                       "-o", "vg_name,vg_size,vg_free"])
+    for row in _report(text, "vg"):
+        if row.get("vg_name") == VG:
+            return {"name": VG, "size": int(row["vg_size"]), "free": int(row["vg_free"])}
+    return None
+
+
+async def ensure_volume_group(found: list[Disk]) -> dict[str, Any] | None:
+    """Create our VG from the empty disks, or extend it with new empty ones; then activate."""
+    empty = [disk.path for disk in found if disk.state == "empty"]
+    group = await volume_group()
+    if group is None and not empty:
+        return None
+    for path in empty:
+        await _run(["pvcreate", "--yes", "--zero", "y", path])
+    if group is None:
+        log.info("creating volume group %s on %s", VG, " ".join(empty))
+        await _run(["vgcreate", "--yes", "--addtag", TAG, VG, *empty])
+    elif empty:
+        log.info("extending volume group %s with %s", VG, " ".join(empty))
+        await _run(["vgextend", "--yes", VG, *empty])
+    await _run(["vgchange", "--activate", "y", VG])
+    return await volume_group()
+
+
+async def logical_volumes() -> dict[str, dict[str, Any]]:
+    """Our logical volumes: ``{name: {"size", "path", "tags", "active"}}``."""
+    text = await _run(["lvs", "--reportformat", "json", "--units", "b", "--nosuffix",
+                       "-o", "vg_name,lv_name,lv_size,lv_path,lv_tags,lv_active"])
+    out = {}
+    for row in _report(text, "lv"):
+        if row.get("vg_name") != VG:
+            continue
+        out[row["lv_name"]] = {"size": int(row["lv_size"]), "path": row["lv_path"],
+                               "tags": [t for t in row.get("lv_tags", "").split(",") if t],
+                               "active": row.get("lv_active") == "active"}
+    return out
+
+
+def device_path(lv: str) -> str:
+    return f"/dev/{VG}/{lv}"
+
+
+async def create(lv: str, size: int) -> None:
+    await _run(["lvcreate", "--yes", "--wipesignatures", "y", "--zero", "n",
+                "--addtag", TAG, "--name", lv, "--size", f"{size}b", VG])
+
+
+async def zero(lv: str) -> None:
+    """Zero the whole leg (a new volume never shows an old one's data), then mark it ready."""
+    path = device_path(lv)
+    await _run(["blkdiscard", "--zeroout", path], ZERO_TIMEOUT)
+    await _run(["lvchange", "--addtag", READY_TAG, f"{VG}/{lv}"])
+
+
+async def activate(lv: str) -> None:
+    await _run(["lvchange", "--activate", "y", f"{VG}/{lv}"])
+
+
+async def remove(lv: str) -> None:
+    await _run(["lvremove", "--yes", f"{VG}/{lv}"])

@@ -1,0 +1,141 @@
+"""The storage role: serve the volume legs the control plane placed on this node.
+
+One reconcile pass, safe to repeat at any point after any crash:
+
+1. classify the disks; if a leg is placed here, make sure the ``netboot`` volume group exists
+   (created or extended from empty disks only) and is active;
+2. for every wanted leg: create its logical volume if missing, zero it end to end unless it is
+   already marked zeroed, then export it over iSCSI to exactly the initiators named;
+3. drop every export of ours that is not wanted (an initiator that lost access is cut off at
+   once), and remove the logical volumes of deleted volumes, and only those: a logical volume
+   the control plane does not mention is reported as an orphan, never removed.
+
+Nothing is kept on the node between boots: after a reboot the exports are rebuilt from the
+control plane's answer alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any
+
+from nodeagent.errors import LioError, LvmError
+from nodeagent.roles import lio, lvm
+
+log = logging.getLogger(__name__)
+
+
+class StorageRole:
+    """Reconciles LVM and LIO toward the ``storage`` part of the work message."""
+
+    name = "storage"
+
+    def __init__(self) -> None:
+        self._zeroing: dict[str, asyncio.Task[None]] = {}
+        self._errors: dict[str, str] = {}
+        self._unsettled = False
+
+    def busy(self) -> bool:
+        """A leg is being zeroed or failed: look again soon."""
+        return self._unsettled or any(not task.done() for task in self._zeroing.values())
+
+    async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
+        wanted = [e for e in work.get("exports") or [] if isinstance(e, dict)]
+        removals = [r for r in work.get("remove") or [] if isinstance(r, dict)]
+        found = await lvm.disks()
+        group = await lvm.volume_group()
+        report: dict[str, Any] = {"vg": group, "disks": [d.to_json() for d in found],
+                                  "exports": [], "removed": [], "orphans": []}
+        if wanted:
+            try:
+                group = await lvm.ensure_volume_group(found)
+            except LvmError as exc:
+                report["error"] = f"volume group: {exc}"
+                group = None
+            report["vg"] = group
+            if group is not None:
+                report["disks"] = [d.to_json() for d in await lvm.disks()]
+        volumes = await lvm.logical_volumes() if group is not None else {}
+        exports: list[lio.Export] = []
+        states: dict[str, dict[str, Any]] = {}
+        for leg in wanted:
+            state = await self._prepare_leg(leg, volumes, group is not None)
+            states[leg["volume"]] = state
+            if state["state"] == "ready":
+                exports.append(lio.Export(
+                    target=leg["target"], backstore=leg["lv"],
+                    device=lvm.device_path(leg["lv"]),
+                    initiators=tuple(lio.Initiator(i["iqn"], i["user"], i["secret"])
+                                     for i in leg.get("initiators") or [])))
+        try:
+            exported = await asyncio.to_thread(lio.apply, exports)
+        except LioError as exc:
+            exported = {e.target: {"state": "error", "error": str(exc), "sessions": []}
+                        for e in exports}
+        for leg in wanted:
+            state = states[leg["volume"]]
+            if state["state"] == "ready":
+                state = {**state, **exported.get(leg["target"], {})}
+            report["exports"].append({"volume": leg["volume"], **state})
+        for removal in removals:
+            if await self._remove_leg(removal, volumes):
+                report["removed"].append(removal["volume"])
+        known = {leg["lv"] for leg in wanted} | {r["lv"] for r in removals}
+        self._unsettled = any(e["state"] != "exported" for e in report["exports"])
+        report["orphans"] = sorted(name for name in volumes
+                                   if name.startswith(lio.BACKSTORE_PREFIX)
+                                   and name not in known)
+        return report
+
+    async def _prepare_leg(self, leg: dict[str, Any], volumes: dict[str, dict[str, Any]],
+                           have_group: bool) -> dict[str, Any]:
+        name, size = leg["lv"], int(leg["size"])
+        if leg.get("image"):
+            return {"state": "error", "error": "volumes from an image are not supported by "
+                                               "this agent yet", "sessions": []}
+        if not have_group:
+            return {"state": "error", "error": "no volume group: no empty disk on this node",
+                    "sessions": []}
+        task = self._zeroing.get(name)
+        if task is not None and not task.done():
+            return {"state": "creating", "error": None, "sessions": [], "step": "zeroing"}
+        if task is not None:
+            del self._zeroing[name]
+            if not task.cancelled() and task.exception() is not None:
+                self._errors[name] = f"zeroing failed: {task.exception()}"
+        volume = volumes.get(name)
+        try:
+            if volume is None:
+                log.info("creating leg %s (%d bytes)", name, size)
+                await lvm.create(name, size)
+                volume = {"size": size, "tags": [], "active": True}
+            elif not volume["active"]:
+                await lvm.activate(name)
+        except LvmError as exc:
+            return {"state": "error", "error": str(exc), "sessions": []}
+        if volume["size"] < size:
+            return {"state": "error", "error": f"logical volume {name} is {volume['size']} "
+                                               f"bytes, smaller than {size}", "sessions": []}
+        if lvm.READY_TAG not in volume["tags"]:
+            self._zeroing[name] = asyncio.create_task(lvm.zero(name), name=f"zero-{name}")
+            return {"state": "creating", "error": self._errors.get(name), "sessions": [],
+                    "step": "zeroing"}
+        self._errors.pop(name, None)
+        return {"state": "ready", "error": None, "sessions": []}
+
+    async def _remove_leg(self, removal: dict[str, Any],
+                          volumes: dict[str, dict[str, Any]]) -> bool:
+        name = removal["lv"]
+        task = self._zeroing.pop(name, None)
+        if task is not None and not task.done():
+            task.cancel()
+        if name not in volumes:
+            return True
+        try:
+            await lvm.remove(name)
+        except LvmError as exc:
+            log.warning("cannot remove leg %s: %s", name, exc)
+            return False
+        log.info("removed leg %s", name)
+        return True
