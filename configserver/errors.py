@@ -162,3 +162,49 @@ class InvalidCsr(InvalidRequest):
 
 class WeakKey(InvalidCsr):
     code = "weak_key"
+
+
+# -- the cloud: volumes ---------------------------------------------------------------------
+
+class InvalidSize(InvalidRequest):
+    code = "invalid_size"
+
+
+class InvalidVolumeName(InvalidRequest):
+    code = "invalid_name"
+
+
+class InvalidReport(InvalidRequest):
+    """An agent's report that does not have the documented shape (nothing of it is stored)."""
+
+    code = "invalid_report"
+
+
+class DuplicateVolume(Conflict):
+    code = "duplicate_volume"
+
+
+class VolumeInUse(Conflict):
+    """The volume is attached (or still detaching) where the request needs it not to be."""
+
+    code = "volume_attached"
+
+
+class NoRoom(Conflict):
+    """No two storage nodes have room for the volume."""
+
+    code = "no_room"
+
+
+class TooFewStorageNodes(Conflict):
+    code = "too_few_storage_nodes"
+
+
+class UnknownImage(NetbootError):
+    status = 422
+    code = "unknown_image"
+
+
+class NotADom0(NetbootError):
+    status = 422
+    code = "not_a_dom0"

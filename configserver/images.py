@@ -4,7 +4,9 @@ Each image is a directory ``<images>/<name>/`` with a ``manifest.json`` naming i
 initramfs and (for Xen) hypervisor, the hypervisor's EFI binary for UEFI machines
 (``hypervisor_efi``), and every file it ships. Only files the manifest names are ever served,
 so no path of a caller's choosing reaches the filesystem. A directory without a manifest is
-read by convention (``vmlinuz``, ``initramfs.img``, ``xen``, ``xen.efi``). Manifests are
+read by convention (``vmlinuz``, ``initramfs.img``, ``xen``, ``xen.efi``, ``rootfs.img``).
+An image may also ship a root file system for volumes (manifest key ``rootfs``, a file name;
+by convention ``rootfs.img``): a volume created from the image starts as a copy of it. Manifests are
 re-read only when their modification time changes, so a rebuilt image is served at once.
 """
 
@@ -25,6 +27,7 @@ _CONVENTION = {
     "initramfs": ("initramfs.img", "initrd.img", "initramfs"),
     "hypervisor": ("xen", "xen.gz"),
     "hypervisor_efi": ("xen.efi",),
+    "rootfs": ("rootfs.img",),
 }
 
 
@@ -40,6 +43,8 @@ class Image:
     # Xen's EFI loader (xen.efi) of the same build: what a UEFI machine boots, since iPXE's EFI
     # build has no multiboot.
     hypervisor_efi: str | None = None
+    # A root file system image for volumes (a raw file system or disk image).
+    rootfs: str | None = None
 
     def path(self, filename: str) -> Path | None:
         """The file's path if the image ships it, else None (no other path is reachable)."""
@@ -50,7 +55,7 @@ class Image:
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "kernel": self.kernel, "initramfs": self.initramfs,
                 "hypervisor": self.hypervisor, "hypervisor_efi": self.hypervisor_efi,
-                "files": sorted(self.files),
+                "rootfs": self.rootfs, "files": sorted(self.files),
                 "built": self.manifest.get("built")}
 
 
@@ -93,16 +98,18 @@ def _read(name: str, directory: Path, manifest: Path) -> Image | None:
             names = frozenset(files if isinstance(files, dict | list) else ())
             kernel, initramfs = data["kernel"], data["initramfs"]
             hypervisor, efi = data.get("hypervisor"), data.get("hypervisor_efi")
+            rootfs = data.get("rootfs")
             if not all(isinstance(v, str) for v in (kernel, initramfs, hypervisor or "",
-                                                    efi or "")):
-                raise TypeError("kernel, initramfs and hypervisor(_efi) are file names")
+                                                    efi or "", rootfs or "")):
+                raise TypeError("kernel, initramfs, hypervisor(_efi) and rootfs are file "
+                                "names")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             log.warning("image %s: unreadable manifest %s: %s", name, manifest, exc)
             return None
-        wanted = {kernel, initramfs} | {h for h in (hypervisor, efi) if h}
+        wanted = {kernel, initramfs} | {h for h in (hypervisor, efi, rootfs) if h}
         names = frozenset(n for n in names | wanted if _NAME.match(str(n)))
         return Image(name, directory, kernel, initramfs, hypervisor, names, data,
-                     hypervisor_efi=efi or None)
+                     hypervisor_efi=efi or None, rootfs=rootfs or None)
     found: dict[str, str | None] = {}
     for part, candidates in _CONVENTION.items():
         found[part] = next((c for c in candidates if (directory / c).is_file()), None)
@@ -110,4 +117,5 @@ def _read(name: str, directory: Path, manifest: Path) -> Image | None:
         return None
     files = frozenset(v for v in found.values() if v)
     return Image(name, directory, found["kernel"], found["initramfs"],  # type: ignore[arg-type]
-                 found["hypervisor"], files, {}, hypervisor_efi=found["hypervisor_efi"])
+                 found["hypervisor"], files, {}, hypervisor_efi=found["hypervisor_efi"],
+                 rootfs=found["rootfs"])

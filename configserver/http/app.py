@@ -9,13 +9,15 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from configserver.cloud.notify import GenerationNotifier
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot, leaseapi, limits, usersapi
+from configserver.http import agentapi, api, boot, leaseapi, limits, usersapi, volumesapi, workapi
 from configserver.http.appkeys import (
     API_BASE,
     AUTHORITY,
     CATALOG,
+    CLOUD,
     CONFIG,
     REGISTRY,
     REVOCATIONS,
@@ -77,9 +79,12 @@ def create_app(config: ServerConfig, registry: Registry, authority: CertificateA
     app[REVOCATIONS] = Revocations(registry.revoked_certificates(), clock=authority.now)
     app[SECRET_KEY] = secret_key or secrets.token_bytes(32)
     app[CATALOG] = ImageCatalog(config.images_dir)
+    app[CLOUD] = GenerationNotifier(registry.cloud_generation())
     leaseapi.setup_routes(app)  # before api's /nodes/{mac}
     usersapi.setup_routes(app)
     api.setup_routes(app)
     boot.setup_routes(app)
     agentapi.setup_agent_api(app)
+    volumesapi.setup_routes(app)
+    workapi.setup_routes(app)
     return app

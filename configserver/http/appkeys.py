@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from configserver.cloud.notify import GenerationNotifier
 from configserver.config import ServerConfig
 from configserver.images import ImageCatalog
 from configserver.pki import CertificateAuthority, Revocations
@@ -19,3 +20,5 @@ CATALOG = web.AppKey("catalog", ImageCatalog)
 AUTHORITY = web.AppKey("authority", CertificateAuthority)
 API_BASE = web.AppKey("api_base", str)
 REVOCATIONS = web.AppKey("revocations", Revocations)
+# The cloud generation as this process last saw it; long polls of agents' work wait on it.
+CLOUD = web.AppKey("cloud", GenerationNotifier)

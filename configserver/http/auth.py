@@ -8,10 +8,11 @@ Who is calling follows from how the request arrived, nothing else:
 * otherwise nobody.
 
 What each identity may do (``required_access``): admins everything; tenants only their own
-objects (there are none yet) and ``whoami``; nodes only the agent endpoints, whose handlers
-check which node; nobody only the health check, the CRL and the agent endpoints (lookup and
-enroll come before a node has a certificate; heartbeat and inventory still take the agent
-token). Plain HTTP serves what firmware fetches and refuses the API, pointing to HTTPS.
+objects (volumes: the handlers show a tenant only its own) and ``whoami``; nodes only the
+agent endpoints, whose handlers check which node; nobody only the health check, the CRL and
+the agent endpoints (lookup and enroll come before a node has a certificate; heartbeat and
+inventory still take the agent token). Plain HTTP serves what firmware fetches and refuses
+the API, pointing to HTTPS.
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ class Access(enum.Enum):
     AUTHENTICATED = "any identity"
     AGENT = "nodes (the handler checks which)"
     ADMIN = "admins"
+    OWNER = "admins and tenants (the handler shows a tenant only its own objects)"
 
 
 _PUBLIC = {("GET", "/api/v1/health"), ("GET", "/api/v1/crl"),
            ("POST", "/api/v1/agent/lookup")}
 _AGENT = {("POST", "/api/v1/agent/enroll"), ("POST", "/api/v1/agent/heartbeat"),
-          ("POST", "/api/v1/agent/inventory")}
+          ("POST", "/api/v1/agent/inventory"), ("GET", "/api/v1/agent/work"),
+          ("POST", "/api/v1/agent/report")}
+_OWNER = {("GET", "/api/v1/volumes"), ("POST", "/api/v1/volumes"),
+          ("GET", "/api/v1/volumes/{name}"), ("DELETE", "/api/v1/volumes/{name}"),
+          ("POST", "/api/v1/volumes/{name}/attach"), ("POST", "/api/v1/volumes/{name}/detach")}
 _AUTHENTICATED = {("GET", "/api/v1/whoami")}
 
 
@@ -64,6 +70,8 @@ def required_access(method: str, path: str) -> Access:
         return Access.AGENT
     if key in _AUTHENTICATED:
         return Access.AUTHENTICATED
+    if key in _OWNER:
+        return Access.OWNER
     return Access.ADMIN
 
 
@@ -127,6 +135,9 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         raise Unauthorized("this request needs a client certificate",
                            hint="e.g. curl --cert NAME.pem --key NAME.key --cacert ca.pem "
                                 "(configserver user add NAME); see docs/security.md")
+    if access == Access.OWNER and identity.kind not in ("admin", "tenant"):
+        raise Forbidden(f"{identity.kind} {identity.name!r} may not {request.method} "
+                        f"{request.path}", hint="this needs an admin or tenant certificate")
     if access == Access.ADMIN and not identity.is_admin:
         raise Forbidden(f"{identity.kind} {identity.name!r} may not {request.method} "
                         f"{request.path}", hint="this needs an admin certificate")

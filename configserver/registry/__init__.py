@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from configserver.cloud.model import Volume, VolumeEvent
 from configserver.model import (
     ApplyResult,
     BootEvent,
@@ -58,6 +59,16 @@ class User:
                 "created": self.created, "revoked": self.revoked,
                 "serial": None if self.serial is None else f"{self.serial:x}",
                 "not_after": self.not_after}
+
+
+@dataclass(frozen=True)
+class ReportOutcome:
+    """What an agent's report did: the generation after it, how many volumes it changed,
+    and the volume ids it named that the node has no business with (ignored)."""
+
+    generation: int
+    changed: int
+    ignored: tuple[str, ...]
 
 
 class Registry(Protocol):
@@ -106,8 +117,22 @@ class Registry(Protocol):
     def revoke_user(self, name: str) -> User: ...
     def revoked_certificates(self) -> list[tuple[int, float]]: ...
 
+    # The cloud: volumes (desired state written here, validated and placed; actual state
+    # from the agents' reports) and the generation every desired change bumps.
+    def cloud_generation(self) -> int: ...
+    def volumes(self) -> list[Volume]: ...
+    def volume(self, name: str) -> Volume | None: ...
+    def volume_events(self, volume_id: str, limit: int = 500) -> list[VolumeEvent]: ...
+    def create_volume(self, name: str, size: int, image: str | None,
+                      tenant: str | None) -> tuple[Volume, int]: ...
+    def delete_volume(self, name: str) -> tuple[Volume, int]: ...
+    def attach_volume(self, name: str, node: str) -> tuple[Volume, int]: ...
+    def detach_volume(self, name: str, node: str) -> tuple[Volume, int]: ...
+    def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome: ...
+    def storage_facts(self, mac: str) -> dict[str, Any] | None: ...
+
     def flush(self) -> None: ...
     def close(self) -> None: ...
 
 
-__all__ = ["AgentSession", "Registry", "User"]
+__all__ = ["AgentSession", "Registry", "ReportOutcome", "User"]

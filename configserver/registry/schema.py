@@ -93,6 +93,58 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX certificates_user ON certificates(user);
     """,
+    # 4: replicated volumes (desired state, and what agents report), their timelines, and
+    # each storage node's latest report (for placement). The generation is a setting.
+    """
+    CREATE TABLE volumes (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        size INTEGER NOT NULL,
+        image TEXT,
+        tenant TEXT,
+        state TEXT NOT NULL,
+        error TEXT,
+        initialized INTEGER NOT NULL DEFAULT 0,
+        redundancy TEXT NOT NULL DEFAULT 'unknown',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX volumes_tenant ON volumes(tenant);
+    CREATE TABLE volume_legs (
+        volume TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+        node TEXT NOT NULL,
+        position INTEGER NOT NULL,
+        state TEXT NOT NULL DEFAULT 'pending',
+        error TEXT,
+        member TEXT,
+        PRIMARY KEY (volume, node)
+    );
+    CREATE INDEX volume_legs_node ON volume_legs(node);
+    CREATE TABLE volume_attachments (
+        volume TEXT NOT NULL REFERENCES volumes(id) ON DELETE CASCADE,
+        node TEXT NOT NULL,
+        state TEXT NOT NULL DEFAULT 'requested',
+        device TEXT,
+        sync TEXT,
+        error TEXT,
+        detaching INTEGER NOT NULL DEFAULT 0,
+        PRIMARY KEY (volume, node)
+    );
+    CREATE INDEX volume_attachments_node ON volume_attachments(node);
+    CREATE TABLE volume_events (
+        id INTEGER PRIMARY KEY,
+        volume TEXT NOT NULL,
+        time REAL NOT NULL,
+        stage TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX volume_events_volume ON volume_events(volume, id);
+    CREATE TABLE storage_reports (
+        mac TEXT PRIMARY KEY REFERENCES nodes(mac) ON DELETE CASCADE,
+        facts TEXT NOT NULL,
+        updated REAL NOT NULL
+    );
+    """,
 )
 
 

@@ -1,0 +1,129 @@
+"""The agents' side of the cloud: ``GET /api/v1/agent/work`` (a long poll of the node's
+desired work) and ``POST /api/v1/agent/report`` (what the node has).
+
+Both authenticate like a heartbeat (``agentapi``): the node's client certificate of its
+current boot, or that boot's agent token, and the ``mac`` and ``boot_id`` they name must be
+the session's. A long poll waits on the event loop (``GenerationNotifier``), holding no thread
+and no database connection; the work itself is read and computed on a worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable
+from typing import Any
+
+from aiohttp import web
+
+from configserver.cloud.work import ImageSource, node_work, portal
+from configserver.errors import InvalidRequest
+from configserver.http import limits
+from configserver.http.agentapi import _authenticate, _json_body, _require_session, _session
+from configserver.http.appkeys import CATALOG, CLOUD, CONFIG, REGISTRY, SECRET_KEY
+
+log = logging.getLogger(__name__)
+
+MAX_REPORT_BYTES = 256 * 1024
+DEFAULT_WAIT = 25.0
+MAX_WAIT = 60.0
+
+
+def setup_routes(app: web.Application) -> None:
+    app.router.add_get("/api/v1/agent/work", work)
+    app.router.add_post("/api/v1/agent/report", report,
+                        expect_handler=limits.expect_handler(MAX_REPORT_BYTES,
+                                                             _require_session))
+
+
+def _query_number(request: web.Request, name: str) -> float | None:
+    text = request.query.get(name)
+    if text is None or text == "":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise InvalidRequest(f"{name} must be a number") from None
+    if math.isnan(value) or value < 0:
+        raise InvalidRequest(f"{name} must be a number of at least 0")
+    return value
+
+
+def _http_base(request: web.Request) -> str:
+    """The plain-HTTP URL nodes fetch images from."""
+    config = request.app[CONFIG]
+    if config.http.public_url:
+        return config.http.public_url.rstrip("/")
+    return f"http://{request.url.host}:{config.http.port}"
+
+
+def _images(request: web.Request, names: Iterable[str]) -> dict[str, ImageSource]:
+    catalog, base, found = request.app[CATALOG], _http_base(request), {}
+    for name in names:
+        image = catalog.get(name)
+        path = image.path(image.rootfs) if image and image.rootfs else None
+        try:
+            size = path.stat().st_size if path else None
+        except OSError:
+            size = None
+        url = f"{base}/images/{name}/{image.rootfs}" if image and image.rootfs else None
+        found[name] = ImageSource(name, url, size)
+    return found
+
+
+def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
+    """The node's work now (on a worker thread). The generation is read before the volumes,
+    so the volumes are at least as new as it: a change in between only makes the agent
+    ask again at once."""
+    registry = request.app[REGISTRY]
+    generation = registry.cloud_generation()
+    volumes = registry.volumes()
+    storage = {g.node for v in volumes for g in v.legs}
+    portals = {}
+    for node_mac in storage:
+        node = registry.lookup(node_mac)
+        portals[node_mac] = portal(next((n.ip for n in node.nics if n.ip), None)
+                                   if node else None)
+    images = _images(request, {v.image for v in volumes if v.image and v.leg(mac)})
+    return node_work(generation, role, mac, volumes, key=request.app[SECRET_KEY],
+                     images=images, portals=portals)
+
+
+async def work(request: web.Request) -> web.Response:
+    """``GET /api/v1/agent/work?mac=&boot_id=&after=GEN&wait=SECONDS``: answered at once if
+    ``after`` is absent or not the current generation, else once it changes or after
+    ``wait`` seconds (default 25, at most 60), with the current work either way."""
+    session = _session(request)
+    node = _authenticate(request, session, {"mac": request.query.get("mac", ""),
+                                            "boot_id": request.query.get("boot_id")})
+    after = _query_number(request, "after")
+    wait = _query_number(request, "wait")
+    wait = DEFAULT_WAIT if wait is None else min(wait, MAX_WAIT)
+    notifier = request.app[CLOUD]
+    if after is not None and int(after) == notifier.generation:
+        await notifier.wait(int(after), wait)
+    answer = await asyncio.to_thread(_work, request, node.mac, node.role)
+    notifier.publish(answer["generation"])
+    return web.json_response(answer)
+
+
+async def report(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/report`` ``{"mac", "boot_id", "generation", "storage"|"dom0"}``
+    -> ``{"stored": true, "generation": current}``; a malformed report is a 400 and stores
+    nothing."""
+    session = _session(request)
+    data = await _json_body(request, MAX_REPORT_BYTES)
+    node = _authenticate(request, session, data)
+    generation = data.get("generation")
+    if generation is not None and (isinstance(generation, bool)
+                                   or not isinstance(generation, int)):
+        raise InvalidRequest("generation must be the integer of the work the report follows")
+    body = {k: data[k] for k in ("storage", "dom0") if k in data}
+    outcome = await asyncio.to_thread(request.app[REGISTRY].record_cloud_report, node.mac,
+                                      body)
+    request.app[CLOUD].publish(outcome.generation)
+    return web.json_response({"stored": True, "generation": outcome.generation})
+
+
+__all__ = ["DEFAULT_WAIT", "MAX_REPORT_BYTES", "MAX_WAIT", "setup_routes"]
