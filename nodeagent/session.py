@@ -42,7 +42,7 @@ from nodeagent.identity import (
 )
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
-from nodeagent.roles import Reconciler, role_for
+from nodeagent.roles import Reconciler, Role, role_for
 
 log = logging.getLogger(__name__)
 
@@ -180,7 +180,8 @@ class AgentSession:
     def __init__(self, config: AgentConfig, client: ServerClient,
                  inventory_source: InventorySource, *, macs: tuple[str, ...] = (),
                  rng: random.Random | None = None,
-                 role_facts_source: RoleFactsSource | None = None) -> None:
+                 role_facts_source: RoleFactsSource | None = None,
+                 cloud_roles: Callable[[str | None], Role | None] = role_for) -> None:
         self.config = config
         self.client = client
         self.status = AgentStatus()
@@ -204,6 +205,7 @@ class AgentSession:
         self._api_tls: ssl.SSLContext | None = None
         # The cloud part of the role (storage, dom0), once the lookup named the role.
         self.reconciler: Reconciler | None = None
+        self._cloud_roles = cloud_roles
         self._reconcile_task: asyncio.Task[None] | None = None
 
     # -- public ------------------------------------------------------------------------------
@@ -235,7 +237,7 @@ class AgentSession:
         """Run the role's reconcile loop (once per agent; it survives a new lookup)."""
         if self._reconcile_task is not None or self.status.node is None:
             return
-        role = role_for(self.status.node.role)
+        role = self._cloud_roles(self.status.node.role)
         if role is None:
             return
         self.reconciler = Reconciler(role, self._fetch_work, self._post_report)

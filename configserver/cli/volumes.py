@@ -35,6 +35,10 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         command = vsub.add_parser(action, parents=[common], help=text)
         command.add_argument("name")
         command.add_argument("node", help="the dom0's hostname or MAC")
+        if action == "detach":
+            command.add_argument("--force", action="store_true",
+                                 help="revoke at once: the storage nodes drop the dom0's "
+                                      "sessions without waiting for it (fencing)")
 
 
 def _path(name: str, rest: str = "") -> str:
@@ -122,6 +126,10 @@ def cmd_volume(args: argparse.Namespace, client: ApiClient) -> int:
         volume = client.delete(_path(args.name))
         return _print(args, volume, f"deleting volume {volume['name']}: the storage nodes "
                                     "remove its legs")
-    volume = client.post(_path(args.name, f"/{args.action}"), {"node": args.node})
-    verb = "attached to" if args.action == "attach" else "detaching from"
+    body = {"node": args.node}
+    if args.action == "detach" and args.force:
+        body["force"] = True
+    volume = client.post(_path(args.name, f"/{args.action}"), body)
+    verb = ("attached to" if args.action == "attach" else
+            "access revoked for" if body.get("force") else "detaching from")
     return _print(args, volume, f"volume {volume['name']} {verb} {args.node}")

@@ -25,8 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true")
     sub = parser.add_subparsers(dest="command", required=True)
     up = sub.add_parser("up", help="build the network, start the server and boot the VMs")
-    up.add_argument("--dom0", type=int, default=1, help="Xen dom0 nodes (default 1)")
-    up.add_argument("--storage", type=int, default=1, help="storage nodes (default 1)")
+    up.add_argument("--dom0", type=int, default=None, help="Xen dom0 nodes (default 1)")
+    up.add_argument("--storage", type=int, default=None, help="storage nodes (default 1)")
+    up.add_argument("--cloud", action="store_true",
+                    help="the cloud preset: 2 dom0 and 2 storage nodes (every volume lives on "
+                         "two storage nodes; a second dom0 to move it to)")
     up.add_argument("--firmware", default="bios",
                     help="bios, uefi or uefi-pxe; a comma list is cycled over the nodes")
     up.add_argument("--images", type=Path, default=Path("build/images"),
@@ -83,7 +86,10 @@ def _run(args: argparse.Namespace) -> int:
         if bad or not firmware:
             raise FarmError(f"unknown firmware {','.join(bad) or '(none)'}",
                             hint=f"choose from {', '.join(FIRMWARES)}")
-        nodes = plan_nodes(args.dom0, args.storage, firmware, args.subnet)
+        preset = 2 if args.cloud else 1
+        nodes = plan_nodes(preset if args.dom0 is None else args.dom0,
+                           preset if args.storage is None else args.storage, firmware,
+                           args.subnet)
         config = FarmConfig(farm_dir=args.farm_dir, nodes=nodes, images_dir=args.images,
                             subnet=args.subnet, http_port=args.http_port,
                             ready_timeout=args.timeout, fresh=args.fresh,

@@ -314,6 +314,19 @@ class Farm:
             return self.rows(state)
         return self.wait_ready(FarmState(**{**asdict(state), "nodes": [started]}))
 
+    def restart_server(self, *, hard: bool = True) -> int:
+        """Stop the config server (SIGKILL with ``hard``: a crash) and start it again on the
+        same state directory; the new pid."""
+        state = self._loaded()
+        if state.server_pid and _is_ours(state.server_pid, self.dir, self.net.namespace):
+            if hard:
+                network.kill_now(state.server_pid)
+            else:
+                network.stop_pids([state.server_pid])
+        self.report(f"config server {state.server_pid} stopped; starting it again")
+        server = self._start_server(state)
+        return server.pid
+
     def _loaded(self) -> FarmState:
         state = FarmState.load(self.dir)
         if state is None:

@@ -9,6 +9,7 @@ and bumps the cloud generation; the handler then wakes the agents' long polls (`
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -150,27 +151,33 @@ async def delete_volume(request: web.Request) -> web.Response:
     return await _answer(request, deleting, generation, status=202)
 
 
-async def _node_of(request: web.Request) -> str:
+async def _node_of(request: web.Request, *, force: bool = False) -> tuple[str, bool]:
     data = await read_body(request)
-    if set(data) - {"node"} or not isinstance(data.get("node"), str) or not data["node"]:
-        raise InvalidRequest("the body is {\"node\": hostname or MAC}")
-    return str(data["node"])
+    allowed = {"node", "force"} if force else {"node"}
+    if set(data) - allowed or not isinstance(data.get("node"), str) or not data["node"]:
+        raise InvalidRequest("the body is {\"node\": hostname or MAC"
+                             + (", \"force\": true|false}" if force else "}"))
+    if not isinstance(data.get("force", False), bool):
+        raise InvalidRequest("force must be true or false")
+    return str(data["node"]), bool(data.get("force", False))
 
 
 async def attach_volume(request: web.Request) -> web.Response:
     """``{"node": dom0 hostname or MAC}``: let that dom0 assemble the volume (one at a time)."""
     volume = await _find(request)
-    node = await _node_of(request)
+    node, _ = await _node_of(request)
     attached, generation = await asyncio.to_thread(request.app[REGISTRY].attach_volume,
                                                    volume.name, node)
     return await _answer(request, attached, generation)
 
 
 async def detach_volume(request: web.Request) -> web.Response:
+    """``{"node", "force"?}``: in order, or with ``force`` at once (fencing the dom0)."""
     volume = await _find(request)
-    node = await _node_of(request)
-    detaching, generation = await asyncio.to_thread(request.app[REGISTRY].detach_volume,
-                                                    volume.name, node)
+    node, force = await _node_of(request, force=True)
+    detaching, generation = await asyncio.to_thread(
+        functools.partial(request.app[REGISTRY].detach_volume, volume.name, node,
+                          force=force))
     return await _answer(request, detaching, generation)
 
 

@@ -460,8 +460,10 @@ class SqliteRegistry:
     def attach_volume(self, name: str, node: str) -> tuple[Volume, int]:
         return self._run(cloud_volumes.attach, name=name, node=node, now=self._now())
 
-    def detach_volume(self, name: str, node: str) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.detach, name=name, node=node, now=self._now())
+    def detach_volume(self, name: str, node: str, *, force: bool = False
+                      ) -> tuple[Volume, int]:
+        return self._run(cloud_volumes.detach, name=name, node=node, now=self._now(),
+                         force=force)
 
     def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome:
         return self._run(cloud_volumes.record_report, mac=mac, report=report, now=self._now())

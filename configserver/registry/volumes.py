@@ -265,13 +265,22 @@ def attach(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Vo
     return attached, bump(db)
 
 
-def detach(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Volume, int]:
+def detach(db: sqlite3.Connection, name: str, node: str, now: float, *,
+           force: bool = False) -> tuple[Volume, int]:
+    """Take the volume from a dom0: in order (the dom0 stops its array, then the storage
+    nodes drop its ACL), or with ``force`` at once (fencing: the storage nodes drop the ACL,
+    and with it the dom0's sessions, without waiting for the dom0)."""
     volume = _existing(db, name)
     mac = resolve_node(db, node)
     current = volume.attachment(mac) if mac else None
     if current is None:
         raise NotFound(f"volume {name} is not attached to {node}",
                        hint=f"see 'configserver volume show {name}'")
+    if force:
+        revoked = replace(volume.with_attachment(None, current.node), updated=now)
+        save(db, revoked)
+        _event(db, volume, "access.revoked", now, node=current.node)
+        return revoked, bump(db)
     if current.detaching:
         return volume, generation(db)
     detaching = volume.with_attachment(replace(current, state="detaching", detaching=True),

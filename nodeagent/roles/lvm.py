@@ -124,21 +124,49 @@ async def _classify(device: dict[str, Any], path: str, size: int,
 
 
 async def volume_group() -> dict[str, Any] | None:
-    """``{"name", "size", "free"}`` of our volume group, or None if there is none."""
+    """``{"name", "size", "free", "partial"}`` of our volume group, or None if there is none."""
     text = await _run(["vgs", "--reportformat", "json", "--units", "b", "--nosuffix",
-                       "-o", "vg_name,vg_size,vg_free"])
+                       "-o", "vg_name,vg_size,vg_free,vg_attr"])
     for row in _report(text, "vg"):
         if row.get("vg_name") == VG:
-            return {"name": VG, "size": int(row["vg_size"]), "free": int(row["vg_free"])}
+            attr = row.get("vg_attr", "")
+            return {"name": VG, "size": int(row["vg_size"]), "free": int(row["vg_free"]),
+                    "partial": len(attr) > 3 and attr[3] == "p"}
     return None
 
 
+async def flush() -> None:
+    """Ask every disk of ours to make what it was told durable (a cache flush each).
+
+    LVM's metadata writes reach a disk's volatile cache; a node losing power right after
+    would come back without them (seen in the farm: a QEMU killed after ``vgcreate`` came
+    back with one disk blank). So every metadata change is followed by a flush.
+    """
+    devices = [path for path, vg in (await physical_volumes()).items()
+               if vg == VG and path.startswith("/dev/")]
+    await asyncio.to_thread(_fsync_all, devices)
+
+
+def _fsync_all(devices: list[str]) -> None:
+    for device in devices:
+        fd = os.open(device, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # blkdev_fsync: a FLUSH to the device
+        finally:
+            os.close(fd)
+
+
 async def ensure_volume_group(found: list[Disk]) -> dict[str, Any] | None:
-    """Create our VG from the empty disks, or extend it with new empty ones; then activate."""
+    """Create our VG from the empty disks, or extend it with new empty ones; then activate.
+
+    A volume group with a missing disk is used as it is, never extended (a disk that looks
+    empty may be the missing one come back blank, or a stranger's)."""
     empty = [disk.path for disk in found if disk.state == "empty"]
     group = await volume_group()
     if group is None and not empty:
         return None
+    if group is not None and group["partial"]:
+        empty = []
     for path in empty:
         await _run(["pvcreate", "--yes", "--zero", "y", path])
     if group is None:
@@ -147,7 +175,9 @@ async def ensure_volume_group(found: list[Disk]) -> dict[str, Any] | None:
     elif empty:
         log.info("extending volume group %s with %s", VG, " ".join(empty))
         await _run(["vgextend", "--yes", VG, *empty])
-    await _run(["vgchange", "--activate", "y", VG])
+    if empty:
+        await flush()
+    await _run(["vgchange", "--activate", "y", "--activationmode", "degraded", VG])
     return await volume_group()
 
 
@@ -172,13 +202,29 @@ def device_path(lv: str) -> str:
 async def create(lv: str, size: int) -> None:
     await _run(["lvcreate", "--yes", "--wipesignatures", "y", "--zero", "n",
                 "--addtag", TAG, "--name", lv, "--size", f"{size}b", VG])
+    await flush()
 
 
 async def zero(lv: str) -> None:
     """Zero the whole leg (a new volume never shows an old one's data), then mark it ready."""
     path = device_path(lv)
     await _run(["blkdiscard", "--zeroout", path], ZERO_TIMEOUT)
+    await asyncio.to_thread(_fsync_all, [path])
+    await mark_zeroed(lv)
+
+
+async def mark_zeroed(lv: str) -> None:
     await _run(["lvchange", "--addtag", READY_TAG, f"{VG}/{lv}"])
+    await flush()
+
+
+async def carries_array(lv: str) -> bool:
+    """Whether the leg holds an md superblock: a dom0 has used it, so it was zeroed once."""
+    try:
+        await run_tool(["mdadm", "--examine", device_path(lv)], TIMEOUT)
+    except ToolUnavailable:
+        return False
+    return True
 
 
 async def activate(lv: str) -> None:
@@ -187,3 +233,4 @@ async def activate(lv: str) -> None:
 
 async def remove(lv: str) -> None:
     await _run(["lvremove", "--yes", f"{VG}/{lv}"])
+    await flush()

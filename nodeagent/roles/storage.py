@@ -35,6 +35,7 @@ class StorageRole:
         self._zeroing: dict[str, asyncio.Task[None]] = {}
         self._errors: dict[str, str] = {}
         self._unsettled = False
+        self._ready: set[str] = set()  # legs found whole by the last pass
 
     def busy(self) -> bool:
         """A leg is being zeroed or failed: look again soon."""
@@ -43,6 +44,10 @@ class StorageRole:
     async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
         wanted = [e for e in work.get("exports") or [] if isinstance(e, dict)]
         removals = [r for r in work.get("remove") or [] if isinstance(r, dict)]
+        if self._ready:
+            # Access changes first, before the slower disk and LVM scans: an initiator that
+            # lost access is cut off within a moment of the control plane saying so.
+            await self._export([leg for leg in wanted if leg["lv"] in self._ready])
         found = await lvm.disks()
         group = await lvm.volume_group()
         report: dict[str, Any] = {"vg": group, "disks": [d.to_json() for d in found],
@@ -54,29 +59,23 @@ class StorageRole:
                 report["error"] = f"volume group: {exc}"
                 group = None
             report["vg"] = group
+            if group is not None and group["partial"]:
+                report["error"] = ("volume group netboot is missing a disk: legs on it are "
+                                   "lost; nothing is added to it until an operator repairs it")
             if group is not None:
                 report["disks"] = [d.to_json() for d in await lvm.disks()]
         volumes = await lvm.logical_volumes() if group is not None else {}
-        exports: list[lio.Export] = []
         states: dict[str, dict[str, Any]] = {}
         for leg in wanted:
-            state = await self._prepare_leg(leg, volumes, group is not None)
-            states[leg["volume"]] = state
-            if state["state"] == "ready":
-                exports.append(lio.Export(
-                    target=leg["target"], backstore=leg["lv"],
-                    device=lvm.device_path(leg["lv"]),
-                    initiators=tuple(lio.Initiator(i["iqn"], i["user"], i["secret"])
-                                     for i in leg.get("initiators") or [])))
-        try:
-            exported = await asyncio.to_thread(lio.apply, exports)
-        except LioError as exc:
-            exported = {e.target: {"state": "error", "error": str(exc), "sessions": []}
-                        for e in exports}
+            states[leg["volume"]] = await self._prepare_leg(leg, volumes, group is not None)
+        ready = [leg for leg in wanted if states[leg["volume"]]["state"] == "ready"]
+        self._ready = {leg["lv"] for leg in ready}
+        exported = await self._export(ready)
         for leg in wanted:
             state = states[leg["volume"]]
             if state["state"] == "ready":
-                state = {**state, **exported.get(leg["target"], {})}
+                state = {**state, **exported.get(leg["target"], {
+                    "state": "error", "error": "LIO did not export it"})}
             report["exports"].append({"volume": leg["volume"], **state})
         for removal in removals:
             if await self._remove_leg(removal, volumes):
@@ -87,6 +86,20 @@ class StorageRole:
                                    if name.startswith(lio.BACKSTORE_PREFIX)
                                    and name not in known)
         return report
+
+    @staticmethod
+    async def _export(legs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """Export exactly ``legs`` (and nothing else of ours); per target: state, sessions."""
+        exports = [lio.Export(target=leg["target"], backstore=leg["lv"],
+                              device=lvm.device_path(leg["lv"]),
+                              initiators=tuple(lio.Initiator(i["iqn"], i["user"], i["secret"])
+                                               for i in leg.get("initiators") or []))
+                   for leg in legs]
+        try:
+            return await asyncio.to_thread(lio.apply, exports)
+        except LioError as exc:
+            return {e.target: {"state": "error", "error": str(exc), "sessions": []}
+                    for e in exports}
 
     async def _prepare_leg(self, leg: dict[str, Any], volumes: dict[str, dict[str, Any]],
                            have_group: bool) -> dict[str, Any]:
@@ -117,6 +130,14 @@ class StorageRole:
         if volume["size"] < size:
             return {"state": "error", "error": f"logical volume {name} is {volume['size']} "
                                                f"bytes, smaller than {size}", "sessions": []}
+        if lvm.READY_TAG not in volume["tags"] and await lvm.carries_array(name):
+            # Zeroed and used before, its tag lost: zeroing it now would destroy a mirror leg.
+            log.warning("leg %s holds an array but was not marked zeroed: marking it", name)
+            try:
+                await lvm.mark_zeroed(name)
+            except LvmError as exc:
+                return {"state": "error", "error": str(exc), "sessions": []}
+            volume = {**volume, "tags": [*volume["tags"], lvm.READY_TAG]}
         if lvm.READY_TAG not in volume["tags"]:
             self._zeroing[name] = asyncio.create_task(lvm.zero(name), name=f"zero-{name}")
             return {"state": "creating", "error": self._errors.get(name), "sessions": [],

@@ -73,7 +73,8 @@ class Agent:
         self.http = aiohttp.ClientSession()
         client = ServerClient(self.config.server, self.http, 2.0)
         self.session = AgentSession(self.config, client, self.collect, rng=random.Random(1),
-                                    role_facts_source=self.role_facts)
+                                    role_facts_source=self.role_facts,
+                                    cloud_roles=lambda role: None)
         self.task = asyncio.create_task(self.session.run())
         return self
 

@@ -72,7 +72,8 @@ async def run_agent(plain_url, state_dir, fingerprint, until, timeout=20.0):
                            "api_port": 0, "ca_fingerprint": fingerprint})
     async with aiohttp.ClientSession() as http:
         session = AgentSession(config, ServerClient(config.api_url, http, 2.0), collect,
-                               rng=random.Random(1), role_facts_source=role_facts)
+                               rng=random.Random(1), role_facts_source=role_facts,
+                               cloud_roles=lambda role: None)
         task = asyncio.create_task(session.run())
         try:
             async with asyncio.timeout(timeout):

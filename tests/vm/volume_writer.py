@@ -1,10 +1,12 @@
 """Run on a dom0 (its own python3): write a volume continuously, then verify every block.
 
-``volume_writer.py write DEVICE SECONDS [--blocks N] [--seed S] [--start-pass P]``
+``volume_writer.py write DEVICE SECONDS [--blocks N] [--seed S] [--start-pass P]
+[--stop-on-error]``
   writes 1 MiB blocks with O_DIRECT round-robin over the first N MiB of DEVICE for SECONDS
   seconds; block i of pass p holds a pattern derived from (seed, i, p) alone. Prints one JSON
   line: writes, errors (with their messages), the longest single write in seconds and when
-  it happened, passes done, and the sha256 of what every block should hold now.
+  it happened, and where it stopped (passes, last). Before that, an ``{"event": "started"}``
+  line, and an ``{"event": "error"}`` line the moment the first write fails.
 ``volume_writer.py verify DEVICE --blocks N --seed S --passes P --last L``
   reads the blocks back and prints the sha256 of the whole region and the blocks that differ
   from what the writer wrote (blocks 0..L-1 in pass P, the rest in pass P-1).
@@ -39,6 +41,7 @@ def write(args: argparse.Namespace) -> dict:
     writes, errors, longest, longest_at = 0, [], 0.0, None
     generation, index = args.start_pass, 0
     started = time.monotonic()
+    print(json.dumps({"event": "started"}), flush=True)
     try:
         while time.monotonic() - started < args.seconds:
             buffer.seek(0)
@@ -49,6 +52,10 @@ def write(args: argparse.Namespace) -> dict:
             except OSError as exc:
                 errors.append({"at": round(began - started, 2), "block": index,
                                "error": str(exc)})
+                if len(errors) == 1:  # the host times this line: clocks differ
+                    print(json.dumps({"event": "error", **errors[0]}), flush=True)
+                if args.stop_on_error:
+                    break
                 if len(errors) > 20:
                     break
                 time.sleep(0.2)
@@ -98,6 +105,7 @@ def main() -> int:
     parser.add_argument("--start-pass", type=int, default=0)
     parser.add_argument("--passes", type=int, default=0)
     parser.add_argument("--last", type=int, default=0)
+    parser.add_argument("--stop-on-error", action="store_true")
     args = parser.parse_args()
     result = write(args) if args.mode == "write" else verify(args)
     print(json.dumps(result), flush=True)
