@@ -54,7 +54,13 @@ class Dom0Role:
                 log.warning("volume %s: %s", attachment.get("name"), exc)
                 report["attachments"].append(self._state(attachment, error=str(exc)))
         report["detached"] = await self._detach_unwanted(wanted)
-        self._settled = all(a["state"] == "attached" for a in report["attachments"])
+        leaving = {(a["volume"], leg["node"]) for a in wanted for leg in a.get("legs") or []
+                   if leg.get("leaving")}
+        self._settled = all(
+            a["state"] == "attached" or (a["state"] == "degraded" and all(
+                leg["state"] == "active" or (a["volume"], leg["node"]) in leaving
+                for leg in a["legs"]))
+            for a in report["attachments"])
         return report
 
     async def _attach(self, attachment: dict[str, Any]) -> dict[str, Any]:
@@ -65,6 +71,16 @@ class Dom0Role:
         members = {m.device: m.state for m in array.members} if array else {}
         for leg in legs:
             session = iscsi.sessions().get((leg["target"], leg["portal"]))
+            if leg.get("leaving"):
+                # Its storage node is being drained: let go of the leg before its export goes,
+                # so that no write waits for a dead connection. The session goes with it.
+                for device in session.devices if session else ():
+                    if device in members:
+                        log.info("%s: releasing the leg on %s (drain)", name, leg["node"])
+                        await md.fail(name, device)
+                if session is not None:
+                    await iscsi.logout(leg["target"], leg["portal"])
+                continue
             if session is not None and session.state != "LOGGED_IN":
                 # Recovery gave up (the target was gone, or not yet exported again when the
                 # node came back). While md still counts the leg in sync, let recovery run.
@@ -81,7 +97,7 @@ class Dom0Role:
                                       attachment["secret"])
                 except IscsiError as exc:
                     errors.append(f"leg on {leg['node']}: {exc}")
-        devices = await self._leg_devices(legs)
+        devices = await self._leg_devices([leg for leg in legs if not leg.get("leaving")])
         array = md.arrays().get(name)
         if array is None:
             await self._start(attachment, devices)
@@ -167,7 +183,9 @@ class Dom0Role:
 
     async def _detach_unwanted(self, wanted: list[dict[str, Any]]) -> list[str]:
         names = {a["md_name"] for a in wanted}
-        keep = {(leg["target"], leg["portal"]) for a in wanted for leg in a.get("legs") or []}
+        keep = {(leg["target"], leg["portal"]) for a in wanted for leg in a.get("legs") or []
+                if not leg.get("leaving")}
+        wanted_ids = {a["volume"] for a in wanted}
         detached = []
         busy: set[str] = set()
         for name in md.arrays():
@@ -189,6 +207,6 @@ class Dom0Role:
             except IscsiError as exc:
                 log.warning("cannot log out of %s: %s", target, exc)
                 continue
-            if volume not in detached:
+            if volume not in detached and volume not in wanted_ids:
                 detached.append(volume)
         return detached

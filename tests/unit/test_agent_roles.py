@@ -502,3 +502,24 @@ def test_role_errors_belong_to_the_agent_hierarchy():
     from nodeagent.errors import AgentError, IscsiError, LioError, RoleError
     for error in (LvmError, MdError, IscsiError, LioError):
         assert issubclass(error, RoleError) and issubclass(error, AgentError)
+
+
+async def test_a_leaving_leg_is_released_before_its_export_goes(monkeypatch):
+    fake = FakeDom0(monkeypatch)
+    role = dom0.Dom0Role()
+    await role.reconcile(_work(_attachment(create=True)))
+    leaving = _attachment(create=False)
+    leaving["legs"] = [{**LEGS[0], "leaving": True}, LEGS[1]]
+    fake.calls.clear()
+    report = await role.reconcile(_work(leaving))
+    assert fake.calls[:2] == [("fail", f"nb-{VID}", "/dev/sda"), ("logout", "198.18.0.50:3260")]
+    assert ("login", "198.18.0.50:3260") not in fake.calls
+    assert report["detached"] == []  # the volume stays attached, on one leg
+    assert not role.busy()  # a leg left out on purpose is not something to repair
+    # Undrained: the leg comes back and md takes it again.
+    fake.superblocks["/dev/sda"] = f"nb-{VID}"
+    fake._array(f"nb-{VID}", ["/dev/sdb"])
+    report = await role.reconcile(_work(_attachment(create=False)))
+    assert ("login", "198.18.0.50:3260") in fake.calls
+    assert ("readd", f"nb-{VID}", "/dev/sda") in fake.calls
+    assert report["attachments"][0]["state"] == "attached"
