@@ -10,9 +10,11 @@ extended, only from empty disks, and only when the control plane has placed a le
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import os
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -211,6 +213,55 @@ async def zero(lv: str) -> None:
     await _run(["blkdiscard", "--zeroout", path], ZERO_TIMEOUT)
     await asyncio.to_thread(_fsync_all, [path])
     await mark_zeroed(lv)
+
+
+async def fill(lv: str, url: str, size: int, sha256: str | None = None) -> None:
+    """Copy an image's root file system (``size`` bytes at ``url``) to the start of the leg
+    and zero the rest, then mark it ready: both legs of a volume end up identical."""
+    path = device_path(lv)
+    written = await asyncio.to_thread(_copy, url, path, size, sha256)
+    await _run(["blkdiscard", "--zeroout", "--offset", str(written), path], ZERO_TIMEOUT)
+    await asyncio.to_thread(_fsync_all, [path])
+    await mark_zeroed(lv)
+
+
+COPY_CHUNK = 4 << 20
+ALIGN = 1 << 20
+
+
+def _copy(url: str, device: str, size: int, sha256: str | None) -> int:
+    """Stream ``url`` onto ``device``; the bytes written, padded with zeros to a MiB."""
+    digest = hashlib.sha256()
+    done = 0
+    try:
+        response = urllib.request.urlopen(url, timeout=60)
+    except (OSError, ValueError) as exc:
+        raise LvmError(f"cannot fetch {url}: {exc}") from None
+    fd = os.open(device, os.O_WRONLY)
+    try:
+        with response:
+            while True:
+                chunk = response.read(COPY_CHUNK)
+                if not chunk:
+                    break
+                digest.update(chunk)
+                if done + len(chunk) > size:
+                    raise LvmError(f"{url} is larger than the {size} bytes announced")
+                os.pwrite(fd, chunk, done)
+                done += len(chunk)
+        if done != size:
+            raise LvmError(f"{url}: got {done} bytes of {size}")
+        if sha256 and digest.hexdigest() != sha256:
+            raise LvmError(f"{url}: sha256 {digest.hexdigest()} is not the announced {sha256}")
+        padded = -(-done // ALIGN) * ALIGN
+        if padded > done:
+            os.pwrite(fd, bytes(padded - done), done)
+        os.fsync(fd)
+    except OSError as exc:
+        raise LvmError(f"writing {device}: {exc}") from None
+    finally:
+        os.close(fd)
+    return padded
 
 
 async def mark_zeroed(lv: str) -> None:

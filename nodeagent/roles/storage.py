@@ -32,7 +32,8 @@ class StorageRole:
     name = "storage"
 
     def __init__(self) -> None:
-        self._zeroing: dict[str, asyncio.Task[None]] = {}
+        self._zeroing: dict[str, asyncio.Task[None]] = {}  # zeroing or image copy, per leg
+        self._steps: dict[str, str] = {}
         self._errors: dict[str, str] = {}
         self._unsettled = False
         self._ready: set[str] = set()  # legs found whole by the last pass
@@ -104,19 +105,22 @@ class StorageRole:
     async def _prepare_leg(self, leg: dict[str, Any], volumes: dict[str, dict[str, Any]],
                            have_group: bool) -> dict[str, Any]:
         name, size = leg["lv"], int(leg["size"])
-        if leg.get("image"):
-            return {"state": "error", "error": "volumes from an image are not supported by "
-                                               "this agent yet", "sessions": []}
+        image = leg.get("image")
+        if image and not (image.get("url") and image.get("size")):
+            return {"state": "error", "sessions": [],
+                    "error": f"image {image.get('name')} has no root file system to copy"}
         if not have_group:
             return {"state": "error", "error": "no volume group: no empty disk on this node",
                     "sessions": []}
         task = self._zeroing.get(name)
         if task is not None and not task.done():
-            return {"state": "creating", "error": None, "sessions": [], "step": "zeroing"}
+            return {"state": "creating", "error": None, "sessions": [],
+                    "step": self._steps.get(name, "zeroing")}
         if task is not None:
             del self._zeroing[name]
             if not task.cancelled() and task.exception() is not None:
-                self._errors[name] = f"zeroing failed: {task.exception()}"
+                self._errors[name] = (f"{self._steps.get(name, 'zeroing')} failed: "
+                                      f"{task.exception()}")
         volume = volumes.get(name)
         try:
             if volume is None:
@@ -139,9 +143,15 @@ class StorageRole:
                 return {"state": "error", "error": str(exc), "sessions": []}
             volume = {**volume, "tags": [*volume["tags"], lvm.READY_TAG]}
         if lvm.READY_TAG not in volume["tags"]:
-            self._zeroing[name] = asyncio.create_task(lvm.zero(name), name=f"zero-{name}")
+            if image:
+                job = lvm.fill(name, image["url"], int(image["size"]), image.get("sha256"))
+                step = "copying image"
+            else:
+                job, step = lvm.zero(name), "zeroing"
+            self._zeroing[name] = asyncio.create_task(job, name=f"prepare-{name}")
+            self._steps[name] = step
             return {"state": "creating", "error": self._errors.get(name), "sessions": [],
-                    "step": "zeroing"}
+                    "step": step}
         self._errors.pop(name, None)
         return {"state": "ready", "error": None, "sessions": []}
 

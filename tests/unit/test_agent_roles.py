@@ -523,3 +523,22 @@ async def test_a_leaving_leg_is_released_before_its_export_goes(monkeypatch):
     assert ("login", "198.18.0.50:3260") in fake.calls
     assert ("readd", f"nb-{VID}", "/dev/sda") in fake.calls
     assert report["attachments"][0]["state"] == "attached"
+
+
+def test_an_image_is_copied_to_the_start_of_the_leg_and_padded(tmp_path):
+    import hashlib
+    image = tmp_path / "rootfs.img"
+    image.write_bytes(b"\x53\xef" * 300_000)  # 600 000 bytes: not a whole MiB
+    leg = tmp_path / "leg"
+    leg.write_bytes(b"\xff" * (3 << 20))  # an old volume's data
+    digest = hashlib.sha256(image.read_bytes()).hexdigest()
+    written = lvm._copy(image.as_uri(), str(leg), image.stat().st_size, digest)
+    assert written == 1 << 20
+    data = leg.read_bytes()
+    assert data[:600_000] == image.read_bytes()
+    assert data[600_000:1 << 20] == bytes((1 << 20) - 600_000)
+    # The rest is zeroed afterwards by blkdiscard from the returned offset.
+    with pytest.raises(LvmError, match="sha256"):
+        lvm._copy(image.as_uri(), str(leg), image.stat().st_size, "0" * 64)
+    with pytest.raises(LvmError, match="got 600000 bytes of 700000"):
+        lvm._copy(image.as_uri(), str(leg), 700_000, None)

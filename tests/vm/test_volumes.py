@@ -10,6 +10,7 @@ writer/verifier (``volume_writer.py``) run by each dom0's own python3.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import threading
 import time
@@ -150,11 +151,17 @@ class Writer:
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory) -> Iterator[Cloud]:
+    """The module's farm: booted here, or (for working on these tests) the cloud farm already
+    up in ``$NETBOOT_VM_CLOUD_FARM`` (``farm up --cloud --fresh``), which is left up."""
     _require_images("dom0", "storage")
-    farm = Farm(FarmConfig(farm_dir=tmp_path_factory.mktemp("cloud") / "farm",
-                           nodes=plan_nodes(2, 2, "bios", "198.18.0.0/24"),
+    reuse = os.environ.get("NETBOOT_VM_CLOUD_FARM")
+    farm_dir = Path(reuse) if reuse else tmp_path_factory.mktemp("cloud") / "farm"
+    farm = Farm(FarmConfig(farm_dir=farm_dir, nodes=plan_nodes(2, 2, "bios", "198.18.0.0/24"),
                            images_dir=IMAGES, ready_timeout=READY_BUDGET),
                 report=lambda line: print(line, flush=True))
+    if reuse:
+        yield Cloud(farm)
+        return
     try:
         started = time.monotonic()
         farm.up()
@@ -181,12 +188,11 @@ def test_a_volume_keeps_its_data_from_one_dom0_to_the_next(cloud):
     assert device == f"/dev/md/nb-{volume['id']}", view
     assert view["redundancy"] == "redundant", view
 
-    out = cloud.ssh("dom0-1", f"head -c 64M /dev/urandom > /tmp/v1 && sha256sum < /tmp/v1 && "
-                              f"dd if=/tmp/v1 of={device} bs=1M oflag=direct conv=fsync "
-                              f"status=none && rm /tmp/v1 && dd if={device} bs=1M count=64 "
-                              "iflag=direct status=none | sha256sum")
-    written, read = (line.split()[0] for line in out.splitlines()[-2:])
-    assert written == read, out
+    written = json.loads(cloud.ssh("dom0-1", f"python3 - random {device} --blocks 64",
+                                   input_text=WRITER).splitlines()[-1])["sha256"]
+    read = cloud.ssh("dom0-1", f"dd if={device} bs=1M count=64 iflag=direct status=none "
+                               "| sha256sum").split()[0]
+    assert written == read
 
     cloud.cli("volume", "detach", "v1", "dom0-1")
     cloud.wait("v1", "detached", lambda v: not v["attached"])
@@ -275,6 +281,34 @@ def test_a_storage_node_killed_under_writes_loses_no_byte_and_resyncs(cloud):
     assert cloud.ssh("storage-1", "ls /etc/rtslib-fb-target/saveconfig.json "
                                   "/etc/target/saveconfig.json 2>/dev/null",
                      check=False).strip() == ""
+
+
+def test_a_drained_storage_node_lets_go_of_its_legs_before_it_goes(cloud):
+    device = cloud.show("v1")["attached"][0]["device"]
+    writer = cloud.writer("dom0-2", device, 80, 6)
+    writer.wait_event("started", 60)
+    time.sleep(10)
+    began = time.monotonic()
+    drained = cloud.cli("node", "drain", "storage-1", "--wait", "240")
+    assert drained["drain"]["legs_held"] == 0, drained
+    print(f"storage-1 drained in {time.monotonic() - began:.1f}s")
+    assert cloud.acls("storage-1") == {}  # its exports are gone, its legs are not
+    assert len(cloud.legs_on("storage-1")) == 2
+    cloud.farm.power_off("storage-1")
+    result = writer.finish(240)
+    assert result["errors"] == [], result
+    print(f"writes through a planned drain: {result['writes']} MiB, longest write "
+          f"{result['longest_write']}s at +{result['longest_at']}s (goal: no stall over 2 s)")
+    assert result["longest_write"] < 2.0, result
+    check = cloud.verify("dom0-2", device, result, 6, 64)
+    assert check["wrong_count"] == 0, check
+    assert cloud.show("v1")["redundancy"] == "degraded"
+
+    cloud.farm.power_on("storage-1")
+    cloud.cli("node", "undrain", "storage-1")
+    for name in ("v1", "v2"):
+        cloud.wait(name, "redundant after the undrain", lambda v: v["redundancy"] == "redundant"
+                   and all(a["state"] == "attached" for a in v["attached"]))
 
 
 def test_a_config_server_restart_mid_creation_finishes_it_once(cloud):

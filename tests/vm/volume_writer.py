@@ -7,6 +7,8 @@
   line: writes, errors (with their messages), the longest single write in seconds and when
   it happened, and where it stopped (passes, last). Before that, an ``{"event": "started"}``
   line, and an ``{"event": "error"}`` line the moment the first write fails.
+``volume_writer.py random DEVICE --blocks N``
+  writes N MiB of random data from the start of DEVICE and prints their sha256.
 ``volume_writer.py verify DEVICE --blocks N --seed S --passes P --last L``
   reads the blocks back and prints the sha256 of the whole region and the blocks that differ
   from what the writer wrote (blocks 0..L-1 in pass P, the rest in pass P-1).
@@ -95,9 +97,26 @@ def verify(args: argparse.Namespace) -> dict:
             "wrong_blocks": wrong[:50], "wrong_count": len(wrong)}
 
 
+def random_fill(args: argparse.Namespace) -> dict:
+    """``--blocks`` MiB of fresh random data, written with O_DIRECT; their sha256."""
+    fd = os.open(args.device, os.O_WRONLY | os.O_DIRECT | os.O_SYNC)
+    buffer = mmap.mmap(-1, BLOCK)
+    digest = hashlib.sha256()
+    try:
+        for index in range(args.blocks):
+            data = os.urandom(BLOCK)
+            digest.update(data)
+            buffer.seek(0)
+            buffer.write(data)
+            os.pwrite(fd, buffer, index * BLOCK)
+    finally:
+        os.close(fd)
+    return {"sha256": digest.hexdigest(), "mib": args.blocks}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("mode", choices=("write", "verify"))
+    parser.add_argument("mode", choices=("write", "verify", "random"))
     parser.add_argument("device")
     parser.add_argument("seconds", type=float, nargs="?", default=10.0)
     parser.add_argument("--blocks", type=int, default=64)
@@ -107,7 +126,7 @@ def main() -> int:
     parser.add_argument("--last", type=int, default=0)
     parser.add_argument("--stop-on-error", action="store_true")
     args = parser.parse_args()
-    result = write(args) if args.mode == "write" else verify(args)
+    result = {"write": write, "verify": verify, "random": random_fill}[args.mode](args)
     print(json.dumps(result), flush=True)
     return 0
 
