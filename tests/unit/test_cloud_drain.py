@@ -17,6 +17,7 @@ from cloudtest import (
     cloud,
     dom0_report,
     exported,
+    old_schema,
     ready,
     storage_report,
 )
@@ -24,7 +25,6 @@ from cloudtest import (
 from configserver.cloud.drain import drain_status, legs_held
 from configserver.cloud.work import node_work
 from configserver.errors import NodeDrained, NotDrainable, NotFound, TooFewStorageNodes, VolumeInUse
-from configserver.registry.schema import MIGRATIONS, split_sql
 from configserver.registry.sqlite import SqliteRegistry
 
 KEY = b"k" * 32
@@ -67,15 +67,7 @@ def volume_stages(registry, volume):
 
 def test_a_schema_4_registry_upgrades_keeping_nodes_and_volumes(tmp_path):
     path = tmp_path / "old.sqlite"
-    db = sqlite3.connect(path)
-    for script in MIGRATIONS[:4]:
-        for statement in split_sql(script):
-            db.execute(statement)
-    db.execute("PRAGMA user_version=4")
-    db.execute("INSERT INTO roles VALUES ('storage','storage','linux','','','',1)")
-    db.execute("INSERT INTO nodes (mac, role, hostname, state, created, updated) VALUES "
-               "('52:54:00:00:00:01','storage','old1','ready',1,1)")
-    db.execute("INSERT INTO nics VALUES ('52:54:00:00:00:01','52:54:00:00:00:01',0,NULL)")
+    db = old_schema(path, 4, state="ready")
     db.execute("INSERT INTO volumes (id, name, size, state, created, updated) VALUES "
                "('00112233445566ff','keep',1048576,'ready',1,1)")
     db.execute("INSERT INTO settings VALUES ('cloud_generation','7')")
