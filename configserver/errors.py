@@ -208,3 +208,24 @@ class UnknownImage(NetbootError):
 class NotADom0(NetbootError):
     status = 422
     code = "not_a_dom0"
+
+
+# -- planned maintenance: draining a node ---------------------------------------------------
+
+class NotDrainable(Conflict):
+    """A node that cannot be drained: pending, or of a role that holds nothing to move."""
+
+    code = "not_drainable"
+
+
+class NodeDrained(Conflict):
+    """The node is drained: nothing new may be placed or attached there."""
+
+    code = "node_drained"
+
+
+class WaitTimeout(NetbootError):
+    """The CLI waited for longer than it was told to (``--wait``)."""
+
+    status = 504
+    code = "wait_timeout"

@@ -170,6 +170,7 @@ class Node:
     last_seen: float | None = None
     last_heartbeat: float | None = None
     facts: dict[str, Any] = field(default_factory=dict)
+    drained: float | None = None  # when a drain was asked for (planned maintenance)
 
     @property
     def ip(self) -> str | None:
@@ -193,6 +194,7 @@ class Node:
             "kernel_args": self.kernel_args, "tags": list(self.tags), "state": str(self.state),
             "created": self.created, "updated": self.updated, "last_seen": self.last_seen,
             "last_heartbeat": self.last_heartbeat, "facts": self.facts,
+            "drained": self.drained is not None, "drained_since": self.drained,
         }
 
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import sqlite3
+from pathlib import Path
 from typing import Any
 
 from configserver.model import NodeSpec
+from configserver.registry.schema import MIGRATIONS, split_sql
 
 GIB = 1 << 30
 SN1, SN2, SN3 = "52:54:00:00:05:01", "52:54:00:00:05:02", "52:54:00:00:05:03"
@@ -56,3 +59,19 @@ def cloud(registry, frees: dict[str, int] | None = None, *, dom0s: int = 1) -> N
         registry.record_cloud_report(mac, storage_report(free))
     for i, mac in enumerate((DOM0, DOM0B)[:dom0s]):
         ready(registry, mac, "dom0", f"dom0-{i + 1}")
+
+
+def old_schema(path: Path, version: int, state: str = "registered") -> sqlite3.Connection:
+    """A database at schema ``version`` holding storage node old1 (52:54:00:00:00:01, with
+    198.18.0.9), open for more rows; commit and close it before a registry opens it."""
+    db = sqlite3.connect(path)
+    for script in MIGRATIONS[:version]:
+        for statement in split_sql(script):
+            db.execute(statement)
+    db.execute(f"PRAGMA user_version={version}")
+    db.execute("INSERT INTO roles VALUES ('storage','storage','linux','','','',1)")
+    db.execute("INSERT INTO nodes (mac, role, hostname, state, created, updated) VALUES "
+               "('52:54:00:00:00:01','storage','old1',?,1,1)", (state,))
+    db.execute("INSERT INTO nics VALUES ('52:54:00:00:00:01','52:54:00:00:00:01',0,"
+               "'198.18.0.9')")
+    return db

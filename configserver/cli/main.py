@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from configserver import __version__, eventloop
-from configserver.cli import users, volumes
+from configserver.cli import drain, users, volumes
 from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
 from configserver.errors import ConfigError, NetbootError
 from configserver.eventloop import PollingSelector
@@ -95,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _node_options(set_)
     rm = nsub.add_parser("rm", parents=[common], help="forget a machine")
     rm.add_argument("mac")
+    drain.add_parsers(nsub, common, duration)
     purge = nsub.add_parser("purge", parents=[common],
                             help="remove discovered machines in bulk (after a spoofed flood)")
     purge.add_argument("--pending", action="store_true", required=True,
@@ -323,6 +324,8 @@ def _node_body(args: argparse.Namespace) -> dict[str, Any]:
 def cmd_node(args: argparse.Namespace, client: ApiClient) -> int:
     from configserver.cli import format as cliformat
 
+    if args.action in ("drain", "undrain"):
+        return drain.cmd_drain(args, client)
     if args.action == "add":
         node = client.post("/api/v1/nodes", {"mac": args.mac, **_node_body(args)})
         return _print(args, node, f"added {node['mac']} ({node['role']})")

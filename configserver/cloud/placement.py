@@ -1,4 +1,5 @@
-"""Where a new volume's two legs go (pure): the two ready storage nodes with most room.
+"""Where a new volume's two legs go (pure): the two ready storage nodes with most room
+(never a drained one).
 
 A storage node's room is what its agent last reported (``storage.vg.free`` once it has the
 volume group, else the sum of its empty disks), minus the legs already placed on it that the
@@ -47,20 +48,23 @@ def free_space(nodes: Sequence[StorageNode], volumes: Sequence[Volume]) -> dict[
     return {n.mac: n.reported_free - unreported(volumes, n.mac) for n in nodes}
 
 
-def place(size: int, nodes: Sequence[StorageNode],
-          volumes: Sequence[Volume], *, not_ready: Sequence[str] = ()) -> tuple[str, str]:
+def place(size: int, nodes: Sequence[StorageNode], volumes: Sequence[Volume], *,
+          not_ready: Sequence[str] = (), drained: Sequence[str] = ()) -> tuple[str, str]:
     """The MACs of the two nodes for a volume of ``size`` bytes, or why not.
 
-    ``nodes`` are the ready storage nodes; ``not_ready`` names the other storage nodes, for
-    the message.
+    ``nodes`` are the ready storage nodes that are not drained; ``not_ready`` and
+    ``drained`` name the other storage nodes, for the message.
     """
     if len(nodes) < 2:
         ready = ", ".join(n.label for n in nodes)
         have = f"{len(nodes)} is ready ({ready})" if nodes else "none is ready"
         others = f"; not ready: {', '.join(not_ready)}" if not_ready else ""
+        others += f"; drained: {', '.join(drained)}" if drained else ""
         raise TooFewStorageNodes(
-            f"a volume needs two ready storage nodes: {have}{others}",
-            hint="register machines with role storage and boot them "
+            f"a volume needs two ready storage nodes"
+            f"{' that are not drained' if drained else ''}: {have}{others}",
+            hint="undrain a node ('configserver node undrain NODE')" if drained else
+                 "register machines with role storage and boot them "
                  "('configserver node list')")
     leg_size = size + LEG_OVERHEAD
     free = free_space(nodes, volumes)

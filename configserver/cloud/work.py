@@ -5,14 +5,18 @@ volume is attached to (or still detaching from: the map is updated last, so a ta
 drops a dom0 only after that dom0 reported the array stopped), and removes the legs of
 deleted volumes. A dom0 assembles the arrays of the volumes attached to it once their legs
 can be reached: both exported, or one if the array exists already (a degraded volume).
+
+A drained storage node (planned maintenance, ``drain.py``) exports a leg only while a dom0
+still holds it; the dom0s see its legs flagged ``leaving`` and let go of them first.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from configserver.cloud.drain import holds
 from configserver.cloud.model import (
     EXPORTED_STATES,
     ISCSI_PORT,
@@ -42,7 +46,7 @@ def portal(ip: str | None) -> str | None:
 
 
 def storage_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
-                 images: Mapping[str, ImageSource]) -> dict[str, Any]:
+                 images: Mapping[str, ImageSource], drained: bool = False) -> dict[str, Any]:
     exports, remove = [], []
     for volume in sorted(volumes, key=lambda v: v.id):
         leg = volume.leg(mac)
@@ -52,7 +56,7 @@ def storage_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
             if leg.state != "removed":
                 remove.append({"volume": volume.id, "lv": volume.lv, "target": volume.target})
             continue
-        if volume.state not in EXPORTED_STATES:
+        if volume.state not in EXPORTED_STATES or (drained and not holds(volume, leg)):
             continue
         image = None
         if volume.image is not None:
@@ -66,7 +70,7 @@ def storage_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
                             "secret": chap_secret(key, volume.id, a.node)}
                            for a in volume.attachments],
         })
-    return {"vg": VG_NAME, "exports": exports, "remove": remove}
+    return {"vg": VG_NAME, "exports": exports, "remove": remove, "drained": drained}
 
 
 def reachable(volume: Volume) -> bool:
@@ -76,7 +80,8 @@ def reachable(volume: Volume) -> bool:
 
 
 def dom0_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
-              portals: Mapping[str, str | None]) -> dict[str, Any]:
+              portals: Mapping[str, str | None],
+              drained: Collection[str] = frozenset()) -> dict[str, Any]:
     attachments = []
     for volume in sorted(volumes, key=lambda v: v.id):
         attachment = volume.attachment(mac)
@@ -89,20 +94,24 @@ def dom0_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
             "create": not volume.initialized, "user": chap_user(mac),
             "secret": chap_secret(key, volume.id, mac),
             "legs": [{"node": leg.node, "portal": portals.get(leg.node),
-                      "target": volume.target, "lun": 0} for leg in volume.legs],
+                      "target": volume.target, "lun": 0, "leaving": leg.node in drained}
+                     for leg in volume.legs],
         })
     return {"initiator": initiator_iqn(mac), "attachments": attachments}
 
 
 def node_work(generation: int, role: str | None, mac: str, volumes: Sequence[Volume], *,
               key: bytes, images: Mapping[str, ImageSource],
-              portals: Mapping[str, str | None]) -> dict[str, Any]:
-    """The whole answer of ``GET /api/v1/agent/work`` for node ``mac`` of role ``role``."""
+              portals: Mapping[str, str | None],
+              drained: Collection[str] = frozenset()) -> dict[str, Any]:
+    """The whole answer of ``GET /api/v1/agent/work`` for node ``mac`` of role ``role``;
+    ``drained`` names the drained nodes."""
     work: dict[str, Any] = {"generation": generation, "role": role}
     if role == "storage":
-        work["storage"] = storage_work(volumes, mac, key=key, images=images)
+        work["storage"] = storage_work(volumes, mac, key=key, images=images,
+                                       drained=mac in drained)
     elif role == "dom0":
-        work["dom0"] = dom0_work(volumes, mac, key=key, portals=portals)
+        work["dom0"] = dom0_work(volumes, mac, key=key, portals=portals, drained=drained)
     return work
 
 

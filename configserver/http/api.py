@@ -12,13 +12,24 @@ loop that also answers DHCP and TFTP.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
+from configserver.cloud.drain import drain_status
 from configserver.errors import InvalidRequest, NotFound
-from configserver.http.appkeys import CATALOG, REGISTRY
-from configserver.model import Nic, NodeSpec, NodeState, Role, UnknownMacPolicy, normalize_mac
+from configserver.http.appkeys import CATALOG, CLOUD, REGISTRY
+from configserver.model import (
+    Nic,
+    Node,
+    NodeSpec,
+    NodeState,
+    Role,
+    UnknownMacPolicy,
+    normalize_mac,
+)
+from configserver.registry import Registry
 from configserver.timeline import boot_timeline
 
 NODES_PAGE = 500  # nodes per page of GET /api/v1/nodes by default
@@ -37,6 +48,8 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/api/v1/nodes/{mac}", remove_node)
     r.add_get("/api/v1/nodes/{mac}/events", node_events)
     r.add_get("/api/v1/nodes/{mac}/inventory", node_inventory)
+    r.add_post("/api/v1/nodes/{mac}/drain", drain_node)
+    r.add_post("/api/v1/nodes/{mac}/undrain", undrain_node)
     r.add_get("/api/v1/roles", list_roles)
     r.add_post("/api/v1/roles", add_role)
     r.add_get("/api/v1/roles/{name}", show_role)
@@ -149,6 +162,17 @@ async def add_node(request: web.Request) -> web.Response:
     return web.json_response(node.to_json(), status=201)
 
 
+def _node_json(registry: Registry, node: Node) -> dict[str, Any]:
+    """A node as ``GET /api/v1/nodes/{mac}`` shows it (reads the registry: off the loop)."""
+    events = registry.events(node.mac)
+    body = node.to_json()
+    body["timeline"] = boot_timeline(events)
+    body["inventory"] = registry.inventory(node.mac)
+    body["events"] = [e.to_json() for e in events[-50:]]
+    body["drain"] = drain_status(node, registry.volumes())
+    return body
+
+
 async def show_node(request: web.Request) -> web.Response:
     registry = request.app[REGISTRY]
     mac = normalize_mac(request.match_info["mac"])
@@ -157,14 +181,28 @@ async def show_node(request: web.Request) -> web.Response:
         node = registry.lookup(mac)
         if node is None:
             raise NotFound(f"no node with MAC {mac}")
-        events = registry.events(node.mac)
-        body = node.to_json()
-        body["timeline"] = boot_timeline(events)
-        body["inventory"] = registry.inventory(node.mac)
-        body["events"] = [e.to_json() for e in events[-50:]]
-        return body
+        return _node_json(registry, node)
 
     return web.json_response(await asyncio.to_thread(read))
+
+
+async def _drain_answer(request: web.Request,
+                        change: Callable[[str], tuple[Node, int]]) -> web.Response:
+    """Drain or undrain the node the path names (a MAC of any of its NICs, or its hostname),
+    wake the agents' long polls, and answer the node."""
+    node, generation = await asyncio.to_thread(change, request.match_info["mac"])
+    request.app[CLOUD].publish(generation)
+    body = await asyncio.to_thread(_node_json, request.app[REGISTRY], node)
+    return web.json_response(body)
+
+
+async def drain_node(request: web.Request) -> web.Response:
+    """Planned maintenance: no new volume there; a storage node's legs leave the arrays."""
+    return await _drain_answer(request, request.app[REGISTRY].drain_node)
+
+
+async def undrain_node(request: web.Request) -> web.Response:
+    return await _drain_answer(request, request.app[REGISTRY].undrain_node)
 
 
 async def update_node(request: web.Request) -> web.Response:

@@ -62,6 +62,10 @@ def volume_json(volume: Volume, nodes: Mapping[str, Node | None],
         node = nodes.get(mac)
         return node.hostname if node else None
 
+    def leaving(mac: str) -> bool:
+        node = nodes.get(mac)
+        return node is not None and node.drained is not None
+
     def ip(mac: str) -> str | None:
         node = nodes.get(mac)
         return next((n.ip for n in node.nics if n.ip), None) if node else None
@@ -73,7 +77,8 @@ def volume_json(volume: Volume, nodes: Mapping[str, Node | None],
         "created": volume.created, "updated": volume.updated,
         "legs": [{"node": g.node, "hostname": hostname(g.node), "lv": volume.lv,
                   "target": volume.target, "portal": portal(ip(g.node)), "state": g.state,
-                  "member": g.member, "error": g.error} for g in volume.legs],
+                  "member": g.member, "error": g.error, "leaving": leaving(g.node)}
+                 for g in volume.legs],
         "attached": [{"node": a.node, "hostname": hostname(a.node), "state": a.state,
                       "device": a.device, "sync": a.sync, "error": a.error}
                      for a in volume.attachments],

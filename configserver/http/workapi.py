@@ -80,14 +80,17 @@ def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
     generation = registry.cloud_generation()
     volumes = registry.volumes()
     storage = {g.node for v in volumes for g in v.legs}
-    portals = {}
-    for node_mac in storage:
+    portals, drained = {}, set()
+    for node_mac in storage | {mac}:
         node = registry.lookup(node_mac)
-        portals[node_mac] = portal(next((n.ip for n in node.nics if n.ip), None)
-                                   if node else None)
+        if node is not None and node.drained is not None:
+            drained.add(node_mac)
+        if node_mac in storage:
+            portals[node_mac] = portal(next((n.ip for n in node.nics if n.ip), None)
+                                       if node else None)
     images = _images(request, {v.image for v in volumes if v.image and v.leg(mac)})
     return node_work(generation, role, mac, volumes, key=request.app[SECRET_KEY],
-                     images=images, portals=portals)
+                     images=images, portals=portals, drained=drained)
 
 
 async def work(request: web.Request) -> web.Response:

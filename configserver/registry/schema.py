@@ -145,6 +145,12 @@ MIGRATIONS: tuple[str, ...] = (
         updated REAL NOT NULL
     );
     """,
+    # 5: planned maintenance. ``drained``: when a drain was asked for (NULL: not drained);
+    # ``drain_done``: when no dom0 held a leg there any more (``node.drained`` recorded).
+    """
+    ALTER TABLE nodes ADD COLUMN drained REAL;
+    ALTER TABLE nodes ADD COLUMN drain_done REAL;
+    """,
 )
 
 
@@ -167,7 +173,7 @@ def node_from_row(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Node:
         kernel_args=row["kernel_args"], tags=tuple(json.loads(row["tags"])),
         state=NodeState(row["state"]), created=row["created"], updated=row["updated"],
         last_seen=row["last_seen"], last_heartbeat=row["last_heartbeat"],
-        facts=json.loads(row["facts"]),
+        facts=json.loads(row["facts"]), drained=row["drained"],
     )
 
 

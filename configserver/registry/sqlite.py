@@ -51,9 +51,11 @@ from configserver.model import (
     normalize_mac,
 )
 from configserver.registry import AgentSession, ReportOutcome, User, nodes, sessions, users
+from configserver.registry import drain as cloud_drain
 from configserver.registry import events as boot_events
 from configserver.registry import volumes as cloud_volumes
 from configserver.registry.cache import ReadCache
+from configserver.registry.drain import settling
 from configserver.registry.events import EVENTS_KEPT_PER_NODE, PRUNE_AFTER, PrunePass
 from configserver.registry.schema import (
     MIGRATIONS,
@@ -462,11 +464,18 @@ class SqliteRegistry:
 
     def detach_volume(self, name: str, node: str, *, force: bool = False
                       ) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.detach, name=name, node=node, now=self._now(),
-                         force=force)
+        return self._run(settling(cloud_volumes.detach), name=name, node=node,
+                         now=self._now(), force=force)
 
     def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome:
-        return self._run(cloud_volumes.record_report, mac=mac, report=report, now=self._now())
+        return self._run(settling(cloud_volumes.record_report), mac=mac, report=report,
+                         now=self._now())
+
+    def drain_node(self, ref: str) -> tuple[Node, int]:
+        return self._run(cloud_drain.drain, ref=ref, now=self._now())
+
+    def undrain_node(self, ref: str) -> tuple[Node, int]:
+        return self._run(cloud_drain.undrain, ref=ref, now=self._now())
 
     def storage_facts(self, mac: str) -> dict[str, Any] | None:
         return cloud_volumes.storage_facts(self._db(), mac)

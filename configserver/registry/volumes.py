@@ -17,6 +17,7 @@ from dataclasses import replace
 from typing import Any
 
 from configserver.cloud import placement
+from configserver.cloud.drain import holds
 from configserver.cloud.model import (
     EXPORTED_STATES,
     Attachment,
@@ -38,6 +39,7 @@ from configserver.errors import (
     DuplicateVolume,
     InvalidMac,
     InvalidRequest,
+    NodeDrained,
     NotADom0,
     NotFound,
     VolumeInUse,
@@ -156,20 +158,25 @@ def forget(db: sqlite3.Connection, volume_id: str) -> None:
     db.execute("DELETE FROM volume_events WHERE volume=?", (volume_id,))
 
 
-def _storage_nodes(db: sqlite3.Connection) -> tuple[list[placement.StorageNode], list[str]]:
-    """The ready storage nodes with their reported room, and the labels of the others."""
-    ready, others = [], []
-    for row in db.execute("SELECT n.mac, n.hostname, n.state, r.facts FROM nodes AS n LEFT "
-                          "JOIN storage_reports AS r ON r.mac = n.mac WHERE n.role='storage' "
-                          "ORDER BY n.mac"):
+def _storage_nodes(db: sqlite3.Connection
+                   ) -> tuple[list[placement.StorageNode], list[str], list[str]]:
+    """The ready storage nodes that are not drained, with their reported room, the labels
+    of the others not ready, and those of the drained ones."""
+    ready, others, drained = [], [], []
+    for row in db.execute("SELECT n.mac, n.hostname, n.state, n.drained, r.facts FROM nodes "
+                          "AS n LEFT JOIN storage_reports AS r ON r.mac = n.mac WHERE "
+                          "n.role='storage' ORDER BY n.mac"):
         label = row["hostname"] or row["mac"]
+        if row["drained"] is not None:
+            drained.append(label)
+            continue
         if row["state"] != str(NodeState.READY):
             others.append(f"{label} ({row['state']})")
             continue
         facts = json.loads(row["facts"]) if row["facts"] else None
         ready.append(placement.StorageNode(row["mac"], row["hostname"],
                                            placement.reported_free(facts)))
-    return ready, others
+    return ready, others, drained
 
 
 def create(db: sqlite3.Connection, volume_id: str, name: str, *, size: int,
@@ -178,8 +185,9 @@ def create(db: sqlite3.Connection, volume_id: str, name: str, *, size: int,
     if db.execute("SELECT 1 FROM volumes WHERE name=?", (name,)).fetchone():
         raise DuplicateVolume(f"volume {name!r} exists",
                               hint="choose another name, or delete it first")
-    nodes, not_ready = _storage_nodes(db)
-    first, second = placement.place(size, nodes, load_all(db), not_ready=not_ready)
+    nodes, not_ready, drained = _storage_nodes(db)
+    first, second = placement.place(size, nodes, load_all(db), not_ready=not_ready,
+                                    drained=drained)
     volume = Volume(id=volume_id, name=name, size=size, image=image, tenant=tenant,
                     created=now, updated=now, legs=(Leg(first), Leg(second)))
     save(db, volume)
@@ -235,10 +243,13 @@ def _dom0(db: sqlite3.Connection, ref: str) -> str:
     if mac is None:
         raise NotFound(f"no node {ref!r}", hint="name a dom0 by hostname or MAC "
                                                  "('configserver node list')")
-    row = db.execute("SELECT role FROM nodes WHERE mac=?", (mac,)).fetchone()
+    row = db.execute("SELECT role, drained FROM nodes WHERE mac=?", (mac,)).fetchone()
     if row["role"] != "dom0":
         raise NotADom0(f"{ref} is a {row['role'] or 'pending'} node, not a dom0",
                        hint="volumes attach to nodes of role dom0")
+    if row["drained"] is not None:
+        raise NodeDrained(f"{ref} is drained",
+                          hint=f"attach it elsewhere, or 'configserver node undrain {ref}'")
     return mac
 
 
@@ -291,6 +302,23 @@ def detach(db: sqlite3.Connection, name: str, node: str, now: float, *,
     return detaching, bump(db)
 
 
+def _held_moved(db: sqlite3.Connection, before: Sequence[Volume], outcome: Ingested) -> bool:
+    """Whether the report changed which legs of drained storage nodes a dom0 holds (and so
+    which exports those nodes keep: their work)."""
+    drained = {r[0] for r in db.execute(
+        "SELECT mac FROM nodes WHERE drained IS NOT NULL AND role='storage'")}
+    if not drained or not outcome.changed:
+        return False
+    after = {v.id: v for v in before}
+    after.update((v.id, v) for v in outcome.changed)
+
+    def held(volumes: Sequence[Volume]) -> set[tuple[str, str]]:
+        return {(v.id, g.node) for v in volumes for g in v.legs
+                if g.node in drained and holds(v, g)}
+
+    return held(before) != held([after[v] for v in after if v not in outcome.gone])
+
+
 def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
                   now: float) -> ReportOutcome:
     """Apply an agent's report (``{"storage": ...}`` or ``{"dom0": ...}``) to actual state.
@@ -320,7 +348,8 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     if outcome.ignored:
         log.warning("%s: report about volumes it has no business with ignored: %s", node,
                     ", ".join(outcome.ignored))
-    current = bump(db) if outcome.bump else generation(db)
+    moved = outcome.bump or _held_moved(db, volumes, outcome)
+    current = bump(db) if moved else generation(db)
     return ReportOutcome(current, len(outcome.changed) + len(outcome.gone), outcome.ignored)
 
 

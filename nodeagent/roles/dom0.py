@@ -11,6 +11,10 @@ same path on every dom0. One reconcile pass, safe to repeat after any crash:
    the volume was never initialized and neither leg has a superblock;
 3. stop every array of ours that is not wanted, then log out of its legs. An array that is
    still open is not torn down (the storage nodes' ACLs are what fences this node).
+
+A leg flagged ``leaving`` (its storage node is drained) is taken out of the array and logged
+out of before its export goes, so the writer sees no stall; unflagged again, it is logged in
+and re-added like any returning leg.
 """
 
 from __future__ import annotations
@@ -72,14 +76,7 @@ class Dom0Role:
         for leg in legs:
             session = iscsi.sessions().get((leg["target"], leg["portal"]))
             if leg.get("leaving"):
-                # Its storage node is being drained: let go of the leg before its export goes,
-                # so that no write waits for a dead connection. The session goes with it.
-                for device in session.devices if session else ():
-                    if device in members:
-                        log.info("%s: releasing the leg on %s (drain)", name, leg["node"])
-                        await md.fail(name, device)
-                if session is not None:
-                    await iscsi.logout(leg["target"], leg["portal"])
+                await self._let_go(name, leg, session, members)
                 continue
             if session is not None and session.state != "LOGGED_IN":
                 # Recovery gave up (the target was gone, or not yet exported again when the
@@ -111,6 +108,24 @@ class Dom0Role:
                         and await md.examine(device) == name):
                     await md.readd(name, device)
         return self._state(attachment, error="; ".join(errors) or None)
+
+    @staticmethod
+    async def _let_go(name: str, leg: dict[str, Any], session: iscsi.Session | None,
+                      members: dict[str, str]) -> None:
+        """A leg whose storage node is drained: out of the array while its export is still
+        up (md stops writing to it: no stall), then log out. Never the last in-sync leg."""
+        if session is None:
+            return
+        mine = [d for d in session.devices if d in members]
+        others = [d for d, state in members.items() if state == "in_sync" and d not in mine]
+        if mine and not others:
+            log.warning("array %s: leg on %s is leaving but is the only one in sync: kept",
+                        name, leg.get("node"))
+            return
+        for device in mine:
+            await md.fail(name, device)
+        await iscsi.logout(leg["target"], leg["portal"])
+        log.info("array %s: let go of the leg on %s (drained)", name, leg.get("node"))
 
     async def _leg_devices(self, legs: list[dict[str, Any]]) -> dict[str, str | None]:
         """The block device of each leg (by storage node), waiting briefly for udev."""
@@ -183,8 +198,9 @@ class Dom0Role:
 
     async def _detach_unwanted(self, wanted: list[dict[str, Any]]) -> list[str]:
         names = {a["md_name"] for a in wanted}
-        keep = {(leg["target"], leg["portal"]) for a in wanted for leg in a.get("legs") or []
-                if not leg.get("leaving")}
+        # Legs of wanted volumes are _attach's business (a leaving one it lets go of itself,
+        # unless it is the last in sync).
+        keep = {(leg["target"], leg["portal"]) for a in wanted for leg in a.get("legs") or []}
         wanted_ids = {a["volume"] for a in wanted}
         detached = []
         busy: set[str] = set()

@@ -148,3 +148,62 @@ def test_volume_help_lists_the_actions(tmp_path):
     assert done.returncode == 0
     for action in ("create", "list", "show", "delete", "attach", "detach"):
         assert action in done.stdout
+
+
+class Dom0(Agent):
+    def report(self, volume_id: str, legs):
+        return self.call("POST", "/api/v1/agent/report", self.body(generation=0, dom0={
+            "initiator": "iqn.x", "detached": [], "attachments": [{
+                "volume": volume_id, "state": "attached" if all(
+                    s == "active" for _, s in legs) else "degraded",
+                "device": f"/dev/md/nb-{volume_id}", "created": True, "sync": None,
+                "error": None, "legs": [{"node": n, "state": s} for n, s in legs]}]}))
+
+
+def test_drain_and_undrain_through_the_cli(server):
+    agents = {}
+    for mac, (hostname, ip) in STORAGE.items():
+        ok(server, "node", "add", mac, "--role", "storage", "--hostname", hostname, "--ip", ip)
+        agents[mac] = Agent(server, mac)
+        agents[mac].report_storage(10 * GIB)
+    ok(server, "node", "add", DOM0, "--role", "dom0", "--hostname", "dom0-1")
+    volume = ok(server, "volume", "create", "v", "--size", "1G", "--json")
+    for agent in agents.values():
+        agent.report_storage(8 * GIB, exports=[volume["id"]])
+    ok(server, "volume", "attach", "v", "dom0-1")
+    dom0 = Dom0(server, DOM0)
+    sn1, sn2 = STORAGE
+    dom0.report(volume["id"], [(sn1, "active"), (sn2, "active")])
+    refused(server, "node", "drain", "dom0-1", says="detach its volumes first")
+
+    assert ok(server, "node", "drain", "sn1").strip() == \
+        "draining sn1: 1 leg still held by dom0s"
+    node = ok(server, "node", "drain", "sn1", "--json")  # again: nothing changes
+    assert node["drained"] is True and node["drain"]["legs_held"] == 1
+    assert ok(server, "node", "show", sn1, "--json")["drain"] == node["drain"]
+    refused(server, "volume", "create", "w", "--size", "1G", says="drained: sn1")
+    legs = dom0.work()["dom0"]["attachments"][0]["legs"]
+    assert [(g["node"], g["leaving"]) for g in legs] == [(sn1, True), (sn2, False)]
+    assert [e["volume"] for e in agents[sn1].work()["storage"]["exports"]] == [volume["id"]]
+    done = cli(server, "node", "drain", "sn1", "--wait", "1")
+    assert done.returncode == 1 and "1 leg still held" in done.stderr
+
+    # --wait finishes once the dom0 reports that it let go of the leg.
+    waiting = subprocess.Popen(
+        [sys.executable, "-m", "configserver", "--state-dir", str(server.state), "node",
+         "drain", "sn1", "--wait", "60"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True)
+    time.sleep(1.5)
+    assert waiting.poll() is None
+    dom0.report(volume["id"], [(sn1, "missing"), (sn2, "active")])
+    out, err = waiting.communicate(timeout=30)
+    assert waiting.returncode == 0, err
+    assert out.strip() == "sn1 drained: safe to power off"
+    storage = agents[sn1].work()["storage"]
+    assert storage["drained"] is True and storage["exports"] == []
+    assert ok(server, "volume", "show", "v", "--json")["redundancy"] == "degraded"
+
+    assert "undrained" in ok(server, "node", "undrain", "sn1")
+    assert ok(server, "node", "show", sn1, "--json")["drain"] is None
+    assert [e["volume"] for e in agents[sn1].work()["storage"]["exports"]] == [volume["id"]]
+    assert not any(g["leaving"] for g in dom0.work()["dom0"]["attachments"][0]["legs"])

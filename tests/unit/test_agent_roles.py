@@ -417,6 +417,38 @@ async def test_a_returning_leg_is_logged_in_again_and_re_added(monkeypatch):
     assert report["attachments"][0]["state"] == "attached"
 
 
+async def test_a_leaving_leg_is_let_go_then_taken_back(monkeypatch):
+    fake = FakeDom0(monkeypatch)
+    role = dom0.Dom0Role()
+    await role.reconcile(_work(_attachment(create=True)))
+    leaving = _attachment(create=False)
+    leaving["legs"] = [{**LEGS[0], "leaving": True}, {**LEGS[1], "leaving": False}]
+    fake.calls.clear()
+    report = await role.reconcile(_work(leaving))
+    assert fake.calls[:2] == [("fail", f"nb-{VID}", "/dev/sda"), ("logout", "198.18.0.50:3260")]
+    assert ("login", "198.18.0.50:3260") not in fake.calls
+    fake._array(f"nb-{VID}", ["/dev/sdb"])  # what md holds after the fail and remove
+    report = await role.reconcile(_work(leaving))
+    assert [leg["state"] for leg in report["attachments"][0]["legs"]] == ["missing", "active"]
+    fake.calls.clear()
+    report = await role.reconcile(_work(_attachment(create=False)))  # undrained
+    assert ("login", "198.18.0.50:3260") in fake.calls
+    assert ("readd", f"nb-{VID}", "/dev/sda") in fake.calls
+
+
+async def test_the_last_in_sync_leg_is_never_let_go(monkeypatch):
+    fake = FakeDom0(monkeypatch)
+    role = dom0.Dom0Role()
+    await role.reconcile(_work(_attachment(create=True)))
+    fake._array(f"nb-{VID}", ["/dev/sda"])
+    leaving = _attachment(create=False)
+    leaving["legs"] = [{**LEGS[0], "leaving": True}, LEGS[1]]
+    fake.reachable = {"198.18.0.50:3260"}
+    fake.calls.clear()
+    await role.reconcile(_work(leaving))
+    assert not [c for c in fake.calls if c[0] == "fail" or c == ("logout", "198.18.0.50:3260")]
+
+
 async def test_unwanted_arrays_stop_before_their_legs_log_out(monkeypatch):
     fake = FakeDom0(monkeypatch)
     role = dom0.Dom0Role()

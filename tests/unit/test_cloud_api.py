@@ -179,7 +179,7 @@ async def test_work_for_storage_and_dom0_follows_the_reports(aiohttp_client, adm
     work = await get_work(nobody, sn1, sn1_who)
     secret = chap_secret(b"s" * 32, vid, DOM0)
     assert work == {"generation": registry.cloud_generation(), "role": "storage", "storage": {
-        "vg": "netboot", "remove": [], "exports": [{
+        "vg": "netboot", "remove": [], "drained": False, "exports": [{
             "volume": vid, "name": "db", "lv": f"nb-{vid}", "size": 2 * GIB + (4 << 20),
             "volume_size": 2 * GIB, "target": f"iqn.2026-12.net.netboot:vol-{vid}",
             "image": {"name": "guest", "url": "http://198.18.0.1:8080/images/guest/rootfs.img",
@@ -199,9 +199,9 @@ async def test_work_for_storage_and_dom0_follows_the_reports(aiohttp_client, adm
         "device": f"/dev/md/nb-{vid}", "create": True, "user": "node-52540000d001",
         "secret": secret, "legs": [
             {"node": SN1, "portal": "198.18.0.51:3260",
-             "target": f"iqn.2026-12.net.netboot:vol-{vid}", "lun": 0},
+             "target": f"iqn.2026-12.net.netboot:vol-{vid}", "lun": 0, "leaving": False},
             {"node": SN2, "portal": "198.18.0.52:3260",
-             "target": f"iqn.2026-12.net.netboot:vol-{vid}", "lun": 0}]}]
+             "target": f"iqn.2026-12.net.netboot:vol-{vid}", "lun": 0, "leaving": False}]}]
     resp = await report(nobody, dom0, dom0_who, dom0_report(attachment(vid, created=True)))
     assert resp.status == 200
     work = await get_work(nobody, dom0, dom0_who)

@@ -16,6 +16,7 @@ from cloudtest import (
     cloud,
     dom0_report,
     exported,
+    old_schema,
     ready,
     storage_report,
 )
@@ -30,7 +31,7 @@ from configserver.errors import (
     VolumeInUse,
 )
 from configserver.model import NodeSpec
-from configserver.registry.schema import MIGRATIONS, split_sql
+from configserver.registry.schema import MIGRATIONS
 from configserver.registry.sqlite import SqliteRegistry
 
 
@@ -47,16 +48,7 @@ def stages(registry, volume):
 
 def test_a_schema_3_registry_upgrades_and_keeps_its_nodes(tmp_path):
     path = tmp_path / "old.sqlite"
-    db = sqlite3.connect(path)
-    for script in MIGRATIONS[:3]:
-        for statement in split_sql(script):
-            db.execute(statement)
-    db.execute("PRAGMA user_version=3")
-    db.execute("INSERT INTO roles VALUES ('storage','storage','linux','','','',1)")
-    db.execute("INSERT INTO nodes (mac, role, hostname, state, created, updated) VALUES "
-               "('52:54:00:00:00:01','storage','old1','registered',1,1)")
-    db.execute("INSERT INTO nics VALUES ('52:54:00:00:00:01','52:54:00:00:00:01',0,"
-               "'198.18.0.9')")
+    db = old_schema(path, 3)
     db.commit()
     db.close()
     registry = SqliteRegistry(path)
@@ -65,7 +57,7 @@ def test_a_schema_3_registry_upgrades_and_keeps_its_nodes(tmp_path):
         assert node is not None and node.hostname == "old1" and node.ip == "198.18.0.9"
         assert registry.volumes() == [] and registry.cloud_generation() == 0
         version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-        assert version == len(MIGRATIONS) == 4
+        assert version == len(MIGRATIONS) == 5
     finally:
         registry.close()
 
