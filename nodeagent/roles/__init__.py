@@ -24,6 +24,7 @@ log = logging.getLogger(__name__)
 
 POLL_WAIT = 25.0
 BUSY_WAIT = 3.0
+WATCH_PERIOD = 1.0
 
 
 class Role(Protocol):
@@ -31,6 +32,10 @@ class Role(Protocol):
 
     async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]: ...
     def busy(self) -> bool: ...
+    def fingerprint(self) -> object:
+        """A cheap look at the node's actual state (sysfs only): a change means another
+        pass now, without waiting for the control plane (a leg failed, a session dropped)."""
+        ...
 
 
 def role_for(name: str | None) -> Role | None:
@@ -79,10 +84,11 @@ class Reconciler:
     async def run(self) -> None:
         generation: int | None = None
         failures = 0
+        work: dict[str, Any] | None = None
         while True:
             wait = BUSY_WAIT if self.role.busy() or failures else self._poll_wait
             try:
-                work = await self._fetch(generation, wait)
+                work = await self._next_work(generation, wait, work)
                 generation = int(work.get("generation") or 0)
                 started = time.monotonic()
                 report = await self.role.reconcile(work.get(self.role.name) or {})
@@ -113,3 +119,29 @@ class Reconciler:
             self.status.last_pass = time.time()
             self.status.last_error = None
             self.status.last_report = report
+
+    async def _next_work(self, generation: int | None, wait: float,
+                         last: dict[str, Any] | None) -> dict[str, Any]:
+        """The long poll's answer, or the last work again as soon as the node's actual state
+        changes under it (whichever comes first)."""
+        fetch = asyncio.create_task(self._fetch(generation, wait))
+        if last is None:
+            return await fetch
+        watch = asyncio.create_task(self._changed(self.role.fingerprint()))
+        try:
+            done, _ = await asyncio.wait({fetch, watch}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for task in (fetch, watch):
+                if not task.done():
+                    task.cancel()
+            await asyncio.gather(fetch, watch, return_exceptions=True)
+        if fetch in done:
+            return fetch.result()
+        log.info("%s role: the node's state changed; reconciling again", self.role.name)
+        return last
+
+    async def _changed(self, before: object) -> None:
+        while True:
+            await asyncio.sleep(WATCH_PERIOD)
+            if self.role.fingerprint() != before:
+                return

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from nodeagent.errors import IscsiError, MdError, RoleError
@@ -29,6 +30,9 @@ from nodeagent.roles import iscsi, md
 log = logging.getLogger(__name__)
 
 DEVICE_WAIT = 10.0
+# A leg whose login failed (its storage node is down) is tried again after this long, so that
+# a pass stays short and the rest of the node's state is reported meanwhile.
+LOGIN_RETRY = 15.0
 
 
 class Dom0Role:
@@ -39,10 +43,18 @@ class Dom0Role:
     def __init__(self) -> None:
         self._initiator: str | None = None
         self._settled = True
+        # Legs whose last login failed: (target, portal) -> (monotonic time, error).
+        self._failed_logins: dict[tuple[str, str], tuple[float, str]] = {}
 
     def busy(self) -> bool:
         """Not every attachment is whole: look again soon (a leg may be back)."""
         return not self._settled
+
+    def fingerprint(self) -> object:
+        arrays = md.arrays()
+        return (tuple(sorted((a.name, a.degraded, a.sync_action, a.members)
+                             for a in arrays.values())),
+                tuple(sorted((k, s.state) for k, s in iscsi.sessions().items())))
 
     async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
         initiator = work.get("initiator")
@@ -89,10 +101,17 @@ class Dom0Role:
                 await iscsi.logout(leg["target"], leg["portal"])
                 session = None
             if session is None:
+                key = (leg["target"], leg["portal"])
+                failed = self._failed_logins.get(key)
+                if failed and time.monotonic() - failed[0] < LOGIN_RETRY:
+                    errors.append(f"leg on {leg['node']}: {failed[1]}")  # not again yet
+                    continue
                 try:
                     await iscsi.login(leg["target"], leg["portal"], attachment["user"],
                                       attachment["secret"])
+                    self._failed_logins.pop(key, None)
                 except IscsiError as exc:
+                    self._failed_logins[key] = (time.monotonic(), str(exc))
                     errors.append(f"leg on {leg['node']}: {exc}")
         devices = await self._leg_devices([leg for leg in legs if not leg.get("leaving")])
         array = md.arrays().get(name)

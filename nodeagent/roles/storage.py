@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from typing import Any
 
 from nodeagent.errors import LioError, LvmError
 from nodeagent.roles import lio, lvm
 
 log = logging.getLogger(__name__)
+
+DISK_RESCAN = 60.0
 
 
 class StorageRole:
@@ -37,6 +40,11 @@ class StorageRole:
         self._errors: dict[str, str] = {}
         self._unsettled = False
         self._ready: set[str] = set()  # legs found whole by the last pass
+        self._disks: list[lvm.Disk] | None = None
+        self._scanned = 0.0
+
+    def fingerprint(self) -> object:
+        return None  # nothing on a storage node changes under it that a pass would repair
 
     def busy(self) -> bool:
         """A leg is being zeroed or failed: look again soon."""
@@ -49,22 +57,29 @@ class StorageRole:
             # Access changes first, before the slower disk and LVM scans: an initiator that
             # lost access is cut off within a moment of the control plane saying so.
             await self._export([leg for leg in wanted if leg["lv"] in self._ready])
-        found = await lvm.disks()
         group = await lvm.volume_group()
+        # The disks are scanned (lsblk, pvs, blkid, reads) when there is something to build,
+        # and once a minute for the report; not on every pass.
+        scan = (group is None or self._disks is None
+                or time.monotonic() - self._scanned > DISK_RESCAN
+                or any(leg["lv"] not in self._ready for leg in wanted))
+        found = await lvm.disks() if scan or self._disks is None else self._disks
+        self._disks, self._scanned = found, time.monotonic() if scan else self._scanned
         report: dict[str, Any] = {"vg": group, "disks": [d.to_json() for d in found],
                                   "exports": [], "removed": [], "orphans": []}
-        if wanted:
+        if wanted and scan:
             try:
                 group = await lvm.ensure_volume_group(found)
             except LvmError as exc:
                 report["error"] = f"volume group: {exc}"
                 group = None
             report["vg"] = group
-            if group is not None and group["partial"]:
-                report["error"] = ("volume group netboot is missing a disk: legs on it are "
-                                   "lost; nothing is added to it until an operator repairs it")
-            if group is not None:
-                report["disks"] = [d.to_json() for d in await lvm.disks()]
+            if group is not None and any(d.state == "empty" for d in found):
+                self._disks = await lvm.disks()
+                report["disks"] = [d.to_json() for d in self._disks]
+        if group is not None and group["partial"]:
+            report["error"] = ("volume group netboot is missing a disk: legs on it are "
+                               "lost; nothing is added to it until an operator repairs it")
         volumes = await lvm.logical_volumes() if group is not None else {}
         states: dict[str, dict[str, Any]] = {}
         for leg in wanted:

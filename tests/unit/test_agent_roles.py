@@ -232,7 +232,7 @@ async def test_a_new_leg_is_created_zeroed_then_exported(monkeypatch):
     # Repeating the same work changes nothing that is already right.
     fake.calls.clear()
     await role.reconcile({"exports": [_export()]})
-    assert fake.calls == [("ensure_volume_group",)]
+    assert fake.calls == []  # nor are the disks scanned again: the legs are whole
 
 
 async def test_revoked_access_is_applied_before_the_disk_scans(monkeypatch):
@@ -249,7 +249,7 @@ async def test_revoked_access_is_applied_before_the_disk_scans(monkeypatch):
         return []
     monkeypatch.setattr(lvm, "disks", disks)
     await role.reconcile({"exports": [_export(initiators=())]})
-    assert scanned_before_export and not any(scanned_before_export)
+    assert not any(scanned_before_export)
     assert fake.exports[0][0].initiators == ()
 
 
@@ -490,6 +490,9 @@ class CountingRole:
     def busy(self) -> bool:
         return False
 
+    def fingerprint(self) -> object:
+        return None
+
 
 async def test_the_loop_reconciles_each_answer_and_reports_it(monkeypatch):
     role = CountingRole()
@@ -574,3 +577,40 @@ def test_an_image_is_copied_to_the_start_of_the_leg_and_padded(tmp_path):
         lvm._copy(image.as_uri(), str(leg), image.stat().st_size, "0" * 64)
     with pytest.raises(LvmError, match="got 600000 bytes of 700000"):
         lvm._copy(image.as_uri(), str(leg), 700_000, None)
+
+
+async def test_a_change_on_the_node_runs_a_pass_without_waiting_for_the_server(monkeypatch):
+    from nodeagent import roles
+
+    class Watched(CountingRole):
+        state = 0
+
+        def fingerprint(self) -> object:
+            return self.state
+
+    role = Watched()
+    monkeypatch.setattr(roles, "WATCH_PERIOD", 0.01)
+    polls = 0
+
+    async def fetch(after, wait):
+        nonlocal polls
+        polls += 1
+        if polls == 1:
+            return {"generation": 7, "storage": {"exports": ["x"]}}
+        await asyncio.sleep(3600)  # the long poll: nothing new on the server
+
+    async def post(generation, role_name, report):
+        pass
+
+    task = asyncio.create_task(Reconciler(role, fetch, post).run())
+    while polls < 2:
+        await asyncio.sleep(0.01)
+    role.state = 1  # a leg failed while the agent waits on the long poll
+    for _ in range(200):
+        if len(role.seen) >= 2:
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert role.seen[:2] == [{"exports": ["x"]}, {"exports": ["x"]}]

@@ -92,15 +92,17 @@ class Cloud:
 
     def acls(self, node: str) -> dict[str, set[str]]:
         """Which initiators each of our targets on a storage node lets in (from configfs)."""
-        out = self.ssh(node, f"cd {TARGETS} 2>/dev/null && for t in iqn.*; do "
-                             f"for a in $t/tpgt_1/acls/*; do echo $t ${{a##*/}}; done; done "
-                             "|| true")
+        out = self.ssh(node, f"for t in $(ls {TARGETS} 2>/dev/null | grep '^iqn\\.'); do "
+                             f"echo T $t; for a in $(ls {TARGETS}/$t/tpgt_1/acls 2>/dev/null); "
+                             "do echo A $t $a; done; done")
         found: dict[str, set[str]] = {}
         for line in out.splitlines():
-            target, _, acl = line.partition(" ")
-            found.setdefault(target, set())
-            if acl and acl != "*":
-                found[target].add(acl)
+            kind, _, rest = line.partition(" ")
+            if kind == "T":
+                found.setdefault(rest, set())
+            elif kind == "A":
+                target, _, acl = rest.partition(" ")
+                found.setdefault(target, set()).add(acl)
         return found
 
 
