@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
-"""Build one network-boot image from its recipe with diskimage-builder.
+"""Build one image from its recipe with diskimage-builder.
 
 A recipe (``images/<role>.toml``) names the elements, the extra Debian packages and the DIB_*
-variables of an image. This driver builds the node agent's wheels, runs ``disk-image-create``
-with ``ELEMENTS_PATH`` pointing at the project's ``elements/``, then publishes
-``build/images/<role>/`` with ``vmlinuz``, ``initramfs.img``, for Xen images the uncompressed
-hypervisor ``xen`` and its EFI binary ``xen.efi`` (for UEFI machines), and ``manifest.json``
-(sizes, sha256, elements, packages, versions, build time), replacing the previous image only
-once the new one is complete.
+variables of an image, and what the build outputs: a network-boot pair (``output =
+"netboot"``, the default) or a root file system for volumes (``output = "rootfs"``). This
+driver builds the node agent's wheels (if the image has the agent), runs
+``disk-image-create`` with ``ELEMENTS_PATH`` pointing at the project's ``elements/``, then
+publishes ``build/images/<role>/`` with ``vmlinuz``, ``initramfs.img``, for Xen images the
+uncompressed hypervisor ``xen`` and its EFI binary ``xen.efi`` (for UEFI machines), for a
+root file system image ``rootfs.img`` (a raw ext4 file system, no partitions), and
+``manifest.json`` (sizes, sha256, elements, packages, versions, build time), replacing the
+previous image only once the new one is complete.
 
 Stdlib only: it runs before anything else is installed. Usage::
 
@@ -39,6 +42,11 @@ REPO = Path(__file__).resolve().parent.parent
 # names they are published under.
 KERNEL, INITRAMFS, HYPERVISOR = "vmlinuz", "initramfs.img", "xen"
 HYPERVISOR_EFI = "xen.efi"
+ROOTFS = "rootfs.img"
+# What a recipe's ``output`` may be: a network-boot pair, or a root file system image (made by
+# ``disk-image-create -t raw`` from the element's block-device config) with its kernel and
+# initramfs.
+OUTPUT_KINDS = ("netboot", "rootfs")
 APT_SOURCES = Path("/etc/apt/sources.list")
 APT_SOURCES_DIR = Path("/etc/apt/sources.list.d")
 
@@ -57,6 +65,7 @@ class Recipe:
     packages: tuple[str, ...] = ()
     variables: dict[str, str] = field(default_factory=dict)
     description: str = ""
+    output: str = "netboot"
 
 
 @dataclass(frozen=True)
@@ -85,10 +94,14 @@ def load_recipe(path: Path) -> Recipe:
     variables = data.get("variables", {})
     if not isinstance(variables, dict):
         raise BuildError(f"{path}: [variables] must be a table")
+    output = data.get("output", "netboot")
+    if output not in OUTPUT_KINDS:
+        raise BuildError(f"{path}: 'output' must be one of {', '.join(OUTPUT_KINDS)}, "
+                         f"not {output!r}")
     return Recipe(name=str(name), path=path, elements=tuple(elements),
                   packages=tuple(packages),
                   variables={str(k): str(v) for k, v in variables.items()},
-                  description=str(data.get("description", "")))
+                  description=str(data.get("description", "")), output=output)
 
 
 def _deb822_stanzas(text: str) -> list[dict[str, str]]:
@@ -228,6 +241,9 @@ def run_disk_image_create(recipe: Recipe, env: dict[str, str], prefix: Path,
     # -n: no implicit 'base' element (it adds software-properties-common, packagekit and
     # polkit, none of which a diskless node wants).
     command = [tool, "-n", "-a", "amd64", "-o", str(prefix), "--logfile", str(logfile)]
+    if recipe.output == "rootfs":
+        # The raw image as the block-device config made it (no qcow2 conversion).
+        command += ["-t", "raw"]
     if recipe.packages:
         command += ["-p", ",".join(recipe.packages)]
     command += list(recipe.elements)
@@ -255,13 +271,14 @@ def make_manifest(recipe: Recipe, staged: Path, prefix: Path, seconds: float,
     """The manifest the config server reads (configserver/images.py)."""
     hypervisor = HYPERVISOR if (staged / HYPERVISOR).is_file() else None
     hypervisor_efi = HYPERVISOR_EFI if (staged / HYPERVISOR_EFI).is_file() else None
+    rootfs = ROOTFS if (staged / ROOTFS).is_file() else None
     files = {name: _file_entry(staged / name)
-             for name in (KERNEL, INITRAMFS, HYPERVISOR, HYPERVISOR_EFI)
+             for name in (KERNEL, INITRAMFS, HYPERVISOR, HYPERVISOR_EFI, ROOTFS)
              if (staged / name).is_file()}
     versions = _read_table(prefix.with_name(prefix.name + ".versions"))
     versions.update(_read_table(prefix.with_name(prefix.name + ".xen-version")))
     wheels = sorted(wheelhouse.glob(AGENT_WHEEL_GLOB))
-    if wheels:
+    if wheels and "netboot-agent" in recipe.elements:
         versions["nodeagent"] = wheels[-1].name.split("-")[1]
     with contextlib.suppress(metadata.PackageNotFoundError):
         versions["diskimage-builder"] = metadata.version("diskimage-builder")
@@ -282,7 +299,27 @@ def make_manifest(recipe: Recipe, staged: Path, prefix: Path, seconds: float,
     args = prefix.with_name(prefix.name + ".xen-args")
     if hypervisor and args.is_file():
         manifest["hypervisor_args"] = args.read_text().strip()
+    if rootfs:
+        manifest["rootfs"] = rootfs
+    # The kernel command line the image wants (the guest: root=/dev/xvda console=hvc0).
+    kernel_args = prefix.with_name(prefix.name + ".kernel-args")
+    if kernel_args.is_file():
+        manifest["kernel_args"] = kernel_args.read_text().strip()
     return manifest
+
+
+def build_outputs(recipe: Recipe) -> tuple[dict[str, str], set[str]]:
+    """The build's outputs (published name -> suffix of disk-image-create's -o name), and
+    which of them the build must leave."""
+    if recipe.output == "rootfs":
+        outputs = {KERNEL: ".vmlinuz", INITRAMFS: ".initramfs.img", ROOTFS: ".raw"}
+        return outputs, set(outputs)
+    outputs = {KERNEL: ".vmlinuz", INITRAMFS: ".initramfs.img", HYPERVISOR: ".xen",
+               HYPERVISOR_EFI: ".xen.efi"}
+    required = {KERNEL, INITRAMFS}
+    if "xen-dom0" in recipe.elements:
+        required |= {HYPERVISOR, HYPERVISOR_EFI}
+    return outputs, required
 
 
 def publish(recipe: Recipe, prefix: Path, output: Path, seconds: float,
@@ -291,18 +328,18 @@ def publish(recipe: Recipe, prefix: Path, output: Path, seconds: float,
     staged = output / f".{recipe.name}.new"
     shutil.rmtree(staged, ignore_errors=True)
     staged.mkdir(parents=True)
-    outputs = {KERNEL: ".vmlinuz", INITRAMFS: ".initramfs.img", HYPERVISOR: ".xen",
-               HYPERVISOR_EFI: ".xen.efi"}
+    outputs, required = build_outputs(recipe)
     for name, suffix in outputs.items():
         source = prefix.with_name(prefix.name + suffix)
         if source.is_file():
             shutil.move(source, staged / name)
-        elif name not in (HYPERVISOR, HYPERVISOR_EFI):
-            raise BuildError(f"the build left no {source}: is 'netboot-live' in the recipe?")
-    if "xen-dom0" in recipe.elements:
-        missing = [n for n in (HYPERVISOR, HYPERVISOR_EFI) if n not in os.listdir(staged)]
-        if missing:
-            raise BuildError(f"the xen-dom0 element left no hypervisor {' '.join(missing)}")
+    missing = sorted(required - set(os.listdir(staged)))
+    if set(missing) & {HYPERVISOR, HYPERVISOR_EFI}:
+        raise BuildError(f"the xen-dom0 element left no hypervisor {' '.join(missing)}")
+    if missing:
+        maker = "netboot-guest" if recipe.output == "rootfs" else "netboot-live"
+        raise BuildError(f"the build left no {' '.join(missing)} next to {prefix}: "
+                         f"is '{maker}' in the recipe?")
     manifest = make_manifest(recipe, staged, prefix, seconds, wheelhouse)
     (staged / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     final = output / recipe.name

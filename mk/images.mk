@@ -1,21 +1,23 @@
-# Network-boot images built with diskimage-builder (see docs/images.md).
+# Network-boot images and the guests' root file system, built with diskimage-builder (see
+# docs/images.md).
 # Included by the top Makefile. A role's image is rebuilt only when one of its inputs changed:
 # the elements, its recipe, the build driver, the agent's source or the project metadata.
 # diskimage-builder's caches (debootstrap tarball, .deb archives) and the wheel cache live in
 # build/cache and survive `make clean-images`.
 
-IMAGE_ROLES := dom0 storage
+IMAGE_ROLES := dom0 storage guest
 IMAGES_DIR := build/images
 IMAGE_INPUTS := $(shell find elements nodeagent netbootmac systemd images/agent -type f \
 	! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
 	pyproject.toml images/build.py mk/images.mk
 
-.PHONY: images image-dom0 image-storage clean-images
+.PHONY: images image-dom0 image-storage image-guest clean-images
 
 images: $(foreach role,$(IMAGE_ROLES),$(IMAGES_DIR)/$(role)/manifest.json)
 
 image-dom0: $(IMAGES_DIR)/dom0/manifest.json
 image-storage: $(IMAGES_DIR)/storage/manifest.json
+image-guest: $(IMAGES_DIR)/guest/manifest.json
 
 # One build at a time even under `make -j`: each already uses both cores, and they share the
 # apt cache.

@@ -16,12 +16,13 @@ from pathlib import Path
 import pytest
 
 ELEMENTS = Path(__file__).resolve().parents[2] / "elements"
-EXPECTED = {"netboot-live", "netboot-base", "netboot-agent", "xen-dom0", "storage-node"}
+EXPECTED = {"netboot-live", "netboot-base", "netboot-agent", "netboot-prune", "netboot-kernel",
+            "netboot-guest", "xen-dom0", "storage-node"}
 # diskimage-builder's phases that hold executables (environment.d is sourced, not executed).
 PHASES = {"root.d", "extra-data.d", "pre-install.d", "install.d", "post-install.d",
           "post-root.d", "block-device.d", "pre-finalise.d", "finalise.d", "cleanup.d"}
 TOP_LEVEL_FILES = {"README.rst", "element-deps", "package-installs.yaml", "element-provides",
-                   "pkg-map"}
+                   "pkg-map", "block-device-default.yaml"}
 TOP_LEVEL_DIRS = PHASES | {"environment.d", "static"}
 SCRIPT_NAME = re.compile(r"^(\d\d)-[a-z0-9][a-z0-9-]*$")
 ENVIRONMENT_NAME = re.compile(r"^\d\d-[a-z0-9][a-z0-9-]*\.bash$")
@@ -34,6 +35,10 @@ def element_dirs() -> list[Path]:
     found = sorted(p for p in ELEMENTS.iterdir() if p.is_dir())
     assert found, f"no elements under {ELEMENTS}"
     return found
+
+
+# Every element in the tree, not a list kept by hand: a new element is checked at once.
+ALL_ELEMENTS = [p.name for p in element_dirs()]
 
 
 def phase_scripts() -> list[Path]:
@@ -73,7 +78,7 @@ def test_every_expected_element_exists():
     assert {p.name for p in element_dirs()} >= EXPECTED
 
 
-@pytest.mark.parametrize("element", sorted(EXPECTED))
+@pytest.mark.parametrize("element", ALL_ELEMENTS)
 def test_element_has_required_files(element):
     directory = ELEMENTS / element
     for name in ("README.rst", "element-deps", "package-installs.yaml"):
@@ -82,14 +87,14 @@ def test_element_has_required_files(element):
     assert deps, f"{element}: element-deps is empty"
 
 
-@pytest.mark.parametrize("element", sorted(EXPECTED))
+@pytest.mark.parametrize("element", ALL_ELEMENTS)
 def test_element_holds_only_known_entries(element):
     for entry in (ELEMENTS / element).iterdir():
         allowed = TOP_LEVEL_DIRS if entry.is_dir() else TOP_LEVEL_FILES
         assert entry.name in allowed, f"{element}: unexpected {entry.name}"
 
 
-@pytest.mark.parametrize("element", sorted(EXPECTED))
+@pytest.mark.parametrize("element", ALL_ELEMENTS)
 def test_readme_has_a_table_of_every_variable(element):
     directory = ELEMENTS / element
     readme = (directory / "README.rst").read_text()
@@ -188,7 +193,7 @@ def test_element_deps_resolve():
 
 
 def test_module_allow_lists_are_well_formed():
-    lists = sorted(ELEMENTS.glob("*/static/etc/netboot-live/modules.allow.d/*.list"))
+    lists = sorted(ELEMENTS.glob("*/static/etc/netboot-prune/modules.allow.d/*.list"))
     assert lists, "no kernel module allow-lists"
     for path in lists:
         for number, raw in enumerate(path.read_text().splitlines(), 1):
@@ -197,3 +202,24 @@ def test_module_allow_lists_are_well_formed():
                 assert re.match(r"^-?[a-z0-9_][a-z0-9_./*-]*$", rule), f"{path}:{number}: {raw}"
                 assert not rule.lstrip("-").startswith("kernel/"), \
                     f"{path}:{number}: rules are relative to kernel/"
+
+
+def test_every_element_is_checked():
+    # The parametrized checks above run over the tree's elements; the ones the images use
+    # must be among them (a renamed or lost directory fails here, not silently).
+    assert set(ALL_ELEMENTS) >= EXPECTED, EXPECTED - set(ALL_ELEMENTS)
+
+
+def test_block_device_configs_are_valid():
+    yaml = pytest.importorskip("yaml")
+    configs = sorted(ELEMENTS.glob("*/block-device-default.yaml"))
+    assert configs, "no element ships a block-device config"
+    for path in configs:
+        config = yaml.safe_load(path.read_text())
+        assert isinstance(config, list) and config, f"{path}: not a list of nodes"
+        kinds = [next(iter(node)) for node in config]
+        assert kinds[0] == "local_loop", f"{path}: must start with a local_loop"
+        mkfs = [node["mkfs"] for node in config if "mkfs" in node]
+        assert any(m.get("mount", {}).get("mount_point") == "/" for m in mkfs), \
+            f"{path}: no file system is mounted on /"
+

@@ -24,7 +24,7 @@ def build():
     sys.modules.pop("images_build", None)
 
 
-@pytest.mark.parametrize("role", ["dom0", "storage"])
+@pytest.mark.parametrize("role", ["dom0", "storage", "guest"])
 def test_recipes_name_existing_elements(build, role):
     recipe = build.load_recipe(REPO / "images" / f"{role}.toml")
     assert recipe.name == role
@@ -33,9 +33,61 @@ def test_recipes_name_existing_elements(build, role):
     known |= {p.name for p in (Path(dib.__file__).parent / "elements").iterdir()}
     assert recipe.elements, f"{role}: no elements"
     assert set(recipe.elements) <= known, set(recipe.elements) - known
-    assert "netboot-live" in recipe.elements
-    assert "netboot-agent" in recipe.elements
+    assert ("netboot-live" in recipe.elements) == (role != "guest")
+    assert ("netboot-agent" in recipe.elements) == (role != "guest")
+    assert ("netboot-guest" in recipe.elements) == (role == "guest")
     assert ("xen-dom0" in recipe.elements) == (role == "dom0")
+    assert recipe.output == ("rootfs" if role == "guest" else "netboot")
+
+
+def test_every_recipe_is_built_by_make(build):
+    recipes = sorted(p.stem for p in (REPO / "images").glob("*.toml"))
+    assert recipes, "no recipes in images/"
+    makefile = (REPO / "mk" / "images.mk").read_text()
+    roles = next(line for line in makefile.splitlines() if line.startswith("IMAGE_ROLES"))
+    assert sorted(roles.split(":=")[1].split()) == recipes
+    for role in recipes:
+        assert f"image-{role}: $(IMAGES_DIR)/{role}/manifest.json" in makefile
+
+
+def test_guest_recipe_makes_a_small_partitionless_ext4(build):
+    recipe = build.load_recipe(REPO / "images" / "guest.toml")
+    assert 0.5 <= float(recipe.variables["DIB_IMAGE_SIZE"]) <= 0.6  # GiB: ext4 4k, < 600 MiB
+    assert recipe.variables["DIB_NETBOOT_SERIAL_CONSOLE"] == "hvc0"
+    yaml = pytest.importorskip("yaml")
+    config = yaml.safe_load(
+        (REPO / "elements" / "netboot-guest" / "block-device-default.yaml").read_text())
+    assert [next(iter(node)) for node in config] == ["local_loop", "mkfs"]
+    mkfs = config[1]["mkfs"]
+    assert mkfs["base"] == config[0]["local_loop"]["name"]  # no partition table between them
+    assert (mkfs["type"], mkfs["label"], mkfs["mount"]["mount_point"]) == ("ext4", "guestroot",
+                                                                           "/")
+    # The root mounts by label; root=/dev/xvda is the kernel's part (kernel_args).
+    assert "x-systemd.growfs" in mkfs["mount"]["fstab"]["options"]
+
+
+def test_recipe_rejects_an_unknown_output(build, tmp_path):
+    path = tmp_path / "bad.toml"
+    path.write_text('name = "bad"\nelements = ["netboot-guest"]\noutput = "qcow2"\n')
+    with pytest.raises(build.BuildError, match="output"):
+        build.load_recipe(path)
+
+
+@pytest.mark.parametrize("output", ["netboot", "rootfs"])
+def test_disk_image_create_makes_a_raw_image_only_for_a_rootfs(build, tmp_path, monkeypatch,
+                                                               output):
+    commands = []
+    monkeypatch.setattr(build, "_run", lambda command, what, env=None: commands.append(command))
+    monkeypatch.setattr(build.shutil, "which", lambda tool, path=None: f"/venv/bin/{tool}")
+    recipe = build.Recipe(name="guest", path=tmp_path / "r.toml",
+                          elements=("debian-minimal", "netboot-guest"), output=output)
+    build.run_disk_image_create(recipe, {"PATH": "/venv/bin"}, tmp_path / "guest",
+                                tmp_path / "log")
+    (command,) = commands
+    assert ("-t" in command) == (output == "rootfs")
+    if output == "rootfs":
+        assert command[command.index("-t") + 1] == "raw"
+    assert command[-2:] == ["debian-minimal", "netboot-guest"]
 
 
 def test_recipe_rejects_bad_elements(build, tmp_path):
@@ -116,7 +168,8 @@ def test_publish_writes_the_manifest_the_catalog_reads(build, tmp_path, with_xen
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     (wheels / "netboot_agent-0.1.0-py3-none-any.whl").write_bytes(b"")
-    elements = ("debian-minimal", "netboot-live") + (("xen-dom0",) if with_xen else ())
+    elements = ("debian-minimal", "netboot-live", "netboot-agent") + (
+        ("xen-dom0",) if with_xen else ())
     recipe = build.Recipe(name=name, path=tmp_path / "r.toml", elements=elements)
     output = tmp_path / "images"
     (output / name).mkdir(parents=True)
@@ -151,6 +204,89 @@ def test_publish_writes_the_manifest_the_catalog_reads(build, tmp_path, with_xen
         assert image.path("xen.efi") == final / "xen.efi"
         assert (final / "xen.efi").read_bytes() == b"MZ"
     assert sorted(p.name for p in output.iterdir()) == [name]
+
+
+def _fake_rootfs_outputs(prefix: Path) -> None:
+    prefix.parent.mkdir(parents=True)
+    prefix.with_name(prefix.name + ".vmlinuz").write_bytes(b"kernel")
+    prefix.with_name(prefix.name + ".initramfs.img").write_bytes(b"initrd" * 10)
+    prefix.with_name(prefix.name + ".raw").write_bytes(b"\0" * 1024 + b"\x53\xef" * 512)
+    prefix.with_name(prefix.name + ".packages").write_text("systemd\t252.39-1~deb12u2\n")
+    prefix.with_name(prefix.name + ".versions").write_text("kernel\t6.1.0-56-amd64\n")
+    prefix.with_name(prefix.name + ".kernel-args").write_text("root=/dev/xvda ro console=hvc0\n")
+
+
+@pytest.fixture
+def guest_image(build, tmp_path):
+    """A published guest image (fake outputs of a rootfs build)."""
+    prefix = tmp_path / "work" / "guest"
+    _fake_rootfs_outputs(prefix)
+    recipe = build.Recipe(name="guest", path=tmp_path / "guest.toml",
+                          elements=("debian-minimal", "netboot-guest"), output="rootfs")
+    # The shared wheel cache holds the agent's wheel; a guest without the agent must not
+    # claim its version.
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    (wheels / "netboot_agent-0.1.0-py3-none-any.whl").write_bytes(b"")
+    return build.publish(recipe, prefix, tmp_path / "images", 30.0, wheels)
+
+
+def test_publish_a_rootfs_image_names_it_in_the_manifest(guest_image, tmp_path):
+    from configserver.images import ImageCatalog
+
+    assert sorted(p.name for p in guest_image.iterdir()) == [
+        "initramfs.img", "manifest.json", "rootfs.img", "vmlinuz"]
+    manifest = json.loads((guest_image / "manifest.json").read_text())
+    assert manifest["rootfs"] == "rootfs.img"
+    assert (manifest["kernel"], manifest["initramfs"]) == ("vmlinuz", "initramfs.img")
+    assert manifest["hypervisor"] is None and manifest["hypervisor_efi"] is None
+    assert manifest["kernel_args"] == "root=/dev/xvda ro console=hvc0"
+    assert sorted(manifest["files"]) == ["initramfs.img", "rootfs.img", "vmlinuz"]
+    body = (guest_image / "rootfs.img").read_bytes()
+    assert manifest["files"]["rootfs.img"] == {
+        "size": len(body), "sha256": hashlib.sha256(body).hexdigest()}
+    assert "nodeagent" not in manifest["versions"]  # no agent in a guest
+    assert manifest["versions"]["kernel"] == "6.1.0-56-amd64"
+    assert manifest["elements"] == ["debian-minimal", "netboot-guest"]
+    # What the build left behind is gone: only the published directory remains.
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == ["guest"]
+
+    image = ImageCatalog(tmp_path / "images").get("guest")
+    assert image is not None and image.rootfs == "rootfs.img"
+    assert image.path("rootfs.img") == guest_image / "rootfs.img"
+    assert image.to_json()["rootfs"] == "rootfs.img"
+
+
+async def test_the_config_server_serves_the_published_rootfs(guest_image, tmp_path,
+                                                             aiohttp_client):
+    from configserver.config import HttpConfig, ServerConfig
+    from configserver.http.app import create_app
+    from configserver.pki import CertificateAuthority
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        config = ServerConfig(state_dir=tmp_path, images_dir=guest_image.parent,
+                              http=HttpConfig(port=0))
+        authority = CertificateAuthority.load_or_create(tmp_path / "pki")
+        client = await aiohttp_client(create_app(config, registry, authority))
+        resp = await client.get("/images/guest/rootfs.img")
+        assert resp.status == 200
+        assert await resp.read() == (guest_image / "rootfs.img").read_bytes()
+        assert (await client.get("/images/guest/manifest.json")).status == 404
+    finally:
+        registry.close()
+
+
+def test_publish_refuses_a_rootfs_build_without_its_file_system(build, tmp_path):
+    prefix = tmp_path / "work" / "guest"
+    _fake_rootfs_outputs(prefix)
+    prefix.with_name(prefix.name + ".raw").unlink()
+    recipe = build.Recipe(name="guest", path=tmp_path / "r.toml",
+                          elements=("netboot-guest",), output="rootfs")
+    with pytest.raises(build.BuildError, match=r"rootfs\.img.*netboot-guest"):
+        build.publish(recipe, prefix, tmp_path / "images", 1.0, tmp_path)
+    assert not (tmp_path / "images" / "guest").exists()
 
 
 def test_publish_refuses_a_dom0_without_hypervisor(build, tmp_path):
