@@ -36,9 +36,10 @@ class ImageSource:
     name: str
     url: str | None
     size: int | None
+    sha256: str | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"name": self.name, "url": self.url, "size": self.size}
+        return {"name": self.name, "url": self.url, "size": self.size, "sha256": self.sha256}
 
 
 def portal(ip: str | None) -> str | None:

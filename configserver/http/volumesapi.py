@@ -15,9 +15,15 @@ from typing import Any
 
 from aiohttp import web
 
-from configserver.cloud.model import Volume, VolumeEvent, parse_size, validate_volume_name
+from configserver.cloud.model import (
+    Volume,
+    VolumeEvent,
+    format_size,
+    parse_size,
+    validate_volume_name,
+)
 from configserver.cloud.work import portal
-from configserver.errors import InvalidRequest, NotFound, UnknownImage
+from configserver.errors import InvalidRequest, InvalidSize, NotFound, UnknownImage
 from configserver.http.api import read_body
 from configserver.http.appkeys import CATALOG, CLOUD, REGISTRY
 from configserver.http.auth import IDENTITY
@@ -117,8 +123,9 @@ async def show_volume(request: web.Request) -> web.Response:
     return web.json_response(volume_json(volume, nodes, events))
 
 
-def _image(request: web.Request, name: Any) -> str | None:
-    """The image a volume starts from: one of the catalog's that ships a root file system."""
+def _image(request: web.Request, name: Any, size: int) -> str | None:
+    """The image a volume starts from: one of the catalog's that ships a root file system
+    no larger than the volume."""
     if name is None:
         return None
     if not isinstance(name, str):
@@ -132,6 +139,16 @@ def _image(request: web.Request, name: Any) -> str | None:
         raise UnknownImage(f"no image {name!r}", hint=hint)
     if not image.rootfs:
         raise UnknownImage(f"image {name!r} has no root file system for volumes", hint=hint)
+    path = image.path(image.rootfs)
+    try:
+        needed = path.stat().st_size if path else 0
+    except OSError:
+        needed = 0
+    if needed > size:
+        raise InvalidSize(f"image {name}'s root file system is {format_size(needed)}: a "
+                          f"{format_size(size)} volume cannot hold it",
+                          hint=f"give --size {-(-needed // (1 << 30))}G "
+                               "or more (the file system grows to fill the volume)")
     return name
 
 
@@ -143,7 +160,7 @@ async def create_volume(request: web.Request) -> web.Response:
         raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
     name = validate_volume_name(data.get("name"))
     size = parse_size(data.get("size"))
-    image = _image(request, data.get("image"))
+    image = _image(request, data.get("image"), size)
     volume, generation = await asyncio.to_thread(
         request.app[REGISTRY].create_volume, name, size, image, _tenant(request))
     return await _answer(request, volume, generation, status=201)

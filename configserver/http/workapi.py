@@ -22,6 +22,7 @@ from configserver.errors import InvalidRequest
 from configserver.http import limits
 from configserver.http.agentapi import _authenticate, _json_body, _require_session, _session
 from configserver.http.appkeys import CATALOG, CLOUD, CONFIG, REGISTRY, SECRET_KEY
+from configserver.images import Image
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ def _http_base(request: web.Request) -> str:
     return f"http://{request.url.host}:{config.http.port}"
 
 
+def rootfs_sha256(image: Image | None) -> str | None:
+    """The sha256 the image's manifest gives its root file system (the agent checks it)."""
+    if image is None or not image.rootfs:
+        return None
+    entry = (image.manifest.get("files") or {}).get(image.rootfs)
+    digest = entry.get("sha256") if isinstance(entry, dict) else None
+    return digest if isinstance(digest, str) else None
+
+
 def _images(request: web.Request, names: Iterable[str]) -> dict[str, ImageSource]:
     catalog, base, found = request.app[CATALOG], _http_base(request), {}
     for name in names:
@@ -68,7 +78,7 @@ def _images(request: web.Request, names: Iterable[str]) -> dict[str, ImageSource
         except OSError:
             size = None
         url = f"{base}/images/{name}/{image.rootfs}" if image and image.rootfs else None
-        found[name] = ImageSource(name, url, size)
+        found[name] = ImageSource(name, url, size, rootfs_sha256(image))
     return found
 
 

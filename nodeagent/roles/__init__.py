@@ -36,6 +36,11 @@ class Role(Protocol):
         """A cheap look at the node's actual state (sysfs only): a change means another
         pass now, without waiting for the control plane (a leg failed, a session dropped)."""
         ...
+    def snapshot(self, work: dict[str, Any]) -> dict[str, Any] | None:
+        """The report of actual state from sysfs alone (no tool runs), posted before the
+        pass that follows a change: the control plane learns of a lost leg at once, not
+        after the pass's slower steps (logins to a node that is gone)."""
+        ...
 
 
 def role_for(name: str | None) -> Role | None:
@@ -88,8 +93,11 @@ class Reconciler:
         while True:
             wait = BUSY_WAIT if self.role.busy() or failures else self._poll_wait
             try:
-                work = await self._next_work(generation, wait, work)
+                work, changed = await self._next_work(generation, wait, work)
                 generation = int(work.get("generation") or 0)
+                snapshot = self.role.snapshot(work.get(self.role.name) or {}) if changed else None
+                if snapshot is not None:
+                    await self._post(generation, self.role.name, snapshot)
                 started = time.monotonic()
                 report = await self.role.reconcile(work.get(self.role.name) or {})
                 self.status.last_duration = round(time.monotonic() - started, 3)
@@ -121,12 +129,12 @@ class Reconciler:
             self.status.last_report = report
 
     async def _next_work(self, generation: int | None, wait: float,
-                         last: dict[str, Any] | None) -> dict[str, Any]:
+                         last: dict[str, Any] | None) -> tuple[dict[str, Any], bool]:
         """The long poll's answer, or the last work again as soon as the node's actual state
-        changes under it (whichever comes first)."""
+        changes under it (whichever comes first; True then)."""
         fetch = asyncio.create_task(self._fetch(generation, wait))
         if last is None:
-            return await fetch
+            return await fetch, False
         watch = asyncio.create_task(self._changed(self.role.fingerprint()))
         try:
             done, _ = await asyncio.wait({fetch, watch}, return_when=asyncio.FIRST_COMPLETED)
@@ -136,9 +144,9 @@ class Reconciler:
                     task.cancel()
             await asyncio.gather(fetch, watch, return_exceptions=True)
         if fetch in done:
-            return fetch.result()
+            return fetch.result(), False
         log.info("%s role: the node's state changed; reconciling again", self.role.name)
-        return last
+        return last, True
 
     async def _changed(self, before: object) -> None:
         while True:

@@ -50,6 +50,11 @@ class Dom0Role:
         """Not every attachment is whole: look again soon (a leg may be back)."""
         return not self._settled
 
+    def snapshot(self, work: dict[str, Any]) -> dict[str, Any] | None:
+        wanted = [a for a in work.get("attachments") or [] if isinstance(a, dict)]
+        return {"initiator": work.get("initiator"), "detached": [],
+                "attachments": [self._state(a) for a in wanted]}
+
     def fingerprint(self) -> object:
         arrays = md.arrays()
         return (tuple(sorted((a.name, a.degraded, a.sync_action, a.members)
@@ -91,9 +96,12 @@ class Dom0Role:
                 await self._let_go(name, leg, session, members)
                 continue
             if session is not None and session.state != "LOGGED_IN":
-                # Recovery gave up (the target was gone, or not yet exported again when the
-                # node came back). While md still counts the leg in sync, let recovery run.
-                if any(members.get(d) == "in_sync" for d in session.devices):
+                # While the initiator still tries to reconnect (FAILED), let it: it will be
+                # back by itself. Once it gave up (FREE: the target was gone, or not yet
+                # exported again when its node came back), log out and in again; unless md
+                # still counts the leg in sync.
+                if session.state != "FREE" or any(members.get(d) == "in_sync"
+                                                  for d in session.devices):
                     continue
                 for device in session.devices:
                     if device in members:

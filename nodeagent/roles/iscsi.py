@@ -29,7 +29,9 @@ NODE_SETTINGS = (
     ("node.session.timeo.replacement_timeout", "3"),
     ("node.conn[0].timeo.noop_out_interval", "2"),
     ("node.conn[0].timeo.noop_out_timeout", "3"),
-    ("node.conn[0].timeo.login_timeout", "10"),
+    ("node.conn[0].timeo.login_timeout", "5"),
+    # A login to a node that is down fails in seconds, not after 8 tries (the agent retries).
+    ("node.session.initial_login_retry_max", "1"),
 )
 # iscsiadm exit codes: 15 = already logged in / session exists, 21 = no records / no session.
 ALREADY = "(15)"

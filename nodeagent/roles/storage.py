@@ -46,6 +46,9 @@ class StorageRole:
     def fingerprint(self) -> object:
         return None  # nothing on a storage node changes under it that a pass would repair
 
+    def snapshot(self, work: dict[str, Any]) -> dict[str, Any] | None:
+        return None
+
     def busy(self) -> bool:
         """A leg is being zeroed or failed: look again soon."""
         return self._unsettled or any(not task.done() for task in self._zeroing.values())

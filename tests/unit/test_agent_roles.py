@@ -493,6 +493,9 @@ class CountingRole:
     def fingerprint(self) -> object:
         return None
 
+    def snapshot(self, work):
+        return {"snapshot": True}
+
 
 async def test_the_loop_reconciles_each_answer_and_reports_it(monkeypatch):
     role = CountingRole()
@@ -599,8 +602,10 @@ async def test_a_change_on_the_node_runs_a_pass_without_waiting_for_the_server(m
             return {"generation": 7, "storage": {"exports": ["x"]}}
         await asyncio.sleep(3600)  # the long poll: nothing new on the server
 
+    reported = []
+
     async def post(generation, role_name, report):
-        pass
+        reported.append(report)
 
     task = asyncio.create_task(Reconciler(role, fetch, post).run())
     while polls < 2:
@@ -614,3 +619,4 @@ async def test_a_change_on_the_node_runs_a_pass_without_waiting_for_the_server(m
     with pytest.raises(asyncio.CancelledError):
         await task
     assert role.seen[:2] == [{"exports": ["x"]}, {"exports": ["x"]}]
+    assert reported[:3] == [{"pass": 1}, {"snapshot": True}, {"pass": 2}]

@@ -37,6 +37,12 @@ def images(tmp_path):
     for name in ("vmlinuz", "initramfs.img"):
         (guest / name).write_bytes(b"x")
     (guest / "rootfs.img").write_bytes(b"R" * 4096)
+    big = root / "big"
+    big.mkdir()
+    for name in ("vmlinuz", "initramfs.img"):
+        (big / name).write_bytes(b"x")
+    with open(big / "rootfs.img", "wb") as handle:
+        handle.truncate(3 << 20)
     bare = root / "bare"
     bare.mkdir()
     for name in ("vmlinuz", "initramfs.img"):
@@ -92,6 +98,7 @@ async def test_create_list_show_delete(admin, registry):
     ({"name": "Bad_Name"}, 400, "invalid_name"), ({"size": "100G"}, 409, "no_room"),
     ({"image": "nosuch"}, 422, "unknown_image"), ({"image": "bare"}, 422, "unknown_image"),
     ({"colour": "red"}, 400, "invalid_request"),
+    ({"image": "big", "size": "2M"}, 400, "invalid_size"),
 ])
 async def test_bad_creates_are_refused_and_store_nothing(admin, registry, body, status, code):
     generation = registry.cloud_generation()
@@ -183,7 +190,7 @@ async def test_work_for_storage_and_dom0_follows_the_reports(aiohttp_client, adm
             "volume": vid, "name": "db", "lv": f"nb-{vid}", "size": 2 * GIB + (4 << 20),
             "volume_size": 2 * GIB, "target": f"iqn.2026-12.net.netboot:vol-{vid}",
             "image": {"name": "guest", "url": "http://198.18.0.1:8080/images/guest/rootfs.img",
-                      "size": 4096},
+                      "size": 4096, "sha256": None},
             "initiators": [{"node": DOM0, "iqn": "iqn.2026-12.net.netboot:node-52540000d001",
                             "user": "node-52540000d001", "secret": secret}]}]}}
     # The dom0 gets nothing until both legs are exported.

@@ -329,12 +329,36 @@ def test_a_config_server_restart_mid_creation_finishes_it_once(cloud):
     print("v3 timeline:", [e["stage"] for e in view["timeline"]])
 
 
+def test_a_volume_from_the_guest_image_holds_its_file_system(cloud):
+    manifest = json.loads((IMAGES / "guest" / "manifest.json").read_text())
+    rootfs = manifest["files"][manifest["rootfs"]]
+    began = time.monotonic()
+    cloud.cli("volume", "create", "g1", "--size", "1G", "--image", "guest")
+    view = cloud.wait("g1", "ready", lambda v: v["state"] == "ready")
+    print(f"g1 (1 GiB from the guest image, {rootfs['size'] >> 20} MiB) ready after "
+          f"{time.monotonic() - began:.0f}s")
+    cloud.cli("volume", "attach", "g1", "dom0-1")
+    device = cloud.attached_on("g1", "dom0-1")["attached"][0]["device"]
+    blocks = rootfs["size"] // (1 << 20)
+    out = cloud.ssh("dom0-1", f"head -c {rootfs['size']} {device} | sha256sum; "
+                              f"blkid -o value -s LABEL {device}; "
+                              f"dd if={device} bs=1M skip={blocks + 1} count=8 iflag=direct "
+                              "status=none | tr -d '\\000' | wc -c")
+    digest, label, stray = out.split()[0], out.split()[2], out.split()[3]
+    assert digest == rootfs["sha256"], out
+    assert label == "guestroot", out
+    assert stray == "0", out  # past the image, the volume is zeroed
+    cloud.cli("volume", "detach", "g1", "dom0-1")
+    cloud.wait("g1", "detached", lambda v: not v["attached"])
+    assert view["image"] == "guest"
+
+
 def test_deleting_volumes_removes_their_legs(cloud):
     cloud.cli("volume", "detach", "v1", "dom0-2")
     cloud.cli("volume", "detach", "v2", "dom0-2")
     for name in ("v1", "v2"):
         cloud.wait(name, "detached", lambda v: not v["attached"])
-    for name in ("v1", "v2", "v3"):
+    for name in ("v1", "v2", "v3", "g1"):
         cloud.cli("volume", "delete", name)
     deadline = time.monotonic() + SETTLE
     while cloud.cli("volume", "list") and time.monotonic() < deadline:
