@@ -200,6 +200,14 @@ class TooFewStorageNodes(Conflict):
     code = "too_few_storage_nodes"
 
 
+# -- the cloud: instances and the guest map ---------------------------------------------------
+
+class ClaimHeld(Conflict):
+    """Another dom0 holds the instance's claim: it cannot start elsewhere."""
+
+    code = "claim_held"
+
+
 class UnknownImage(NetbootError):
     status = 422
     code = "unknown_image"
