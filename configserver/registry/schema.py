@@ -151,6 +151,45 @@ MIGRATIONS: tuple[str, ...] = (
     ALTER TABLE nodes ADD COLUMN drained REAL;
     ALTER TABLE nodes ADD COLUMN drain_done REAL;
     """,
+    # 6: instances and the guest map. ``claim_node``/``claim_epoch``: the one dom0 that may run
+    # the instance (NULL: none); ``epoch``: the last epoch handed out (never reused).
+    """
+    CREATE TABLE instances (
+        id TEXT PRIMARY KEY,
+        name TEXT NOT NULL UNIQUE,
+        memory INTEGER NOT NULL,
+        vcpus INTEGER NOT NULL,
+        volume TEXT REFERENCES volumes(id) ON DELETE SET NULL,
+        image TEXT,
+        tenant TEXT,
+        desired TEXT NOT NULL,
+        actual TEXT NOT NULL DEFAULT 'stopped',
+        claim_node TEXT,
+        claim_epoch INTEGER,
+        epoch INTEGER NOT NULL DEFAULT 0,
+        ssh_keys TEXT NOT NULL DEFAULT '[]',
+        usage TEXT NOT NULL DEFAULT '{}',
+        created REAL NOT NULL,
+        updated REAL NOT NULL
+    );
+    CREATE INDEX instances_tenant ON instances(tenant);
+    CREATE INDEX instances_claim ON instances(claim_node);
+    CREATE TABLE instance_nics (
+        mac TEXT PRIMARY KEY,
+        instance TEXT NOT NULL REFERENCES instances(id) ON DELETE CASCADE,
+        position INTEGER NOT NULL,
+        ip TEXT UNIQUE
+    );
+    CREATE INDEX instance_nics_instance ON instance_nics(instance);
+    CREATE TABLE instance_events (
+        id INTEGER PRIMARY KEY,
+        instance TEXT NOT NULL,
+        time REAL NOT NULL,
+        stage TEXT NOT NULL,
+        detail TEXT NOT NULL DEFAULT '{}'
+    );
+    CREATE INDEX instance_events_instance ON instance_events(instance, id);
+    """,
 )
 
 

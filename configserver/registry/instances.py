@@ -1,0 +1,169 @@
+"""Instances and the guest map in SQLite: rows, claims and timelines.
+
+Each write is one writer job (``writer.py``): whole or nothing. A claim changes only inside
+such a job, by ``configserver.cloud.instances``' transitions, so concurrent starts of one
+instance are serialised here and at most one of them can hand the claim to a dom0. Every
+change of desired state bumps the cloud generation in the same transaction (the dom0s' work).
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import replace
+from typing import Any
+
+from configserver.cloud.instances import (
+    Claim,
+    Desired,
+    Instance,
+    InstanceNic,
+    claim,
+    release,
+)
+from configserver.errors import DuplicateVolume, NotFound
+from configserver.registry.volumes import bump, generation
+
+_encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+
+
+def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
+    held = (Claim(row["claim_node"], row["claim_epoch"])
+            if row["claim_node"] is not None else None)
+    return Instance(
+        id=row["id"], name=row["name"], memory=row["memory"], vcpus=row["vcpus"],
+        volume=row["volume"], image=row["image"], tenant=row["tenant"],
+        desired=Desired(row["desired"]), actual=row["actual"], claim=held,
+        epoch=row["epoch"], ssh_keys=tuple(json.loads(row["ssh_keys"])),
+        usage=json.loads(row["usage"]), created=row["created"], updated=row["updated"],
+        nics=tuple(InstanceNic(n["mac"], n["ip"]) for n in nics))
+
+
+def load_all(db: sqlite3.Connection) -> list[Instance]:
+    nics: dict[str, list[sqlite3.Row]] = {}
+    for nic in db.execute("SELECT * FROM instance_nics ORDER BY instance, position"):
+        nics.setdefault(nic["instance"], []).append(nic)
+    return [_instance(row, nics.get(row["id"], []))
+            for row in db.execute("SELECT * FROM instances ORDER BY name")]
+
+
+def by_name(db: sqlite3.Connection, name: str) -> Instance | None:
+    row = db.execute("SELECT * FROM instances WHERE name=?", (name,)).fetchone()
+    if row is None:
+        return None
+    nics = db.execute("SELECT * FROM instance_nics WHERE instance=? ORDER BY position",
+                      (row["id"],)).fetchall()
+    return _instance(row, nics)
+
+
+def nic(db: sqlite3.Connection, mac: str) -> tuple[Instance, InstanceNic] | None:
+    """The instance that has NIC ``mac``, and that NIC (the DHCP server's question)."""
+    row = db.execute("SELECT i.name FROM instance_nics n JOIN instances i ON i.id=n.instance "
+                     "WHERE n.mac=?", (mac,)).fetchone()
+    found = by_name(db, row[0]) if row else None
+    if found is None:
+        return None
+    return found, next(n for n in found.nics if n.mac == mac)
+
+
+def used_addresses(db: sqlite3.Connection) -> tuple[set[str], set[str]]:
+    """(MACs, IPs) that instance NICs hold."""
+    rows = db.execute("SELECT mac, ip FROM instance_nics").fetchall()
+    return {r["mac"] for r in rows}, {r["ip"] for r in rows if r["ip"]}
+
+
+def save(db: sqlite3.Connection, instance: Instance) -> None:
+    held = instance.claim
+    db.execute(
+        "INSERT INTO instances (id, name, memory, vcpus, volume, image, tenant, desired,"
+        " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, created, updated)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
+        " memory=excluded.memory, vcpus=excluded.vcpus, volume=excluded.volume,"
+        " desired=excluded.desired, actual=excluded.actual, claim_node=excluded.claim_node,"
+        " claim_epoch=excluded.claim_epoch, epoch=excluded.epoch, usage=excluded.usage,"
+        " updated=excluded.updated",
+        (instance.id, instance.name, instance.memory, instance.vcpus, instance.volume,
+         instance.image, instance.tenant, str(instance.desired), instance.actual,
+         held.node if held else None, held.epoch if held else None, instance.epoch,
+         _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.created,
+         instance.updated))
+    db.execute("DELETE FROM instance_nics WHERE instance=?", (instance.id,))
+    db.executemany("INSERT INTO instance_nics VALUES (?,?,?,?)",
+                   [(n.mac, instance.id, i, n.ip) for i, n in enumerate(instance.nics)])
+
+
+def event(db: sqlite3.Connection, instance: Instance, stage: str, now: float,
+          **detail: Any) -> None:
+    db.execute("INSERT INTO instance_events (instance, time, stage, detail) VALUES (?,?,?,?)",
+               (instance.id, now, stage, _encode(detail)))
+
+
+def events(db: sqlite3.Connection, instance_id: str, limit: int = 500) -> list[dict[str, Any]]:
+    rows = db.execute("SELECT time, stage, detail FROM instance_events WHERE instance=? "
+                      "ORDER BY id DESC LIMIT ?", (instance_id, limit)).fetchall()
+    return [{"time": r["time"], "stage": r["stage"], "detail": json.loads(r["detail"])}
+            for r in reversed(rows)]
+
+
+def create(db: sqlite3.Connection, instance: Instance, now: float) -> tuple[Instance, int]:
+    """Store a new (stopped, unclaimed) instance; its volume exists already."""
+    if db.execute("SELECT 1 FROM instances WHERE name=?", (instance.name,)).fetchone():
+        raise DuplicateVolume(f"instance {instance.name!r} exists",
+                              hint="choose another name, or destroy it first")
+    fresh = replace(instance, desired=Desired.STOPPED, claim=None, epoch=0,
+                    created=now, updated=now)
+    save(db, fresh)
+    event(db, fresh, "created", now, memory=fresh.memory, vcpus=fresh.vcpus,
+          volume=fresh.volume, nics=[{"mac": n.mac, "ip": n.ip} for n in fresh.nics])
+    return fresh, bump(db)
+
+
+def _existing(db: sqlite3.Connection, name: str) -> Instance:
+    found = by_name(db, name)
+    if found is None:
+        raise NotFound(f"no instance {name!r}", hint="see 'configserver instance list'")
+    return found
+
+
+def start(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Instance, int]:
+    """Instance ``name`` wanted running on dom0 ``node`` (a primary MAC the caller chose):
+    the claim handed to it, or ClaimHeld if another dom0 holds it."""
+    current = _existing(db, name)
+    started = claim(current, node)
+    if started == current:
+        return current, generation(db)
+    started = replace(started, updated=now)
+    save(db, started)
+    event(db, started, "start.requested", now, node=node, epoch=started.claim.epoch
+          if started.claim else None)
+    return started, bump(db)
+
+
+def stop(db: sqlite3.Connection, name: str, now: float) -> tuple[Instance, int]:
+    """Instance ``name`` wanted stopped; its claim stays until the holder reports it gone."""
+    current = _existing(db, name)
+    if current.desired == Desired.STOPPED:
+        return current, generation(db)
+    stopping = replace(current, desired=Desired.STOPPED, updated=now)
+    save(db, stopping)
+    event(db, stopping, "stop.requested", now)
+    return stopping, bump(db)
+
+
+def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
+         now: float) -> tuple[Instance, int]:
+    """Dom0 ``node`` reported the domain of ``epoch`` gone: the claim released if it was
+    the current one and the instance is wanted stopped (else nothing changes)."""
+    current = _existing(db, name)
+    released = release(current, node, epoch)
+    if released == current:
+        return current, generation(db)
+    released = replace(released, updated=now)
+    save(db, released)
+    event(db, released, "claim.released", now, node=node, epoch=epoch)
+    return released, bump(db)
+
+
+__all__ = ["by_name", "create", "events", "gone", "load_all", "nic", "save", "start", "stop",
+           "used_addresses"]

@@ -1,0 +1,86 @@
+"""Instances' rows in SQLite (schema 6): create, claims through start/stop/gone, NIC lookup."""
+
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from configserver.cloud.instances import Claim, Desired, Instance, InstanceNic
+from configserver.cloud.model import MIB
+from configserver.errors import ClaimHeld, DuplicateVolume, NotFound
+from configserver.registry import instances as rows
+from configserver.registry.schema import MIGRATIONS, split_sql
+
+A, B = "52:54:00:00:00:01", "52:54:00:00:00:02"
+
+
+@pytest.fixture
+def db():
+    connection = sqlite3.connect(":memory:", isolation_level=None)
+    connection.row_factory = sqlite3.Row
+    connection.execute("PRAGMA foreign_keys=ON")
+    for script in MIGRATIONS:
+        for statement in split_sql(script):
+            connection.execute(statement)
+    yield connection
+    connection.close()
+
+
+def web() -> Instance:
+    return Instance(id="0123456789abcdef", name="web", memory=256 * MIB, vcpus=2, volume=None,
+                    nics=(InstanceNic("00:16:3e:00:00:01", "198.18.0.100"),),
+                    ssh_keys=("ssh-ed25519 AAAA test",), image="guest")
+
+
+def test_create_round_trips_and_refuses_a_duplicate(db):
+    created, generation = rows.create(db, web(), now=10.0)
+    assert generation == 1
+    assert rows.by_name(db, "web") == created
+    assert created.desired == Desired.STOPPED and created.claim is None
+    assert created.ssh_keys == ("ssh-ed25519 AAAA test",)
+    with pytest.raises(DuplicateVolume):
+        rows.create(db, web(), now=11.0)
+    assert len(rows.load_all(db)) == 1
+    assert [e["stage"] for e in rows.events(db, created.id)] == ["created"]
+
+
+def test_the_nic_lookup_answers_for_instance_macs_only(db):
+    rows.create(db, web(), now=1.0)
+    found = rows.nic(db, "00:16:3e:00:00:01")
+    assert found is not None and found[0].name == "web" and found[1].ip == "198.18.0.100"
+    assert rows.nic(db, "00:16:3e:00:00:02") is None
+    assert rows.used_addresses(db) == ({"00:16:3e:00:00:01"}, {"198.18.0.100"})
+
+
+def test_an_address_is_never_stored_twice(db):
+    rows.create(db, web(), now=1.0)
+    other = Instance(id="1111111111111111", name="db", memory=128 * MIB, vcpus=1, volume=None,
+                     nics=(InstanceNic("00:16:3e:00:00:02", "198.18.0.100"),))
+    with pytest.raises(sqlite3.IntegrityError):
+        rows.create(db, other, now=2.0)
+
+
+def test_start_stop_gone_moves_the_claim_once(db):
+    rows.create(db, web(), now=1.0)
+    started, gen = rows.start(db, "web", A, now=2.0)
+    assert started.claim == Claim(A, 1) and gen == 2
+    again, gen2 = rows.start(db, "web", A, now=3.0)
+    assert again == started and gen2 == gen  # repeated: no change, no new generation
+    with pytest.raises(ClaimHeld):
+        rows.start(db, "web", B, now=3.0)
+    assert rows.by_name(db, "web").claim == Claim(A, 1)
+    rows.stop(db, "web", now=4.0)
+    held, _ = rows.gone(db, "web", B, 1, now=5.0)  # not the holder: nothing
+    assert held.claim == Claim(A, 1)
+    released, _ = rows.gone(db, "web", A, 1, now=6.0)
+    assert released.claim is None and released.epoch == 1
+    moved, _ = rows.start(db, "web", B, now=7.0)
+    assert moved.claim == Claim(B, 2)
+    assert [e["stage"] for e in rows.events(db, moved.id)] == [
+        "created", "start.requested", "stop.requested", "claim.released", "start.requested"]
+
+
+def test_unknown_instance_is_not_found(db):
+    with pytest.raises(NotFound):
+        rows.start(db, "nope", A, now=1.0)
