@@ -36,7 +36,6 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from configserver import statedir
-from configserver.cloud.model import Volume, VolumeEvent, new_volume_id
 from configserver.errors import DuplicateMac, StoreError, TooManyPending
 from configserver.model import (
     BUILTIN_ROLES,
@@ -50,12 +49,10 @@ from configserver.model import (
     UnknownMacPolicy,
     normalize_mac,
 )
-from configserver.registry import AgentSession, ReportOutcome, User, nodes, sessions, users
-from configserver.registry import drain as cloud_drain
+from configserver.registry import AgentSession, User, nodes, sessions, users
 from configserver.registry import events as boot_events
-from configserver.registry import volumes as cloud_volumes
 from configserver.registry.cache import ReadCache
-from configserver.registry.drain import settling
+from configserver.registry.cloudstore import CloudStore
 from configserver.registry.events import EVENTS_KEPT_PER_NODE, PRUNE_AFTER, PrunePass
 from configserver.registry.schema import (
     MIGRATIONS,
@@ -111,7 +108,7 @@ class Unsettled:
         return node if change is None else replace(node, state=change[1])
 
 
-class SqliteRegistry:
+class SqliteRegistry(CloudStore):
     """Registry backed by ``registry.sqlite`` in the state directory."""
 
     def __init__(self, path: Path, *, synchronous: str = "NORMAL",
@@ -436,49 +433,6 @@ class SqliteRegistry:
 
     def revoked_certificates(self) -> list[tuple[int, float]]:
         return users.revoked(self._db())
-
-    # -- the cloud: volumes -----------------------------------------------------------------
-
-    def cloud_generation(self) -> int:
-        return cloud_volumes.generation(self._db())
-
-    def volumes(self) -> list[Volume]:
-        return cloud_volumes.load_all(self._db())
-
-    def volume(self, name: str) -> Volume | None:
-        return cloud_volumes.by_name(self._db(), name)
-
-    def volume_events(self, volume_id: str, limit: int = 500) -> list[VolumeEvent]:
-        return cloud_volumes.events(self._db(), volume_id, limit)
-
-    def create_volume(self, name: str, size: int, image: str | None,
-                      tenant: str | None) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.create, volume_id=new_volume_id(), name=name,
-                         size=size, image=image, tenant=tenant, now=self._now())
-
-    def delete_volume(self, name: str) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.delete, name=name, now=self._now())
-
-    def attach_volume(self, name: str, node: str) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.attach, name=name, node=node, now=self._now())
-
-    def detach_volume(self, name: str, node: str, *, force: bool = False
-                      ) -> tuple[Volume, int]:
-        return self._run(settling(cloud_volumes.detach), name=name, node=node,
-                         now=self._now(), force=force)
-
-    def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome:
-        return self._run(settling(cloud_volumes.record_report), mac=mac, report=report,
-                         now=self._now())
-
-    def drain_node(self, ref: str) -> tuple[Node, int]:
-        return self._run(cloud_drain.drain, ref=ref, now=self._now())
-
-    def undrain_node(self, ref: str) -> tuple[Node, int]:
-        return self._run(cloud_drain.undrain, ref=ref, now=self._now())
-
-    def storage_facts(self, mac: str) -> dict[str, Any] | None:
-        return cloud_volumes.storage_facts(self._db(), mac)
 
 
 __all__ = ["MAX_PENDING", "MIGRATIONS", "SqliteRegistry"]

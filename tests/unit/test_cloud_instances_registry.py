@@ -84,3 +84,37 @@ def test_start_stop_gone_moves_the_claim_once(db):
 def test_unknown_instance_is_not_found(db):
     with pytest.raises(NotFound):
         rows.start(db, "nope", A, now=1.0)
+
+
+def test_fifty_concurrent_starts_leave_one_holder(tmp_path):
+    """50 threads start one instance through the registry at once, naming three dom0s: one
+    claim, on the dom0 of a start that succeeded; every other start naming another dom0 is
+    refused with ClaimHeld and one naming the holder changes nothing."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from configserver.registry.sqlite import SqliteRegistry
+
+    dom0s = (A, B, "52:54:00:00:00:03")
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        registry.create_instance(web())
+
+        def start(i: int) -> tuple[str, str]:
+            node = dom0s[i % 3]
+            try:
+                registry.start_instance("web", node)
+            except ClaimHeld:
+                return node, "refused"
+            return node, "ok"
+
+        with ThreadPoolExecutor(max_workers=50) as pool:
+            results = list(pool.map(start, range(50)))
+        final = registry.instance("web")
+        assert final.claim is not None and final.claim.epoch == 1
+        assert {node for node, outcome in results if outcome == "ok"} == {final.claim.node}
+        assert all(outcome == "refused" for node, outcome in results
+                   if node != final.claim.node)
+        stages = [e["stage"] for e in registry.instance_events(final.id)]
+        assert stages == ["created", "start.requested"]
+    finally:
+        registry.close()

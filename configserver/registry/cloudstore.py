@@ -1,0 +1,109 @@
+"""The cloud's part of the SQLite registry: volumes, drains, instances and the guest map.
+
+A mixin of ``SqliteRegistry``: reads on this thread's connection (``_db``), writes as writer
+jobs (``_run``) of the row modules ``volumes``, ``drain`` and ``instances``.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from configserver.cloud.instances import Instance, InstanceNic
+from configserver.cloud.model import Volume, VolumeEvent, new_volume_id
+from configserver.model import Node
+from configserver.registry import ReportOutcome
+from configserver.registry import drain as cloud_drain
+from configserver.registry import instances as cloud_instances
+from configserver.registry import volumes as cloud_volumes
+from configserver.registry.drain import settling
+
+T = TypeVar("T")
+
+
+class CloudStore:
+    """Cloud methods of the registry (see ``Registry`` in ``__init__``)."""
+
+    def _db(self) -> sqlite3.Connection:
+        raise NotImplementedError
+
+    def _run(self, fn: Callable[..., T], /, **kwargs: Any) -> T:
+        raise NotImplementedError
+
+    def _now(self) -> float:
+        raise NotImplementedError
+
+    # -- the cloud: volumes -----------------------------------------------------------------
+
+    def cloud_generation(self) -> int:
+        return cloud_volumes.generation(self._db())
+
+    def volumes(self) -> list[Volume]:
+        return cloud_volumes.load_all(self._db())
+
+    def volume(self, name: str) -> Volume | None:
+        return cloud_volumes.by_name(self._db(), name)
+
+    def volume_events(self, volume_id: str, limit: int = 500) -> list[VolumeEvent]:
+        return cloud_volumes.events(self._db(), volume_id, limit)
+
+    def create_volume(self, name: str, size: int, image: str | None,
+                      tenant: str | None) -> tuple[Volume, int]:
+        return self._run(cloud_volumes.create, volume_id=new_volume_id(), name=name,
+                         size=size, image=image, tenant=tenant, now=self._now())
+
+    def delete_volume(self, name: str) -> tuple[Volume, int]:
+        return self._run(cloud_volumes.delete, name=name, now=self._now())
+
+    def attach_volume(self, name: str, node: str) -> tuple[Volume, int]:
+        return self._run(cloud_volumes.attach, name=name, node=node, now=self._now())
+
+    def detach_volume(self, name: str, node: str, *, force: bool = False
+                      ) -> tuple[Volume, int]:
+        return self._run(settling(cloud_volumes.detach), name=name, node=node,
+                         now=self._now(), force=force)
+
+    def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome:
+        return self._run(settling(cloud_volumes.record_report), mac=mac, report=report,
+                         now=self._now())
+
+    def drain_node(self, ref: str) -> tuple[Node, int]:
+        return self._run(cloud_drain.drain, ref=ref, now=self._now())
+
+    def undrain_node(self, ref: str) -> tuple[Node, int]:
+        return self._run(cloud_drain.undrain, ref=ref, now=self._now())
+
+    def storage_facts(self, mac: str) -> dict[str, Any] | None:
+        return cloud_volumes.storage_facts(self._db(), mac)
+
+
+    # -- the cloud: instances and the guest map ----------------------------------------------
+
+    def instances(self) -> list[Instance]:
+        return cloud_instances.load_all(self._db())
+
+    def instance(self, name: str) -> Instance | None:
+        return cloud_instances.by_name(self._db(), name)
+
+    def instance_events(self, instance_id: str, limit: int = 500) -> list[dict[str, Any]]:
+        return cloud_instances.events(self._db(), instance_id, limit)
+
+    def instance_nic(self, mac: str) -> tuple[Instance, InstanceNic] | None:
+        return cloud_instances.nic(self._db(), mac)
+
+    def create_instance(self, instance: Instance) -> tuple[Instance, int]:
+        return self._run(cloud_instances.create, instance=instance, now=self._now())
+
+    def start_instance(self, name: str, node: str) -> tuple[Instance, int]:
+        return self._run(cloud_instances.start, name=name, node=node, now=self._now())
+
+    def stop_instance(self, name: str) -> tuple[Instance, int]:
+        return self._run(cloud_instances.stop, name=name, now=self._now())
+
+    def instance_gone(self, name: str, node: str, epoch: int) -> tuple[Instance, int]:
+        return self._run(cloud_instances.gone, name=name, node=node, epoch=epoch,
+                         now=self._now())
+
+
+__all__ = ["CloudStore"]
