@@ -26,7 +26,7 @@ from configserver.dhcp.options import (
 )
 from configserver.dhcp.plan import RecentlyUnknown, SubnetPlan
 from configserver.errors import TooManyPending
-from configserver.model import Node, NodeState, UnknownMacPolicy
+from configserver.model import Nic, Node, NodeState, UnknownMacPolicy
 from configserver.ratelog import RateLimitedLog, worth_logging
 from configserver.registry import Registry
 
@@ -37,6 +37,7 @@ EXHAUSTED_RESCAN = 1.0  # seconds before a full pool is scanned again
 EXHAUSTED_LOG_INTERVAL = 60.0
 SEEN_AGAIN_AFTER = 60.0  # a pending node asking again refreshes its last_seen this often
 PROXY_PORT = "proxy"
+INSTANCE_ROLE = "instance"  # what an instance's NIC is to the DHCP server
 DHCP_PORT = "dhcp"
 
 
@@ -119,9 +120,11 @@ class DhcpPolicy:
         # Boot loaders always ask the registry; OS clients may use a recent "unknown".
         if client.stage == BootStage.NONE and mac in self.unknown_macs:
             return None
-        node = self.registry.lookup(mac)
+        node = self.registry.lookup(mac) or self._instance(mac)
         if node is None and client.stage == BootStage.NONE:
             self.unknown_macs.add(mac)
+        if node is not None and node.role == INSTANCE_ROLE:
+            return node  # a guest's NIC: its address and name, never a boot or a timeline
         if client.stage != BootStage.NONE and kind == MessageType.DISCOVER and (
                 node is None or node.state == NodeState.PENDING) \
                 and self.registry.unknown_mac_policy() == UnknownMacPolicy.DISCOVER:
@@ -134,6 +137,16 @@ class DhcpPolicy:
             booting = client.stage != BootStage.NONE and kind == MessageType.DISCOVER
             self._record(mac, f"dhcp.{kind.name.lower()}", detail, booting=booting)
         return node
+
+    def _instance(self, mac: str) -> Node | None:
+        """An instance's NIC as a ready node of role ``instance`` (its reserved IP and the
+        instance's name as hostname), or None."""
+        found = self.registry.instance_nic(mac)
+        if found is None:
+            return None
+        instance, nic = found
+        return Node(mac=mac, role=INSTANCE_ROLE, hostname=instance.name,
+                    nics=(Nic(mac, nic.ip),), state=NodeState.READY)
 
     def _discover(self, mac: str, node: Node | None, client: BootClient) -> Node | None:
         """Record an unknown PXE client as pending (at most ``pending_per_window`` new ones
@@ -159,7 +172,7 @@ class DhcpPolicy:
         return node
 
     def _event(self, node: Node | None, mac: str, stage: str, **detail: object) -> None:
-        if node is not None:
+        if node is not None and node.role != INSTANCE_ROLE:
             self._record(mac, stage, detail)
 
     def _record(self, mac: str, stage: str, detail: dict[str, object], *,
@@ -181,7 +194,7 @@ class DhcpPolicy:
         Unknown MACs get nothing unless the registry's policy recorded them (``discover``).
         With TFTP disabled, firmware PXE clients get nothing: they cannot fetch over HTTP.
         """
-        if node is None or client.stage == BootStage.NONE:
+        if node is None or client.stage == BootStage.NONE or node.role == INSTANCE_ROLE:
             return None
         if client.stage == BootStage.IPXE:
             return BootAnswer(f"{self.http_base}/boot/{mac}.ipxe", "PXEClient", tftp=False)

@@ -343,3 +343,38 @@ def test_an_ipxe_rom_starts_a_boot_but_no_dhcp_packet_moves_a_ready_node(registr
         dora(policy, NODE_MAC, options)  # anyone can send these naming its MAC
     registry.events(NODE_MAC)  # commits what is queued
     assert registry.lookup(NODE_MAC).state == "ready"
+
+
+GUEST_MAC = "00:16:3e:12:34:56"
+
+
+def guest_registry(registry):
+    from configserver.cloud.instances import Instance, InstanceNic
+    registry.create_instance(Instance(id="0123456789abcdef", name="web", memory=256 << 20,
+                                      vcpus=1, volume=None,
+                                      nics=(InstanceNic(GUEST_MAC, "198.18.0.150"),)))
+    return registry
+
+
+@pytest.mark.parametrize("options", [None, IPXE, BIOS_PXE, HTTP_BOOT])
+def test_an_instance_nic_gets_its_address_and_name_and_never_a_boot_file(registry, leases,
+                                                                          options):
+    offer, ack = dora(make_policy(guest_registry(registry), leases), GUEST_MAC, options)
+    for reply in (offer.packet, ack.packet):
+        assert reply.yiaddr == "198.18.0.150"
+        assert reply.options[codec.OPT_HOSTNAME] == b"web"
+        assert reply.options[codec.OPT_ROUTER] == ipaddress.IPv4Address("198.18.0.1").packed
+        assert codec.OPT_BOOTFILE not in reply.options and reply.file == b""
+    assert ack.packet.message_type == MessageType.ACK
+    assert registry.events(GUEST_MAC) == []  # guests have no boot timeline
+
+
+def test_an_instance_nic_gets_nothing_from_proxy_dhcp(registry, leases):
+    policy = make_policy(guest_registry(registry), leases, mode=DhcpMode.PROXY)
+    assert policy.answer(packet(GUEST_MAC, MessageType.DISCOVER, IPXE)) is None
+
+
+def test_an_instance_nic_asking_for_another_address_is_refused(registry, leases):
+    policy = make_policy(guest_registry(registry), leases)
+    nak = policy.answer(request_for(GUEST_MAC, "198.18.0.101"))
+    assert nak is not None and nak.packet.message_type == MessageType.NAK
