@@ -93,3 +93,7 @@ class IscsiError(RoleError):
 
 class MdError(RoleError):
     """An mdadm call failed."""
+
+
+class XenError(RoleError):
+    """``xl`` failed, timed out, or printed what we cannot read."""

@@ -1,0 +1,185 @@
+"""The Xen toolstack (``xl``) as the dom0 agent uses it: what runs, what the host has, and a
+guest's config file; every call a subprocess with a timeout.
+
+Parsing is pure (``parse_list``, ``parse_list_long``, ``parse_info``, ``guest_config``); the
+``async`` functions only run ``xl``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from nodeagent.errors import XenError
+from nodeagent.plugins import ToolUnavailable, run_tool
+
+TIMEOUT = 30.0
+CREATE_TIMEOUT = 120.0
+DOM0 = "Domain-0"
+_SAFE = re.compile(r"^[A-Za-z0-9_.:/=,+@ -]*$")  # what a value in a guest config may hold
+_STATES = {"r": "running", "b": "blocked", "p": "paused", "s": "shutdown", "c": "crashed",
+           "d": "dying"}
+
+
+@dataclass(frozen=True)
+class Domain:
+    name: str
+    domid: int
+    memory_mib: int
+    vcpus: int
+    state: str  # running, blocked, paused, shutdown, crashed, dying (first flag set)
+    cpu_seconds: float
+    uuid: str | None = None
+
+
+@dataclass(frozen=True)
+class GuestSpec:
+    """What the control plane asks this dom0 to run (one work entry)."""
+
+    id: str
+    name: str  # the domain name, nb-<instance>
+    uuid: str
+    epoch: int
+    running: bool  # desired: running (True) or stopped
+    memory_mib: int
+    vcpus: int
+    device: str
+    kernel: str  # local paths, once fetched and checked
+    ramdisk: str | None
+    cmdline: str
+    nics: tuple[tuple[str, str], ...]  # (mac, bridge)
+
+
+def parse_list(text: str) -> list[Domain]:
+    """``xl list``'s table (a header, then name, id, mem, vcpus, state flags, time)."""
+    domains = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 6:
+            continue
+        name, domid, memory, vcpus, flags, seconds = fields[-6:]
+        if len(fields) > 6:
+            name = " ".join(fields[:-5])
+        try:
+            state = next((_STATES[f] for f in flags if f in _STATES), "blocked")
+            domains.append(Domain(name, int(domid), int(memory), int(vcpus), state,
+                                  float(seconds)))
+        except ValueError:
+            raise XenError(f"xl list: cannot read the line {line!r}") from None
+    return domains
+
+
+def parse_list_long(text: str) -> dict[int, str]:
+    """Domain id -> UUID from ``xl list -l`` (JSON)."""
+    try:
+        entries = json.loads(text or "[]")
+    except ValueError as exc:
+        raise XenError(f"xl list -l: not JSON: {exc}") from None
+    found = {}
+    for entry in entries if isinstance(entries, list) else []:
+        info = ((entry or {}).get("config") or {}).get("c_info") or {}
+        if isinstance(entry.get("domid"), int) and isinstance(info.get("uuid"), str):
+            found[entry["domid"]] = info["uuid"]
+    return found
+
+
+def parse_info(text: str) -> dict[str, Any]:
+    """The facts placement and the guest type need from ``xl info``."""
+    values = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep:
+            values[key.strip()] = value.strip()
+    caps = values.get("virt_caps", "").split()
+
+    def number(key: str) -> int | None:
+        try:
+            return int(values[key])
+        except (KeyError, ValueError):
+            return None
+
+    version = ".".join(values[k] for k in ("xen_major", "xen_minor") if k in values)
+    return {"total_memory_mib": number("total_memory"), "free_memory_mib": number("free_memory"),
+            "nr_cpus": number("nr_cpus"), "hap": "hap" in caps, "pv": "pv" in caps or not caps,
+            "version": version + values.get("xen_extra", "") if version else None}
+
+
+def _quoted(value: str, what: str) -> str:
+    if not _SAFE.match(value):
+        raise XenError(f"refusing {what} {value!r} in a guest config")
+    return f'"{value}"'
+
+
+def guest_config(spec: GuestSpec, *, hap: bool) -> str:
+    """The xl config file of ``spec``: PVH where the host has hardware paging, else PV."""
+    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge}", "vif") for mac, bridge in spec.nics)
+    lines = [
+        f"name = {_quoted(spec.name, 'name')}",
+        f"uuid = {_quoted(spec.uuid, 'uuid')}",
+        f'type = "{"pvh" if hap else "pv"}"',
+        f"memory = {int(spec.memory_mib)}",
+        f"vcpus = {int(spec.vcpus)}",
+        f"kernel = {_quoted(spec.kernel, 'kernel')}",
+        *([f"ramdisk = {_quoted(spec.ramdisk, 'ramdisk')}"] if spec.ramdisk else []),
+        f"extra = {_quoted(spec.cmdline, 'kernel command line')}",
+        f"disk = [ {_quoted(f'phy:{spec.device},xvda,w', 'disk')} ]",
+        f"vif = [ {vifs} ]",
+        'on_poweroff = "destroy"',
+        'on_reboot = "restart"',
+        'on_crash = "destroy"',
+    ]
+    return "\n".join(lines) + "\n"
+
+
+async def _xl(*args: str, timeout: float = TIMEOUT) -> str:
+    try:
+        return await run_tool(["xl", *args], timeout)
+    except ToolUnavailable as exc:
+        raise XenError(exc.message) from None
+
+
+async def domains() -> list[Domain]:
+    """What runs now, with UUIDs (Domain-0 included)."""
+    table = parse_list(await _xl("list"))
+    uuids = parse_list_long(await _xl("list", "-l"))
+    return [Domain(d.name, d.domid, d.memory_mib, d.vcpus, d.state, d.cpu_seconds,
+                   uuids.get(d.domid)) for d in table]
+
+
+async def info() -> dict[str, Any]:
+    return parse_info(await _xl("info"))
+
+
+async def create(config_path: str) -> None:
+    await _xl("create", config_path, timeout=CREATE_TIMEOUT)
+
+
+async def shutdown(name: str, timeout: float) -> None:
+    """A clean shutdown, waited for at most ``timeout`` seconds (XenError if not done)."""
+    await _xl("shutdown", "-w", name, timeout=timeout)
+
+
+async def destroy(name: str) -> None:
+    await _xl("destroy", name)
+
+
+def spec_from_work(entry: Mapping[str, Any], kernel: str, ramdisk: str | None) -> GuestSpec:
+    """A GuestSpec from a work entry (the shape is the server's: docs/api.md)."""
+    try:
+        nics: Sequence[Mapping[str, Any]] = entry.get("nics") or []
+        return GuestSpec(
+            id=str(entry["id"]), name=str(entry["domain"]), uuid=str(entry["uuid"]),
+            epoch=int(entry["epoch"]), running=entry["desired"] == "running",
+            memory_mib=int(entry["memory_mib"]), vcpus=int(entry["vcpus"]),
+            device=str(entry["device"]), kernel=kernel, ramdisk=ramdisk,
+            cmdline=str(entry.get("cmdline") or ""),
+            nics=tuple((str(n["mac"]), str(n.get("bridge") or "xenbr0")) for n in nics))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise XenError(f"malformed instance in the work: {exc!r}") from None
+
+
+__all__ = ["DOM0", "Domain", "GuestSpec", "create", "destroy", "domains", "guest_config",
+           "info", "parse_info", "parse_list", "parse_list_long", "shutdown", "spec_from_work"]
