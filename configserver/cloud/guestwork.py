@@ -1,0 +1,61 @@
+"""Each dom0's guests in its work (``GET /api/v1/agent/work``), from the guest map (pure).
+
+A dom0 is told only about the instances whose claim it holds, with the claim's epoch: what
+it finds running named like an instance and not in this list it destroys (``nodeagent.roles
+.guests``). An instance is listed as wanted running once its volume is attached here;
+before that the dom0 has nothing to start it on.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from configserver.cloud.instances import Desired, Instance
+from configserver.cloud.model import MIB, Volume
+
+BRIDGE = "xenbr0"
+
+
+@dataclass(frozen=True)
+class GuestBoot:
+    """Where a dom0 fetches an image's kernel and initramfs, and their sha256."""
+
+    kernel: str
+    kernel_sha256: str | None
+    ramdisk: str
+    ramdisk_sha256: str | None
+    cmdline: str
+
+
+def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str, Volume],
+               boots: Mapping[str, GuestBoot], server_url: str) -> list[dict[str, Any]]:
+    """The work entries of the instances that dom0 ``mac`` holds the claim of."""
+    entries = []
+    for instance in sorted(instances, key=lambda i: i.name):
+        if instance.claim is None or instance.claim.node != mac:
+            continue
+        volume = volumes.get(instance.volume or "")
+        boot = boots.get(instance.image or "")
+        attached = volume is not None and volume.attachment(mac) is not None
+        running = instance.desired == Desired.RUNNING and attached and boot is not None
+        cmdline = " ".join(filter(None, (
+            boot.cmdline if boot else "", f"netboot.server={server_url}",
+            f"netboot.mac={instance.nics[0].mac}" if instance.nics else "")))
+        entries.append({
+            "id": instance.id, "name": instance.name, "domain": instance.domain,
+            "uuid": instance.uuid, "epoch": instance.claim.epoch,
+            "desired": "running" if running else "stopped",
+            "memory_mib": instance.memory // MIB, "vcpus": instance.vcpus,
+            "volume": instance.volume,
+            "device": f"/dev/md/{volume.lv}" if volume is not None else None,
+            "kernel": {"url": boot.kernel, "sha256": boot.kernel_sha256} if boot else None,
+            "ramdisk": {"url": boot.ramdisk, "sha256": boot.ramdisk_sha256} if boot else None,
+            "cmdline": cmdline,
+            "nics": [{"mac": n.mac, "ip": n.ip, "bridge": BRIDGE} for n in instance.nics],
+        })
+    return entries
+
+
+__all__ = ["BRIDGE", "GuestBoot", "guest_work"]

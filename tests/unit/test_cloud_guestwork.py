@@ -1,0 +1,52 @@
+"""A dom0's guests in its work: only what it holds the claim of, running once attached."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+from configserver.cloud.guestwork import GuestBoot, guest_work
+from configserver.cloud.instances import Claim, Desired, Instance, InstanceNic
+from configserver.cloud.model import MIB, Attachment, Leg, Volume
+
+A, B = "52:54:00:00:00:01", "52:54:00:00:00:02"
+VOLUME = Volume(id="fedcba9876543210", name="web-disk", size=2048 * MIB,
+                legs=(Leg("52:54:00:00:01:01"), Leg("52:54:00:00:01:02")))
+BOOT = GuestBoot("http://198.18.0.1:8080/images/guest/vmlinuz", "aa",
+                 "http://198.18.0.1:8080/images/guest/initramfs.img", "bb",
+                 "root=/dev/xvda ro console=hvc0")
+WEB = Instance(id="0123456789abcdef", name="web", memory=256 * MIB, vcpus=1,
+               volume=VOLUME.id, image="guest", desired=Desired.RUNNING, claim=Claim(A, 3),
+               epoch=3, nics=(InstanceNic("00:16:3e:00:00:01", "198.18.0.100"),))
+
+
+def work(instances, mac, volume=VOLUME):
+    return guest_work(instances, mac, volumes={volume.id: volume}, boots={"guest": BOOT},
+                      server_url="http://198.18.0.1:8080")
+
+
+def test_only_the_claim_holder_hears_of_the_instance():
+    attached = VOLUME.with_attachment(Attachment(A, "attached"), A)
+    assert work([WEB], B, attached) == []
+    [entry] = work([WEB], A, attached)
+    assert entry["epoch"] == 3 and entry["desired"] == "running"
+    assert entry["domain"] == "nb-web" and entry["device"] == "/dev/md/nb-fedcba9876543210"
+    assert entry["memory_mib"] == 256 and entry["kernel"]["sha256"] == "aa"
+    assert entry["cmdline"] == ("root=/dev/xvda ro console=hvc0 netboot.server="
+                                "http://198.18.0.1:8080 netboot.mac=00:16:3e:00:00:01")
+    assert entry["nics"] == [{"mac": "00:16:3e:00:00:01", "ip": "198.18.0.100",
+                              "bridge": "xenbr0"}]
+
+
+def test_not_running_before_the_volume_is_attached_here():
+    [entry] = work([WEB], A)
+    assert entry["desired"] == "stopped"
+
+
+def test_a_stopping_instance_stays_listed_for_its_holder():
+    attached = VOLUME.with_attachment(Attachment(A, "attached"), A)
+    [entry] = work([replace(WEB, desired=Desired.STOPPED)], A, attached)
+    assert entry["desired"] == "stopped" and entry["epoch"] == 3
+
+
+def test_an_unclaimed_instance_is_nobodys_work():
+    assert work([replace(WEB, claim=None, desired=Desired.STOPPED)], A) == []
