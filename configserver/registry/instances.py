@@ -23,6 +23,7 @@ from configserver.cloud.instances import (
     release,
 )
 from configserver.errors import DuplicateVolume, NotFound
+from configserver.registry import volumes as cloud_volumes
 from configserver.registry.volumes import bump, generation
 
 _encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
@@ -119,6 +120,23 @@ def create(db: sqlite3.Connection, instance: Instance, now: float) -> tuple[Inst
     return fresh, bump(db)
 
 
+def _volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: float, *,
+                    attach: bool) -> None:
+    """The instance's volume attached to the dom0 given its claim (VolumeInUse while it is
+    still attached to, or detaching from, another: the start then stores nothing), or
+    detached, in order, from the dom0 that gave the claim back."""
+    if instance.volume is None:
+        return
+    row = db.execute("SELECT name FROM volumes WHERE id=?", (instance.volume,)).fetchone()
+    volume = cloud_volumes.by_name(db, row["name"]) if row else None
+    if volume is None:
+        return
+    if attach:
+        cloud_volumes.attach(db, name=volume.name, node=node, now=now)
+    elif volume.attachment(node) is not None:
+        cloud_volumes.detach(db, name=volume.name, node=node, now=now)
+
+
 def _existing(db: sqlite3.Connection, name: str) -> Instance:
     found = by_name(db, name)
     if found is None:
@@ -134,6 +152,7 @@ def start(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Ins
     if started == current:
         return current, generation(db)
     started = replace(started, updated=now)
+    _volume_follows(db, started, node, now, attach=True)
     save(db, started)
     event(db, started, "start.requested", now, node=node, epoch=started.claim.epoch
           if started.claim else None)
@@ -160,6 +179,7 @@ def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
     if released == current:
         return current, generation(db)
     released = replace(released, updated=now)
+    _volume_follows(db, released, node, now, attach=False)
     save(db, released)
     event(db, released, "claim.released", now, node=node, epoch=epoch)
     return released, bump(db)

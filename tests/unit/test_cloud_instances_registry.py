@@ -118,3 +118,34 @@ def test_fifty_concurrent_starts_leave_one_holder(tmp_path):
         assert stages == ["created", "start.requested"]
     finally:
         registry.close()
+
+
+def test_the_volume_follows_the_claim_and_never_sits_on_two_dom0s(tmp_path):
+    from dataclasses import replace
+
+    from cloudtest import DOM0, DOM0B, GIB, cloud, dom0_report
+
+    from configserver.errors import VolumeInUse
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=2)
+        volume, _ = registry.create_volume("web-disk", 2 * GIB, None, None)
+        registry.create_instance(replace(web(), volume=volume.id))
+        registry.start_instance("web", DOM0)
+        assert [a.node for a in registry.volume("web-disk").attachments] == [DOM0]
+        registry.stop_instance("web")
+        registry.instance_gone("web", DOM0, 1)
+        [leaving] = registry.volume("web-disk").attachments
+        assert leaving.node == DOM0 and leaving.detaching
+        with pytest.raises(VolumeInUse, match="still detaching"):
+            registry.start_instance("web", DOM0B)
+        assert registry.instance("web").claim is None  # the refused start stored nothing
+        registry.record_cloud_report(DOM0, dom0_report(detached=(volume.id,)))
+        assert registry.volume("web-disk").attachments == ()
+        moved, _ = registry.start_instance("web", DOM0B)
+        assert moved.claim == Claim(DOM0B, 2)
+        assert [a.node for a in registry.volume("web-disk").attachments] == [DOM0B]
+    finally:
+        registry.close()
