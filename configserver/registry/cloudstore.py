@@ -95,6 +95,14 @@ class CloudStore:
     def create_instance(self, instance: Instance) -> tuple[Instance, int]:
         return self._run(cloud_instances.create, instance=instance, now=self._now())
 
+    def create_instance_with_disk(self, *, name: str, memory: int, vcpus: int,
+                                  image: str | None, disk: int, tenant: str | None,
+                                  ssh_keys: tuple[str, ...], pool: tuple[str, str],
+                                  ip: str | None = None) -> tuple[Instance, int]:
+        return self._run(cloud_instances.create_with_disk, name=name, memory=memory,
+                         vcpus=vcpus, image=image, disk=disk, tenant=tenant,
+                         ssh_keys=ssh_keys, pool=pool, ip=ip, now=self._now())
+
     def start_instance(self, name: str, node: str) -> tuple[Instance, int]:
         return self._run(cloud_instances.start, name=name, node=node, now=self._now())
 

@@ -20,8 +20,12 @@ from configserver.cloud.instances import (
     Instance,
     InstanceNic,
     claim,
+    new_instance_id,
+    new_mac,
+    pick_ip,
     release,
 )
+from configserver.cloud.model import new_volume_id
 from configserver.errors import DuplicateVolume, NotFound
 from configserver.registry import volumes as cloud_volumes
 from configserver.registry.volumes import bump, generation
@@ -137,6 +141,26 @@ def _volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: 
         cloud_volumes.detach(db, name=volume.name, node=node, now=now)
 
 
+def create_with_disk(db: sqlite3.Connection, *, name: str, memory: int, vcpus: int,
+                     image: str | None, disk: int, tenant: str | None,
+                     ssh_keys: tuple[str, ...], pool: tuple[str, str], ip: str | None,
+                     now: float) -> tuple[Instance, int]:
+    """A new instance and its volume ``<name>-disk`` (from ``image``) in one transaction:
+    its NIC's MAC (00:16:3e) and address (``ip``, or the pool's lowest free one) chosen
+    here, so two creations cannot take the same. Any refusal stores neither."""
+    if db.execute("SELECT 1 FROM instances WHERE name=?", (name,)).fetchone():
+        raise DuplicateVolume(f"instance {name!r} exists",
+                              hint="choose another name, or destroy it first")
+    volume, _ = cloud_volumes.create(db, volume_id=new_volume_id(), name=f"{name}-disk",
+                                     size=disk, image=image, tenant=tenant, now=now)
+    macs, ips = used_addresses(db)
+    nic = InstanceNic(new_mac(macs), pick_ip(pool, ips, ip))
+    instance = Instance(id=new_instance_id(), name=name, memory=memory, vcpus=vcpus,
+                        volume=volume.id, image=image, tenant=tenant, ssh_keys=ssh_keys,
+                        nics=(nic,))
+    return create(db, instance, now)
+
+
 def _existing(db: sqlite3.Connection, name: str) -> Instance:
     found = by_name(db, name)
     if found is None:
@@ -185,5 +209,5 @@ def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
     return released, bump(db)
 
 
-__all__ = ["by_name", "create", "events", "gone", "load_all", "nic", "save", "start", "stop",
-           "used_addresses"]
+__all__ = ["by_name", "create", "create_with_disk", "events", "gone", "load_all", "nic",
+           "save", "start", "stop", "used_addresses"]

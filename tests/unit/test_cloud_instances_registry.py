@@ -149,3 +149,34 @@ def test_the_volume_follows_the_claim_and_never_sits_on_two_dom0s(tmp_path):
         assert [a.node for a in registry.volume("web-disk").attachments] == [DOM0B]
     finally:
         registry.close()
+
+
+def test_create_with_disk_is_one_transaction(tmp_path):
+    from cloudtest import GIB, cloud
+
+    from configserver.errors import InvalidRequest, NoRoom
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    pool = ("198.18.0.100", "198.18.0.101")
+    args = dict(memory=256 * MIB, vcpus=1, image=None, tenant="acme", ssh_keys=(), pool=pool)
+    try:
+        cloud(registry, dom0s=1)
+        web, _ = registry.create_instance_with_disk(name="web", disk=2 * GIB, **args)
+        assert registry.volume("web-disk").id == web.volume
+        assert registry.volume("web-disk").tenant == "acme"
+        assert web.nics[0].mac.startswith("00:16:3e:") and web.nics[0].ip == "198.18.0.100"
+        db, _ = registry.create_instance_with_disk(name="db", disk=GIB, ip="198.18.0.101",
+                                                   **args)
+        assert db.nics[0].ip == "198.18.0.101" and db.nics[0].mac != web.nics[0].mac
+        # Refusals store nothing: neither the instance nor its volume.
+        with pytest.raises(InvalidRequest, match="full"):
+            registry.create_instance_with_disk(name="full", disk=GIB, **args)
+        with pytest.raises(NoRoom):
+            registry.create_instance_with_disk(name="huge", disk=1000 * GIB, **args)
+        with pytest.raises(DuplicateVolume):
+            registry.create_instance_with_disk(name="web", disk=GIB, **args)
+        assert [i.name for i in registry.instances()] == ["db", "web"]
+        assert sorted(v.name for v in registry.volumes()) == ["db-disk", "web-disk"]
+    finally:
+        registry.close()
