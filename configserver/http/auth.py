@@ -54,7 +54,7 @@ _PUBLIC = {("GET", "/api/v1/health"), ("GET", "/api/v1/crl"),
            ("POST", "/api/v1/agent/lookup")}
 _AGENT = {("POST", "/api/v1/agent/enroll"), ("POST", "/api/v1/agent/heartbeat"),
           ("POST", "/api/v1/agent/inventory"), ("GET", "/api/v1/agent/work"),
-          ("POST", "/api/v1/agent/report")}
+          ("POST", "/api/v1/agent/report"), ("POST", "/api/v1/agent/claim")}
 _OWNER = {("GET", "/api/v1/volumes"), ("POST", "/api/v1/volumes"),
           ("GET", "/api/v1/volumes/{name}"), ("DELETE", "/api/v1/volumes/{name}"),
           ("POST", "/api/v1/volumes/{name}/attach"), ("POST", "/api/v1/volumes/{name}/detach")}

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from configserver.cloud.instances import holds
 from configserver.cloud.work import ImageSource, node_work, portal
 from configserver.errors import InvalidRequest
 from configserver.http import limits
@@ -36,6 +37,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_post("/api/v1/agent/report", report,
                         expect_handler=limits.expect_handler(MAX_REPORT_BYTES,
                                                              _require_session))
+    app.router.add_post("/api/v1/agent/claim", confirm_claim)
 
 
 def _query_number(request: web.Request, name: str) -> float | None:
@@ -137,6 +139,28 @@ async def report(request: web.Request) -> web.Response:
                                       body)
     request.app[CLOUD].publish(outcome.generation)
     return web.json_response({"stored": True, "generation": outcome.generation})
+
+
+async def confirm_claim(request: web.Request) -> web.Response:
+    """``POST /api/v1/agent/claim`` ``{"mac", "boot_id", "instance", "epoch"}``: 200
+    ``{"held": true}`` if the node holds the instance's claim with that epoch and the
+    instance is wanted running, else 409 ``{"held": false, ...}``. A dom0 asks just before
+    ``xl create``: work it received earlier may be stale, this answer is not."""
+    session = _session(request)
+    data = await _json_body(request, 4096)
+    node = _authenticate(request, session, data)
+    name, epoch = data.get("instance"), data.get("epoch")
+    if not isinstance(name, str) or isinstance(epoch, bool) or not isinstance(epoch, int):
+        raise InvalidRequest("the body is {\"mac\", \"boot_id\", \"instance\": name, "
+                             "\"epoch\": integer}")
+    instance = await asyncio.to_thread(request.app[REGISTRY].instance, name)
+    if instance is not None and holds(instance, node.mac, epoch):
+        return web.json_response({"held": True, "epoch": epoch})
+    current = instance.claim if instance is not None else None
+    return web.json_response(
+        {"held": False, "node": current.node if current else None,
+         "epoch": current.epoch if current else None,
+         "desired": str(instance.desired) if instance is not None else None}, status=409)
 
 
 __all__ = ["DEFAULT_WAIT", "MAX_REPORT_BYTES", "MAX_WAIT", "setup_routes"]
