@@ -1,0 +1,160 @@
+"""A dom0's guests, carried out: the plan of ``guests.py`` run through ``xl``, with the claim
+confirmed by the config server just before each ``xl create``, and a report of what runs.
+
+The toolstack, the claim check and the kernel fetch are injected (``Toolstack``,
+``Confirm``, ``Fetch``): the agent passes ``xen``, its server session and an HTTP download
+checked by sha256; the tests pass fakes. Guests run on when the agent stops or restarts:
+nothing here ties a domain's life to the agent's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import os
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from nodeagent.errors import RoleError, XenError
+from nodeagent.roles.guests import Action, Do, plan
+from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
+
+log = logging.getLogger(__name__)
+
+SHUTDOWN_TIMEOUT = 60.0
+CONFIG_DIR = Path("/run/nodeagent/guests")
+KERNEL_DIR = Path("/var/lib/nodeagent/kernels")
+
+Confirm = Callable[[str, int], Awaitable[bool]]  # (instance name, epoch) -> held?
+Fetch = Callable[[str, Path], Awaitable[None]]  # (url, destination) -> file written
+
+
+class Toolstack(Protocol):
+    async def domains(self) -> list[Domain]: ...
+    async def info(self) -> dict[str, Any]: ...
+    async def create(self, config_path: str) -> None: ...
+    async def shutdown(self, name: str, timeout: float) -> None: ...
+    async def destroy(self, name: str) -> None: ...
+
+
+class Guests:
+    def __init__(self, xl: Toolstack, confirm: Confirm, fetch: Fetch, *,
+                 config_dir: Path = CONFIG_DIR, kernel_dir: Path = KERNEL_DIR,
+                 shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
+        self.xl = xl
+        self.confirm = confirm
+        self.fetch = fetch
+        self.config_dir = config_dir
+        self.kernel_dir = kernel_dir
+        self.shutdown_timeout = shutdown_timeout
+        self.events: list[dict[str, Any]] = []  # since the last report
+
+    async def reconcile(self, entries: Sequence[Mapping[str, Any]],
+                        devices_ready: Callable[[str], bool]) -> dict[str, Any]:
+        """One pass over the work's guests; the report's ``guests`` part."""
+        facts = await self.xl.info()
+        specs, errors = [], {}
+        for entry in entries:
+            try:
+                specs.append(await self._spec(entry))
+            except RoleError as exc:
+                errors[str(entry.get("id"))] = exc.message
+        for action in plan(specs, await self.xl.domains()):
+            try:
+                await self._carry_out(action, facts, devices_ready)
+            except RoleError as exc:
+                if action.spec is not None:
+                    errors[action.spec.id] = exc.message
+                log.warning("guest %s: %s failed: %s", action.name, action.do, exc.message)
+        return self._report(specs, await self.xl.domains(), facts, errors)
+
+    async def _spec(self, entry: Mapping[str, Any]) -> GuestSpec:
+        kernel = await self._file(entry.get("kernel"))
+        ramdisk = await self._file(entry.get("ramdisk")) if entry.get("ramdisk") else None
+        return spec_from_work(entry, kernel or "", ramdisk)
+
+    async def _file(self, source: Any) -> str | None:
+        """A kernel or initramfs from the config server, kept under its sha256."""
+        if not isinstance(source, Mapping) or not source.get("url"):
+            return None
+        digest = str(source.get("sha256") or "")
+        if len(digest) != 64:
+            raise XenError(f"{source['url']}: no sha256 to check it against")
+        path = self.kernel_dir / digest
+        if path.exists():
+            return str(path)
+        self.kernel_dir.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".part")
+        await self.fetch(str(source["url"]), partial)
+        got = await asyncio.to_thread(_sha256, partial)
+        if got != digest:
+            partial.unlink(missing_ok=True)
+            raise XenError(f"{source['url']}: sha256 {got} is not the announced {digest}")
+        os.replace(partial, path)
+        return str(path)
+
+    async def _carry_out(self, action: Action, facts: Mapping[str, Any],
+                         devices_ready: Callable[[str], bool]) -> None:
+        if action.do == Do.DESTROY:
+            await self.xl.destroy(action.name)
+            self._event(action.name, "destroyed", reason=action.reason)
+        elif action.do == Do.SHUTDOWN:
+            try:
+                await self.xl.shutdown(action.name, self.shutdown_timeout)
+                self._event(action.name, "shut down")
+            except XenError as exc:
+                await self.xl.destroy(action.name)
+                self._event(action.name, "destroyed", reason=f"no clean shutdown: {exc}")
+        elif action.do == Do.CREATE and action.spec is not None:
+            await self._create(action.spec, facts, devices_ready)
+
+    async def _create(self, spec: GuestSpec, facts: Mapping[str, Any],
+                      devices_ready: Callable[[str], bool]) -> None:
+        if not spec.kernel:
+            raise XenError("the work names no kernel for it")
+        if not devices_ready(spec.device):
+            return  # its volume is not assembled here yet: a later pass starts it
+        instance = spec.name.removeprefix("nb-")
+        if not await self.confirm(instance, spec.epoch):
+            self._event(spec.name, "not started", reason="the config server says this "
+                        f"dom0 does not hold the claim of epoch {spec.epoch}")
+            return
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        path = self.config_dir / f"{spec.name}.cfg"
+        path.write_text(guest_config(spec, hap=bool(facts.get("hap"))))
+        await self.xl.create(str(path))
+        self._event(spec.name, "created", epoch=spec.epoch)
+
+    def _event(self, domain: str, stage: str, **detail: Any) -> None:
+        self.events.append({"time": time.time(), "domain": domain, "stage": stage, **detail})
+        log.info("guest %s: %s %s", domain, stage, detail or "")
+
+    def _report(self, specs: Sequence[GuestSpec], running: Sequence[Domain],
+                facts: Mapping[str, Any], errors: Mapping[str, str]) -> dict[str, Any]:
+        here = {d.name: d for d in running}
+        guests = []
+        for spec in specs:
+            domain = here.get(spec.name)
+            guests.append({
+                "id": spec.id, "domain": spec.name, "epoch": spec.epoch,
+                "state": domain.state if domain else "stopped",
+                "domid": domain.domid if domain else None,
+                "cpu_seconds": domain.cpu_seconds if domain else None,
+                "memory_mib": domain.memory_mib if domain else None,
+                "error": errors.get(spec.id)})
+        events, self.events = self.events, []
+        return {"xen": dict(facts), "guests": guests, "events": events}
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+__all__ = ["Guests", "Toolstack"]

@@ -1,0 +1,142 @@
+"""The dom0's guests carried out against a fake toolstack: claims confirmed before a create,
+unclaimed domains destroyed, kernels checked, stops clean or hard, and the report."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+
+from nodeagent.errors import XenError
+from nodeagent.roles.dom0_guests import Guests
+from nodeagent.roles.xen import Domain
+
+KERNEL, RAMDISK = b"kernel bytes", b"initramfs bytes"
+UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
+DOM0 = Domain("Domain-0", 0, 1024, 1, "running", 5.0)
+
+
+class FakeXl:
+    def __init__(self, running=(), shutdown_fails=False):
+        self.running = {d.name: d for d in (DOM0, *running)}
+        self.calls: list[tuple[str, str]] = []
+        self.configs: list[str] = []
+        self.shutdown_fails = shutdown_fails
+
+    async def domains(self):
+        return list(self.running.values())
+
+    async def info(self):
+        return {"hap": False, "free_memory_mib": 1400, "total_memory_mib": 2559}
+
+    async def create(self, config_path):
+        text = Path(config_path).read_text()
+        self.configs.append(text)
+        name = text.split('name = "', 1)[1].split('"', 1)[0]
+        self.calls.append(("create", name))
+        self.running[name] = Domain(name, 7, 256, 1, "blocked", 0.0, UUID)
+
+    async def shutdown(self, name, timeout):
+        self.calls.append(("shutdown", name))
+        if self.shutdown_fails:
+            raise XenError("xl did not answer within 60s")
+        del self.running[name]
+
+    async def destroy(self, name):
+        self.calls.append(("destroy", name))
+        self.running.pop(name, None)
+
+
+def entry(desired="running", epoch=2, kernel=KERNEL):
+    return {"id": "0123456789abcdef", "domain": "nb-web", "uuid": UUID, "epoch": epoch,
+            "desired": desired, "memory_mib": 256, "vcpus": 1,
+            "device": "/dev/md/nb-fedcba9876543210", "cmdline": "root=/dev/xvda ro",
+            "kernel": {"url": "http://s/k", "sha256": hashlib.sha256(kernel).hexdigest()},
+            "ramdisk": {"url": "http://s/r", "sha256": hashlib.sha256(RAMDISK).hexdigest()},
+            "nics": [{"mac": "00:16:3e:00:00:01", "ip": "198.18.0.100", "bridge": "xenbr0"}]}
+
+
+def guests(tmp_path, xl, held=True):
+    asked, fetched = [], []
+
+    async def confirm(name, epoch):
+        asked.append((name, epoch))
+        return held
+
+    async def fetch(url, dest):
+        fetched.append(url)
+        dest.write_bytes({"http://s/k": KERNEL, "http://s/r": RAMDISK}[url])
+
+    made = Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
+                  kernel_dir=tmp_path / "kernels", shutdown_timeout=1.0)
+    return made, asked, fetched
+
+
+async def test_creates_a_claimed_guest_after_confirming_and_reports_it(tmp_path):
+    xl = FakeXl()
+    made, asked, fetched = guests(tmp_path, xl)
+    report = await made.reconcile([entry()], lambda device: True)
+    assert asked == [("web", 2)] and xl.calls == [("create", "nb-web")]
+    assert 'type = "pv"' in xl.configs[0] and "phy:/dev/md/nb-fedcba9876543210" in xl.configs[0]
+    [guest] = report["guests"]
+    assert guest["state"] == "blocked" and guest["epoch"] == 2 and guest["error"] is None
+    assert report["xen"]["free_memory_mib"] == 1400
+    assert [e["stage"] for e in report["events"]] == ["created"]
+    # A second pass: nothing to do, the kernel is cached, no new events.
+    again = await made.reconcile([entry()], lambda device: True)
+    assert xl.calls == [("create", "nb-web")] and fetched == ["http://s/k", "http://s/r"]
+    assert again["events"] == []
+
+
+async def test_no_create_without_the_claim_or_before_the_volume(tmp_path):
+    xl = FakeXl()
+    made, asked, _ = guests(tmp_path, xl, held=False)
+    report = await made.reconcile([entry()], lambda device: True)
+    assert xl.calls == [] and asked == [("web", 2)]
+    assert report["events"][0]["stage"] == "not started"
+    made, asked, _ = guests(tmp_path, xl)
+    await made.reconcile([entry()], lambda device: False)
+    assert xl.calls == [] and asked == []  # the volume is not here yet: not even asked
+
+
+async def test_a_domain_without_a_claim_here_is_destroyed_at_once(tmp_path):
+    xl = FakeXl([Domain("nb-web", 3, 256, 1, "running", 9.0, "0" * 8 + UUID[8:]),
+                 Domain("nb-other", 4, 128, 1, "running", 1.0, UUID),
+                 Domain("operators-own", 5, 128, 1, "running", 1.0, None)])
+    made, _, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry()], lambda device: True)
+    assert ("destroy", "nb-other") in xl.calls and ("destroy", "nb-web") in xl.calls
+    assert xl.calls[-1] == ("create", "nb-web")  # the claimed one, with its own uuid
+    assert "operators-own" in xl.running
+    assert {e["domain"] for e in report["events"] if e["stage"] == "destroyed"} == {
+        "nb-other", "nb-web"}
+
+
+async def test_stop_is_clean_then_hard(tmp_path):
+    running = Domain("nb-web", 3, 256, 1, "running", 9.0, UUID)
+    xl = FakeXl([running])
+    made, _, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry("stopped")], lambda device: True)
+    assert xl.calls == [("shutdown", "nb-web")] and report["guests"][0]["state"] == "stopped"
+    xl = FakeXl([running], shutdown_fails=True)
+    made, _, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry("stopped")], lambda device: True)
+    assert xl.calls == [("shutdown", "nb-web"), ("destroy", "nb-web")]
+    assert "no clean shutdown" in report["events"][0]["reason"]
+
+
+async def test_a_kernel_with_the_wrong_sha256_is_refused_and_not_kept(tmp_path):
+    xl = FakeXl()
+    made, _, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry(kernel=b"another kernel")], lambda device: True)
+    assert xl.calls == [] and not list((tmp_path / "kernels").glob("*"))
+    assert report["guests"] == []  # not a spec: refused before planning
+
+
+@pytest.mark.parametrize("broken", [{"kernel": None}, {"kernel": {"url": "http://s/k"}}])
+async def test_an_entry_without_a_checkable_kernel_starts_nothing(tmp_path, broken):
+    xl = FakeXl()
+    made, _, _ = guests(tmp_path, xl)
+    await made.reconcile([{**entry(), **broken}], lambda device: True)
+    assert xl.calls == []
