@@ -1,0 +1,54 @@
+"""Dom0 reports of guests: only the holder's current epoch counts; CPU seconds add up."""
+
+from __future__ import annotations
+
+import pytest
+
+from configserver.cloud.guestreports import apply_guests, parse_guests
+from configserver.cloud.instances import Claim, Desired, Instance
+from configserver.cloud.model import MIB
+from configserver.errors import InvalidReport
+
+A, B = "52:54:00:00:00:01", "52:54:00:00:00:02"
+WEB = Instance(id="0123456789abcdef", name="web", memory=256 * MIB, vcpus=1, volume=None,
+               desired=Desired.RUNNING, claim=Claim(A, 2), epoch=2)
+
+
+def guest(state="blocked", epoch=2, domid=7, cpu=1.5):
+    return {"id": WEB.id, "domain": "nb-web", "epoch": epoch, "state": state, "domid": domid,
+            "cpu_seconds": cpu, "memory_mib": 256, "error": None}
+
+
+def test_parse_refuses_malformed_entries():
+    xen, guests = parse_guests({"xen": {"free_memory_mib": 1}, "guests": [guest()]})
+    assert xen == {"free_memory_mib": 1} and guests[0].cpu_seconds == 1.5
+    for bad in ({"guests": [guest(state="exploded")]}, {"guests": [{**guest(), "epoch": "2"}]},
+                {"guests": ["x"]}, {"xen": []}):
+        with pytest.raises(InvalidReport):
+            parse_guests(bad)
+
+
+def test_only_the_holders_current_epoch_counts():
+    _, guests = parse_guests({"guests": [guest()]})
+    assert apply_guests([WEB], B, guests) == []
+    _, old = parse_guests({"guests": [guest(epoch=1)]})
+    assert apply_guests([WEB], A, old) == []
+    [(changed, stages, release)] = apply_guests([WEB], A, guests)
+    assert changed.actual == "running" and stages == ["guest.running"] and not release
+
+
+def test_a_stopped_guest_wanted_stopped_releases_the_claim():
+    stopping = Instance(**{**WEB.__dict__, "desired": Desired.STOPPED, "actual": "running"})
+    _, guests = parse_guests({"guests": [guest(state="stopped", domid=None, cpu=None)]})
+    [(changed, stages, release)] = apply_guests([stopping], A, guests)
+    assert changed.actual == "stopped" and release and stages == ["guest.stopped"]
+
+
+def test_cpu_seconds_never_go_backwards_across_a_new_domain():
+    current = WEB
+    for domid, cpu, total in ((7, 1.5, 1.5), (7, 4.0, 4.0), (9, 0.5, 4.5), (9, 2.0, 6.0)):
+        _, guests = parse_guests({"guests": [guest(domid=domid, cpu=cpu)]})
+        [(current, _, _)] = apply_guests([current], A, guests)
+        assert current.usage["cpu_seconds"] == total
+    _, same = parse_guests({"guests": [guest(domid=9, cpu=2.0)]})
+    assert apply_guests([current], A, same) == []  # a repeated report changes nothing
