@@ -65,7 +65,7 @@ class CloudStore:
                          now=self._now(), force=force)
 
     def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome:
-        return self._run(settling(cloud_volumes.record_report), mac=mac, report=report,
+        return self._run(settling(cloud_instances.record_report), mac=mac, report=report,
                          now=self._now())
 
     def drain_node(self, ref: str) -> tuple[Node, int]:
@@ -88,6 +88,9 @@ class CloudStore:
 
     def instance_events(self, instance_id: str, limit: int = 500) -> list[dict[str, Any]]:
         return cloud_instances.events(self._db(), instance_id, limit)
+
+    def dom0_facts(self, mac: str) -> dict[str, Any] | None:
+        return cloud_instances.dom0_facts(self._db(), mac)
 
     def instance_nic(self, mac: str) -> tuple[Instance, InstanceNic] | None:
         return cloud_instances.nic(self._db(), mac)

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from configserver.cloud.guestreports import apply_guests, parse_guests
 from configserver.cloud.instances import (
     Claim,
     Desired,
@@ -27,7 +28,9 @@ from configserver.cloud.instances import (
 )
 from configserver.cloud.model import new_volume_id
 from configserver.errors import DuplicateVolume, NotFound
+from configserver.registry import ReportOutcome
 from configserver.registry import volumes as cloud_volumes
+from configserver.registry.schema import owner
 from configserver.registry.volumes import bump, generation
 
 _encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
@@ -209,5 +212,44 @@ def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
     return released, bump(db)
 
 
-__all__ = ["by_name", "create", "create_with_disk", "events", "gone", "load_all", "nic",
-           "save", "start", "stop", "used_addresses"]
+def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
+                  now: float) -> ReportOutcome:
+    """A node's report: the volumes' part (``volumes.record_report``), then for a dom0 its
+    guests and Xen facts. The guests' part is parsed before anything is written, so a
+    malformed report stores nothing."""
+    body = report.get("dom0") if isinstance(report.get("dom0"), dict) else None
+    xen, guests = parse_guests(body) if body is not None else (None, [])
+    outcome = cloud_volumes.record_report(db, mac=mac, report=report, now=now)
+    node = owner(db, mac)
+    if body is None or node is None:
+        return outcome
+    if xen is not None:
+        db.execute("INSERT OR REPLACE INTO dom0_reports VALUES (?,?,?)",
+                   (node, _encode(xen), now))
+    held = [i for i in load_all(db) if i.claim is not None and i.claim.node == node]
+    by_domain = {i.domain: i for i in held}
+    for item in body.get("events") or ():
+        instance = by_domain.get(str(item.get("domain"))) if isinstance(item, dict) else None
+        if instance is not None:
+            event(db, instance, f"agent.{str(item.get('stage'))[:40]}", now,
+                  **{k: str(v)[:300] for k, v in item.items() if k not in ("stage", "time")})
+    changed = 0
+    for reported, stages, released in apply_guests(held, node, guests):
+        instance = replace(reported, updated=now)
+        save(db, instance)
+        for stage in stages:
+            event(db, instance, stage, now, node=node)
+        if released and instance.claim is not None:
+            gone(db, instance.name, node, instance.claim.epoch, now)
+        changed += 1
+    current = bump(db) if changed else outcome.generation
+    return ReportOutcome(current, outcome.changed + changed, outcome.ignored)
+
+
+def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
+    row = db.execute("SELECT facts FROM dom0_reports WHERE mac=?", (mac,)).fetchone()
+    return json.loads(row[0]) if row else None
+
+
+__all__ = ["by_name", "create", "create_with_disk", "dom0_facts", "events", "gone",
+           "load_all", "nic", "record_report", "save", "start", "stop", "used_addresses"]

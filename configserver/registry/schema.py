@@ -189,6 +189,11 @@ MIGRATIONS: tuple[str, ...] = (
         detail TEXT NOT NULL DEFAULT '{}'
     );
     CREATE INDEX instance_events_instance ON instance_events(instance, id);
+    CREATE TABLE dom0_reports (
+        mac TEXT PRIMARY KEY REFERENCES nodes(mac) ON DELETE CASCADE,
+        facts TEXT NOT NULL,
+        updated REAL NOT NULL
+    );
     """,
 )
 

@@ -180,3 +180,52 @@ def test_create_with_disk_is_one_transaction(tmp_path):
         assert sorted(v.name for v in registry.volumes()) == ["db-disk", "web-disk"]
     finally:
         registry.close()
+
+
+def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path):
+    from dataclasses import replace
+
+    from cloudtest import DOM0, DOM0B, GIB, attachment, cloud, dom0_report
+
+    from configserver.errors import InvalidReport
+    from configserver.registry.sqlite import SqliteRegistry
+
+    def guests_report(state, epoch=1, cpu=2.0, attached=True):
+        body = dom0_report(*([attachment(volume.id)] if attached else []),
+                           detached=() if attached else (volume.id,))
+        body["dom0"]["xen"] = {"free_memory_mib": 1400, "hap": False}
+        body["dom0"]["guests"] = [{"id": started.id, "domain": "nb-web", "epoch": epoch,
+                                   "state": state, "domid": 7, "cpu_seconds": cpu}]
+        body["dom0"]["events"] = [{"time": 1.0, "domain": "nb-web", "stage": "created"}]
+        return body
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=2)
+        volume, _ = registry.create_volume("web-disk", 2 * GIB, None, None)
+        registry.create_instance(replace(web(), volume=volume.id))
+        started, _ = registry.start_instance("web", DOM0)
+        with pytest.raises(InvalidReport):
+            bad = guests_report("running")
+            bad["dom0"]["guests"][0]["epoch"] = "1"
+            registry.record_cloud_report(DOM0, bad)
+        assert registry.instance("web").actual == "stopped"  # nothing stored
+        assert registry.dom0_facts(DOM0) is None
+        registry.record_cloud_report(DOM0, guests_report("blocked"))
+        now = registry.instance("web")
+        assert now.actual == "running" and now.usage["cpu_seconds"] == 2.0
+        assert registry.dom0_facts(DOM0) == {"free_memory_mib": 1400, "hap": False}
+        # Another dom0 claiming to run it changes nothing.
+        registry.record_cloud_report(DOM0B, guests_report("running", cpu=99.0))
+        assert registry.instance("web").usage["cpu_seconds"] == 2.0
+        registry.stop_instance("web")
+        registry.record_cloud_report(DOM0, guests_report("stopped", cpu=None))
+        stopped = registry.instance("web")
+        assert stopped.claim is None and stopped.actual == "stopped"
+        assert registry.volume("web-disk").attachments[0].detaching
+        stages = [e["stage"] for e in registry.instance_events(stopped.id)]
+        assert stages == ["created", "start.requested", "agent.created", "guest.running",
+                          "stop.requested", "agent.created", "guest.stopped",
+                          "claim.released"]
+    finally:
+        registry.close()
