@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from configserver.cloud.model import MIB
-from configserver.errors import ClaimHeld, InvalidRequest, InvalidSize, InvalidVolumeName
+from configserver.errors import ClaimHeld, Conflict, InvalidRequest, InvalidSize, InvalidVolumeName
 
 XEN_OUI = "00:16:3e"
 DOMAIN_PREFIX = "nb-"
@@ -37,6 +37,7 @@ _UUID_NAMESPACE = uuid.UUID("6f1c2a5e-8d3b-4f0a-9c7e-2b4d6a8e0f13")
 class Desired(enum.StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
+    DESTROYED = "destroyed"  # stopped hard, then forgotten once its dom0 reports it gone
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Instance:
     created: float = 0.0
     updated: float = 0.0
     usage: dict[str, float] = field(default_factory=dict)
+    reboots: int = 0  # each reboot request counts one up; the dom0 reboots a guest behind it
+    delete_disk: bool = False  # destroying it deletes its volume too
 
     @property
     def domain(self) -> str:
@@ -156,6 +159,9 @@ def pick_ip(pool: tuple[str, str], used: Collection[str], wanted: str | None = N
 def claim(instance: Instance, node: str) -> Instance:
     """``instance`` wanted running on ``node``: the claim given to ``node`` (a new epoch), or
     kept if ``node`` holds it already. ClaimHeld if another dom0 holds it."""
+    if instance.desired == Desired.DESTROYED:
+        raise Conflict(f"instance {instance.name} is being destroyed",
+                       hint="create a new one once it is gone")
     if instance.claim is not None:
         if instance.claim.node != node:
             raise ClaimHeld(f"instance {instance.name} is held by {instance.claim.node} "
@@ -189,6 +195,7 @@ def to_json(instance: Instance) -> dict[str, Any]:
         "domain": instance.domain, "uuid": instance.uuid,
         "nics": [{"mac": n.mac, "ip": n.ip} for n in instance.nics],
         "created": instance.created, "updated": instance.updated, "usage": instance.usage,
+        "reboots": instance.reboots, "ssh_keys": len(instance.ssh_keys),
     }
 
 

@@ -106,8 +106,16 @@ class CloudStore:
                          vcpus=vcpus, image=image, disk=disk, tenant=tenant,
                          ssh_keys=ssh_keys, pool=pool, ip=ip, now=self._now())
 
-    def start_instance(self, name: str, node: str) -> tuple[Instance, int]:
+    def start_instance(self, name: str, node: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.start, name=name, node=node, now=self._now())
+
+    def reboot_instance(self, name: str) -> tuple[Instance, int]:
+        return self._run(cloud_instances.reboot, name=name, now=self._now())
+
+    def destroy_instance(self, name: str, *, delete_disk: bool = False
+                         ) -> tuple[Instance, int]:
+        return self._run(cloud_instances.destroy, name=name, now=self._now(),
+                         delete_disk=delete_disk)
 
     def stop_instance(self, name: str) -> tuple[Instance, int]:
         return self._run(cloud_instances.stop, name=name, now=self._now())
