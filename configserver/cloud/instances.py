@@ -133,25 +133,34 @@ def new_mac(used: Collection[str], token: Callable[[int], bytes] = secrets.token
     raise InvalidRequest("no free MAC address in 00:16:3e (a thousand tries)")
 
 
-def pick_ip(pool: tuple[str, str], used: Collection[str], wanted: str | None = None) -> str:
-    """``wanted`` if it is in ``pool`` and free, else the pool's lowest free address."""
-    first, last = (int(ipaddress.IPv4Address(a)) for a in pool)
+def pick_ip(pool: tuple[str, str] | None, used: Collection[str],
+            wanted: str | None = None) -> str:
+    """``wanted`` if it is free (and in ``pool``, when there is one), else the pool's lowest
+    free address."""
     if wanted is not None:
         try:
             value = int(ipaddress.IPv4Address(wanted))
         except ValueError:
             raise InvalidRequest(f"not an IPv4 address: {wanted!r}") from None
-        if not first <= value <= last:
+        if pool is not None and not (int(ipaddress.IPv4Address(pool[0])) <= value
+                                     <= int(ipaddress.IPv4Address(pool[1]))):
             raise InvalidRequest(f"{wanted} is outside the instance pool {pool[0]}-{pool[1]}")
         if wanted in used:
-            raise InvalidRequest(f"{wanted} is already an instance's address")
-        return wanted
+            raise InvalidRequest(f"{wanted} is taken (an instance's or a registered node's "
+                                 "address)")
+        return str(ipaddress.IPv4Address(value))
+    if pool is None:
+        raise InvalidRequest("this server has no instance pool to take an address from",
+                             hint="give the instance an address (--ip), or start the server "
+                                  "with --instance-pool START-END ([cloud] instance_pool)")
+    first, last = (int(ipaddress.IPv4Address(a)) for a in pool)
     taken = set(used)
     for value in range(first, last + 1):
         candidate = str(ipaddress.IPv4Address(value))
         if candidate not in taken:
             return candidate
-    raise InvalidRequest(f"the instance pool {pool[0]}-{pool[1]} is full")
+    raise InvalidRequest(f"the instance pool {pool[0]}-{pool[1]} is full",
+                         hint="destroy instances you no longer need, or widen --instance-pool")
 
 
 # -- the guest map ---------------------------------------------------------------------------

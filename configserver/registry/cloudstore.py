@@ -100,7 +100,7 @@ class CloudStore:
 
     def create_instance_with_disk(self, *, name: str, memory: int, vcpus: int,
                                   image: str | None, disk: int, tenant: str | None,
-                                  ssh_keys: tuple[str, ...], pool: tuple[str, str],
+                                  ssh_keys: tuple[str, ...], pool: tuple[str, str] | None,
                                   ip: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.create_with_disk, name=name, memory=memory,
                          vcpus=vcpus, image=image, disk=disk, tenant=tenant,

@@ -79,8 +79,10 @@ def nic(db: sqlite3.Connection, mac: str) -> tuple[Instance, InstanceNic] | None
 
 
 def used_addresses(db: sqlite3.Connection) -> tuple[set[str], set[str]]:
-    """(MACs, IPs) that instance NICs hold."""
-    rows = db.execute("SELECT mac, ip FROM instance_nics").fetchall()
+    """(MACs, IPs) that instance NICs and registered nodes' NICs hold: an instance takes
+    neither a node's MAC nor its reserved address."""
+    rows = db.execute("SELECT mac, ip FROM instance_nics UNION ALL "
+                      "SELECT mac, ip FROM nics").fetchall()
     return {r["mac"] for r in rows}, {r["ip"] for r in rows if r["ip"]}
 
 
@@ -151,7 +153,7 @@ def _volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: 
 
 def create_with_disk(db: sqlite3.Connection, *, name: str, memory: int, vcpus: int,
                      image: str | None, disk: int, tenant: str | None,
-                     ssh_keys: tuple[str, ...], pool: tuple[str, str], ip: str | None,
+                     ssh_keys: tuple[str, ...], pool: tuple[str, str] | None, ip: str | None,
                      now: float) -> tuple[Instance, int]:
     """A new instance and its volume ``<name>-disk`` (from ``image``) in one transaction:
     its NIC's MAC (00:16:3e) and address (``ip``, or the pool's lowest free one) chosen

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from nodeagent.errors import RoleError, XenError
+from nodeagent.errors import RoleError, ServerError, XenError
 from nodeagent.roles.guests import Action, Do, plan
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
@@ -61,14 +61,14 @@ class Guests:
         for entry in entries:
             try:
                 specs.append(await self._spec(entry))
-            except RoleError as exc:
+            except (RoleError, ServerError) as exc:  # a bad entry, or its kernel unreachable
                 errors[str(entry.get("id"))] = exc.message
         running = await self.xl.domains()
         applied = self._reboots_applied(specs, running)
         for action in plan(specs, running, applied):
             try:
                 await self._carry_out(action, facts, devices_ready)
-            except RoleError as exc:
+            except (RoleError, ServerError) as exc:  # xl failed, or the claim unconfirmed
                 if action.spec is not None:
                     errors[action.spec.id] = exc.message
                 log.warning("guest %s: %s failed: %s", action.name, action.do, exc.message)

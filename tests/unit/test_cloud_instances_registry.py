@@ -61,7 +61,10 @@ def test_the_nic_lookup_answers_for_instance_macs_only(db):
     found = rows.nic(db, "00:16:3e:00:00:01")
     assert found is not None and found[0].name == "web" and found[1].ip == "198.18.0.100"
     assert rows.nic(db, "00:16:3e:00:00:02") is None
-    assert rows.used_addresses(db) == ({"00:16:3e:00:00:01"}, {"198.18.0.100"})
+    macs, ips = rows.used_addresses(db)  # the nodes' NICs count too (the fixture's dom0s)
+    assert "00:16:3e:00:00:01" in macs and ips >= {"198.18.0.100"}
+    node_macs = {r[0] for r in db.execute("SELECT mac FROM nics")}
+    assert macs == {"00:16:3e:00:00:01"} | node_macs
 
 
 def test_an_address_is_never_stored_twice(db):
@@ -275,6 +278,25 @@ def test_create_with_disk_is_one_transaction(tmp_path):
             registry.create_instance_with_disk(name="web", disk=GIB, **args)
         assert [i.name for i in registry.instances()] == ["db", "web"]
         assert sorted(v.name for v in registry.volumes()) == ["db-disk", "web-disk"]
+    finally:
+        registry.close()
+
+
+def test_an_instance_never_takes_a_registered_node_s_address(tmp_path):
+    from cloudtest import GIB, cloud
+
+    from configserver.model import NodeSpec
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=1)
+        registry.add_node(NodeSpec(mac="52:54:00:00:0a:01", role="dom0", hostname="spare",
+                                   ip="198.18.0.100"))
+        web, _ = registry.create_instance_with_disk(
+            name="web", disk=GIB, memory=256 * MIB, vcpus=1, image=None, tenant=None,
+            ssh_keys=(), pool=("198.18.0.100", "198.18.0.101"))
+        assert web.nics[0].ip == "198.18.0.101"
     finally:
         registry.close()
 
