@@ -128,6 +128,14 @@ class HttpConfig:
 
 
 @dataclass(frozen=True)
+class CloudConfig:
+    # The addresses instances take (START-END): each held by one instance's NIC and handed by
+    # DHCP to that NIC's MAC alone. Inside the DHCP subnet, outside its dynamic pool; without
+    # it, instances can still be created with an explicit address (--ip).
+    instance_pool: tuple[str, str] | None = None
+
+
+@dataclass(frozen=True)
 class ServerConfig:
     state_dir: Path = DEFAULT_STATE_DIR
     images_dir: Path = DEFAULT_IMAGES_DIR
@@ -150,6 +158,7 @@ class ServerConfig:
     http: HttpConfig = field(default_factory=HttpConfig)
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
 
     @property
     def registry_path(self) -> Path:
@@ -196,7 +205,7 @@ def _build(cls: type, data: dict[str, Any], prefix: str) -> Any:
 
 
 _NESTED = {"HttpConfig": HttpConfig, "DhcpConfig": DhcpConfig, "TftpConfig": TftpConfig,
-           "Subnet": Subnet}
+           "CloudConfig": CloudConfig, "Subnet": Subnet}
 
 
 def _convert(annotation: Any, value: Any, key: str) -> Any:
@@ -269,6 +278,8 @@ def _check(config: Any, prefix: str) -> None:
         if isinstance(config, TftpConfig) and not 0 < config.silent_timeout <= 60:
             raise ConfigError(f"{prefix}silent_timeout must be between 0 and 60 seconds, "
                               f"not {config.silent_timeout}")
+    elif isinstance(config, ServerConfig):
+        _check_instance_pool(config, prefix)
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):
             port(getattr(config, name), name)
@@ -291,6 +302,29 @@ def _check(config: Any, prefix: str) -> None:
                             > ipaddress.IPv4Address(config.pool[1])):
             raise ConfigError(f"{prefix}pool: start {config.pool[0]} is after end "
                               f"{config.pool[1]}")
+
+
+def _check_instance_pool(config: ServerConfig, prefix: str) -> None:
+    """``[cloud] instance_pool``: in order, inside the DHCP subnet, clear of its pool."""
+    pool = config.cloud.instance_pool
+    if pool is None:
+        return
+    first, last = (ipaddress.IPv4Address(a) for a in pool)
+    key = f"{prefix}cloud.instance_pool"
+    if first > last:
+        raise ConfigError(f"{key}: start {first} is after end {last}")
+    subnet = config.dhcp.subnet
+    if subnet is None:
+        return
+    net = ipaddress.IPv4Network(subnet.network, strict=False)
+    if first not in net or last not in net:
+        raise ConfigError(f"{key}: {first}-{last} is not inside the DHCP subnet {net}")
+    if subnet.pool:
+        low, high = (ipaddress.IPv4Address(a) for a in subnet.pool)
+        if first <= high and low <= last:
+            raise ConfigError(f"{key}: {first}-{last} overlaps the DHCP pool {low}-{high}",
+                              hint="instances hold their addresses: give them a range the "
+                                   "dynamic pool does not hand out")
 
 
 def _check_guards(config: DhcpConfig, prefix: str) -> None:

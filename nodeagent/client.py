@@ -6,10 +6,12 @@ retry is the session's business.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import ssl
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -103,6 +105,34 @@ class ServerClient:
         """What this node's role actually has, after a reconcile pass."""
         await self._post("report", {"mac": mac, "boot_id": boot_id,
                                     "generation": generation, role: report}, token)
+
+    async def claim(self, mac: str, boot_id: str, token: str | None, instance: str,
+                    epoch: int) -> bool:
+        """Whether this node holds ``instance``'s claim of ``epoch`` now (asked just before
+        ``xl create``): False on the server's 409, ServerError if it cannot say."""
+        try:
+            answer = await self._post("claim", {"mac": mac, "boot_id": boot_id,
+                                                "instance": instance, "epoch": epoch}, token)
+        except ServerError as exc:
+            if exc.http_status == 409:
+                return False
+            raise
+        return answer.get("held") is True
+
+    async def download(self, url: str, destination: Path) -> None:
+        """A file the config server serves over plain HTTP (a guest kernel), to
+        ``destination``; the caller checks its sha256."""
+        timeout = aiohttp.ClientTimeout(total=max(self._timeout.total or 30.0, 300.0))
+        try:
+            async with self.http.get(url, timeout=timeout) as response:
+                if response.status != 200:
+                    raise ServerError(f"{url}: HTTP {response.status}",
+                                      http_status=response.status)
+                with destination.open("wb") as out:
+                    async for chunk in response.content.iter_chunked(1 << 20):
+                        await asyncio.to_thread(out.write, chunk)
+        except (TimeoutError, aiohttp.ClientError, OSError) as exc:
+            raise ServerError(f"{url}: {type(exc).__name__}: {exc}") from None
 
     async def _post(self, endpoint: str, body: dict[str, Any],
                     token: str | None) -> dict[str, Any]:

@@ -42,7 +42,7 @@ from nodeagent.identity import (
 )
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
-from nodeagent.roles import Reconciler, Role, role_for
+from nodeagent.roles import Reconciler, Role, ServerHooks, role_for
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,8 @@ class AgentSession:
                  inventory_source: InventorySource, *, macs: tuple[str, ...] = (),
                  rng: random.Random | None = None,
                  role_facts_source: RoleFactsSource | None = None,
-                 cloud_roles: Callable[[str | None], Role | None] = role_for) -> None:
+                 cloud_roles: Callable[[str | None, ServerHooks], Role | None] = role_for
+                 ) -> None:
         self.config = config
         self.client = client
         self.status = AgentStatus()
@@ -237,7 +238,8 @@ class AgentSession:
         """Run the role's reconcile loop (once per agent; it survives a new lookup)."""
         if self._reconcile_task is not None or self.status.node is None:
             return
-        role = self._cloud_roles(self.status.node.role)
+        role = self._cloud_roles(self.status.node.role,
+                                 ServerHooks(self._confirm_claim, self.client.download))
         if role is None:
             return
         self.reconciler = Reconciler(role, self._fetch_work, self._post_report)
@@ -251,6 +253,12 @@ class AgentSession:
         assert self.status.node is not None
         return await self.client.work(self.status.node.mac, self.config.boot_id,
                                       self._credential(), after, wait)
+
+    async def _confirm_claim(self, instance: str, epoch: int) -> bool:
+        await self._authenticated.wait()
+        assert self.status.node is not None
+        return await self.client.claim(self.status.node.mac, self.config.boot_id,
+                                       self._credential(), instance, epoch)
 
     async def _post_report(self, generation: int | None, role: str,
                            report: dict[str, Any]) -> None:

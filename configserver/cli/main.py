@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from configserver import __version__, eventloop
-from configserver.cli import drain, users, volumes
+from configserver.cli import drain, instances, users, volumes
 from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
 from configserver.errors import ConfigError, NetbootError
 from configserver.eventloop import PollingSelector
@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--interface", help="serving interface for DHCP and TFTP")
     serve.add_argument("--dhcp", choices=["full", "proxy", "off"])
     serve.add_argument("--pool", help="dynamic DHCP pool START-END (full mode)")
+    serve.add_argument("--instance-pool", metavar="START-END",
+                       help="addresses instances take (inside the subnet, not in --pool)")
     serve.add_argument("--tftp", choices=["on", "off"])
     serve.add_argument("--tftp-port", type=int)
     serve.add_argument("--unknown-mac", choices=["ignore", "discover"])
@@ -136,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub.add_parser("images", parents=[common], help="list the images the server can boot")
     users.add_parser(sub, common)
     volumes.add_parser(sub, common)
+    instances.add_parser(sub, common)
     farm = sub.add_parser("farm", help="QEMU test farm (up, status, down)", add_help=False)
     farm.add_argument("farm_args", nargs=argparse.REMAINDER)
     return parser
@@ -234,7 +237,7 @@ def server_config(args: argparse.Namespace, state_dir: Path) -> ServerConfig:
             raise ConfigError(f"{path}: {exc}") from None
     if getattr(args, "state_dir", None) or "state_dir" not in data:
         data["state_dir"] = str(state_dir)
-    http, dhcp, tftp = (data.setdefault(k, {}) for k in ("http", "dhcp", "tftp"))
+    http, dhcp, tftp, cloud = (data.setdefault(k, {}) for k in ("http", "dhcp", "tftp", "cloud"))
     overrides = [
         (data, "images_dir", args.images), (http, "port", args.http_port),
         (http, "https_port", args.https_port),
@@ -242,7 +245,7 @@ def server_config(args: argparse.Namespace, state_dir: Path) -> ServerConfig:
         (data, "interface", args.interface), (dhcp, "mode", args.dhcp),
         (tftp, "enabled", args.tftp), (tftp, "port", args.tftp_port),
         (data, "unknown_mac", args.unknown_mac), (data, "ipxe_dir", args.ipxe_dir),
-        (data, "ssh_keys", args.ssh_keys),
+        (data, "ssh_keys", args.ssh_keys), (cloud, "instance_pool", args.instance_pool),
     ]
     for table, key, value in overrides:
         if value is not None:
@@ -434,4 +437,5 @@ def cmd_images(args: argparse.Namespace, client: ApiClient) -> int:
 
 COMMANDS = {"node": cmd_node, "lease": cmd_lease, "role": cmd_role, "apply": cmd_apply,
             "export": cmd_export, "settings": cmd_settings, "images": cmd_images,
-            "user": users.cmd_user, "volume": volumes.cmd_volume}
+            "user": users.cmd_user, "volume": volumes.cmd_volume,
+            "instance": instances.cmd_instance}

@@ -77,7 +77,7 @@ def apply_guests(instances: Sequence[Instance], mac: str,
         actual = ("running" if guest.state in ("running", "blocked") else guest.state
                   if guest.state in RUNNING else "stopped")
         usage = _usage(instance.usage, guest)
-        release = instance.desired == Desired.STOPPED and actual == "stopped"
+        release = instance.desired != Desired.RUNNING and actual == "stopped"
         if actual == instance.actual and usage == instance.usage and not release:
             continue
         stages = [f"guest.{actual}"] if actual != instance.actual else []

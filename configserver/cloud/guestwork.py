@@ -2,8 +2,8 @@
 
 A dom0 is told only about the instances whose claim it holds, with the claim's epoch: what
 it finds running named like an instance and not in this list it destroys (``nodeagent.roles
-.guests``). An instance is listed as wanted running once its volume is attached here;
-before that the dom0 has nothing to start it on.
+.guests``). An instance is listed as wanted running once the dom0 reported its volume's array
+assembled there (attached, degraded or resyncing); before that it has nothing to start it on.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from configserver.cloud.instances import Desired, Instance
 from configserver.cloud.model import MIB, Volume
 
 BRIDGE = "xenbr0"
+USABLE = ("attached", "degraded", "resyncing")  # the array runs on the dom0
 
 
 @dataclass(frozen=True)
@@ -38,7 +39,8 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
             continue
         volume = volumes.get(instance.volume or "")
         boot = boots.get(instance.image or "")
-        attached = volume is not None and volume.attachment(mac) is not None
+        where = volume.attachment(mac) if volume is not None else None
+        attached = where is not None and where.state in USABLE and not where.detaching
         running = instance.desired == Desired.RUNNING and attached and boot is not None
         cmdline = " ".join(filter(None, (
             boot.cmdline if boot else "", f"netboot.server={server_url}",
@@ -47,6 +49,7 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
             "id": instance.id, "name": instance.name, "domain": instance.domain,
             "uuid": instance.uuid, "epoch": instance.claim.epoch,
             "desired": "running" if running else "stopped",
+            "hard": instance.desired == Desired.DESTROYED, "reboots": instance.reboots,
             "memory_mib": instance.memory // MIB, "vcpus": instance.vcpus,
             "volume": instance.volume,
             "device": f"/dev/md/{volume.lv}" if volume is not None else None,

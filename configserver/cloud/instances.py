@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from configserver.cloud.model import MIB
-from configserver.errors import ClaimHeld, InvalidRequest, InvalidSize, InvalidVolumeName
+from configserver.errors import ClaimHeld, Conflict, InvalidRequest, InvalidSize, InvalidVolumeName
 
 XEN_OUI = "00:16:3e"
 DOMAIN_PREFIX = "nb-"
@@ -37,6 +37,7 @@ _UUID_NAMESPACE = uuid.UUID("6f1c2a5e-8d3b-4f0a-9c7e-2b4d6a8e0f13")
 class Desired(enum.StrEnum):
     RUNNING = "running"
     STOPPED = "stopped"
+    DESTROYED = "destroyed"  # stopped hard, then forgotten once its dom0 reports it gone
 
 
 @dataclass(frozen=True)
@@ -71,6 +72,8 @@ class Instance:
     created: float = 0.0
     updated: float = 0.0
     usage: dict[str, float] = field(default_factory=dict)
+    reboots: int = 0  # each reboot request counts one up; the dom0 reboots a guest behind it
+    delete_disk: bool = False  # destroying it deletes its volume too
 
     @property
     def domain(self) -> str:
@@ -130,25 +133,34 @@ def new_mac(used: Collection[str], token: Callable[[int], bytes] = secrets.token
     raise InvalidRequest("no free MAC address in 00:16:3e (a thousand tries)")
 
 
-def pick_ip(pool: tuple[str, str], used: Collection[str], wanted: str | None = None) -> str:
-    """``wanted`` if it is in ``pool`` and free, else the pool's lowest free address."""
-    first, last = (int(ipaddress.IPv4Address(a)) for a in pool)
+def pick_ip(pool: tuple[str, str] | None, used: Collection[str],
+            wanted: str | None = None) -> str:
+    """``wanted`` if it is free (and in ``pool``, when there is one), else the pool's lowest
+    free address."""
     if wanted is not None:
         try:
             value = int(ipaddress.IPv4Address(wanted))
         except ValueError:
             raise InvalidRequest(f"not an IPv4 address: {wanted!r}") from None
-        if not first <= value <= last:
+        if pool is not None and not (int(ipaddress.IPv4Address(pool[0])) <= value
+                                     <= int(ipaddress.IPv4Address(pool[1]))):
             raise InvalidRequest(f"{wanted} is outside the instance pool {pool[0]}-{pool[1]}")
         if wanted in used:
-            raise InvalidRequest(f"{wanted} is already an instance's address")
-        return wanted
+            raise InvalidRequest(f"{wanted} is taken (an instance's or a registered node's "
+                                 "address)")
+        return str(ipaddress.IPv4Address(value))
+    if pool is None:
+        raise InvalidRequest("this server has no instance pool to take an address from",
+                             hint="give the instance an address (--ip), or start the server "
+                                  "with --instance-pool START-END ([cloud] instance_pool)")
+    first, last = (int(ipaddress.IPv4Address(a)) for a in pool)
     taken = set(used)
     for value in range(first, last + 1):
         candidate = str(ipaddress.IPv4Address(value))
         if candidate not in taken:
             return candidate
-    raise InvalidRequest(f"the instance pool {pool[0]}-{pool[1]} is full")
+    raise InvalidRequest(f"the instance pool {pool[0]}-{pool[1]} is full",
+                         hint="destroy instances you no longer need, or widen --instance-pool")
 
 
 # -- the guest map ---------------------------------------------------------------------------
@@ -156,6 +168,9 @@ def pick_ip(pool: tuple[str, str], used: Collection[str], wanted: str | None = N
 def claim(instance: Instance, node: str) -> Instance:
     """``instance`` wanted running on ``node``: the claim given to ``node`` (a new epoch), or
     kept if ``node`` holds it already. ClaimHeld if another dom0 holds it."""
+    if instance.desired == Desired.DESTROYED:
+        raise Conflict(f"instance {instance.name} is being destroyed",
+                       hint="create a new one once it is gone")
     if instance.claim is not None:
         if instance.claim.node != node:
             raise ClaimHeld(f"instance {instance.name} is held by {instance.claim.node} "
@@ -189,6 +204,7 @@ def to_json(instance: Instance) -> dict[str, Any]:
         "domain": instance.domain, "uuid": instance.uuid,
         "nics": [{"mac": n.mac, "ip": n.ip} for n in instance.nics],
         "created": instance.created, "updated": instance.updated, "usage": instance.usage,
+        "reboots": instance.reboots, "ssh_keys": len(instance.ssh_keys),
     }
 
 

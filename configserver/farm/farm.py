@@ -159,11 +159,13 @@ class Farm:
         self.state_dir.mkdir(parents=True, exist_ok=True)
         keys = self._write_ssh_keys()
         low, high = self.net.plan.pool()
+        instances = self.net.plan.instance_pool()
         argv = self.net.cmd(
             self.config.python, "-m", "configserver", "serve", "--state-dir", str(self.state_dir),
             "--images", str(self.config.images_dir), "--http-port", str(self.config.http_port),
             "--interface", network.BRIDGE, "--dhcp", "full", "--pool", f"{low}-{high}",
-            "--tftp", "on", "--ssh-keys", str(keys))
+            "--tftp", "on", "--ssh-keys", str(keys),
+            *(("--instance-pool", f"{instances[0]}-{instances[1]}") if instances else ()))
         log.info("starting config server: %s", " ".join(argv))
         with open(self.dir / "configserver.log", "ab") as out:
             server = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=out,

@@ -78,6 +78,15 @@ class NetworkPlan:
         half = net.num_addresses // 2
         return str(net.network_address + half), str(net.broadcast_address - 1)
 
+    def instance_pool(self) -> tuple[str, str] | None:
+        """The instances' addresses: the quarter of the lower half just below the dynamic
+        pool (.96-.127 of a /24), clear of the nodes' (.10 on); None in a subnet under /26."""
+        net = self.network
+        if net.num_addresses < 64:
+            return None
+        half = net.num_addresses // 2
+        return str(net.network_address + half - half // 4), str(net.network_address + half - 1)
+
 
 class Namespace:
     """A named network namespace with its own ``/etc/netns/NAME/resolv.conf`` (so tools run in

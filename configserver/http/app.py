@@ -12,7 +12,17 @@ from aiohttp import web
 from configserver.cloud.notify import GenerationNotifier
 from configserver.config import ServerConfig
 from configserver.errors import NetbootError
-from configserver.http import agentapi, api, boot, leaseapi, limits, usersapi, volumesapi, workapi
+from configserver.http import (
+    agentapi,
+    api,
+    boot,
+    instancesapi,
+    leaseapi,
+    limits,
+    usersapi,
+    volumesapi,
+    workapi,
+)
 from configserver.http.appkeys import (
     API_BASE,
     AUTHORITY,
@@ -86,5 +96,6 @@ def create_app(config: ServerConfig, registry: Registry, authority: CertificateA
     boot.setup_routes(app)
     agentapi.setup_agent_api(app)
     volumesapi.setup_routes(app)
+    instancesapi.setup_routes(app)
     workapi.setup_routes(app)
     return app

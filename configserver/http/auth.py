@@ -8,11 +8,11 @@ Who is calling follows from how the request arrived, nothing else:
 * otherwise nobody.
 
 What each identity may do (``required_access``): admins everything; tenants only their own
-objects (volumes: the handlers show a tenant only its own) and ``whoami``; nodes only the
-agent endpoints, whose handlers check which node; nobody only the health check, the CRL and
-the agent endpoints (lookup and enroll come before a node has a certificate; heartbeat and
-inventory still take the agent token). Plain HTTP serves what firmware fetches and refuses
-the API, pointing to HTTPS.
+objects (volumes, instances: the handlers show a tenant only its own) and ``whoami``; nodes
+only the agent endpoints, whose handlers check which node; nobody only the health check, the
+CRL and the agent endpoints (lookup and enroll come before a node has a certificate;
+heartbeat and inventory still take the agent token). Plain HTTP serves what firmware
+fetches and refuses the API, pointing to HTTPS.
 """
 
 from __future__ import annotations
@@ -57,7 +57,11 @@ _AGENT = {("POST", "/api/v1/agent/enroll"), ("POST", "/api/v1/agent/heartbeat"),
           ("POST", "/api/v1/agent/report"), ("POST", "/api/v1/agent/claim")}
 _OWNER = {("GET", "/api/v1/volumes"), ("POST", "/api/v1/volumes"),
           ("GET", "/api/v1/volumes/{name}"), ("DELETE", "/api/v1/volumes/{name}"),
-          ("POST", "/api/v1/volumes/{name}/attach"), ("POST", "/api/v1/volumes/{name}/detach")}
+          ("POST", "/api/v1/volumes/{name}/attach"), ("POST", "/api/v1/volumes/{name}/detach"),
+          ("GET", "/api/v1/instances"), ("POST", "/api/v1/instances"),
+          ("GET", "/api/v1/instances/{name}"), ("DELETE", "/api/v1/instances/{name}"),
+          ("POST", "/api/v1/instances/{name}/start"), ("POST", "/api/v1/instances/{name}/stop"),
+          ("POST", "/api/v1/instances/{name}/reboot")}
 _AUTHENTICATED = {("GET", "/api/v1/whoami")}
 
 

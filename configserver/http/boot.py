@@ -8,6 +8,7 @@ an image file is recorded in the node's boot timeline.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
 import time
@@ -214,7 +215,16 @@ def public_keys(text: str) -> str:
 
 async def ssh_keys(request: web.Request) -> web.Response:
     """Root's SSH keys for every node (netboot-base's ``netboot-ssh-keys.service`` adds them):
-    public keys, so plain HTTP like the rest of the boot files."""
+    public keys, so plain HTTP like the rest of the boot files. An instance (``?mac=`` one
+    of its NICs) gets the keys it was created with instead, never the operator's."""
+    text = request.query.get("mac")
+    mac = None
+    if text:
+        with contextlib.suppress(InvalidMac):
+            mac = normalize_mac(text)
+    found = await asyncio.to_thread(request.app[REGISTRY].instance_nic, mac) if mac else None
+    if found is not None:
+        return _text("".join(f"{key}\n" for key in found[0].ssh_keys))
     path = request.app[CONFIG].ssh_keys
     if path is None:
         raise NotFound("this server hands out no SSH keys",

@@ -27,6 +27,7 @@ from configserver.errors import InvalidRequest, InvalidSize, NotFound, UnknownIm
 from configserver.http.api import read_body
 from configserver.http.appkeys import CATALOG, CLOUD, REGISTRY
 from configserver.http.auth import IDENTITY
+from configserver.images import ImageCatalog
 from configserver.model import Node
 
 _CREATE_FIELDS = {"name", "size", "image"}
@@ -123,14 +124,13 @@ async def show_volume(request: web.Request) -> web.Response:
     return web.json_response(volume_json(volume, nodes, events))
 
 
-def _image(request: web.Request, name: Any, size: int) -> str | None:
+def image_for_volume(catalog: ImageCatalog, name: Any, size: int) -> str | None:
     """The image a volume starts from: one of the catalog's that ships a root file system
     no larger than the volume."""
     if name is None:
         return None
     if not isinstance(name, str):
         raise InvalidRequest("'image' must be an image name or null")
-    catalog = request.app[CATALOG]
     usable = [i.name for i in catalog.list() if i.rootfs]
     image = catalog.get(name)
     hint = ("images with a root file system: " + ", ".join(usable) if usable else
@@ -160,7 +160,7 @@ async def create_volume(request: web.Request) -> web.Response:
         raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
     name = validate_volume_name(data.get("name"))
     size = parse_size(data.get("size"))
-    image = _image(request, data.get("image"), size)
+    image = image_for_volume(request.app[CATALOG], data.get("image"), size)
     volume, generation = await asyncio.to_thread(
         request.app[REGISTRY].create_volume, name, size, image, _tenant(request))
     return await _answer(request, volume, generation, status=201)
@@ -203,4 +203,4 @@ async def detach_volume(request: web.Request) -> web.Response:
     return await _answer(request, detaching, generation)
 
 
-__all__ = ["setup_routes", "volume_json"]
+__all__ = ["image_for_volume", "setup_routes", "volume_json"]

@@ -17,6 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
+from configserver.cloud.guestwork import GuestBoot, guest_work
 from configserver.cloud.instances import holds
 from configserver.cloud.work import ImageSource, node_work, portal
 from configserver.errors import InvalidRequest
@@ -61,13 +62,35 @@ def _http_base(request: web.Request) -> str:
     return f"http://{request.url.host}:{config.http.port}"
 
 
-def rootfs_sha256(image: Image | None) -> str | None:
-    """The sha256 the image's manifest gives its root file system (the agent checks it)."""
-    if image is None or not image.rootfs:
+def file_sha256(image: Image | None, filename: str | None) -> str | None:
+    """The sha256 the image's manifest gives one of its files (the agent checks it)."""
+    if image is None or not filename:
         return None
-    entry = (image.manifest.get("files") or {}).get(image.rootfs)
+    entry = (image.manifest.get("files") or {}).get(filename)
     digest = entry.get("sha256") if isinstance(entry, dict) else None
     return digest if isinstance(digest, str) else None
+
+
+def rootfs_sha256(image: Image | None) -> str | None:
+    """The sha256 the image's manifest gives its root file system."""
+    return file_sha256(image, image.rootfs if image else None)
+
+
+def _boots(request: web.Request, names: Iterable[str]) -> dict[str, GuestBoot]:
+    """How a dom0 boots guests of each image: its kernel and initramfs over plain HTTP, with
+    the manifest's sha256 of each and its kernel command line."""
+    catalog, base, found = request.app[CATALOG], _http_base(request), {}
+    for name in names:
+        image = catalog.get(name)
+        if image is None or image.path(image.kernel) is None:
+            continue
+        ramdisk = image.initramfs if image.path(image.initramfs) else None
+        found[name] = GuestBoot(
+            f"{base}/images/{name}/{image.kernel}", file_sha256(image, image.kernel),
+            f"{base}/images/{name}/{ramdisk}" if ramdisk else "",
+            file_sha256(image, ramdisk),
+            str(image.manifest.get("kernel_args") or "root=/dev/xvda ro console=hvc0"))
+    return found
 
 
 def _images(request: web.Request, names: Iterable[str]) -> dict[str, ImageSource]:
@@ -101,8 +124,15 @@ def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
             portals[node_mac] = portal(next((n.ip for n in node.nics if n.ip), None)
                                        if node else None)
     images = _images(request, {v.image for v in volumes if v.image and v.leg(mac)})
-    return node_work(generation, role, mac, volumes, key=request.app[SECRET_KEY],
-                     images=images, portals=portals, drained=drained)
+    answer = node_work(generation, role, mac, volumes, key=request.app[SECRET_KEY],
+                       images=images, portals=portals, drained=drained)
+    if "dom0" in answer:
+        held = [i for i in registry.instances() if i.claim and i.claim.node == mac]
+        answer["dom0"]["guests"] = guest_work(
+            held, mac, volumes={v.id: v for v in volumes},
+            boots=_boots(request, {i.image for i in held if i.image}),
+            server_url=_http_base(request))
+    return answer
 
 
 async def work(request: web.Request) -> web.Response:

@@ -100,14 +100,22 @@ class CloudStore:
 
     def create_instance_with_disk(self, *, name: str, memory: int, vcpus: int,
                                   image: str | None, disk: int, tenant: str | None,
-                                  ssh_keys: tuple[str, ...], pool: tuple[str, str],
+                                  ssh_keys: tuple[str, ...], pool: tuple[str, str] | None,
                                   ip: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.create_with_disk, name=name, memory=memory,
                          vcpus=vcpus, image=image, disk=disk, tenant=tenant,
                          ssh_keys=ssh_keys, pool=pool, ip=ip, now=self._now())
 
-    def start_instance(self, name: str, node: str) -> tuple[Instance, int]:
+    def start_instance(self, name: str, node: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.start, name=name, node=node, now=self._now())
+
+    def reboot_instance(self, name: str) -> tuple[Instance, int]:
+        return self._run(cloud_instances.reboot, name=name, now=self._now())
+
+    def destroy_instance(self, name: str, *, delete_disk: bool = False
+                         ) -> tuple[Instance, int]:
+        return self._run(cloud_instances.destroy, name=name, now=self._now(),
+                         delete_disk=delete_disk)
 
     def stop_instance(self, name: str) -> tuple[Instance, int]:
         return self._run(cloud_instances.stop, name=name, now=self._now())

@@ -27,7 +27,9 @@ from configserver.cloud.instances import (
     release,
 )
 from configserver.cloud.model import new_volume_id
-from configserver.errors import DuplicateVolume, NotFound
+from configserver.cloud.scheduler import Dom0, choose, free_memory
+from configserver.errors import Conflict, DuplicateVolume, NotFound
+from configserver.model import NodeState
 from configserver.registry import ReportOutcome
 from configserver.registry import volumes as cloud_volumes
 from configserver.registry.schema import owner
@@ -45,6 +47,7 @@ def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
         desired=Desired(row["desired"]), actual=row["actual"], claim=held,
         epoch=row["epoch"], ssh_keys=tuple(json.loads(row["ssh_keys"])),
         usage=json.loads(row["usage"]), created=row["created"], updated=row["updated"],
+        reboots=row["reboots"], delete_disk=bool(row["delete_disk"]),
         nics=tuple(InstanceNic(n["mac"], n["ip"]) for n in nics))
 
 
@@ -76,8 +79,10 @@ def nic(db: sqlite3.Connection, mac: str) -> tuple[Instance, InstanceNic] | None
 
 
 def used_addresses(db: sqlite3.Connection) -> tuple[set[str], set[str]]:
-    """(MACs, IPs) that instance NICs hold."""
-    rows = db.execute("SELECT mac, ip FROM instance_nics").fetchall()
+    """(MACs, IPs) that instance NICs and registered nodes' NICs hold: an instance takes
+    neither a node's MAC nor its reserved address."""
+    rows = db.execute("SELECT mac, ip FROM instance_nics UNION ALL "
+                      "SELECT mac, ip FROM nics").fetchall()
     return {r["mac"] for r in rows}, {r["ip"] for r in rows if r["ip"]}
 
 
@@ -85,17 +90,19 @@ def save(db: sqlite3.Connection, instance: Instance) -> None:
     held = instance.claim
     db.execute(
         "INSERT INTO instances (id, name, memory, vcpus, volume, image, tenant, desired,"
-        " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, created, updated)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?) ON CONFLICT(id) DO UPDATE SET"
+        " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, reboots, delete_disk,"
+        " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " ON CONFLICT(id) DO UPDATE SET"
         " memory=excluded.memory, vcpus=excluded.vcpus, volume=excluded.volume,"
         " desired=excluded.desired, actual=excluded.actual, claim_node=excluded.claim_node,"
         " claim_epoch=excluded.claim_epoch, epoch=excluded.epoch, usage=excluded.usage,"
+        " reboots=excluded.reboots, delete_disk=excluded.delete_disk,"
         " updated=excluded.updated",
         (instance.id, instance.name, instance.memory, instance.vcpus, instance.volume,
          instance.image, instance.tenant, str(instance.desired), instance.actual,
          held.node if held else None, held.epoch if held else None, instance.epoch,
-         _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.created,
-         instance.updated))
+         _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.reboots,
+         int(instance.delete_disk), instance.created, instance.updated))
     db.execute("DELETE FROM instance_nics WHERE instance=?", (instance.id,))
     db.executemany("INSERT INTO instance_nics VALUES (?,?,?,?)",
                    [(n.mac, instance.id, i, n.ip) for i, n in enumerate(instance.nics)])
@@ -146,7 +153,7 @@ def _volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: 
 
 def create_with_disk(db: sqlite3.Connection, *, name: str, memory: int, vcpus: int,
                      image: str | None, disk: int, tenant: str | None,
-                     ssh_keys: tuple[str, ...], pool: tuple[str, str], ip: str | None,
+                     ssh_keys: tuple[str, ...], pool: tuple[str, str] | None, ip: str | None,
                      now: float) -> tuple[Instance, int]:
     """A new instance and its volume ``<name>-disk`` (from ``image``) in one transaction:
     its NIC's MAC (00:16:3e) and address (``ip``, or the pool's lowest free one) chosen
@@ -171,25 +178,89 @@ def _existing(db: sqlite3.Connection, name: str) -> Instance:
     return found
 
 
-def start(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Instance, int]:
-    """Instance ``name`` wanted running on dom0 ``node`` (a primary MAC the caller chose):
-    the claim handed to it, or ClaimHeld if another dom0 holds it."""
+def _dom0s(db: sqlite3.Connection) -> list[Dom0]:
+    """Every dom0 as the scheduler sees it: ready, drained, free memory last reported."""
+    rows = db.execute("SELECT n.mac, n.hostname, n.state, n.drained, r.facts FROM nodes n "
+                      "LEFT JOIN dom0_reports r ON r.mac=n.mac WHERE n.role='dom0'").fetchall()
+    return [Dom0(r["mac"], r["hostname"],
+                 free_memory(json.loads(r["facts"]) if r["facts"] else None),
+                 ready=r["state"] == NodeState.READY, drained=r["drained"] is not None)
+            for r in rows]
+
+
+def start(db: sqlite3.Connection, name: str, node: str | None,
+          now: float) -> tuple[Instance, int]:
+    """Instance ``name`` wanted running on dom0 ``node`` (a hostname or MAC), or where the
+    scheduler puts it (``node`` None: the dom0 holding its claim if one does). The claim is
+    handed over in this one write; ClaimHeld if another dom0 holds it."""
     current = _existing(db, name)
-    started = claim(current, node)
+    if node is not None:
+        mac = cloud_volumes.dom0(db, node)
+    elif current.claim is not None:
+        mac = current.claim.node
+    else:
+        if current.desired == Desired.DESTROYED:
+            claim(current, "")  # raises: it is being destroyed
+        mac = choose(current.memory, _dom0s(db),
+                     [i for i in load_all(db) if i.id != current.id])
+    started = claim(current, mac)
     if started == current:
         return current, generation(db)
     started = replace(started, updated=now)
-    _volume_follows(db, started, node, now, attach=True)
+    _volume_follows(db, started, mac, now, attach=True)
     save(db, started)
-    event(db, started, "start.requested", now, node=node, epoch=started.claim.epoch
+    event(db, started, "start.requested", now, node=mac, epoch=started.claim.epoch
           if started.claim else None)
     return started, bump(db)
+
+
+def reboot(db: sqlite3.Connection, name: str, now: float) -> tuple[Instance, int]:
+    """A reboot of running instance ``name``: its dom0 reboots the guest (same claim)."""
+    current = _existing(db, name)
+    if current.desired != Desired.RUNNING or current.claim is None:
+        raise Conflict(f"instance {name} is {current.desired}: only a running instance "
+                       "reboots", hint=f"'configserver instance start {name}'")
+    rebooting = replace(current, reboots=current.reboots + 1, updated=now)
+    save(db, rebooting)
+    event(db, rebooting, "reboot.requested", now, reboot=rebooting.reboots)
+    return rebooting, bump(db)
+
+
+def destroy(db: sqlite3.Connection, name: str, now: float, *,
+            delete_disk: bool) -> tuple[Instance, int]:
+    """Instance ``name`` destroyed: at once if no dom0 holds its claim, else once the holder
+    (which stops the guest hard) reports it gone. Its volume stays unless ``delete_disk``.
+    The returned instance has no claim if it is gone already."""
+    current = _existing(db, name)
+    doomed = replace(current, desired=Desired.DESTROYED, updated=now,
+                     delete_disk=current.delete_disk or delete_disk)
+    event(db, doomed, "destroy.requested", now, delete_disk=doomed.delete_disk)
+    if doomed.claim is None:
+        _forget(db, doomed, now)
+    else:
+        save(db, doomed)
+    return doomed, bump(db)
+
+
+def _forget(db: sqlite3.Connection, instance: Instance, now: float) -> None:
+    """The instance's row gone (its NICs and addresses freed, its timeline kept); its volume
+    deleted if asked: any attachment left is revoked at once, as no guest uses it now."""
+    db.execute("DELETE FROM instances WHERE id=?", (instance.id,))
+    event(db, instance, "destroyed", now)
+    row = (db.execute("SELECT name FROM volumes WHERE id=?", (instance.volume,)).fetchone()
+           if instance.volume else None)
+    if row is None or not instance.delete_disk:
+        return
+    volume = cloud_volumes.by_name(db, row["name"])
+    for attachment in volume.attachments if volume else ():
+        cloud_volumes.detach(db, name=row["name"], node=attachment.node, now=now, force=True)
+    cloud_volumes.delete(db, name=row["name"], now=now)
 
 
 def stop(db: sqlite3.Connection, name: str, now: float) -> tuple[Instance, int]:
     """Instance ``name`` wanted stopped; its claim stays until the holder reports it gone."""
     current = _existing(db, name)
-    if current.desired == Desired.STOPPED:
+    if current.desired != Desired.RUNNING:
         return current, generation(db)
     stopping = replace(current, desired=Desired.STOPPED, updated=now)
     save(db, stopping)
@@ -209,6 +280,8 @@ def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
     _volume_follows(db, released, node, now, attach=False)
     save(db, released)
     event(db, released, "claim.released", now, node=node, epoch=epoch)
+    if released.desired == Desired.DESTROYED:
+        _forget(db, released, now)
     return released, bump(db)
 
 
@@ -251,5 +324,6 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
     return json.loads(row[0]) if row else None
 
 
-__all__ = ["by_name", "create", "create_with_disk", "dom0_facts", "events", "gone",
-           "load_all", "nic", "record_report", "save", "start", "stop", "used_addresses"]
+__all__ = ["by_name", "create", "create_with_disk", "destroy", "dom0_facts", "events", "gone",
+           "load_all", "nic", "reboot", "record_report", "save", "start", "stop",
+           "used_addresses"]

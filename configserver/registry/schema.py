@@ -169,6 +169,8 @@ MIGRATIONS: tuple[str, ...] = (
         epoch INTEGER NOT NULL DEFAULT 0,
         ssh_keys TEXT NOT NULL DEFAULT '[]',
         usage TEXT NOT NULL DEFAULT '{}',
+        reboots INTEGER NOT NULL DEFAULT 0,
+        delete_disk INTEGER NOT NULL DEFAULT 0,
         created REAL NOT NULL,
         updated REAL NOT NULL
     );

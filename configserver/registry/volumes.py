@@ -238,7 +238,8 @@ def resolve_node(db: sqlite3.Connection, ref: str) -> str | None:
     return str(row[0]) if row else None
 
 
-def _dom0(db: sqlite3.Connection, ref: str) -> str:
+def dom0(db: sqlite3.Connection, ref: str) -> str:
+    """The primary MAC of dom0 ``ref`` (hostname or MAC), if it may take volumes."""
     mac = resolve_node(db, ref)
     if mac is None:
         raise NotFound(f"no node {ref!r}", hint="name a dom0 by hostname or MAC "
@@ -255,7 +256,7 @@ def _dom0(db: sqlite3.Connection, ref: str) -> str:
 
 def attach(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Volume, int]:
     volume = _existing(db, name)
-    mac = _dom0(db, node)
+    mac = dom0(db, node)
     if volume.state not in EXPORTED_STATES:
         raise Conflict(f"volume {name} is {volume.state}: it cannot be attached")
     current = volume.attachment(mac)

@@ -16,6 +16,7 @@ import logging
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from nodeagent.errors import ServerError
@@ -43,14 +44,25 @@ class Role(Protocol):
         ...
 
 
-def role_for(name: str | None) -> Role | None:
-    """The cloud role of a node role, if it has one."""
+@dataclass(frozen=True)
+class ServerHooks:
+    """What a role asks of the config server besides its work: a dom0 confirms a guest's
+    claim (instance, epoch) just before ``xl create`` and fetches guest kernels."""
+
+    confirm: Callable[[str, int], Awaitable[bool]]
+    fetch: Callable[[str, Path], Awaitable[None]]
+
+
+def role_for(name: str | None, hooks: ServerHooks | None = None) -> Role | None:
+    """The cloud role of a node role, if it has one; a dom0 runs guests only with ``hooks``."""
     if name == "storage":
         from nodeagent.roles.storage import StorageRole
         return StorageRole()
     if name == "dom0":
+        from nodeagent.roles import xen
         from nodeagent.roles.dom0 import Dom0Role
-        return Dom0Role()
+        from nodeagent.roles.dom0_guests import Guests
+        return Dom0Role(Guests(xen, hooks.confirm, hooks.fetch) if hooks else None)
     return None
 
 
@@ -91,7 +103,10 @@ class Reconciler:
         failures = 0
         work: dict[str, Any] | None = None
         while True:
-            wait = BUSY_WAIT if self.role.busy() or failures else self._poll_wait
+            # A role may look more often than the long poll's wait (a dom0 running guests
+            # checks that nothing runs there without its claim every ``resync`` seconds).
+            resync = getattr(self.role, "resync", None) or self._poll_wait
+            wait = BUSY_WAIT if self.role.busy() or failures else min(self._poll_wait, resync)
             try:
                 work, changed = await self._next_work(generation, wait, work)
                 generation = int(work.get("generation") or 0)

@@ -15,21 +15,30 @@ same path on every dom0. One reconcile pass, safe to repeat after any crash:
 A leg flagged ``leaving`` (its storage node is drained) is taken out of the array and logged
 out of before its export goes, so the writer sees no stall; unflagged again, it is logged in
 and re-added like any returning leg.
+
+Then the guests (``dom0_guests``): created once their array is assembled, stopped, rebooted
+or destroyed as the work says; the report carries what runs (``guests``), the host's Xen
+facts (``xen``) and what was done (``events``).
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import time
 from typing import Any
 
 from nodeagent.errors import IscsiError, MdError, RoleError
 from nodeagent.roles import iscsi, md
+from nodeagent.roles.dom0_guests import Guests
 
 log = logging.getLogger(__name__)
 
 DEVICE_WAIT = 10.0
+# With guests: a pass at least this often, so a domain started by hand without the claim is
+# destroyed within one heartbeat (15 s), not only at the next change of the work.
+GUEST_RESYNC = 10.0
 # A leg whose login failed (its storage node is down) is tried again after this long, so that
 # a pass stays short and the rest of the node's state is reported meanwhile.
 LOGIN_RETRY = 15.0
@@ -40,7 +49,9 @@ class Dom0Role:
 
     name = "dom0"
 
-    def __init__(self) -> None:
+    def __init__(self, guests: Guests | None = None) -> None:
+        self.guests = guests
+        self.resync = GUEST_RESYNC if guests is not None else None
         self._initiator: str | None = None
         self._settled = True
         # Legs whose last login failed: (target, portal) -> (monotonic time, error).
@@ -75,6 +86,13 @@ class Dom0Role:
                 log.warning("volume %s: %s", attachment.get("name"), exc)
                 report["attachments"].append(self._state(attachment, error=str(exc)))
         report["detached"] = await self._detach_unwanted(wanted)
+        if self.guests is not None:
+            try:
+                report.update(await self.guests.reconcile(
+                    [g for g in work.get("guests") or [] if isinstance(g, dict)],
+                    devices_ready=os.path.exists))
+            except RoleError as exc:  # xl itself failed: the volumes' report still goes
+                log.warning("guests: %s", exc)
         leaving = {(a["volume"], leg["node"]) for a in wanted for leg in a.get("legs") or []
                    if leg.get("leaving")}
         self._settled = all(

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from nodeagent.errors import RoleError, XenError
+from nodeagent.errors import RoleError, ServerError, XenError
 from nodeagent.roles.guests import Action, Do, plan
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
@@ -38,6 +38,7 @@ class Toolstack(Protocol):
     async def create(self, config_path: str) -> None: ...
     async def shutdown(self, name: str, timeout: float) -> None: ...
     async def destroy(self, name: str) -> None: ...
+    async def reboot(self, name: str, timeout: float) -> None: ...
 
 
 class Guests:
@@ -60,12 +61,14 @@ class Guests:
         for entry in entries:
             try:
                 specs.append(await self._spec(entry))
-            except RoleError as exc:
+            except (RoleError, ServerError) as exc:  # a bad entry, or its kernel unreachable
                 errors[str(entry.get("id"))] = exc.message
-        for action in plan(specs, await self.xl.domains()):
+        running = await self.xl.domains()
+        applied = self._reboots_applied(specs, running)
+        for action in plan(specs, running, applied):
             try:
                 await self._carry_out(action, facts, devices_ready)
-            except RoleError as exc:
+            except (RoleError, ServerError) as exc:  # xl failed, or the claim unconfirmed
                 if action.spec is not None:
                     errors[action.spec.id] = exc.message
                 log.warning("guest %s: %s failed: %s", action.name, action.do, exc.message)
@@ -110,6 +113,30 @@ class Guests:
                 self._event(action.name, "destroyed", reason=f"no clean shutdown: {exc}")
         elif action.do == Do.CREATE and action.spec is not None:
             await self._create(action.spec, facts, devices_ready)
+        elif action.do == Do.REBOOT and action.spec is not None:
+            self._applied(action.name, action.spec.reboots)  # asked once, not every pass
+            await self.xl.reboot(action.name, self.shutdown_timeout)
+            self._event(action.name, "rebooted", reboots=action.spec.reboots)
+
+    def _reboots_applied(self, specs: Sequence[GuestSpec],
+                         running: Sequence[Domain]) -> dict[str, int]:
+        """Domain name -> the reboot count applied here (``<domain>.boot``); a running guest
+        with no record (created by an agent before this one) is taken as up to date."""
+        here = {d.name for d in running}
+        applied = {}
+        for spec in specs:
+            record = self.config_dir / f"{spec.name}.boot"
+            try:
+                applied[spec.name] = int(record.read_text())
+            except (OSError, ValueError):
+                if spec.name in here:
+                    self._applied(spec.name, spec.reboots)
+                    applied[spec.name] = spec.reboots
+        return applied
+
+    def _applied(self, name: str, reboots: int) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        (self.config_dir / f"{name}.boot").write_text(f"{reboots}\n")
 
     async def _create(self, spec: GuestSpec, facts: Mapping[str, Any],
                       devices_ready: Callable[[str], bool]) -> None:
@@ -126,6 +153,7 @@ class Guests:
         path = self.config_dir / f"{spec.name}.cfg"
         path.write_text(guest_config(spec, hap=bool(facts.get("hap"))))
         await self.xl.create(str(path))
+        self._applied(spec.name, spec.reboots)  # a fresh boot is every reboot asked so far
         self._event(spec.name, "created", epoch=spec.epoch)
 
     def _event(self, domain: str, stage: str, **detail: Any) -> None:

@@ -7,8 +7,11 @@ The work names only the instances whose claim this dom0 holds, each with its epo
 * an instance wanted running and not running is created, once the agent confirmed the claim
   (node and epoch) with the config server just before ``xl create``;
 * an instance wanted stopped that still runs is shut down cleanly (then destroyed if it does
-  not stop in time); one wanted stopped that is gone is reported gone, which releases the
-  claim on the server.
+  not stop in time), or destroyed at once when the stop is hard (the instance is being
+  destroyed); one wanted stopped that is gone is reported gone, which releases the claim on
+  the server;
+* a running instance whose reboot count is past the one this dom0 last applied is rebooted
+  (a fresh create applies every reboot asked before it).
 
 Domains not named like an instance (an operator's own) are left alone.
 """
@@ -16,7 +19,7 @@ Domains not named like an instance (an operator's own) are left alone.
 from __future__ import annotations
 
 import enum
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from nodeagent.roles.xen import DOM0, Domain, GuestSpec
@@ -28,6 +31,7 @@ class Do(enum.StrEnum):
     CREATE = "create"
     SHUTDOWN = "shutdown"
     DESTROY = "destroy"
+    REBOOT = "reboot"
     GONE = "gone"  # report only: the instance is stopped here
 
 
@@ -39,9 +43,12 @@ class Action:
     reason: str = ""
 
 
-def plan(specs: Sequence[GuestSpec], running: Sequence[Domain]) -> list[Action]:
+def plan(specs: Sequence[GuestSpec], running: Sequence[Domain],
+         rebooted: Mapping[str, int] | None = None) -> list[Action]:
     """The actions that bring ``running`` to ``specs``: destroys first, then shutdowns,
-    creates and reports."""
+    creates, reboots and reports. ``rebooted``: domain name -> the reboot count this dom0
+    last applied to it."""
+    rebooted = rebooted or {}
     wanted = {s.name: s for s in specs}
     here = {d.name: d for d in running if d.name != DOM0}
     actions: list[Action] = []
@@ -61,7 +68,10 @@ def plan(specs: Sequence[GuestSpec], running: Sequence[Domain]) -> list[Action]:
         if spec.running and not present and (domain is None or name in destroyed):
             actions.append(Action(Do.CREATE, name, spec))
         elif not spec.running and present:
-            actions.append(Action(Do.SHUTDOWN, name, spec))
+            actions.append(Action(Do.DESTROY if spec.hard else Do.SHUTDOWN, name, spec,
+                                  reason="the instance is being destroyed" if spec.hard else ""))
+        elif spec.running and present and spec.reboots > rebooted.get(name, spec.reboots):
+            actions.append(Action(Do.REBOOT, name, spec))
         elif not spec.running and domain is None:
             actions.append(Action(Do.GONE, name, spec))
     return actions

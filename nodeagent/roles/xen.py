@@ -51,6 +51,8 @@ class GuestSpec:
     ramdisk: str | None
     cmdline: str
     nics: tuple[tuple[str, str], ...]  # (mac, bridge)
+    hard: bool = False  # stopped without a clean shutdown (the instance is being destroyed)
+    reboots: int = 0  # reboot requests so far: one past what this dom0 applied means reboot
 
 
 def parse_list(text: str) -> list[Domain]:
@@ -166,6 +168,12 @@ async def destroy(name: str) -> None:
     await _xl("destroy", name)
 
 
+async def reboot(name: str, timeout: float) -> None:
+    """A clean reboot, waited for (``on_reboot = "restart"`` brings the guest back as a new
+    domain; waiting keeps a pass from seeing it briefly gone and creating it twice)."""
+    await _xl("reboot", "-w", name, timeout=timeout)
+
+
 def spec_from_work(entry: Mapping[str, Any], kernel: str, ramdisk: str | None) -> GuestSpec:
     """A GuestSpec from a work entry (the shape is the server's: docs/api.md)."""
     try:
@@ -176,10 +184,12 @@ def spec_from_work(entry: Mapping[str, Any], kernel: str, ramdisk: str | None) -
             memory_mib=int(entry["memory_mib"]), vcpus=int(entry["vcpus"]),
             device=str(entry["device"]), kernel=kernel, ramdisk=ramdisk,
             cmdline=str(entry.get("cmdline") or ""),
-            nics=tuple((str(n["mac"]), str(n.get("bridge") or "xenbr0")) for n in nics))
+            nics=tuple((str(n["mac"]), str(n.get("bridge") or "xenbr0")) for n in nics),
+            hard=bool(entry.get("hard")), reboots=int(entry.get("reboots") or 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise XenError(f"malformed instance in the work: {exc!r}") from None
 
 
 __all__ = ["DOM0", "Domain", "GuestSpec", "create", "destroy", "domains", "guest_config",
-           "info", "parse_info", "parse_list", "parse_list_long", "shutdown", "spec_from_work"]
+           "info", "parse_info", "parse_list", "parse_list_long", "reboot", "shutdown",
+           "spec_from_work"]

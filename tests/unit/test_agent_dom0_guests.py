@@ -47,9 +47,15 @@ class FakeXl:
         self.calls.append(("destroy", name))
         self.running.pop(name, None)
 
+    async def reboot(self, name, timeout):
+        self.calls.append(("reboot", name))
+        old = self.running[name]
+        self.running[name] = Domain(name, old.domid + 1, old.memory_mib, old.vcpus, "blocked",
+                                    0.0, old.uuid)
 
-def entry(desired="running", epoch=2, kernel=KERNEL):
-    return {"id": "0123456789abcdef", "domain": "nb-web", "uuid": UUID, "epoch": epoch,
+
+def entry(desired="running", epoch=2, kernel=KERNEL, **more):
+    return {**more, "id": "0123456789abcdef", "domain": "nb-web", "uuid": UUID, "epoch": epoch,
             "desired": desired, "memory_mib": 256, "vcpus": 1,
             "device": "/dev/md/nb-fedcba9876543210", "cmdline": "root=/dev/xvda ro",
             "kernel": {"url": "http://s/k", "sha256": hashlib.sha256(kernel).hexdigest()},
@@ -140,3 +146,27 @@ async def test_an_entry_without_a_checkable_kernel_starts_nothing(tmp_path, brok
     made, _, _ = guests(tmp_path, xl)
     await made.reconcile([{**entry(), **broken}], lambda device: True)
     assert xl.calls == []
+
+
+async def test_a_hard_stop_destroys_without_asking_the_guest(tmp_path):
+    xl = FakeXl([Domain("nb-web", 3, 256, 1, "running", 9.0, UUID)])
+    made, _, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry("stopped", hard=True)], lambda device: True)
+    assert xl.calls == [("destroy", "nb-web")] and report["guests"][0]["state"] == "stopped"
+
+
+async def test_a_reboot_request_is_applied_once(tmp_path):
+    xl = FakeXl()
+    made, _, _ = guests(tmp_path, xl)
+    await made.reconcile([entry(reboots=4)], lambda device: True)  # created: 4 applied
+    await made.reconcile([entry(reboots=4)], lambda device: True)
+    assert xl.calls == [("create", "nb-web")]
+    report = await made.reconcile([entry(reboots=5)], lambda device: True)
+    assert xl.calls[-1] == ("reboot", "nb-web")
+    assert [e["stage"] for e in report["events"]] == ["rebooted"]
+    await made.reconcile([entry(reboots=5)], lambda device: True)
+    assert [c for c in xl.calls if c[0] == "reboot"] == [("reboot", "nb-web")]
+    # A new agent (the records survive in /run) does not reboot it again.
+    again, _, _ = guests(tmp_path, xl)
+    await again.reconcile([entry(reboots=5)], lambda device: True)
+    assert len(xl.calls) == 2

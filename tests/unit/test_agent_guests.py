@@ -133,3 +133,17 @@ def test_plan_shuts_down_a_guest_wanted_stopped_and_reports_it_gone_after():
 
 def test_plan_waits_for_a_dying_domain():
     assert plan([spec()], [domain(state="dying")]) == []
+
+
+def test_plan_destroys_at_once_when_the_stop_is_hard():
+    [action] = plan([spec(running=False, hard=True)], [domain()])
+    assert action.do == Do.DESTROY and "destroyed" in action.reason
+
+
+def test_plan_reboots_only_past_the_count_applied_here():
+    assert plan([spec(reboots=2)], [domain()], {"nb-web": 2}) == []
+    assert plan([spec(reboots=2)], [domain()]) == []  # no record: taken as up to date
+    assert [(a.do, a.name) for a in plan([spec(reboots=3)], [domain()], {"nb-web": 2})] == [
+        (Do.REBOOT, "nb-web")]
+    # Not running: a create, which applies every reboot asked so far.
+    assert [a.do for a in plan([spec(reboots=3)], [], {"nb-web": 1})] == [Do.CREATE]

@@ -620,3 +620,32 @@ async def test_a_change_on_the_node_runs_a_pass_without_waiting_for_the_server(m
         await task
     assert role.seen[:2] == [{"exports": ["x"]}, {"exports": ["x"]}]
     assert reported[:3] == [{"pass": 1}, {"snapshot": True}, {"pass": 2}]
+
+
+async def test_a_dom0_with_guests_reports_them_after_its_volumes(monkeypatch, tmp_path):
+    """The guests' part runs after the arrays: a guest on a volume assembled in this same
+    pass is created in it (the device exists), and the report carries guests and Xen facts."""
+    from test_agent_dom0_guests import FakeXl, entry
+
+    from nodeagent.roles.dom0_guests import Guests
+
+    FakeDom0(monkeypatch)
+    xl = FakeXl()
+
+    async def confirm(name, epoch):
+        return True
+
+    async def fetch(url, dest):
+        from test_agent_dom0_guests import KERNEL, RAMDISK
+        dest.write_bytes({"http://s/k": KERNEL, "http://s/r": RAMDISK}[url])
+
+    role = dom0.Dom0Role(Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
+                                kernel_dir=tmp_path / "k"))
+    assembled = []
+    monkeypatch.setattr(dom0.os.path, "exists",
+                        lambda path: assembled.append(path) or path == f"/dev/md/nb-{VID}")
+    guest = {**entry(), "device": f"/dev/md/nb-{VID}"}
+    report = await role.reconcile({**_work(_attachment(create=True)), "guests": [guest]})
+    assert report["attachments"][0]["state"] == "attached"
+    assert xl.calls == [("create", "nb-web")] and report["guests"][0]["state"] == "blocked"
+    assert report["xen"]["free_memory_mib"] == 1400 and assembled == [f"/dev/md/nb-{VID}"]

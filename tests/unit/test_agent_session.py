@@ -74,7 +74,7 @@ class Agent:
         client = ServerClient(self.config.server, self.http, 2.0)
         self.session = AgentSession(self.config, client, self.collect, rng=random.Random(1),
                                     role_facts_source=self.role_facts,
-                                    cloud_roles=lambda role: None)
+                                    cloud_roles=lambda role, hooks: None)
         self.task = asyncio.create_task(self.session.run())
         return self
 

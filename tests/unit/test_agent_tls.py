@@ -73,7 +73,7 @@ async def run_agent(plain_url, state_dir, fingerprint, until, timeout=20.0):
     async with aiohttp.ClientSession() as http:
         session = AgentSession(config, ServerClient(config.api_url, http, 2.0), collect,
                                rng=random.Random(1), role_facts_source=role_facts,
-                               cloud_roles=lambda role: None)
+                               cloud_roles=lambda role, hooks: None)
         task = asyncio.create_task(session.run())
         try:
             async with asyncio.timeout(timeout):

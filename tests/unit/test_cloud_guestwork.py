@@ -50,3 +50,11 @@ def test_a_stopping_instance_stays_listed_for_its_holder():
 
 def test_an_unclaimed_instance_is_nobodys_work():
     assert work([replace(WEB, claim=None, desired=Desired.STOPPED)], A) == []
+
+
+def test_a_destroyed_instance_is_a_hard_stop_and_reboots_are_counted():
+    attached = VOLUME.with_attachment(Attachment(A, "attached"), A)
+    [entry] = work([replace(WEB, desired=Desired.DESTROYED, reboots=2)], A, attached)
+    assert entry["desired"] == "stopped" and entry["hard"] is True and entry["reboots"] == 2
+    [entry] = work([replace(WEB, reboots=1)], A, attached)
+    assert entry["hard"] is False and entry["reboots"] == 1

@@ -82,7 +82,7 @@ def test_pick_ip_lowest_free_pinned_and_errors():
     assert pick_ip(pool, (), "198.18.0.102") == "198.18.0.102"
     with pytest.raises(InvalidRequest, match="outside"):
         pick_ip(pool, (), "198.18.0.99")
-    with pytest.raises(InvalidRequest, match="already"):
+    with pytest.raises(InvalidRequest, match="is taken"):
         pick_ip(pool, {"198.18.0.101"}, "198.18.0.101")
     with pytest.raises(InvalidRequest, match="not an IPv4"):
         pick_ip(pool, (), "nope")

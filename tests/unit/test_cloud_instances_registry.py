@@ -23,8 +23,19 @@ def db():
     for script in MIGRATIONS:
         for statement in split_sql(script):
             connection.execute(statement)
+    add_dom0s(connection)
     yield connection
     connection.close()
+
+
+def add_dom0s(db: sqlite3.Connection, *, free_mib: int = 1024) -> None:
+    db.execute("INSERT OR IGNORE INTO roles (name, image, template) VALUES ('dom0','dom0','xen')")
+    for number, mac in enumerate((A, B), start=1):
+        db.execute("INSERT INTO nodes (mac, role, hostname, state, created, updated) "
+                   "VALUES (?, 'dom0', ?, 'ready', 0, 0)", (mac, f"dom0-{number}"))
+        db.execute("INSERT INTO nics (mac, node, position) VALUES (?, ?, 0)", (mac, mac))
+        db.execute("INSERT INTO dom0_reports VALUES (?, ?, 0)",
+                   (mac, f'{{"free_memory_mib": {free_mib}}}'))
 
 
 def web() -> Instance:
@@ -50,7 +61,10 @@ def test_the_nic_lookup_answers_for_instance_macs_only(db):
     found = rows.nic(db, "00:16:3e:00:00:01")
     assert found is not None and found[0].name == "web" and found[1].ip == "198.18.0.100"
     assert rows.nic(db, "00:16:3e:00:00:02") is None
-    assert rows.used_addresses(db) == ({"00:16:3e:00:00:01"}, {"198.18.0.100"})
+    macs, ips = rows.used_addresses(db)  # the nodes' NICs count too (the fixture's dom0s)
+    assert "00:16:3e:00:00:01" in macs and ips >= {"198.18.0.100"}
+    node_macs = {r[0] for r in db.execute("SELECT mac FROM nics")}
+    assert macs == {"00:16:3e:00:00:01"} | node_macs
 
 
 def test_an_address_is_never_stored_twice(db):
@@ -86,21 +100,37 @@ def test_unknown_instance_is_not_found(db):
         rows.start(db, "nope", A, now=1.0)
 
 
+def _xen(registry, mac: str, free_mib: int) -> None:
+    from cloudtest import dom0_report
+
+    report = dom0_report()
+    report["dom0"]["xen"] = {"free_memory_mib": free_mib}
+    registry.record_cloud_report(mac, report)
+
+
 def test_fifty_concurrent_starts_leave_one_holder(tmp_path):
-    """50 threads start one instance through the registry at once, naming three dom0s: one
-    claim, on the dom0 of a start that succeeded; every other start naming another dom0 is
-    refused with ClaimHeld and one naming the holder changes nothing."""
+    """50 threads start one instance through the registry at once, naming three dom0s or
+    none (the scheduler's choice): one claim, on the dom0 of a start that succeeded; every
+    start naming another dom0 is refused with ClaimHeld, and one naming the holder or none
+    changes nothing."""
     from concurrent.futures import ThreadPoolExecutor
+
+    from cloudtest import DOM0, DOM0B, cloud, ready
 
     from configserver.registry.sqlite import SqliteRegistry
 
-    dom0s = (A, B, "52:54:00:00:00:03")
+    third = "52:54:00:00:d0:03"
+    dom0s = (DOM0, DOM0B, third, None)
     registry = SqliteRegistry(tmp_path / "registry.sqlite")
     try:
+        cloud(registry, dom0s=2)
+        ready(registry, third, "dom0", "dom0-3")
+        for mac in (DOM0, DOM0B, third):
+            _xen(registry, mac, 1024)
         registry.create_instance(web())
 
-        def start(i: int) -> tuple[str, str]:
-            node = dom0s[i % 3]
+        def start(i: int) -> tuple[str | None, str]:
+            node = dom0s[i % 4]
             try:
                 registry.start_instance("web", node)
             except ClaimHeld:
@@ -111,11 +141,81 @@ def test_fifty_concurrent_starts_leave_one_holder(tmp_path):
             results = list(pool.map(start, range(50)))
         final = registry.instance("web")
         assert final.claim is not None and final.claim.epoch == 1
-        assert {node for node, outcome in results if outcome == "ok"} == {final.claim.node}
+        assert {node for node, outcome in results if outcome == "ok"} <= {final.claim.node,
+                                                                         None}
         assert all(outcome == "refused" for node, outcome in results
-                   if node != final.claim.node)
+                   if node not in (final.claim.node, None))
+        assert all(outcome == "ok" for node, outcome in results if node is None)
         stages = [e["stage"] for e in registry.instance_events(final.id)]
         assert stages == ["created", "start.requested"]
+    finally:
+        registry.close()
+
+
+def test_the_scheduler_places_a_start_without_a_dom0(tmp_path):
+    from cloudtest import DOM0, DOM0B, cloud
+
+    from configserver.errors import NoRoom
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=2)
+        registry.create_instance(web())
+        with pytest.raises(NoRoom, match="dom0-1: has not reported its memory yet"):
+            registry.start_instance("web")
+        assert registry.instance("web").claim is None
+        _xen(registry, DOM0, 200)
+        _xen(registry, DOM0B, 900)
+        started, _ = registry.start_instance("web")
+        assert started.claim == Claim(DOM0B, 1)
+        registry.drain_node("dom0-2")
+        with pytest.raises(Exception, match="drained"):
+            registry.start_instance("web", "dom0-2")
+    finally:
+        registry.close()
+
+
+def test_reboot_counts_and_destroy_forgets_once_gone(tmp_path):
+    from cloudtest import DOM0, GIB, cloud, dom0_report
+
+    from configserver.errors import Conflict
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    pool = ("198.18.0.100", "198.18.0.101")
+    try:
+        cloud(registry, dom0s=1)
+        created, _ = registry.create_instance_with_disk(
+            name="web", memory=256 * MIB, vcpus=1, image=None, disk=2 * GIB, tenant=None,
+            ssh_keys=(), pool=pool)
+        with pytest.raises(Conflict, match="only a running instance reboots"):
+            registry.reboot_instance("web")
+        registry.start_instance("web", DOM0)
+        rebooted, _ = registry.reboot_instance("web")
+        assert rebooted.reboots == 1
+        doomed, _ = registry.destroy_instance("web", delete_disk=True)
+        assert doomed.desired == Desired.DESTROYED and doomed.claim == Claim(DOM0, 1)
+        with pytest.raises(Conflict, match="being destroyed"):
+            registry.start_instance("web", DOM0)
+        assert registry.instance("web") is not None  # its dom0 has not reported it gone
+        registry.record_cloud_report(DOM0, {"dom0": {
+            **dom0_report()["dom0"],
+            "guests": [{"id": created.id, "epoch": 1, "state": "stopped"}]}})
+        assert registry.instance("web") is None
+        assert registry.volume("web-disk").state == "deleting"
+        assert registry.instance_nic(created.nics[0].mac) is None
+        stages = [e["stage"] for e in registry.instance_events(created.id)]
+        assert stages[-3:] == ["destroy.requested", "claim.released", "destroyed"]
+        # its address is free again
+        again, _ = registry.create_instance_with_disk(
+            name="web2", memory=256 * MIB, vcpus=1, image=None, disk=2 * GIB, tenant=None,
+            ssh_keys=(), pool=pool)
+        assert again.nics[0].ip == created.nics[0].ip
+        # an instance no dom0 holds goes at once and keeps its disk
+        kept, _ = registry.destroy_instance("web2")
+        assert registry.instance("web2") is None and registry.volume("web2-disk") is not None
+        assert kept.claim is None
     finally:
         registry.close()
 
@@ -178,6 +278,25 @@ def test_create_with_disk_is_one_transaction(tmp_path):
             registry.create_instance_with_disk(name="web", disk=GIB, **args)
         assert [i.name for i in registry.instances()] == ["db", "web"]
         assert sorted(v.name for v in registry.volumes()) == ["db-disk", "web-disk"]
+    finally:
+        registry.close()
+
+
+def test_an_instance_never_takes_a_registered_node_s_address(tmp_path):
+    from cloudtest import GIB, cloud
+
+    from configserver.model import NodeSpec
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=1)
+        registry.add_node(NodeSpec(mac="52:54:00:00:0a:01", role="dom0", hostname="spare",
+                                   ip="198.18.0.100"))
+        web, _ = registry.create_instance_with_disk(
+            name="web", disk=GIB, memory=256 * MIB, vcpus=1, image=None, tenant=None,
+            ssh_keys=(), pool=("198.18.0.100", "198.18.0.101"))
+        assert web.nics[0].ip == "198.18.0.101"
     finally:
         registry.close()
 

@@ -18,6 +18,7 @@ def test_documented_example_config_is_valid():
     assert config.http.port == 8080
     assert (config.http.keepalive_timeout, config.http.body_timeout) == (20.0, 30.0)
     assert config.tftp.enabled is True
+    assert config.cloud.instance_pool == ("198.18.0.200", "198.18.0.239")
 
 
 @pytest.mark.parametrize(("data", "message"), [
@@ -41,6 +42,13 @@ def test_documented_example_config_is_valid():
     ({"http": []}, "must be a table"),
     ({"http": {"keepalive_timeout": 0}}, "http.keepalive_timeout must be between 0 and 3600"),
     ({"http": {"body_timeout": 7200}}, "http.body_timeout must be between 0 and 3600"),
+    ({"cloud": {"instance_pool": "198.18.0.9-198.18.0.1"}}, "cloud.instance_pool: start"),
+    ({"cloud": {"instance_pool": "198.18.0.1-nine"}}, "invalid value"),
+    ({"cloud": {"instance_pool": "198.18.1.1-198.18.1.9"},
+      "dhcp": {"subnet": {"network": "198.18.0.0/24"}}}, "not inside the DHCP subnet"),
+    ({"cloud": {"instance_pool": "198.18.0.150-198.18.0.210"},
+      "dhcp": {"subnet": {"network": "198.18.0.0/24", "pool": "198.18.0.100-198.18.0.199"}}},
+     "overlaps the DHCP pool"),
 ])
 def test_bad_settings_name_the_key(data, message):
     with pytest.raises(ConfigError, match=message):

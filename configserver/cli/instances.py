@@ -1,0 +1,167 @@
+"""``configserver instance create|list|show|start|stop|reboot|destroy``: Xen guests.
+
+Every command is one API call (``/api/v1/instances``; ``create --start`` is two); ``--json``
+prints the API's JSON. The dom0 holding an instance's claim carries the change out and
+reports back: ``show`` has its timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+import urllib.parse
+from pathlib import Path
+from typing import Any
+
+from configserver.cli.format import printable, table
+from configserver.cloud.model import format_size
+from configserver.errors import InvalidRequest
+from configserver.http.client import ApiClient
+
+
+def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
+    instance = sub.add_parser("instance", parents=[common], help="Xen guests")
+    isub = instance.add_subparsers(dest="action", required=True, metavar="ACTION")
+    create = isub.add_parser("create", parents=[common],
+                             help="an instance and its disk (<name>-disk) from an image")
+    create.add_argument("name")
+    create.add_argument("--image", default="guest", help="what it boots (default guest)")
+    create.add_argument("--memory", default="256M", help="e.g. 256M, 1G (default 256M)")
+    create.add_argument("--vcpus", type=int, default=1)
+    create.add_argument("--disk", default="2G", help="its volume's size (default 2G)")
+    create.add_argument("--ip", help="its address (default: the instance pool's lowest free)")
+    create.add_argument("--ssh-key", action="append", type=Path, default=[], metavar="FILE",
+                        help="a public key file root accepts (repeatable)")
+    create.add_argument("--start", action="store_true", help="start it right away")
+    create.add_argument("--on", metavar="DOM0", help="with --start: on this dom0 (admins)")
+    isub.add_parser("list", parents=[common], help="list instances")
+    for action, text in (("show", "one instance, with its timeline"),
+                         ("stop", "shut it down cleanly"),
+                         ("reboot", "reboot it where it runs")):
+        command = isub.add_parser(action, parents=[common], help=text)
+        command.add_argument("name")
+    start = isub.add_parser("start", parents=[common], help="run it (the scheduler picks "
+                                                            "the dom0 unless --on)")
+    start.add_argument("name")
+    start.add_argument("--on", metavar="DOM0", help="this dom0's hostname or MAC (admins)")
+    destroy = isub.add_parser("destroy", parents=[common],
+                              help="stop it hard and forget it (its disk stays unless "
+                                   "--delete-disk)")
+    destroy.add_argument("name")
+    destroy.add_argument("--delete-disk", action="store_true", help="delete its volume too")
+
+
+def _path(name: str, rest: str = "") -> str:
+    return f"/api/v1/instances/{urllib.parse.quote(name, safe='')}{rest}"
+
+
+def _print(args: argparse.Namespace, data: Any, text: str) -> int:
+    if getattr(args, "json", False):
+        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True))
+    else:
+        print(printable(text, newlines=True))
+    return 0
+
+
+def _where(item: dict[str, Any]) -> str:
+    if not item.get("node"):
+        return "-"
+    return item["hostname"] or item["node"]
+
+
+def _ips(item: dict[str, Any]) -> str:
+    return ", ".join(n["ip"] or "-" for n in item["nics"])
+
+
+def instance_table(instances: list[dict[str, Any]]) -> str:
+    if not instances:
+        return "no instances"
+    return table(("NAME", "DESIRED", "ACTUAL", "DOM0", "IP", "MEMORY", "VCPUS", "TENANT"),
+                 [(i["name"], i["desired"], i["actual"], _where(i), _ips(i),
+                   format_size(i["memory"]), i["vcpus"], i["tenant"]) for i in instances])
+
+
+def instance_details(item: dict[str, Any]) -> str:
+    claim = f"{_where(item)} (epoch {item['epoch']})" if item.get("node") else "- (nowhere)"
+    lines = [
+        f"Instance:     {item['name']} ({item['id']})",
+        f"Desired:      {item['desired']}",
+        f"Actual:       {item['actual']}",
+        f"Dom0:         {claim}",
+        f"Domain:       {item['domain']} {item['uuid']}",
+        f"Memory:       {format_size(item['memory'])}, {item['vcpus']} vCPU(s)",
+        f"Image:        {item['image'] or '-'}",
+        f"Disk:         {item.get('disk') or item['volume'] or '-'}",
+        f"Tenant:       {item['tenant'] or '- (admin)'}",
+        f"SSH keys:     {item['ssh_keys']}",
+        f"Reboots:      {item['reboots']}",
+    ]
+    for nic in item["nics"]:
+        lines.append(f"NIC:          {nic['mac']} {nic['ip'] or '-'}")
+    usage = item.get("usage") or {}
+    if usage:
+        lines.append("Usage:        " + ", ".join(f"{k} {v:g}" for k, v in sorted(usage.items())))
+    timeline = item.get("timeline") or []
+    if timeline:
+        lines.append("Timeline:")
+    for event in timeline:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+        detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
+        lines.append(f"  {stamp}  {event['stage']:<18} {detail}".rstrip())
+    return "\n".join(printable(line) for line in lines)
+
+
+def _keys(files: list[Path]) -> list[str]:
+    keys = []
+    for path in files:
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise InvalidRequest(f"cannot read {path}: {exc.strerror}") from None
+        keys += [line.strip() for line in text.splitlines()
+                 if line.strip() and not line.startswith("#")]
+    return keys
+
+
+def _start(client: ApiClient, name: str, on: str | None) -> dict[str, Any]:
+    return client.post(_path(name, "/start"), {"node": on} if on else {})
+
+
+def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
+    if args.action == "list":
+        instances = client.get("/api/v1/instances")["instances"]
+        return _print(args, instances, instance_table(instances))
+    if args.action == "create":
+        if args.on and not args.start:
+            raise InvalidRequest("--on places a start: give --start too")
+        body: dict[str, Any] = {"name": args.name, "image": args.image,
+                                "memory": args.memory, "vcpus": args.vcpus,
+                                "disk": args.disk, "ssh_keys": _keys(args.ssh_key)}
+        if args.ip:
+            body["ip"] = args.ip
+        made = client.post("/api/v1/instances", body)
+        text = (f"created instance {made['name']} ({_ips(made)}) with disk {made['disk']}")
+        if args.start:
+            made = _start(client, args.name, args.on)
+            text += f"; starting on {_where(made)}"
+        return _print(args, made, text)
+    if args.action == "show":
+        item = client.get(_path(args.name))
+        return _print(args, item, instance_details(item))
+    if args.action == "start":
+        item = _start(client, args.name, args.on)
+        return _print(args, item, f"instance {item['name']} starting on {_where(item)}")
+    if args.action == "destroy":
+        query = "?delete_disk=true" if args.delete_disk else ""
+        item = client.delete(_path(args.name) + query)
+        disk = " and its disk" if args.delete_disk else ""
+        text = (f"instance {item['name']}{disk} destroyed" if item.get("gone") else
+                f"destroying instance {item['name']}{disk}: {_where(item)} stops it")
+        return _print(args, item, text)
+    item = client.post(_path(args.name, f"/{args.action}"), {})
+    verb = {"stop": "stopping", "reboot": "rebooting"}[args.action]
+    return _print(args, item, f"instance {item['name']} {verb} on {_where(item)}")
+
+
+__all__ = ["add_parser", "cmd_instance", "instance_details", "instance_table"]

@@ -1,0 +1,226 @@
+"""Instances (Xen guests) over HTTP (``/api/v1/instances``), for admins and tenants.
+
+As with volumes, a tenant's certificate creates instances its tenant owns and sees and acts
+only on those (any other is a 404); an admin sees all. Creating one creates its volume
+``<name>-disk`` from the image in the same write, with a MAC in Xen's range and an address
+from the instance pool (``[cloud] instance_pool``). Start, stop, reboot and destroy change
+the desired state and the guest map in one registry write each; the dom0 holding the claim
+carries it out and reports back. Each change wakes the agents' long polls (``CLOUD``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+from aiohttp import web
+
+from configserver.cloud.instances import (
+    Instance,
+    to_json,
+    validate_instance_name,
+    validate_memory,
+    validate_vcpus,
+)
+from configserver.cloud.model import parse_size
+from configserver.errors import Forbidden, InvalidRequest, NotFound, UnknownImage
+from configserver.http.api import read_body
+from configserver.http.appkeys import CATALOG, CLOUD, CONFIG, REGISTRY
+from configserver.http.auth import IDENTITY
+from configserver.http.volumesapi import image_for_volume
+
+_CREATE_FIELDS = {"name", "memory", "vcpus", "image", "disk", "ip", "ssh_keys"}
+DEFAULT_MEMORY = "256M"
+DEFAULT_DISK = "2G"
+MAX_SSH_KEYS = 32
+MAX_SSH_KEY_LENGTH = 16384
+
+
+def setup_routes(app: web.Application) -> None:
+    r = app.router
+    r.add_get("/api/v1/instances", list_instances)
+    r.add_post("/api/v1/instances", create_instance)
+    r.add_get("/api/v1/instances/{name}", show_instance)
+    r.add_delete("/api/v1/instances/{name}", destroy_instance)
+    r.add_post("/api/v1/instances/{name}/start", start_instance)
+    r.add_post("/api/v1/instances/{name}/stop", stop_instance)
+    r.add_post("/api/v1/instances/{name}/reboot", reboot_instance)
+
+
+def _tenant(request: web.Request) -> str | None:
+    identity = request[IDENTITY]
+    return None if identity.is_admin else identity.tenant
+
+
+def _visible(request: web.Request, instance: Instance | None) -> bool:
+    return instance is not None and (request[IDENTITY].is_admin
+                                     or instance.tenant == _tenant(request))
+
+
+async def _find(request: web.Request) -> Instance:
+    name = request.match_info["name"]
+    instance = await asyncio.to_thread(request.app[REGISTRY].instance, name)
+    if instance is None or not _visible(request, instance):
+        raise NotFound(f"no instance {name!r}", hint="see 'configserver instance list'")
+    return instance
+
+
+def instance_json(instance: Instance, hostnames: Mapping[str, str | None],
+                  disks: Mapping[str, str], timeline: list[dict[str, Any]] | None = None
+                  ) -> dict[str, Any]:
+    """An instance as the API shows it: the guest map's dom0 by MAC and hostname, its disk by
+    volume name."""
+    body = to_json(instance)
+    body["hostname"] = hostnames.get(body["node"]) if body["node"] else None
+    body["disk"] = disks.get(instance.volume or "")
+    if timeline is not None:
+        body["timeline"] = timeline
+    return body
+
+
+def _names(request: web.Request, instances: list[Instance]
+           ) -> tuple[dict[str, str | None], dict[str, str]]:
+    registry = request.app[REGISTRY]
+    hostnames = {}
+    for mac in {i.claim.node for i in instances if i.claim}:
+        node = registry.lookup(mac)
+        hostnames[mac] = node.hostname if node else None
+    disks = {v.id: v.name for v in registry.volumes()} if instances else {}
+    return hostnames, disks
+
+
+async def _answer(request: web.Request, instance: Instance, generation: int, *,
+                  status: int = 200) -> web.Response:
+    request.app[CLOUD].publish(generation)
+    hostnames, disks = await asyncio.to_thread(_names, request, [instance])
+    return web.json_response(instance_json(instance, hostnames, disks), status=status)
+
+
+async def list_instances(request: web.Request) -> web.Response:
+    instances = [i for i in await asyncio.to_thread(request.app[REGISTRY].instances)
+                 if _visible(request, i)]
+    hostnames, disks = await asyncio.to_thread(_names, request, instances)
+    return web.json_response({"instances": [instance_json(i, hostnames, disks)
+                                            for i in instances]})
+
+
+async def show_instance(request: web.Request) -> web.Response:
+    instance = await _find(request)
+    events = await asyncio.to_thread(request.app[REGISTRY].instance_events, instance.id)
+    hostnames, disks = await asyncio.to_thread(_names, request, [instance])
+    return web.json_response(instance_json(instance, hostnames, disks, events))
+
+
+def ssh_keys_from(value: Any) -> tuple[str, ...]:
+    """Public SSH keys, one line each (a private key or anything else is refused)."""
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(k, str) for k in value):
+        raise InvalidRequest("ssh_keys must be a list of public keys (strings)")
+    if len(value) > MAX_SSH_KEYS:
+        raise InvalidRequest(f"at most {MAX_SSH_KEYS} SSH keys per instance")
+    keys = []
+    for key in (k.strip() for k in value):
+        if ("\n" in key or len(key) > MAX_SSH_KEY_LENGTH or len(key.split()) < 2
+                or not key.startswith(("ssh-", "ecdsa-", "sk-"))):
+            raise InvalidRequest(f"not an SSH public key: {key[:40]!r}",
+                                 hint="give the .pub line of a key (ssh-ed25519 AAAA...)")
+        keys.append(key)
+    return tuple(keys)
+
+
+def _boot_image(request: web.Request, name: Any, disk: int) -> str:
+    """An image the instance boots: a root file system for its disk, and a kernel."""
+    image_name = image_for_volume(request.app[CATALOG], name, disk)
+    if image_name is None:
+        raise InvalidRequest("an instance needs an image (e.g. \"image\": \"guest\")")
+    image = request.app[CATALOG].get(image_name or "")
+    if image is None or image.path(image.kernel) is None:
+        raise UnknownImage(f"image {name!r} ships no kernel to boot a guest with")
+    return str(image_name)
+
+
+async def create_instance(request: web.Request) -> web.Response:
+    """``{"name", "image", "memory"?: "256M", "vcpus"?: 1, "disk"?: "2G", "ip"?,
+    "ssh_keys"?: [...]}`` -> 201, the instance (stopped) and its volume (creating)."""
+    data = await read_body(request)
+    unknown = set(data) - _CREATE_FIELDS
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    name = validate_instance_name(data.get("name"))
+    memory = validate_memory(parse_size(data.get("memory", DEFAULT_MEMORY)))
+    vcpus = validate_vcpus(data.get("vcpus", 1))
+    disk = parse_size(data.get("disk", DEFAULT_DISK))
+    image = _boot_image(request, data.get("image"), disk)
+    ip = data.get("ip")
+    if ip is not None and not isinstance(ip, str):
+        raise InvalidRequest("ip must be an IPv4 address or null")
+    instance, generation = await asyncio.to_thread(functools.partial(
+        request.app[REGISTRY].create_instance_with_disk, name=name, memory=memory,
+        vcpus=vcpus, image=image, disk=disk, tenant=_tenant(request),
+        ssh_keys=ssh_keys_from(data.get("ssh_keys")),
+        pool=request.app[CONFIG].cloud.instance_pool, ip=ip))
+    return await _answer(request, instance, generation, status=201)
+
+
+async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
+    data = await read_body(request) if request.can_read_body else {}
+    unknown = set(data) - allowed
+    if unknown:
+        raise InvalidRequest(f"unknown field(s) {', '.join(sorted(unknown))}")
+    return data
+
+
+async def start_instance(request: web.Request) -> web.Response:
+    """``{"node"?: dom0 hostname or MAC}`` (admins only; else the scheduler's choice, or the
+    dom0 already holding it) -> the instance, wanted running there."""
+    instance = await _find(request)
+    node = (await _body(request, {"node"})).get("node")
+    if node is not None:
+        if not isinstance(node, str) or not node:
+            raise InvalidRequest("node must be a dom0's hostname or MAC")
+        if not request[IDENTITY].is_admin:
+            raise Forbidden("only an admin places an instance on a dom0",
+                            hint="leave out the node: the scheduler picks one")
+    started, generation = await asyncio.to_thread(request.app[REGISTRY].start_instance,
+                                                  instance.name, node)
+    return await _answer(request, started, generation)
+
+
+async def stop_instance(request: web.Request) -> web.Response:
+    instance = await _find(request)
+    await _body(request, set())
+    stopped, generation = await asyncio.to_thread(request.app[REGISTRY].stop_instance,
+                                                  instance.name)
+    return await _answer(request, stopped, generation, status=202)
+
+
+async def reboot_instance(request: web.Request) -> web.Response:
+    instance = await _find(request)
+    await _body(request, set())
+    rebooting, generation = await asyncio.to_thread(request.app[REGISTRY].reboot_instance,
+                                                    instance.name)
+    return await _answer(request, rebooting, generation, status=202)
+
+
+async def destroy_instance(request: web.Request) -> web.Response:
+    """``?delete_disk=true`` deletes its volume too. 202: the instance stays listed (desired
+    destroyed) until its dom0 reports the domain gone; 200 with ``gone: true`` if it was not
+    placed anywhere and is forgotten at once."""
+    instance = await _find(request)
+    flag = request.query.get("delete_disk", "false").lower()
+    if flag not in ("true", "false", "1", "0", "yes", "no"):
+        raise InvalidRequest("delete_disk must be true or false")
+    destroying, generation = await asyncio.to_thread(functools.partial(
+        request.app[REGISTRY].destroy_instance, instance.name,
+        delete_disk=flag in ("true", "1", "yes")))
+    request.app[CLOUD].publish(generation)
+    gone = destroying.claim is None  # no dom0 ran it: forgotten in that same write
+    hostnames, disks = await asyncio.to_thread(_names, request, [destroying])
+    body = {**instance_json(destroying, hostnames, disks), "gone": gone}
+    return web.json_response(body, status=200 if gone else 202)
+
+
+__all__ = ["instance_json", "setup_routes", "ssh_keys_from"]
