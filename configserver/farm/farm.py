@@ -257,9 +257,14 @@ class Farm:
         if node is None:
             names = ", ".join(n["name"] for n in state.nodes) or "none"
             raise FarmError(f"no farm node {name!r}", hint=f"nodes: {names}")
+        return self.ssh_to(node["ip"], command)
+
+    def ssh_to(self, address: str, command: Sequence[str] = ()) -> list[str]:
+        """``ssh`` as root, with the farm's key, to any address on the farm's network (an
+        instance's, say), from inside the farm's namespace."""
         return self.net.cmd("ssh", "-i", str(self.ssh_key), "-o", "StrictHostKeyChecking=no",
                             "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR",
-                            "-o", "ConnectTimeout=10", f"root@{node['ip']}", *command)
+                            "-o", "ConnectTimeout=10", f"root@{address}", *command)
 
     def _boot(self, index: int, node: NodePlan, host: qemu.HostQemu) -> dict[str, Any]:
         tap = self.net.add_tap(f"tap{index}")

@@ -31,6 +31,7 @@ from configserver.cloud.scheduler import Dom0, choose, free_memory
 from configserver.errors import Conflict, DuplicateVolume, NotFound
 from configserver.model import NodeState
 from configserver.registry import ReportOutcome
+from configserver.registry import events as node_events
 from configserver.registry import volumes as cloud_volumes
 from configserver.registry.schema import owner
 from configserver.registry.volumes import bump, generation
@@ -299,13 +300,20 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     if xen is not None:
         db.execute("INSERT OR REPLACE INTO dom0_reports VALUES (?,?,?)",
                    (node, _encode(xen), now))
-    held = [i for i in load_all(db) if i.claim is not None and i.claim.node == node]
-    by_domain = {i.domain: i for i in held}
+    everything = load_all(db)
+    held = [i for i in everything if i.claim is not None and i.claim.node == node]
+    by_domain = {i.domain: i for i in everything}
     for item in body.get("events") or ():
-        instance = by_domain.get(str(item.get("domain"))) if isinstance(item, dict) else None
-        if instance is not None:
-            event(db, instance, f"agent.{str(item.get('stage'))[:40]}", now,
-                  **{k: str(v)[:300] for k, v in item.items() if k not in ("stage", "time")})
+        if not isinstance(item, dict):
+            continue
+        stage = str(item.get("stage"))[:40]
+        detail = {k: str(v)[:300] for k, v in item.items()
+                  if k not in ("stage", "time", "node")}
+        instance = by_domain.get(str(item.get("domain")))
+        if instance is not None:  # also what a dom0 without its claim did to a domain of it
+            event(db, instance, f"agent.{stage}", now, node=node, **detail)
+        if instance not in held:  # not this dom0's guest: on the node's own timeline too
+            node_events.add(db, node, f"guest.{stage}", detail, now)
     changed = 0
     for reported, stages, released in apply_guests(held, node, guests):
         instance = replace(reported, updated=now)

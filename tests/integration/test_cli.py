@@ -24,8 +24,8 @@ MAC = "52:54:00:aa:bb:01"
 
 
 class Server:
-    def __init__(self, state: Path, images: Path) -> None:
-        self.state, self.images = state, images
+    def __init__(self, state: Path, images: Path, *extra: str) -> None:
+        self.state, self.images, self.extra = state, images, extra
         self.proc: subprocess.Popen | None = None
         self.startup = 0.0
 
@@ -36,7 +36,7 @@ class Server:
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "configserver", "serve", "--state-dir", str(self.state),
              "--images", str(self.images), "--http-port", "0", "--https-port", "0",
-             "--listen", "127.0.0.1"],
+             "--listen", "127.0.0.1", *self.extra],
             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         try:
             netlab.wait_for(endpoint.exists, 20, "the server to start", step=0.02,

@@ -334,9 +334,13 @@ def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path
         now = registry.instance("web")
         assert now.actual == "running" and now.usage["cpu_seconds"] == 2.0
         assert registry.dom0_facts(DOM0) == {"free_memory_mib": 1400, "hap": False}
-        # Another dom0 claiming to run it changes nothing.
+        # Another dom0 claiming to run it changes nothing; what it did is on the record.
+        registry.flush()
         registry.record_cloud_report(DOM0B, guests_report("running", cpu=99.0))
         assert registry.instance("web").usage["cpu_seconds"] == 2.0
+        registry.flush()
+        assert "guest.created" in [e.stage for e in registry.events(DOM0B)]
+        assert "guest.created" not in [e.stage for e in registry.events(DOM0)]
         registry.stop_instance("web")
         registry.record_cloud_report(DOM0, guests_report("stopped", cpu=None))
         stopped = registry.instance("web")
@@ -344,7 +348,8 @@ def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path
         assert registry.volume("web-disk").attachments[0].detaching
         stages = [e["stage"] for e in registry.instance_events(stopped.id)]
         assert stages == ["created", "start.requested", "agent.created", "guest.running",
-                          "stop.requested", "agent.created", "guest.stopped",
+                          "agent.created", "stop.requested", "agent.created", "guest.stopped",
                           "claim.released"]
+        assert registry.instance_events(stopped.id)[4]["detail"]["node"] == DOM0B
     finally:
         registry.close()

@@ -1,179 +1,37 @@
-"""vm tier, "the cloud, part 1": replicated volumes in the farm's cloud preset.
+"""vm tier, "the cloud", parts 1 and 2: replicated volumes, then instances on them, in the
+farm's cloud preset.
 
 One farm (2 dom0s, 2 storage nodes: ``farm up --cloud``) is booted for the whole module and
 shared by its tests, which run in order and build on each other's volumes. Everything goes
 through the real CLI of the config server and the real agents: LVM and LIO (rtslib-fb) on
 the storage nodes, open-iscsi and md RAID1 on the dom0s. Data is checked with sha256 and a
-writer/verifier (``volume_writer.py``) run by each dom0's own python3.
+writer/verifier (``volume_writer.py``) run by each dom0's own python3. Instances boot the guest
+image's kernel (PV: the farm's CPUs have no HAP) on a volume made from its root file system,
+get their address from the config server's DHCP and are reached by ping and ssh.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
-import os
-import subprocess
-import threading
 import time
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from test_farm import IMAGES, READY_BUDGET, _require_images
+from cloudfarm import SETTLE, WRITER, Cloud, Instances, boot_cloud
+from test_farm import IMAGES
 
-from configserver.farm import BootFailed, network
-from configserver.farm.farm import Farm, FarmConfig, FarmState, plan_nodes
+from configserver.farm import network
+from configserver.http.client import ApiClient, ApiError
 
 pytestmark = pytest.mark.vm
-
-WRITER = (Path(__file__).with_name("volume_writer.py")).read_text()
-SETTLE = 300  # seconds for a volume to reach a state under TCG, four VMs on two cores
-TARGETS = "/sys/kernel/config/target/iscsi"
-
-
-class Cloud:
-    """The shared farm, with the calls the tests make."""
-
-    def __init__(self, farm: Farm) -> None:
-        self.farm = farm
-        state = FarmState.load(farm.dir)
-        assert state is not None
-        self.nodes = {n["name"]: n for n in state.nodes}
-
-    def cli(self, *argv: str) -> Any:
-        return self.farm.cli_json(*argv)
-
-    def show(self, name: str) -> dict[str, Any]:
-        return self.cli("volume", "show", name)
-
-    def wait(self, name: str, what: str, ready: Callable[[dict[str, Any]], bool],
-             timeout: float = SETTLE) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            view = self.show(name)
-            if ready(view):
-                return view
-            if time.monotonic() > deadline:
-                pytest.fail(f"volume {name} not {what} within {timeout:.0f}s:\n"
-                            + json.dumps(view, indent=1))
-            time.sleep(2)
-
-    def attached_on(self, name: str, node: str) -> dict[str, Any]:
-        mac = self.nodes[node]["mac"]
-        return self.wait(name, f"attached on {node}", lambda v: any(
-            a["node"] == mac and a["state"] == "attached" for a in v["attached"]))
-
-    def ssh(self, node: str, command: str, *, timeout: float = 180,
-            input_text: str | None = None, check: bool = True) -> str:
-        done = network.run(self.farm.ssh_command(node, [command]), timeout=timeout,
-                           check=False, input_text=input_text)
-        if check and done.returncode != 0:
-            pytest.fail(f"{node}: {command!r} failed ({done.returncode}): "
-                        f"{done.stdout}{done.stderr}")
-        return done.stdout
-
-    def verify(self, node: str, device: str, result: dict[str, Any], seed: int,
-               blocks: int) -> dict[str, Any]:
-        out = self.ssh(node, f"python3 - verify {device} --blocks {blocks} --seed {seed} "
-                             f"--passes {result['passes']} --last {result['last']}",
-                       input_text=WRITER)
-        return json.loads(out.splitlines()[-1])
-
-    def writer(self, node: str, device: str, seconds: float, seed: int, blocks: int = 64,
-               *extra: str) -> Writer:
-        argv = self.farm.ssh_command(node, [f"python3 - write {device} {seconds:g} "
-                                            f"--blocks {blocks} --seed {seed} {' '.join(extra)}"])
-        return Writer(argv, WRITER)
-
-    def legs_on(self, node: str) -> set[str]:
-        """The logical volumes of ours on a storage node."""
-        out = self.ssh(node, "lvs --noheadings -o lv_name netboot 2>/dev/null || true")
-        return {line.strip() for line in out.splitlines() if line.strip().startswith("nb-")}
-
-    def acls(self, node: str) -> dict[str, set[str]]:
-        """Which initiators each of our targets on a storage node lets in (from configfs)."""
-        out = self.ssh(node, f"for t in $(ls {TARGETS} 2>/dev/null | grep '^iqn\\.'); do "
-                             f"echo T $t; for a in $(ls {TARGETS}/$t/tpgt_1/acls 2>/dev/null); "
-                             "do echo A $t $a; done; done")
-        found: dict[str, set[str]] = {}
-        for line in out.splitlines():
-            kind, _, rest = line.partition(" ")
-            if kind == "T":
-                found.setdefault(rest, set())
-            elif kind == "A":
-                target, _, acl = rest.partition(" ")
-                found.setdefault(target, set()).add(acl)
-        return found
-
-
-class Writer:
-    """``volume_writer.py write`` on a dom0 over ssh; its event lines timed on this host."""
-
-    def __init__(self, argv: list[str], script: str) -> None:
-        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.STDOUT, text=True)
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(script)
-        self.proc.stdin.close()
-        self.events: dict[str, float] = {}
-        self.lines: list[str] = []
-        self.result: dict[str, Any] | None = None
-        self._reader = threading.Thread(target=self._read, daemon=True)
-        self._reader.start()
-
-    def _read(self) -> None:
-        assert self.proc.stdout is not None
-        for line in self.proc.stdout:
-            self.lines.append(line)
-            try:
-                data = json.loads(line)
-            except ValueError:
-                continue
-            if "event" in data:
-                self.events.setdefault(data["event"], time.monotonic())
-            else:
-                self.result = data
-
-    def wait_event(self, event: str, timeout: float) -> float:
-        deadline = time.monotonic() + timeout
-        while event not in self.events:
-            if time.monotonic() > deadline or (self.proc.poll() is not None
-                                               and not self._reader.is_alive()):
-                pytest.fail(f"writer: no {event!r} within {timeout:.0f}s: {self.lines}")
-            time.sleep(0.05)
-        return self.events[event]
-
-    def finish(self, timeout: float) -> dict[str, Any]:
-        self.proc.wait(timeout)
-        self._reader.join(10)
-        if self.result is None:
-            pytest.fail(f"writer printed no result: {''.join(self.lines)}")
-        return self.result
 
 
 @pytest.fixture(scope="module")
 def cloud(tmp_path_factory) -> Iterator[Cloud]:
-    """The module's farm: booted here, or (for working on these tests) the cloud farm already
-    up in ``$NETBOOT_VM_CLOUD_FARM`` (``farm up --cloud --fresh``), which is left up."""
-    _require_images("dom0", "storage")
-    reuse = os.environ.get("NETBOOT_VM_CLOUD_FARM")
-    farm_dir = Path(reuse) if reuse else tmp_path_factory.mktemp("cloud") / "farm"
-    farm = Farm(FarmConfig(farm_dir=farm_dir, nodes=plan_nodes(2, 2, "bios", "198.18.0.0/24"),
-                           images_dir=IMAGES, ready_timeout=READY_BUDGET),
-                report=lambda line: print(line, flush=True))
-    if reuse:
-        yield Cloud(farm)
-        return
-    try:
-        started = time.monotonic()
-        farm.up()
-        print(f"cloud farm ready after {time.monotonic() - started:.0f}s", flush=True)
-        yield Cloud(farm)
-    except BootFailed as exc:
-        pytest.fail(f"{exc.message} ({exc.hint})")
-    finally:
-        farm.down()
-        assert farm.net.namespace not in network.namespaces()
+    yield from boot_cloud(tmp_path_factory)
 
 
 def _create(cloud: Cloud, name: str, size: str) -> dict[str, Any]:
@@ -367,3 +225,137 @@ def test_deleting_volumes_removes_their_legs(cloud):
     for storage in ("storage-1", "storage-2"):
         assert cloud.legs_on(storage) == set(), storage
         assert cloud.acls(storage) == {}, storage
+
+
+# -- the cloud, part 2: instances ------------------------------------------------------------
+
+GUEST_BOOT = 420  # seconds for a PV guest to boot and answer, inside a TCG dom0
+
+
+def test_an_instance_boots_from_its_volume_and_answers_ping_and_ssh(cloud):
+    guests = Instances(cloud)
+    key = cloud.farm.ssh_key.with_suffix(".pub")
+    began = time.monotonic()
+    made = cloud.cli("instance", "create", "web", "--image", "guest", "--disk", "1G",
+                     "--ssh-key", str(key), "--start", "--on", "dom0-1")
+    [nic] = made["nics"]
+    assert nic["mac"].startswith("00:16:3e:") and nic["ip"].startswith("198.18.0."), made
+    view = guests.running_on("web", "dom0-1", timeout=GUEST_BOOT)
+    running = time.monotonic() - began
+    answered = guests.ping(nic["ip"], GUEST_BOOT) + running
+    print(f"web: running on dom0-1 {running:.0f}s after create, answered ping after "
+          f"{answered:.0f}s")
+    found = guests.domains()
+    assert list(found["dom0-1"]) == ["nb-web"] and found["dom0-2"] == {}, found
+    deadline = time.monotonic() + 120
+    while True:  # sshd and the keys from the config server come after the address
+        done = network.run(cloud.farm.ssh_to(nic["ip"], ["cat /proc/cmdline; ip -4 -o addr"]),
+                           check=False, timeout=60)
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done.returncode == 0, done.stderr
+    assert f"netboot.mac={nic['mac']}" in done.stdout
+    assert f"inet {nic['ip']}/" in done.stdout and "dynamic" in done.stdout, done.stdout
+    guests.ssh(nic["ip"], f"echo {view['id']} > /root/mark && sync")
+    stages = [e["stage"] for e in guests.show("web")["timeline"]]
+    print("web timeline:", stages)
+    assert "agent.created" in stages and "guest.running" in stages, stages
+
+
+def test_its_data_survives_a_stop_and_a_start_on_the_other_dom0(cloud):
+    guests = Instances(cloud)
+    ip = guests.show("web")["nics"][0]["ip"]
+    cloud.cli("instance", "stop", "web")
+    guests.stopped("web")
+    assert guests.domains() == {"dom0-1": {}, "dom0-2": {}}
+    cloud.cli("instance", "start", "web", "--on", "dom0-2")
+    view = guests.running_on("web", "dom0-2", timeout=GUEST_BOOT)
+    assert view["epoch"] == 2, view
+    guests.ping(ip, GUEST_BOOT)
+    deadline = time.monotonic() + 120
+    while True:
+        done = network.run(cloud.farm.ssh_to(ip, ["cat /root/mark"]), check=False, timeout=60)
+        if done.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(3)
+    assert done.stdout.strip() == view["id"], (done.stdout, done.stderr)
+
+
+def test_fifty_concurrent_starts_leave_one_guest(cloud):
+    """50 starts at once through the API (naming dom0-1, dom0-2 or none): one running guest
+    across both dom0s, on the dom0 of the claim."""
+    guests = Instances(cloud)
+    cloud.cli("instance", "stop", "web")
+    guests.stopped("web")
+    client_for = functools.partial(ApiClient.for_state_dir, cloud.farm.state_dir)
+    targets = ["dom0-1", "dom0-2", None] * 17
+
+    def start(node: str | None) -> str:
+        try:
+            client_for().post("/api/v1/instances/web/start", {"node": node} if node else {})
+            return "ok"
+        except ApiError as exc:
+            return exc.code
+
+    with concurrent.futures.ThreadPoolExecutor(50) as pool:
+        outcomes = list(pool.map(start, targets[:50]))
+    print("50 concurrent starts:", {o: outcomes.count(o) for o in set(outcomes)})
+    assert set(outcomes) <= {"ok", "claim_held"}, outcomes
+    view = guests.wait("web", "running", lambda v: v["actual"] == "running", GUEST_BOOT)
+    time.sleep(15)  # a pass of each dom0 more: nothing else starts
+    found = guests.domains()
+    assert sum(len(d) for d in found.values()) == 1, found
+    assert list(found[view["hostname"]]) == ["nb-web"], (found, view)
+
+
+def test_a_guest_made_by_hand_on_the_wrong_dom0_is_destroyed(cloud):
+    guests = Instances(cloud)
+    holder = guests.show("web")["hostname"]
+    other = "dom0-2" if holder == "dom0-1" else "dom0-1"
+    # Paused (-p): a domain of that name, made by hand with the guest's own kernel (web ran
+    # on both dom0s before, so both have it), never holding the claim.
+    cloud.ssh(other, "{ printf \"name = 'nb-web'\\nmemory = 64\\nvcpus = 1\\ntype = 'pv'\\n\"; "
+                     "grep '^kernel' /run/nodeagent/guests/nb-web.cfg; } > /tmp/hand.cfg && "
+                     "xl create -p /tmp/hand.cfg")
+    made = time.monotonic()
+    assert "nb-web" in guests.domains()[other]
+    while "nb-web" in guests.domains()[other]:
+        assert time.monotonic() - made < 60, "the hand-made nb-web still runs after 60 s"
+        time.sleep(1)
+    print(f"a hand-made nb-web on {other} was destroyed {time.monotonic() - made:.1f}s after "
+          "xl create (goal: one heartbeat, 15 s)")
+    assert list(guests.domains()[holder]) == ["nb-web"]
+    mac = cloud.nodes[other]["mac"]
+    guests.wait("web", f"showing what {other} did", lambda v: any(
+        e["stage"] == "agent.destroyed" and e["detail"].get("node") == mac
+        for e in v["timeline"]), timeout=60)
+    events = cloud.cli("node", "events", mac, "--limit", "200")["events"]
+    assert "guest.destroyed" in [e["stage"] for e in events], events[-10:]
+
+
+def test_agent_and_server_restarts_leave_the_guest_running(cloud):
+    guests = Instances(cloud)
+    holder = guests.show("web")["hostname"]
+    domid = guests.domains()[holder]["nb-web"]
+    cloud.ssh(holder, "systemctl restart nodeagent")
+    cloud.farm.restart_server(hard=True)
+    time.sleep(30)  # the agent is back, has looked up again and made passes
+    assert guests.domains()[holder] == {"nb-web": domid}
+    view = guests.show("web")
+    assert (view["hostname"], view["actual"]) == (holder, "running"), view
+    assert view["usage"].get("cpu_seconds", 0) > 0, view
+
+
+def test_destroying_with_its_disk_leaves_nothing(cloud):
+    guests = Instances(cloud)
+    disk = guests.show("web")["disk"]
+    cloud.cli("instance", "destroy", "web", "--delete-disk")
+    deadline = time.monotonic() + SETTLE
+    while cloud.cli("instance", "list") and time.monotonic() < deadline:
+        time.sleep(3)
+    assert cloud.cli("instance", "list") == []
+    assert guests.domains() == {"dom0-1": {}, "dom0-2": {}}
+    while any(v["name"] == disk for v in cloud.cli("volume", "list")):
+        assert time.monotonic() < deadline, "its volume was not deleted"
+        time.sleep(3)

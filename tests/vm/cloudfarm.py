@@ -1,0 +1,230 @@
+"""The vm tier's shared cloud farm (2 dom0s, 2 storage nodes: ``farm up --cloud``) and the
+calls its tests make through the real CLI and ssh (``test_volumes.py``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from test_farm import IMAGES, READY_BUDGET, _require_images
+
+from configserver.farm import BootFailed, network
+from configserver.farm.farm import Farm, FarmConfig, FarmState, plan_nodes
+
+WRITER = (Path(__file__).with_name("volume_writer.py")).read_text()
+SETTLE = 300  # seconds for a volume to reach a state under TCG, four VMs on two cores
+TARGETS = "/sys/kernel/config/target/iscsi"
+
+
+class Cloud:
+    """The shared farm, with the calls the tests make."""
+
+    def __init__(self, farm: Farm) -> None:
+        self.farm = farm
+        state = FarmState.load(farm.dir)
+        assert state is not None
+        self.nodes = {n["name"]: n for n in state.nodes}
+
+    def cli(self, *argv: str) -> Any:
+        return self.farm.cli_json(*argv)
+
+    def show(self, name: str) -> dict[str, Any]:
+        return self.cli("volume", "show", name)
+
+    def wait(self, name: str, what: str, ready: Callable[[dict[str, Any]], bool],
+             timeout: float = SETTLE) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.show(name)
+            if ready(view):
+                return view
+            if time.monotonic() > deadline:
+                pytest.fail(f"volume {name} not {what} within {timeout:.0f}s:\n"
+                            + json.dumps(view, indent=1))
+            time.sleep(2)
+
+    def attached_on(self, name: str, node: str) -> dict[str, Any]:
+        mac = self.nodes[node]["mac"]
+        return self.wait(name, f"attached on {node}", lambda v: any(
+            a["node"] == mac and a["state"] == "attached" for a in v["attached"]))
+
+    def ssh(self, node: str, command: str, *, timeout: float = 180,
+            input_text: str | None = None, check: bool = True) -> str:
+        done = network.run(self.farm.ssh_command(node, [command]), timeout=timeout,
+                           check=False, input_text=input_text)
+        if check and done.returncode != 0:
+            pytest.fail(f"{node}: {command!r} failed ({done.returncode}): "
+                        f"{done.stdout}{done.stderr}")
+        return done.stdout
+
+    def verify(self, node: str, device: str, result: dict[str, Any], seed: int,
+               blocks: int) -> dict[str, Any]:
+        out = self.ssh(node, f"python3 - verify {device} --blocks {blocks} --seed {seed} "
+                             f"--passes {result['passes']} --last {result['last']}",
+                       input_text=WRITER)
+        return json.loads(out.splitlines()[-1])
+
+    def writer(self, node: str, device: str, seconds: float, seed: int, blocks: int = 64,
+               *extra: str) -> Writer:
+        argv = self.farm.ssh_command(node, [f"python3 - write {device} {seconds:g} "
+                                            f"--blocks {blocks} --seed {seed} {' '.join(extra)}"])
+        return Writer(argv, WRITER)
+
+    def legs_on(self, node: str) -> set[str]:
+        """The logical volumes of ours on a storage node."""
+        out = self.ssh(node, "lvs --noheadings -o lv_name netboot 2>/dev/null || true")
+        return {line.strip() for line in out.splitlines() if line.strip().startswith("nb-")}
+
+    def acls(self, node: str) -> dict[str, set[str]]:
+        """Which initiators each of our targets on a storage node lets in (from configfs)."""
+        out = self.ssh(node, f"for t in $(ls {TARGETS} 2>/dev/null | grep '^iqn\\.'); do "
+                             f"echo T $t; for a in $(ls {TARGETS}/$t/tpgt_1/acls 2>/dev/null); "
+                             "do echo A $t $a; done; done")
+        found: dict[str, set[str]] = {}
+        for line in out.splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "T":
+                found.setdefault(rest, set())
+            elif kind == "A":
+                target, _, acl = rest.partition(" ")
+                found.setdefault(target, set()).add(acl)
+        return found
+
+
+class Writer:
+    """``volume_writer.py write`` on a dom0 over ssh; its event lines timed on this host."""
+
+    def __init__(self, argv: list[str], script: str) -> None:
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True)
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(script)
+        self.proc.stdin.close()
+        self.events: dict[str, float] = {}
+        self.lines: list[str] = []
+        self.result: dict[str, Any] | None = None
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.lines.append(line)
+            try:
+                data = json.loads(line)
+            except ValueError:
+                continue
+            if "event" in data:
+                self.events.setdefault(data["event"], time.monotonic())
+            else:
+                self.result = data
+
+    def wait_event(self, event: str, timeout: float) -> float:
+        deadline = time.monotonic() + timeout
+        while event not in self.events:
+            if time.monotonic() > deadline or (self.proc.poll() is not None
+                                               and not self._reader.is_alive()):
+                pytest.fail(f"writer: no {event!r} within {timeout:.0f}s: {self.lines}")
+            time.sleep(0.05)
+        return self.events[event]
+
+    def finish(self, timeout: float) -> dict[str, Any]:
+        self.proc.wait(timeout)
+        self._reader.join(10)
+        if self.result is None:
+            pytest.fail(f"writer printed no result: {''.join(self.lines)}")
+        return self.result
+
+
+def boot_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
+    """The module's farm: booted here, or (for working on these tests) the cloud farm already
+    up in ``$NETBOOT_VM_CLOUD_FARM`` (``farm up --cloud --fresh``), which is left up."""
+    _require_images("dom0", "storage", "guest")
+    reuse = os.environ.get("NETBOOT_VM_CLOUD_FARM")
+    farm_dir = Path(reuse) if reuse else tmp_path_factory.mktemp("cloud") / "farm"
+    farm = Farm(FarmConfig(farm_dir=farm_dir, nodes=plan_nodes(2, 2, "bios", "198.18.0.0/24"),
+                           images_dir=IMAGES, ready_timeout=READY_BUDGET),
+                report=lambda line: print(line, flush=True))
+    if reuse:
+        yield Cloud(farm)
+        return
+    try:
+        started = time.monotonic()
+        farm.up()
+        print(f"cloud farm ready after {time.monotonic() - started:.0f}s", flush=True)
+        yield Cloud(farm)
+    except BootFailed as exc:
+        pytest.fail(f"{exc.message} ({exc.hint})")
+    finally:
+        farm.down()
+        assert farm.net.namespace not in network.namespaces()
+
+
+class Instances:
+    """The instance calls of the tests: the CLI, the guest map on every dom0 (``xl list``),
+    ping and ssh to a guest from the farm's network."""
+
+    def __init__(self, cloud: Cloud) -> None:
+        self.cloud = cloud
+
+    def show(self, name: str) -> dict[str, Any]:
+        return self.cloud.cli("instance", "show", name)
+
+    def wait(self, name: str, what: str, ready: Callable[[dict[str, Any]], bool],
+             timeout: float = SETTLE) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            view = self.show(name)
+            if ready(view):
+                return view
+            if time.monotonic() > deadline:
+                pytest.fail(f"instance {name} not {what} within {timeout:.0f}s:\n"
+                            + json.dumps(view, indent=1))
+            time.sleep(2)
+
+    def running_on(self, name: str, dom0: str, timeout: float = SETTLE) -> dict[str, Any]:
+        return self.wait(name, f"running on {dom0}", lambda v: v["hostname"] == dom0
+                         and v["actual"] == "running", timeout)
+
+    def stopped(self, name: str) -> dict[str, Any]:
+        """Stopped and given back: no claim, its volume detached from every dom0."""
+        self.wait(name, "stopped and released", lambda v: v["node"] is None)
+        disk = self.show(name)["disk"]
+        self.cloud.wait(disk, "detached", lambda v: not v["attached"])
+        return self.show(name)
+
+    def domains(self) -> dict[str, dict[str, int]]:
+        """dom0 -> {domain name: domid} of the domains named like instances."""
+        found = {}
+        for dom0 in ("dom0-1", "dom0-2"):
+            out = self.cloud.ssh(dom0, "xl list")
+            found[dom0] = {f[0]: int(f[1]) for f in (line.split() for line in
+                                                      out.splitlines()[1:])
+                           if len(f) >= 6 and f[0].startswith("nb-")}
+        return found
+
+    def ping(self, address: str, timeout: float) -> float:
+        """Seconds until ``address`` answers a ping from the farm's network."""
+        began = time.monotonic()
+        while True:
+            done = network.run(self.cloud.farm.net.cmd("ping", "-c", "1", "-W", "1", address),
+                               check=False, timeout=10)
+            if done.returncode == 0:
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout:
+                pytest.fail(f"{address} answered no ping within {timeout:.0f}s")
+
+    def ssh(self, address: str, command: str, timeout: float = 60) -> str:
+        done = network.run(self.cloud.farm.ssh_to(address, [command]), timeout=timeout,
+                           check=False)
+        if done.returncode != 0:
+            pytest.fail(f"guest {address}: {command!r} failed ({done.returncode}): "
+                        f"{done.stdout}{done.stderr}")
+        return done.stdout
