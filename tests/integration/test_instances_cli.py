@@ -8,8 +8,7 @@ import json
 import urllib.error
 
 import pytest
-from test_cli import Server
-from test_volumes_cli import DOM0, GIB, STORAGE, Agent, ok, refused
+from test_volumes_cli import DOM0, GIB, STORAGE, Agent, guest_server, ok, refused
 
 pytestmark = pytest.mark.integration
 
@@ -18,15 +17,7 @@ KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIOMqqnkVzrm0SdG6UOoqKLsabgH5C9okWi0dh
 
 @pytest.fixture
 def server(tmp_path):
-    images = tmp_path / "images" / "guest"
-    images.mkdir(parents=True)
-    for name in ("vmlinuz", "initramfs.img", "rootfs.img"):
-        (images / name).write_bytes(b"x" * 100)
-    srv = Server(tmp_path / "state", tmp_path / "images",
-                 "--instance-pool", "198.18.0.100-198.18.0.101")
-    srv.start()
-    yield srv
-    srv.stop()
+    yield from guest_server(tmp_path, "--instance-pool", "198.18.0.100-198.18.0.101")
 
 
 class Dom0(Agent):

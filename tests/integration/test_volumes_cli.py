@@ -9,6 +9,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from test_cli import Server, cli
@@ -21,16 +23,21 @@ STORAGE = {"52:54:00:00:05:01": ("sn1", "198.18.0.51"), "52:54:00:00:05:02": ("s
 DOM0 = "52:54:00:00:d0:01"
 
 
-@pytest.fixture
-def server(tmp_path):
+def guest_server(tmp_path: Path, *extra: str) -> Iterator[Server]:
+    """A running server with a small guest image (kernel, initramfs, root file system)."""
     images = tmp_path / "images" / "guest"
     images.mkdir(parents=True)
     for name in ("vmlinuz", "initramfs.img", "rootfs.img"):
         (images / name).write_bytes(b"x" * 100)
-    srv = Server(tmp_path / "state", tmp_path / "images")
+    srv = Server(tmp_path / "state", tmp_path / "images", *extra)
     srv.start()
     yield srv
     srv.stop()
+
+
+@pytest.fixture
+def server(tmp_path):
+    yield from guest_server(tmp_path)
 
 
 class Agent:

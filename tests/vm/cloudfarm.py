@@ -23,6 +23,20 @@ SETTLE = 300  # seconds for a volume to reach a state under TCG, four VMs on two
 TARGETS = "/sys/kernel/config/target/iscsi"
 
 
+def until(subject: str, what: str, fetch: Callable[[], dict[str, Any]],
+          ready: Callable[[dict[str, Any]], bool], timeout: float) -> dict[str, Any]:
+    """``fetch()`` every 2 s until ``ready`` says yes; the test fails after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while True:
+        view = fetch()
+        if ready(view):
+            return view
+        if time.monotonic() > deadline:
+            pytest.fail(f"{subject} not {what} within {timeout:.0f}s:\n"
+                        + json.dumps(view, indent=1))
+        time.sleep(2)
+
+
 class Cloud:
     """The shared farm, with the calls the tests make."""
 
@@ -40,15 +54,7 @@ class Cloud:
 
     def wait(self, name: str, what: str, ready: Callable[[dict[str, Any]], bool],
              timeout: float = SETTLE) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            view = self.show(name)
-            if ready(view):
-                return view
-            if time.monotonic() > deadline:
-                pytest.fail(f"volume {name} not {what} within {timeout:.0f}s:\n"
-                            + json.dumps(view, indent=1))
-            time.sleep(2)
+        return until(f"volume {name}", what, lambda: self.show(name), ready, timeout)
 
     def attached_on(self, name: str, node: str) -> dict[str, Any]:
         mac = self.nodes[node]["mac"]
@@ -179,15 +185,7 @@ class Instances:
 
     def wait(self, name: str, what: str, ready: Callable[[dict[str, Any]], bool],
              timeout: float = SETTLE) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
-        while True:
-            view = self.show(name)
-            if ready(view):
-                return view
-            if time.monotonic() > deadline:
-                pytest.fail(f"instance {name} not {what} within {timeout:.0f}s:\n"
-                            + json.dumps(view, indent=1))
-            time.sleep(2)
+        return until(f"instance {name}", what, lambda: self.show(name), ready, timeout)
 
     def running_on(self, name: str, dom0: str, timeout: float = SETTLE) -> dict[str, Any]:
         return self.wait(name, f"running on {dom0}", lambda v: v["hostname"] == dom0
