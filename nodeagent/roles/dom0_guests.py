@@ -10,6 +10,7 @@ nothing here ties a domain's life to the agent's.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import os
@@ -152,7 +153,14 @@ class Guests:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         path = self.config_dir / f"{spec.name}.cfg"
         path.write_text(guest_config(spec, hap=bool(facts.get("hap"))))
-        await self.xl.create(str(path))
+        try:
+            await self.xl.create(str(path))
+        except XenError:
+            # A create that failed or timed out can leave the domain half built (paused, no
+            # memory): gone, so that the next pass starts it afresh.
+            with contextlib.suppress(XenError):
+                await self.xl.destroy(spec.name)
+            raise
         self._applied(spec.name, spec.reboots)  # a fresh boot is every reboot asked so far
         self._event(spec.name, "created", epoch=spec.epoch)
 

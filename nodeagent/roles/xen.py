@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -17,7 +18,8 @@ from nodeagent.errors import XenError
 from nodeagent.plugins import ToolUnavailable, run_tool
 
 TIMEOUT = 30.0
-CREATE_TIMEOUT = 120.0
+CREATE_TIMEOUT = 180.0
+GUEST_SLICE = "netboot-guests.slice"
 DOM0 = "Domain-0"
 _SAFE = re.compile(r"^[A-Za-z0-9_.:/=,+@ -]*$")  # what a value in a guest config may hold
 _STATES = {"r": "running", "b": "blocked", "p": "paused", "s": "shutdown", "c": "crashed",
@@ -155,8 +157,24 @@ async def info() -> dict[str, Any]:
     return parse_info(await _xl("info"))
 
 
+def create_argv(config_path: str, *, systemd_run: str | None) -> list[str]:
+    """``xl create``, in a systemd scope of its own when systemd is there: the ``xl``
+    process that watches the domain (its on_reboot, on_crash) outlives the create, and must
+    not live in the agent's service, whose memory limit would throttle the build (it maps the
+    guest's memory) and whose restart would kill it."""
+    argv = ["xl", "create", config_path]
+    if systemd_run is None:
+        return argv
+    return [systemd_run, "--quiet", "--scope", "--collect", f"--slice={GUEST_SLICE}",
+            f"--description=xl for the guest of {config_path}", *argv]
+
+
 async def create(config_path: str) -> None:
-    await _xl("create", config_path, timeout=CREATE_TIMEOUT)
+    argv = create_argv(config_path, systemd_run=shutil.which("systemd-run"))
+    try:
+        await run_tool(argv, CREATE_TIMEOUT)
+    except ToolUnavailable as exc:
+        raise XenError(exc.message) from None
 
 
 async def shutdown(name: str, timeout: float) -> None:
@@ -190,6 +208,6 @@ def spec_from_work(entry: Mapping[str, Any], kernel: str, ramdisk: str | None) -
         raise XenError(f"malformed instance in the work: {exc!r}") from None
 
 
-__all__ = ["DOM0", "Domain", "GuestSpec", "create", "destroy", "domains", "guest_config",
-           "info", "parse_info", "parse_list", "parse_list_long", "reboot", "shutdown",
-           "spec_from_work"]
+__all__ = ["DOM0", "GUEST_SLICE", "Domain", "GuestSpec", "create", "create_argv", "destroy",
+           "domains", "guest_config", "info", "parse_info", "parse_list", "parse_list_long",
+           "reboot", "shutdown", "spec_from_work"]

@@ -18,7 +18,8 @@ DOM0 = Domain("Domain-0", 0, 1024, 1, "running", 5.0)
 
 
 class FakeXl:
-    def __init__(self, running=(), shutdown_fails=False):
+    def __init__(self, running=(), shutdown_fails=False, create_fails=False):
+        self.create_fails = create_fails
         self.running = {d.name: d for d in (DOM0, *running)}
         self.calls: list[tuple[str, str]] = []
         self.configs: list[str] = []
@@ -36,6 +37,9 @@ class FakeXl:
         name = text.split('name = "', 1)[1].split('"', 1)[0]
         self.calls.append(("create", name))
         self.running[name] = Domain(name, 7, 256, 1, "blocked", 0.0, UUID)
+        if self.create_fails:  # half built, as a timed-out xl create leaves it
+            self.running[name] = Domain(name, 7, 0, 0, "paused", 0.0, UUID)
+            raise XenError("xl did not answer within 180s")
 
     async def shutdown(self, name, timeout):
         self.calls.append(("shutdown", name))
@@ -170,3 +174,14 @@ async def test_a_reboot_request_is_applied_once(tmp_path):
     again, _, _ = guests(tmp_path, xl)
     await again.reconcile([entry(reboots=5)], lambda device: True)
     assert len(xl.calls) == 2
+
+
+async def test_a_failed_create_leaves_no_half_built_domain(tmp_path):
+    xl = FakeXl(create_fails=True)
+    made, _, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry()], lambda device: True)
+    assert xl.calls == [("create", "nb-web"), ("destroy", "nb-web")]
+    assert "nb-web" not in xl.running and "180s" in report["guests"][0]["error"]
+    xl.create_fails = False
+    await made.reconcile([entry()], lambda device: True)  # the next pass starts it afresh
+    assert xl.calls[-1] == ("create", "nb-web") and xl.running["nb-web"].state == "blocked"

@@ -147,3 +147,13 @@ def test_plan_reboots_only_past_the_count_applied_here():
         (Do.REBOOT, "nb-web")]
     # Not running: a create, which applies every reboot asked so far.
     assert [a.do for a in plan([spec(reboots=3)], [], {"nb-web": 1})] == [Do.CREATE]
+
+
+def test_xl_create_runs_in_a_scope_of_its_own_when_systemd_is_there():
+    from nodeagent.roles.xen import GUEST_SLICE, create_argv
+
+    argv = create_argv("/run/nodeagent/guests/nb-web.cfg", systemd_run="/usr/bin/systemd-run")
+    assert argv[:3] == ["/usr/bin/systemd-run", "--quiet", "--scope"]
+    assert f"--slice={GUEST_SLICE}" in argv
+    assert argv[-3:] == ["xl", "create", "/run/nodeagent/guests/nb-web.cfg"]
+    assert create_argv("/c.cfg", systemd_run=None) == ["xl", "create", "/c.cfg"]
