@@ -15,7 +15,8 @@ DEB_PACKAGES := \
 	iproute2 procps curl ca-certificates python3 python3-venv \
 	ipxe ovmf qemu-system-x86 qemu-utils \
 	dnsmasq-base isc-dhcp-client udhcpc kea-admin tftp-hpa atftp busybox \
-	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat nftables e2fsprogs openssh-client
+	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat nftables e2fsprogs openssh-client \
+	iputils-ping
 # Reference servers for the benchmarks only: installed by `make bench` with their services
 # kept from starting, so nothing ever listens on the host's interfaces.
 BENCH_PACKAGES := kea-dhcp4-server tftpd-hpa
