@@ -8,6 +8,7 @@ the window title or clear the screen.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -161,3 +162,23 @@ def lease_table(leases: Sequence[dict[str, Any]], now: float | None = None) -> s
     return table(("IP", "MAC", "STATE", "REGISTERED", "EXPIRES IN", "HOSTNAME"),
                  [(x["ip"], x["mac"], x["state"], "yes" if x["registered"] else "no",
                    f"{max(0, int(x['expires'] - moment))}s", x["hostname"]) for x in leases])
+
+
+def answer(json_wanted: bool, data: Any, text: str) -> int:
+    """Print the API's ``data`` as JSON (ASCII, every control character escaped) or ``text``
+    for people (no character from the network reaches the terminal raw); exit status 0."""
+    if json_wanted:
+        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True))
+    else:
+        print(printable(text, newlines=True))
+    return 0
+
+
+def object_timeline(timeline: Sequence[dict[str, Any]]) -> list[str]:
+    """A volume's or an instance's timeline (``time``, ``stage``, ``detail``), one line each."""
+    lines = ["Timeline:"] if timeline else []
+    for event in timeline:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
+        detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
+        lines.append(f"  {stamp}  {event['stage']:<18} {detail}".rstrip())
+    return lines

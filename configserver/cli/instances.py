@@ -8,13 +8,11 @@ reports back: ``show`` has its timeline.
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from configserver.cli.format import printable, table
+from configserver.cli.format import answer, object_timeline, printable, table
 from configserver.cloud.model import format_size
 from configserver.errors import InvalidRequest
 from configserver.http.client import ApiClient
@@ -57,11 +55,7 @@ def _path(name: str, rest: str = "") -> str:
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True))
-    else:
-        print(printable(text, newlines=True))
-    return 0
+    return answer(getattr(args, "json", False), data, text)
 
 
 def _where(item: dict[str, Any]) -> str:
@@ -102,13 +96,7 @@ def instance_details(item: dict[str, Any]) -> str:
     usage = item.get("usage") or {}
     if usage:
         lines.append("Usage:        " + ", ".join(f"{k} {v:g}" for k, v in sorted(usage.items())))
-    timeline = item.get("timeline") or []
-    if timeline:
-        lines.append("Timeline:")
-    for event in timeline:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
-        detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
-        lines.append(f"  {stamp}  {event['stage']:<18} {detail}".rstrip())
+    lines += object_timeline(item.get("timeline") or [])
     return "\n".join(printable(line) for line in lines)
 
 

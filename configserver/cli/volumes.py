@@ -6,12 +6,10 @@ Every command is one API call (``/api/v1/volumes``); ``--json`` prints the API's
 from __future__ import annotations
 
 import argparse
-import json
-import time
 import urllib.parse
 from typing import Any
 
-from configserver.cli.format import printable, table
+from configserver.cli.format import answer, object_timeline, printable, table
 from configserver.cloud.model import format_size
 from configserver.http.client import ApiClient
 
@@ -46,11 +44,7 @@ def _path(name: str, rest: str = "") -> str:
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:
-    if getattr(args, "json", False):
-        print(json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True))
-    else:
-        print(printable(text, newlines=True))
-    return 0
+    return answer(getattr(args, "json", False), data, text)
 
 
 def _who(item: dict[str, Any]) -> str:
@@ -97,13 +91,7 @@ def volume_details(volume: dict[str, Any]) -> str:
         error = f" ({item['error']})" if item.get("error") else ""
         lines.append(f"Attached:     {_who(item)} {item['state']} {item['device'] or ''}"
                      f"{_sync(item.get('sync'))}{error}".rstrip())
-    timeline = volume.get("timeline") or []
-    if timeline:
-        lines.append("Timeline:")
-    for event in timeline:
-        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(event["time"]))
-        detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
-        lines.append(f"  {stamp}  {event['stage']:<18} {detail}".rstrip())
+    lines += object_timeline(volume.get("timeline") or [])
     return "\n".join(printable(line) for line in lines)
 
 

@@ -189,20 +189,22 @@ async def start_instance(request: web.Request) -> web.Response:
     return await _answer(request, started, generation)
 
 
-async def stop_instance(request: web.Request) -> web.Response:
+async def _asked(request: web.Request, change: str) -> web.Response:
+    """A change without a body (``stop_instance``, ``reboot_instance`` of the registry): 202,
+    the dom0 holding the claim carries it out."""
     instance = await _find(request)
     await _body(request, set())
-    stopped, generation = await asyncio.to_thread(request.app[REGISTRY].stop_instance,
+    changed, generation = await asyncio.to_thread(getattr(request.app[REGISTRY], change),
                                                   instance.name)
-    return await _answer(request, stopped, generation, status=202)
+    return await _answer(request, changed, generation, status=202)
+
+
+async def stop_instance(request: web.Request) -> web.Response:
+    return await _asked(request, "stop_instance")
 
 
 async def reboot_instance(request: web.Request) -> web.Response:
-    instance = await _find(request)
-    await _body(request, set())
-    rebooting, generation = await asyncio.to_thread(request.app[REGISTRY].reboot_instance,
-                                                    instance.name)
-    return await _answer(request, rebooting, generation, status=202)
+    return await _asked(request, "reboot_instance")
 
 
 async def destroy_instance(request: web.Request) -> web.Response:
