@@ -2,7 +2,10 @@
 and applied to the instances' actual state and usage (pure).
 
 Only the claim holder's report of the claim's epoch counts: a late report from a dom0 that
-gave the claim back, or of an older epoch, changes nothing. CPU seconds accumulate across
+gave the claim back, or of an older epoch, changes nothing. A report of the domain gone
+releases the claim only if it follows work that carried the stop (its generation at least the
+instance's ``desired_generation``): a report from a pass that had not seen the stop yet says
+nothing about what the holder does next. CPU seconds accumulate across
 the guest's reboots and moves: a domain's counter starts again at zero with each new domain,
 so the server adds what grew since the last report of the same domain.
 """
@@ -30,11 +33,19 @@ class GuestState:
     error: str | None = None
 
 
-def parse_guests(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[GuestState]]:
-    """(xen facts, guest states) of a dom0 report's body; InvalidReport if malformed."""
+def parse_guests(body: Mapping[str, Any]
+                 ) -> tuple[dict[str, Any] | None, list[GuestState], list[dict[str, Any]]]:
+    """(xen facts, guest states, events) of a dom0 report's body; InvalidReport if
+    malformed."""
     xen = body.get("xen")
     if xen is not None and not isinstance(xen, dict):
         raise InvalidReport("dom0.xen must be an object")
+    for key in ("guests", "events"):
+        if body.get(key) is not None and not isinstance(body.get(key), list):
+            raise InvalidReport(f"dom0.{key} must be a list")
+    events = body.get("events") or []
+    if not all(isinstance(item, dict) for item in events):
+        raise InvalidReport("each of dom0.events must be an object")
     found = []
     for item in body.get("guests") or ():
         if not isinstance(item, dict):
@@ -49,7 +60,7 @@ def parse_guests(body: Mapping[str, Any]) -> tuple[dict[str, Any] | None, list[G
         found.append(GuestState(item["id"], epoch, item["state"], domid,
                                 float(cpu) if cpu is not None else None,
                                 str(error)[:1000] if error else None))
-    return xen, found
+    return xen, found, events
 
 
 def _usage(usage: Mapping[str, Any], guest: GuestState) -> dict[str, Any]:
@@ -63,10 +74,11 @@ def _usage(usage: Mapping[str, Any], guest: GuestState) -> dict[str, Any]:
             "epoch": guest.epoch, "last_cpu": guest.cpu_seconds}
 
 
-def apply_guests(instances: Sequence[Instance], mac: str,
-                 guests: Sequence[GuestState]) -> list[tuple[Instance, list[str], bool]]:
+def apply_guests(instances: Sequence[Instance], mac: str, guests: Sequence[GuestState],
+                 seen: int | None = None) -> list[tuple[Instance, list[str], bool]]:
     """For each instance this report changes: (new instance, timeline stages, whether its
-    claim is to be released: wanted stopped and reported stopped by its holder)."""
+    claim is to be released: wanted stopped, and reported stopped by its holder after work
+    of generation ``seen``, which carried the stop)."""
     by_id = {g.id: g for g in guests}
     changes = []
     for instance in instances:
@@ -77,7 +89,8 @@ def apply_guests(instances: Sequence[Instance], mac: str,
         actual = ("running" if guest.state in ("running", "blocked") else guest.state
                   if guest.state in RUNNING else "stopped")
         usage = _usage(instance.usage, guest)
-        release = instance.desired != Desired.RUNNING and actual == "stopped"
+        release = (instance.desired != Desired.RUNNING and actual == "stopped"
+                   and seen is not None and seen >= instance.desired_generation)
         if actual == instance.actual and usage == instance.usage and not release:
             continue
         stages = [f"guest.{actual}"] if actual != instance.actual else []

@@ -2,8 +2,10 @@
 
 A dom0 is told only about the instances whose claim it holds, with the claim's epoch: what
 it finds running named like an instance and not in this list it destroys (``nodeagent.roles
-.guests``). An instance is listed as wanted running once the dom0 reported its volume's array
-assembled there (attached, degraded or resyncing); before that it has nothing to start it on.
+.guests``). An entry's ``desired`` is the instance's own; ``startable`` says whether the dom0
+may create it now: once the dom0 reported its volume's array assembled there (attached,
+degraded or resyncing) and its image's kernel is known. A guest that runs is never stopped
+because it is not startable (a report that its array is briefly unusable, an image rebuilt).
 """
 
 from __future__ import annotations
@@ -41,14 +43,14 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
         boot = boots.get(instance.image or "")
         where = volume.attachment(mac) if volume is not None else None
         attached = where is not None and where.state in USABLE and not where.detaching
-        running = instance.desired == Desired.RUNNING and attached and boot is not None
         cmdline = " ".join(filter(None, (
             boot.cmdline if boot else "", f"netboot.server={server_url}",
             f"netboot.mac={instance.nics[0].mac}" if instance.nics else "")))
         entries.append({
             "id": instance.id, "name": instance.name, "domain": instance.domain,
             "uuid": instance.uuid, "epoch": instance.claim.epoch,
-            "desired": "running" if running else "stopped",
+            "desired": "running" if instance.desired == Desired.RUNNING else "stopped",
+            "startable": attached and boot is not None,
             "hard": instance.desired == Desired.DESTROYED, "reboots": instance.reboots,
             "memory_mib": instance.memory // MIB, "vcpus": instance.vcpus,
             "volume": instance.volume,

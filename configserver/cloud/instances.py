@@ -74,6 +74,7 @@ class Instance:
     usage: dict[str, float] = field(default_factory=dict)
     reboots: int = 0  # each reboot request counts one up; the dom0 reboots a guest behind it
     delete_disk: bool = False  # destroying it deletes its volume too
+    desired_generation: int = 0  # the cloud generation of the last change of ``desired``
 
     @property
     def domain(self) -> str:

@@ -157,11 +157,16 @@ async def create_instance(request: web.Request) -> web.Response:
     ip = data.get("ip")
     if ip is not None and not isinstance(ip, str):
         raise InvalidRequest("ip must be an IPv4 address or null")
+    pool = request.app[CONFIG].cloud.instance_pool
+    if ip is not None and pool is None and _tenant(request) is not None:
+        # With no pool, any address of the network could be named: an admin's choice only.
+        raise Forbidden("only an admin names an instance's address on a server without an "
+                        "instance pool", hint="leave ip out, or ask an admin")
     instance, generation = await asyncio.to_thread(functools.partial(
         request.app[REGISTRY].create_instance_with_disk, name=name, memory=memory,
         vcpus=vcpus, image=image, disk=disk, tenant=_tenant(request),
         ssh_keys=ssh_keys_from(data.get("ssh_keys")),
-        pool=request.app[CONFIG].cloud.instance_pool, ip=ip))
+        pool=pool, ip=ip))
     return await _answer(request, instance, generation, status=201)
 
 
@@ -184,8 +189,8 @@ async def start_instance(request: web.Request) -> web.Response:
         if not request[IDENTITY].is_admin:
             raise Forbidden("only an admin places an instance on a dom0",
                             hint="leave out the node: the scheduler picks one")
-    started, generation = await asyncio.to_thread(request.app[REGISTRY].start_instance,
-                                                  instance.name, node)
+    started, generation = await asyncio.to_thread(functools.partial(
+        request.app[REGISTRY].start_instance, instance.name, node, expect=instance.id))
     return await _answer(request, started, generation)
 
 
@@ -194,8 +199,8 @@ async def _asked(request: web.Request, change: str) -> web.Response:
     the dom0 holding the claim carries it out."""
     instance = await _find(request)
     await _body(request, set())
-    changed, generation = await asyncio.to_thread(getattr(request.app[REGISTRY], change),
-                                                  instance.name)
+    changed, generation = await asyncio.to_thread(functools.partial(
+        getattr(request.app[REGISTRY], change), instance.name, expect=instance.id))
     return await _answer(request, changed, generation, status=202)
 
 
@@ -217,7 +222,7 @@ async def destroy_instance(request: web.Request) -> web.Response:
         raise InvalidRequest("delete_disk must be true or false")
     destroying, generation = await asyncio.to_thread(functools.partial(
         request.app[REGISTRY].destroy_instance, instance.name,
-        delete_disk=flag in ("true", "1", "yes")))
+        delete_disk=flag in ("true", "1", "yes"), expect=instance.id))
     request.app[CLOUD].publish(generation)
     gone = destroying.claim is None  # no dom0 ran it: forgotten in that same write
     hostnames, disks = await asyncio.to_thread(_names, request, [destroying])

@@ -166,7 +166,7 @@ async def report(request: web.Request) -> web.Response:
         raise InvalidRequest("generation must be the integer of the work the report follows")
     body = {k: data[k] for k in ("storage", "dom0") if k in data}
     outcome = await asyncio.to_thread(request.app[REGISTRY].record_cloud_report, node.mac,
-                                      body)
+                                      body, generation)
     request.app[CLOUD].publish(outcome.generation)
     return web.json_response({"stored": True, "generation": outcome.generation})
 

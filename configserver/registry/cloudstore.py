@@ -17,6 +17,7 @@ from configserver.registry import ReportOutcome
 from configserver.registry import drain as cloud_drain
 from configserver.registry import instances as cloud_instances
 from configserver.registry import volumes as cloud_volumes
+from configserver.registry.cache import ReadCache
 from configserver.registry.drain import settling
 
 T = TypeVar("T")
@@ -24,6 +25,8 @@ T = TypeVar("T")
 
 class CloudStore:
     """Cloud methods of the registry (see ``Registry`` in ``__init__``)."""
+
+    _cache: ReadCache
 
     def _db(self) -> sqlite3.Connection:
         raise NotImplementedError
@@ -53,20 +56,23 @@ class CloudStore:
         return self._run(cloud_volumes.create, volume_id=new_volume_id(), name=name,
                          size=size, image=image, tenant=tenant, now=self._now())
 
+    # An instance's disk is not the volumes API's to attach, detach or delete (instances).
     def delete_volume(self, name: str) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.delete, name=name, now=self._now())
+        return self._run(cloud_instances.delete_volume, name=name, now=self._now())
 
     def attach_volume(self, name: str, node: str) -> tuple[Volume, int]:
-        return self._run(cloud_volumes.attach, name=name, node=node, now=self._now())
+        return self._run(cloud_instances.attach_volume, name=name, node=node, now=self._now())
 
     def detach_volume(self, name: str, node: str, *, force: bool = False
                       ) -> tuple[Volume, int]:
-        return self._run(settling(cloud_volumes.detach), name=name, node=node,
+        return self._run(settling(cloud_instances.detach_volume), name=name, node=node,
                          now=self._now(), force=force)
 
-    def record_cloud_report(self, mac: str, report: dict[str, Any]) -> ReportOutcome:
+    def record_cloud_report(self, mac: str, report: dict[str, Any],
+                            seen: int | None = None) -> ReportOutcome:
+        """``seen``: the generation of the work the report follows."""
         return self._run(settling(cloud_instances.record_report), mac=mac, report=report,
-                         now=self._now())
+                         now=self._now(), seen=seen)
 
     def drain_node(self, ref: str) -> tuple[Node, int]:
         return self._run(cloud_drain.drain, ref=ref, now=self._now())
@@ -93,7 +99,8 @@ class CloudStore:
         return cloud_instances.dom0_facts(self._db(), mac)
 
     def instance_nic(self, mac: str) -> tuple[Instance, InstanceNic] | None:
-        return cloud_instances.nic(self._db(), mac)
+        """Kept in the read cache like a node's lookup: the DHCP server asks on its loop."""
+        return self._cache.get(("instance_nic", mac), cloud_instances.nic, self._db(), mac)
 
     def create_instance(self, instance: Instance) -> tuple[Instance, int]:
         return self._run(cloud_instances.create, instance=instance, now=self._now())
@@ -106,19 +113,23 @@ class CloudStore:
                          vcpus=vcpus, image=image, disk=disk, tenant=tenant,
                          ssh_keys=ssh_keys, pool=pool, ip=ip, now=self._now())
 
-    def start_instance(self, name: str, node: str | None = None) -> tuple[Instance, int]:
-        return self._run(cloud_instances.start, name=name, node=node, now=self._now())
+    # ``expect``: the id of the instance the caller was allowed to act on (else NotFound).
+    def start_instance(self, name: str, node: str | None = None, *,
+                       expect: str | None = None) -> tuple[Instance, int]:
+        return self._run(cloud_instances.start, name=name, node=node, now=self._now(),
+                         expect=expect)
 
-    def reboot_instance(self, name: str) -> tuple[Instance, int]:
-        return self._run(cloud_instances.reboot, name=name, now=self._now())
+    def reboot_instance(self, name: str, *, expect: str | None = None
+                        ) -> tuple[Instance, int]:
+        return self._run(cloud_instances.reboot, name=name, now=self._now(), expect=expect)
 
-    def destroy_instance(self, name: str, *, delete_disk: bool = False
-                         ) -> tuple[Instance, int]:
+    def destroy_instance(self, name: str, *, delete_disk: bool = False,
+                         expect: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.destroy, name=name, now=self._now(),
-                         delete_disk=delete_disk)
+                         delete_disk=delete_disk, expect=expect)
 
-    def stop_instance(self, name: str) -> tuple[Instance, int]:
-        return self._run(cloud_instances.stop, name=name, now=self._now())
+    def stop_instance(self, name: str, *, expect: str | None = None) -> tuple[Instance, int]:
+        return self._run(cloud_instances.stop, name=name, now=self._now(), expect=expect)
 
     def instance_gone(self, name: str, node: str, epoch: int) -> tuple[Instance, int]:
         return self._run(cloud_instances.gone, name=name, node=node, epoch=epoch,

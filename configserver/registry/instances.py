@@ -26,9 +26,9 @@ from configserver.cloud.instances import (
     pick_ip,
     release,
 )
-from configserver.cloud.model import new_volume_id
+from configserver.cloud.model import Volume, new_volume_id
 from configserver.cloud.scheduler import Dom0, choose, free_memory
-from configserver.errors import Conflict, DuplicateVolume, NotFound
+from configserver.errors import Conflict, DuplicateVolume, NotFound, VolumeInUse
 from configserver.model import NodeState
 from configserver.registry import ReportOutcome
 from configserver.registry import events as node_events
@@ -37,6 +37,8 @@ from configserver.registry.schema import owner
 from configserver.registry.volumes import bump, generation
 
 _encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+# An agent event's keys that are not its detail (or would clash with ``event``'s own names).
+_NOT_DETAIL = frozenset({"stage", "time", "node", "db", "instance", "now"})
 
 
 def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
@@ -49,6 +51,7 @@ def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
         epoch=row["epoch"], ssh_keys=tuple(json.loads(row["ssh_keys"])),
         usage=json.loads(row["usage"]), created=row["created"], updated=row["updated"],
         reboots=row["reboots"], delete_disk=bool(row["delete_disk"]),
+        desired_generation=row["desired_generation"],
         nics=tuple(InstanceNic(n["mac"], n["ip"]) for n in nics))
 
 
@@ -92,18 +95,19 @@ def save(db: sqlite3.Connection, instance: Instance) -> None:
     db.execute(
         "INSERT INTO instances (id, name, memory, vcpus, volume, image, tenant, desired,"
         " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, reboots, delete_disk,"
-        " created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " desired_generation, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(id) DO UPDATE SET"
         " memory=excluded.memory, vcpus=excluded.vcpus, volume=excluded.volume,"
         " desired=excluded.desired, actual=excluded.actual, claim_node=excluded.claim_node,"
         " claim_epoch=excluded.claim_epoch, epoch=excluded.epoch, usage=excluded.usage,"
         " reboots=excluded.reboots, delete_disk=excluded.delete_disk,"
-        " updated=excluded.updated",
+        " desired_generation=excluded.desired_generation, updated=excluded.updated",
         (instance.id, instance.name, instance.memory, instance.vcpus, instance.volume,
          instance.image, instance.tenant, str(instance.desired), instance.actual,
          held.node if held else None, held.epoch if held else None, instance.epoch,
          _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.reboots,
-         int(instance.delete_disk), instance.created, instance.updated))
+         int(instance.delete_disk), instance.desired_generation, instance.created,
+         instance.updated))
     db.execute("DELETE FROM instance_nics WHERE instance=?", (instance.id,))
     db.executemany("INSERT INTO instance_nics VALUES (?,?,?,?)",
                    [(n.mac, instance.id, i, n.ip) for i, n in enumerate(instance.nics)])
@@ -172,9 +176,54 @@ def create_with_disk(db: sqlite3.Connection, *, name: str, memory: int, vcpus: i
     return create(db, instance, now)
 
 
-def _existing(db: sqlite3.Connection, name: str) -> Instance:
+# -- an instance's disk through the volumes API ----------------------------------------------
+
+def _disk_of(db: sqlite3.Connection, volume_name: str) -> Instance | None:
+    row = db.execute("SELECT i.name FROM instances i JOIN volumes v ON v.id=i.volume "
+                     "WHERE v.name=?", (volume_name,)).fetchone()
+    return by_name(db, row[0]) if row else None
+
+
+def attach_volume(db: sqlite3.Connection, name: str, node: str,
+                  now: float) -> tuple[Volume, int]:
+    """``volumes.attach``, but never an instance's disk: it follows the instance's claim
+    (attached where it starts), and a second dom0 writing to it would corrupt it."""
+    owner_of = _disk_of(db, name)
+    if owner_of is not None:
+        raise VolumeInUse(f"volume {name} is the disk of instance {owner_of.name}: it is "
+                          "attached where the instance starts",
+                          hint=f"'configserver instance start {owner_of.name}'")
+    return cloud_volumes.attach(db, name=name, node=node, now=now)
+
+
+def detach_volume(db: sqlite3.Connection, name: str, node: str, now: float, *,
+                  force: bool = False) -> tuple[Volume, int]:
+    """``volumes.detach``, but not an instance's disk from the dom0 holding its claim (the
+    guest runs on it there), unless ``force`` (an admin fencing a dom0 that is gone)."""
+    owner_of = _disk_of(db, name)
+    mac = cloud_volumes.resolve_node(db, node)
+    if (owner_of is not None and owner_of.claim is not None and not force
+            and owner_of.claim.node == mac):
+        raise VolumeInUse(f"volume {name} is the disk of instance {owner_of.name}, which "
+                          f"holds its claim on {node}",
+                          hint=f"'configserver instance stop {owner_of.name}' detaches it")
+    return cloud_volumes.detach(db, name=name, node=node, now=now, force=force)
+
+
+def delete_volume(db: sqlite3.Connection, name: str, now: float) -> tuple[Volume, int]:
+    """``volumes.delete``, but not an instance's disk while the instance exists."""
+    owner_of = _disk_of(db, name)
+    if owner_of is not None:
+        raise VolumeInUse(f"volume {name} is the disk of instance {owner_of.name}",
+                          hint=f"'configserver instance destroy {owner_of.name} --delete-disk'")
+    return cloud_volumes.delete(db, name=name, now=now)
+
+
+def _existing(db: sqlite3.Connection, name: str, expect: str | None = None) -> Instance:
+    """Instance ``name``; with ``expect``, only if it is still the one of that id (the API
+    checked the caller's tenant on it: a namesake made since is not the caller's)."""
     found = by_name(db, name)
-    if found is None:
+    if found is None or (expect is not None and found.id != expect):
         raise NotFound(f"no instance {name!r}", hint="see 'configserver instance list'")
     return found
 
@@ -190,11 +239,11 @@ def _dom0s(db: sqlite3.Connection) -> list[Dom0]:
 
 
 def start(db: sqlite3.Connection, name: str, node: str | None,
-          now: float) -> tuple[Instance, int]:
+          now: float, expect: str | None = None) -> tuple[Instance, int]:
     """Instance ``name`` wanted running on dom0 ``node`` (a hostname or MAC), or where the
     scheduler puts it (``node`` None: the dom0 holding its claim if one does). The claim is
     handed over in this one write; ClaimHeld if another dom0 holds it."""
-    current = _existing(db, name)
+    current = _existing(db, name, expect)
     if node is not None:
         mac = cloud_volumes.dom0(db, node)
     elif current.claim is not None:
@@ -207,7 +256,7 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     started = claim(current, mac)
     if started == current:
         return current, generation(db)
-    started = replace(started, updated=now)
+    started = replace(started, updated=now, desired_generation=generation(db) + 1)
     _volume_follows(db, started, mac, now, attach=True)
     save(db, started)
     event(db, started, "start.requested", now, node=mac, epoch=started.claim.epoch
@@ -215,9 +264,10 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     return started, bump(db)
 
 
-def reboot(db: sqlite3.Connection, name: str, now: float) -> tuple[Instance, int]:
+def reboot(db: sqlite3.Connection, name: str, now: float,
+           expect: str | None = None) -> tuple[Instance, int]:
     """A reboot of running instance ``name``: its dom0 reboots the guest (same claim)."""
-    current = _existing(db, name)
+    current = _existing(db, name, expect)
     if current.desired != Desired.RUNNING or current.claim is None:
         raise Conflict(f"instance {name} is {current.desired}: only a running instance "
                        "reboots", hint=f"'configserver instance start {name}'")
@@ -228,13 +278,14 @@ def reboot(db: sqlite3.Connection, name: str, now: float) -> tuple[Instance, int
 
 
 def destroy(db: sqlite3.Connection, name: str, now: float, *,
-            delete_disk: bool) -> tuple[Instance, int]:
+            delete_disk: bool, expect: str | None = None) -> tuple[Instance, int]:
     """Instance ``name`` destroyed: at once if no dom0 holds its claim, else once the holder
     (which stops the guest hard) reports it gone. Its volume stays unless ``delete_disk``.
     The returned instance has no claim if it is gone already."""
-    current = _existing(db, name)
+    current = _existing(db, name, expect)
     doomed = replace(current, desired=Desired.DESTROYED, updated=now,
-                     delete_disk=current.delete_disk or delete_disk)
+                     delete_disk=current.delete_disk or delete_disk,
+                     desired_generation=generation(db) + 1)
     event(db, doomed, "destroy.requested", now, delete_disk=doomed.delete_disk)
     if doomed.claim is None:
         _forget(db, doomed, now)
@@ -258,12 +309,14 @@ def _forget(db: sqlite3.Connection, instance: Instance, now: float) -> None:
     cloud_volumes.delete(db, name=row["name"], now=now)
 
 
-def stop(db: sqlite3.Connection, name: str, now: float) -> tuple[Instance, int]:
+def stop(db: sqlite3.Connection, name: str, now: float,
+         expect: str | None = None) -> tuple[Instance, int]:
     """Instance ``name`` wanted stopped; its claim stays until the holder reports it gone."""
-    current = _existing(db, name)
+    current = _existing(db, name, expect)
     if current.desired != Desired.RUNNING:
         return current, generation(db)
-    stopping = replace(current, desired=Desired.STOPPED, updated=now)
+    stopping = replace(current, desired=Desired.STOPPED, updated=now,
+                       desired_generation=generation(db) + 1)
     save(db, stopping)
     event(db, stopping, "stop.requested", now)
     return stopping, bump(db)
@@ -287,12 +340,12 @@ def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
 
 
 def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
-                  now: float) -> ReportOutcome:
-    """A node's report: the volumes' part (``volumes.record_report``), then for a dom0 its
-    guests and Xen facts. The guests' part is parsed before anything is written, so a
-    malformed report stores nothing."""
+                  now: float, seen: int | None = None) -> ReportOutcome:
+    """A node's report (following the work of generation ``seen``): the volumes' part
+    (``volumes.record_report``), then for a dom0 its guests and Xen facts. The guests' part
+    is parsed before anything is written, so a malformed report stores nothing."""
     body = report.get("dom0") if isinstance(report.get("dom0"), dict) else None
-    xen, guests = parse_guests(body) if body is not None else (None, [])
+    xen, guests, reported = parse_guests(body) if body is not None else (None, [], [])
     outcome = cloud_volumes.record_report(db, mac=mac, report=report, now=now)
     node = owner(db, mac)
     if body is None or node is None:
@@ -303,20 +356,18 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     everything = load_all(db)
     held = [i for i in everything if i.claim is not None and i.claim.node == node]
     by_domain = {i.domain: i for i in everything}
-    for item in body.get("events") or ():
-        if not isinstance(item, dict):
-            continue
+    for item in reported:
         stage = str(item.get("stage"))[:40]
-        detail = {k: str(v)[:300] for k, v in item.items()
-                  if k not in ("stage", "time", "node")}
+        detail = {k[:40]: str(v)[:300] for k, v in list(item.items())[:20]
+                  if k not in _NOT_DETAIL}
         instance = by_domain.get(str(item.get("domain")))
         if instance is not None:  # also what a dom0 without its claim did to a domain of it
             event(db, instance, f"agent.{stage}", now, node=node, **detail)
         if instance not in held:  # not this dom0's guest: on the node's own timeline too
             node_events.add(db, node, f"guest.{stage}", detail, now)
     changed = 0
-    for reported, stages, released in apply_guests(held, node, guests):
-        instance = replace(reported, updated=now)
+    for changed_one, stages, released in apply_guests(held, node, guests, seen):
+        instance = replace(changed_one, updated=now)
         save(db, instance)
         for stage in stages:
             event(db, instance, stage, now, node=node)
@@ -332,6 +383,6 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
     return json.loads(row[0]) if row else None
 
 
-__all__ = ["by_name", "create", "create_with_disk", "destroy", "dom0_facts", "events", "gone",
-           "load_all", "nic", "reboot", "record_report", "save", "start", "stop",
-           "used_addresses"]
+__all__ = ["attach_volume", "by_name", "create", "create_with_disk", "delete_volume",
+           "destroy", "detach_volume", "dom0_facts", "events", "gone", "load_all", "nic",
+           "reboot", "record_report", "save", "start", "stop", "used_addresses"]

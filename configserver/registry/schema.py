@@ -197,6 +197,12 @@ MIGRATIONS: tuple[str, ...] = (
         updated REAL NOT NULL
     );
     """,
+    # 7: ``desired_generation``: the cloud generation that the last change of an instance's
+    # desired state made. Its holder's report of the domain gone releases the claim only when
+    # the report follows work at least that new (the holder had seen the stop).
+    """
+    ALTER TABLE instances ADD COLUMN desired_generation INTEGER NOT NULL DEFAULT 0;
+    """,
 )
 
 

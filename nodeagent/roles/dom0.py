@@ -91,8 +91,8 @@ class Dom0Role:
                 report.update(await self.guests.reconcile(
                     [g for g in work.get("guests") or [] if isinstance(g, dict)],
                     devices_ready=os.path.exists))
-            except RoleError as exc:  # xl itself failed: the volumes' report still goes
-                log.warning("guests: %s", exc)
+            except (RoleError, OSError) as exc:  # xl itself failed: the volumes' report
+                log.warning("guests: %s", exc)  # still goes
         leaving = {(a["volume"], leg["node"]) for a in wanted for leg in a.get("legs") or []
                    if leg.get("leaving")}
         self._settled = all(

@@ -16,6 +16,7 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -56,29 +57,52 @@ class Guests:
 
     async def reconcile(self, entries: Sequence[Mapping[str, Any]],
                         devices_ready: Callable[[str], bool]) -> dict[str, Any]:
-        """One pass over the work's guests; the report's ``guests`` part."""
+        """One pass over the work's guests; the report's ``guests`` part.
+
+        Stops (destroys, shutdowns) and reboots run side by side, each bounded by its own
+        timeout; creates one at a time (each maps a guest's memory). One guest's failure,
+        whether ``xl``, the claim check, the kernel's download or the local files, is that
+        guest's error in the report, never the end of the pass."""
         facts = await self.xl.info()
-        specs, errors = [], {}
+        specs, errors, kept, sources = [], {}, set(), {}
         for entry in entries:
             try:
-                specs.append(await self._spec(entry))
-            except (RoleError, ServerError) as exc:  # a bad entry, or its kernel unreachable
+                spec = spec_from_work(entry)
+            except RoleError as exc:  # malformed: its domain, if any, is left as it is
                 errors[str(entry.get("id"))] = exc.message
+                if isinstance(entry.get("domain"), str):
+                    kept.add(entry["domain"])
+                continue
+            specs.append(spec)
+            sources[spec.id] = entry
         running = await self.xl.domains()
         applied = self._reboots_applied(specs, running)
-        for action in plan(specs, running, applied):
+        actions = plan(specs, running, applied, kept)
+
+        async def attempt(action: Action) -> None:
             try:
-                await self._carry_out(action, facts, devices_ready)
-            except (RoleError, ServerError) as exc:  # xl failed, or the claim unconfirmed
+                await self._carry_out(action, facts, devices_ready, sources)
+            except (RoleError, ServerError, OSError) as exc:
+                message = getattr(exc, "message", None) or str(exc)
                 if action.spec is not None:
-                    errors[action.spec.id] = exc.message
-                log.warning("guest %s: %s failed: %s", action.name, action.do, exc.message)
+                    errors[action.spec.id] = message
+                log.warning("guest %s: %s failed: %s", action.name, action.do, message)
+
+        stops = [a for a in actions if a.do in (Do.DESTROY, Do.SHUTDOWN)]
+        await asyncio.gather(*(attempt(a) for a in stops))
+        for action in actions:
+            if action.do == Do.CREATE:
+                await attempt(action)
+        await asyncio.gather(*(attempt(a) for a in actions if a.do == Do.REBOOT))
         return self._report(specs, await self.xl.domains(), facts, errors)
 
-    async def _spec(self, entry: Mapping[str, Any]) -> GuestSpec:
+    async def _with_kernel(self, spec: GuestSpec, entry: Mapping[str, Any]) -> GuestSpec:
+        """``spec`` with its kernel and initramfs fetched (or found cached) and checked."""
         kernel = await self._file(entry.get("kernel"))
+        if not kernel:
+            raise XenError("the work names no kernel for it")
         ramdisk = await self._file(entry.get("ramdisk")) if entry.get("ramdisk") else None
-        return spec_from_work(entry, kernel or "", ramdisk)
+        return replace(spec, kernel=kernel, ramdisk=ramdisk)
 
     async def _file(self, source: Any) -> str | None:
         """A kernel or initramfs from the config server, kept under its sha256."""
@@ -101,7 +125,8 @@ class Guests:
         return str(path)
 
     async def _carry_out(self, action: Action, facts: Mapping[str, Any],
-                         devices_ready: Callable[[str], bool]) -> None:
+                         devices_ready: Callable[[str], bool],
+                         sources: Mapping[str, Mapping[str, Any]]) -> None:
         if action.do == Do.DESTROY:
             await self.xl.destroy(action.name)
             self._event(action.name, "destroyed", reason=action.reason)
@@ -113,7 +138,8 @@ class Guests:
                 await self.xl.destroy(action.name)
                 self._event(action.name, "destroyed", reason=f"no clean shutdown: {exc}")
         elif action.do == Do.CREATE and action.spec is not None:
-            await self._create(action.spec, facts, devices_ready)
+            await self._create(action.spec, sources.get(action.spec.id) or {}, facts,
+                               devices_ready)
         elif action.do == Do.REBOOT and action.spec is not None:
             self._applied(action.name, action.spec.reboots)  # asked once, not every pass
             await self.xl.reboot(action.name, self.shutdown_timeout)
@@ -139,12 +165,11 @@ class Guests:
         self.config_dir.mkdir(parents=True, exist_ok=True)
         (self.config_dir / f"{name}.boot").write_text(f"{reboots}\n")
 
-    async def _create(self, spec: GuestSpec, facts: Mapping[str, Any],
-                      devices_ready: Callable[[str], bool]) -> None:
-        if not spec.kernel:
-            raise XenError("the work names no kernel for it")
+    async def _create(self, spec: GuestSpec, entry: Mapping[str, Any],
+                      facts: Mapping[str, Any], devices_ready: Callable[[str], bool]) -> None:
         if not devices_ready(spec.device):
             return  # its volume is not assembled here yet: a later pass starts it
+        spec = await self._with_kernel(spec, entry)
         instance = spec.name.removeprefix("nb-")
         if not await self.confirm(instance, spec.epoch):
             self._event(spec.name, "not started", reason="the config server says this "

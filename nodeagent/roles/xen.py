@@ -55,6 +55,9 @@ class GuestSpec:
     nics: tuple[tuple[str, str], ...]  # (mac, bridge)
     hard: bool = False  # stopped without a clean shutdown (the instance is being destroyed)
     reboots: int = 0  # reboot requests so far: one past what this dom0 applied means reboot
+    # Whether it may be created now (its volume's array assembled here, its image's kernel
+    # known): a running guest is never stopped for want of it.
+    startable: bool = True
 
 
 def parse_list(text: str) -> list[Domain]:
@@ -192,8 +195,10 @@ async def reboot(name: str, timeout: float) -> None:
     await _xl("reboot", "-w", name, timeout=timeout)
 
 
-def spec_from_work(entry: Mapping[str, Any], kernel: str, ramdisk: str | None) -> GuestSpec:
-    """A GuestSpec from a work entry (the shape is the server's: docs/api.md)."""
+def spec_from_work(entry: Mapping[str, Any], kernel: str = "",
+                   ramdisk: str | None = None) -> GuestSpec:
+    """A GuestSpec from a work entry (the shape is the server's: docs/api.md); the kernel
+    and initramfs paths are filled in once fetched, just before a create."""
     try:
         nics: Sequence[Mapping[str, Any]] = entry.get("nics") or []
         return GuestSpec(
@@ -203,7 +208,8 @@ def spec_from_work(entry: Mapping[str, Any], kernel: str, ramdisk: str | None) -
             device=str(entry["device"]), kernel=kernel, ramdisk=ramdisk,
             cmdline=str(entry.get("cmdline") or ""),
             nics=tuple((str(n["mac"]), str(n.get("bridge") or "xenbr0")) for n in nics),
-            hard=bool(entry.get("hard")), reboots=int(entry.get("reboots") or 0))
+            hard=bool(entry.get("hard")), reboots=int(entry.get("reboots") or 0),
+            startable=bool(entry.get("startable", True)))
     except (KeyError, TypeError, ValueError) as exc:
         raise XenError(f"malformed instance in the work: {exc!r}") from None
 

@@ -3,6 +3,7 @@ unclaimed domains destroyed, kernels checked, stops clean or hard, and the repor
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 
@@ -138,10 +139,70 @@ async def test_stop_is_clean_then_hard(tmp_path):
 
 async def test_a_kernel_with_the_wrong_sha256_is_refused_and_not_kept(tmp_path):
     xl = FakeXl()
-    made, _, _ = guests(tmp_path, xl)
+    made, asked, _ = guests(tmp_path, xl)
     report = await made.reconcile([entry(kernel=b"another kernel")], lambda device: True)
-    assert xl.calls == [] and not list((tmp_path / "kernels").glob("*"))
-    assert report["guests"] == []  # not a spec: refused before planning
+    assert xl.calls == [] and asked == [] and not list((tmp_path / "kernels").glob("*"))
+    [guest] = report["guests"]
+    assert guest["state"] == "stopped" and "is not the announced" in guest["error"]
+
+
+async def test_a_running_guest_outlives_an_unusable_kernel_or_a_malformed_entry(tmp_path):
+    """A kernel is only fetched to create: a running guest needs none, and a work entry the
+    agent cannot read leaves its domain alone (a bug, not a reason to destroy a guest)."""
+    xl = FakeXl([Domain("nb-web", 3, 256, 1, "running", 9.0, UUID),
+                 Domain("nb-db", 4, 256, 1, "running", 2.0, UUID)])
+    made, _, fetched = guests(tmp_path, xl)
+    malformed = {**entry(), "id": "fedcba9876543210", "domain": "nb-db"}
+    del malformed["uuid"]
+    report = await made.reconcile([entry(kernel=b"another kernel"), malformed],
+                                  lambda device: True)
+    assert xl.calls == [] and fetched == []
+    assert set(xl.running) == {"Domain-0", "nb-web", "nb-db"}
+    [web] = report["guests"]
+    assert web["state"] == "running" and web["error"] is None
+
+
+async def test_an_entry_not_startable_is_neither_created_nor_stopped(tmp_path):
+    xl = FakeXl([Domain("nb-web", 3, 256, 1, "running", 9.0, UUID)])
+    made, asked, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry(startable=False)], lambda device: True)
+    assert xl.calls == [] and report["guests"][0]["state"] == "running"
+    xl = FakeXl()
+    made, asked, _ = guests(tmp_path, xl)
+    report = await made.reconcile([entry(startable=False)], lambda device: True)
+    assert xl.calls == [] and asked == [] and report["guests"][0]["state"] == "stopped"
+
+
+async def test_a_local_file_error_is_the_guests_error_not_the_passs(tmp_path):
+    xl = FakeXl([Domain("nb-db", 4, 256, 1, "running", 2.0, UUID)])
+    made, _, _ = guests(tmp_path, xl)
+    (tmp_path / "kernels").write_text("a file where the cache directory should be")
+    other = {**entry("stopped"), "id": "fedcba9876543210", "domain": "nb-db"}
+    report = await made.reconcile([entry(), other], lambda device: True)
+    by_domain = {g["domain"]: g for g in report["guests"]}
+    assert by_domain["nb-web"]["error"] and by_domain["nb-db"]["state"] == "stopped"
+    assert ("shutdown", "nb-db") in xl.calls
+
+
+async def test_guests_stop_side_by_side(tmp_path):
+    """Two clean shutdowns overlap: a pass does not wait one timeout per guest."""
+    started, both = [], asyncio.Event()
+
+    class SlowXl(FakeXl):
+        async def shutdown(self, name, timeout):
+            started.append(name)
+            if len(started) == 2:
+                both.set()
+            await asyncio.wait_for(both.wait(), 5.0)  # times out if run one after the other
+            await super().shutdown(name, timeout)
+
+    xl = SlowXl([Domain("nb-web", 3, 256, 1, "running", 9.0, UUID),
+                 Domain("nb-db", 4, 256, 1, "running", 2.0, UUID)])
+    made, _, _ = guests(tmp_path, xl)
+    other = {**entry("stopped"), "id": "fedcba9876543210", "domain": "nb-db"}
+    report = await made.reconcile([entry("stopped"), other], lambda device: True)
+    assert sorted(started) == ["nb-db", "nb-web"]
+    assert [g["error"] for g in report["guests"]] == [None, None]
 
 
 @pytest.mark.parametrize("broken", [{"kernel": None}, {"kernel": {"url": "http://s/k"}}])

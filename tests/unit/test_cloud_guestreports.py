@@ -20,35 +20,44 @@ def guest(state="blocked", epoch=2, domid=7, cpu=1.5):
 
 
 def test_parse_refuses_malformed_entries():
-    xen, guests = parse_guests({"xen": {"free_memory_mib": 1}, "guests": [guest()]})
+    xen, guests, events = parse_guests({"xen": {"free_memory_mib": 1}, "guests": [guest()],
+                                        "events": [{"stage": "created"}]})
     assert xen == {"free_memory_mib": 1} and guests[0].cpu_seconds == 1.5
+    assert events == [{"stage": "created"}]
     for bad in ({"guests": [guest(state="exploded")]}, {"guests": [{**guest(), "epoch": "2"}]},
-                {"guests": ["x"]}, {"xen": []}):
+                {"guests": ["x"]}, {"xen": []}, {"guests": 5}, {"guests": {"a": 1}},
+                {"events": 5}, {"events": ["created"]}):
         with pytest.raises(InvalidReport):
             parse_guests(bad)
 
 
 def test_only_the_holders_current_epoch_counts():
-    _, guests = parse_guests({"guests": [guest()]})
+    _, guests, _ = parse_guests({"guests": [guest()]})
     assert apply_guests([WEB], B, guests) == []
-    _, old = parse_guests({"guests": [guest(epoch=1)]})
+    _, old, _ = parse_guests({"guests": [guest(epoch=1)]})
     assert apply_guests([WEB], A, old) == []
     [(changed, stages, release)] = apply_guests([WEB], A, guests)
     assert changed.actual == "running" and stages == ["guest.running"] and not release
 
 
-def test_a_stopped_guest_wanted_stopped_releases_the_claim():
-    stopping = Instance(**{**WEB.__dict__, "desired": Desired.STOPPED, "actual": "running"})
-    _, guests = parse_guests({"guests": [guest(state="stopped", domid=None, cpu=None)]})
-    [(changed, stages, release)] = apply_guests([stopping], A, guests)
+def test_a_stopped_guest_wanted_stopped_releases_the_claim_once_the_stop_was_seen():
+    """The stop made generation 8: only a report following work of generation 8 or later
+    (the holder had the stop in hand) releases the claim."""
+    stopping = Instance(**{**WEB.__dict__, "desired": Desired.STOPPED, "actual": "running",
+                           "desired_generation": 8})
+    _, guests, _ = parse_guests({"guests": [guest(state="stopped", domid=None, cpu=None)]})
+    for before in (None, 7):
+        [(changed, stages, release)] = apply_guests([stopping], A, guests, before)
+        assert changed.actual == "stopped" and not release
+    [(changed, stages, release)] = apply_guests([stopping], A, guests, 8)
     assert changed.actual == "stopped" and release and stages == ["guest.stopped"]
 
 
 def test_cpu_seconds_never_go_backwards_across_a_new_domain():
     current = WEB
     for domid, cpu, total in ((7, 1.5, 1.5), (7, 4.0, 4.0), (9, 0.5, 4.5), (9, 2.0, 6.0)):
-        _, guests = parse_guests({"guests": [guest(domid=domid, cpu=cpu)]})
+        _, guests, _ = parse_guests({"guests": [guest(domid=domid, cpu=cpu)]})
         [(current, _, _)] = apply_guests([current], A, guests)
         assert current.usage["cpu_seconds"] == total
-    _, same = parse_guests({"guests": [guest(domid=9, cpu=2.0)]})
+    _, same, _ = parse_guests({"guests": [guest(domid=9, cpu=2.0)]})
     assert apply_guests([current], A, same) == []  # a repeated report changes nothing

@@ -1,4 +1,4 @@
-"""A dom0's guests in its work: only what it holds the claim of, running once attached."""
+"""A dom0's guests in its work: only what it holds the claim of, startable once attached."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def test_only_the_claim_holder_hears_of_the_instance():
     attached = VOLUME.with_attachment(Attachment(A, "attached"), A)
     assert work([WEB], B, attached) == []
     [entry] = work([WEB], A, attached)
-    assert entry["epoch"] == 3 and entry["desired"] == "running"
+    assert entry["epoch"] == 3 and entry["desired"] == "running" and entry["startable"]
     assert entry["domain"] == "nb-web" and entry["device"] == "/dev/md/nb-fedcba9876543210"
     assert entry["memory_mib"] == 256 and entry["kernel"]["sha256"] == "aa"
     assert entry["cmdline"] == ("root=/dev/xvda ro console=hvc0 netboot.server="
@@ -37,9 +37,14 @@ def test_only_the_claim_holder_hears_of_the_instance():
                               "bridge": "xenbr0"}]
 
 
-def test_not_running_before_the_volume_is_attached_here():
+def test_not_startable_before_the_volume_is_attached_here_or_without_a_kernel():
+    """Still wanted running: a guest already running there is not stopped for it."""
     [entry] = work([WEB], A)
-    assert entry["desired"] == "stopped"
+    assert entry["desired"] == "running" and entry["startable"] is False
+    attached = VOLUME.with_attachment(Attachment(A, "attached"), A)
+    [entry] = guest_work([WEB], A, volumes={VOLUME.id: attached}, boots={},
+                         server_url="http://198.18.0.1:8080")
+    assert entry["desired"] == "running" and entry["startable"] is False
 
 
 def test_a_stopping_instance_stays_listed_for_its_holder():

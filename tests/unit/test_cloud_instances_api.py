@@ -191,6 +191,20 @@ async def test_tenants_see_and_act_only_on_their_own(aiohttp_client, admin, pki,
     assert len((await (await admin.get("/api/v1/instances")).json())["instances"]) == 2
 
 
+async def test_without_a_pool_only_an_admin_names_an_address(aiohttp_client, tmp_path,
+                                                              registry, images, pki):
+    config = ServerConfig(state_dir=tmp_path / "state", images_dir=images,
+                          http=HttpConfig(port=8080, public_url="http://198.18.0.1:8080"))
+    app = create_app(config, registry, pki.authority, secret_key=b"s" * 32)
+    admin = await tls_client(aiohttp_client, app, pki, ADMIN)
+    tenant = await as_(aiohttp_client, admin, pki, TENANT)
+    resp = await create(tenant, name="mine", ip="198.18.0.1")  # the server's own address
+    assert resp.status == 403 and "admin" in (await resp.json())["message"]
+    assert registry.instances() == [] and registry.volumes() == []
+    resp = await create(admin, name="pinned", ip="198.18.0.150")
+    assert resp.status == 201 and (await resp.json())["nics"][0]["ip"] == "198.18.0.150"
+
+
 async def test_the_holder_s_work_carries_the_guest_and_the_guest_its_keys(
         aiohttp_client, admin, pki, registry):
     made = await (await create(admin, ssh_keys=[KEY])).json()
@@ -209,11 +223,11 @@ async def test_the_holder_s_work_carries_the_guest_and_the_guest_its_keys(
         return (await resp.json())["dom0"]["guests"]
 
     [entry] = await guests()
-    assert entry["desired"] == "stopped"  # its volume is not assembled there yet
+    assert entry["desired"] == "running" and not entry["startable"]  # not assembled yet
     registry.record_cloud_report(DOM0, dom0_report(attachment(disk.id, created=True)))
     [entry] = await guests()
     digest = hashlib.sha256(b"x" * 4096).hexdigest()
-    assert entry["desired"] == "running" and entry["epoch"] == 1
+    assert entry["desired"] == "running" and entry["startable"] and entry["epoch"] == 1
     assert entry["kernel"] == {"url": "http://198.18.0.1:8080/images/guest/vmlinuz",
                                "sha256": digest}
     assert entry["cmdline"].startswith("root=/dev/xvda ro console=hvc0 netboot.server=")

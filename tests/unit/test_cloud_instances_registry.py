@@ -199,12 +199,18 @@ def test_reboot_counts_and_destroy_forgets_once_gone(tmp_path):
         with pytest.raises(Conflict, match="being destroyed"):
             registry.start_instance("web", DOM0)
         assert registry.instance("web") is not None  # its dom0 has not reported it gone
-        registry.record_cloud_report(DOM0, {"dom0": {
-            **dom0_report()["dom0"],
-            "guests": [{"id": created.id, "epoch": 1, "state": "stopped"}]}})
+        gone = {"dom0": {**dom0_report()["dom0"],
+                         "guests": [{"id": created.id, "epoch": 1, "state": "stopped"}]}}
+        registry.record_cloud_report(DOM0, gone, doomed.desired_generation - 1)
+        assert registry.instance("web") is not None  # a pass that had not seen the destroy
+        registry.record_cloud_report(DOM0, gone, registry.cloud_generation())
         assert registry.instance("web") is None
         assert registry.volume("web-disk").state == "deleting"
         assert registry.instance_nic(created.nics[0].mac) is None
+        # the DHCP server's question is answered from the read cache while nothing changes
+        hits = registry._cache.hits
+        assert registry.instance_nic(created.nics[0].mac) is None
+        assert registry._cache.hits == hits + 1
         stages = [e["stage"] for e in registry.instance_events(created.id)]
         assert stages[-3:] == ["destroy.requested", "claim.released", "destroyed"]
         # its address is free again
@@ -315,7 +321,9 @@ def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path
         body["dom0"]["xen"] = {"free_memory_mib": 1400, "hap": False}
         body["dom0"]["guests"] = [{"id": started.id, "domain": "nb-web", "epoch": epoch,
                                    "state": state, "domid": 7, "cpu_seconds": cpu}]
-        body["dom0"]["events"] = [{"time": 1.0, "domain": "nb-web", "stage": "created"}]
+        # Keys an agent may send that clash with the registry's own names are not detail.
+        body["dom0"]["events"] = [{"time": 1.0, "domain": "nb-web", "stage": "created",
+                                   "db": "x", "instance": "y", "now": "z", "epoch": epoch}]
         return body
 
     registry = SqliteRegistry(tmp_path / "registry.sqlite")
@@ -342,7 +350,8 @@ def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path
         assert "guest.created" in [e.stage for e in registry.events(DOM0B)]
         assert "guest.created" not in [e.stage for e in registry.events(DOM0)]
         registry.stop_instance("web")
-        registry.record_cloud_report(DOM0, guests_report("stopped", cpu=None))
+        registry.record_cloud_report(DOM0, guests_report("stopped", cpu=None),
+                                     registry.cloud_generation())
         stopped = registry.instance("web")
         assert stopped.claim is None and stopped.actual == "stopped"
         assert registry.volume("web-disk").attachments[0].detaching
@@ -351,5 +360,66 @@ def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path
                           "agent.created", "stop.requested", "agent.created", "guest.stopped",
                           "claim.released"]
         assert registry.instance_events(stopped.id)[4]["detail"]["node"] == DOM0B
+    finally:
+        registry.close()
+
+
+def test_an_instance_s_disk_is_not_the_volumes_api_s_to_move(tmp_path):
+    """Attached only where its instance starts, not detached from under a running guest,
+    not deleted while the instance exists; an admin's force detach still fences a dom0."""
+    from cloudtest import DOM0, DOM0B, GIB, cloud
+
+    from configserver.errors import VolumeInUse
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=2)
+        registry.create_instance_with_disk(
+            name="web", memory=256 * MIB, vcpus=1, image=None, disk=2 * GIB, tenant=None,
+            ssh_keys=(), pool=("198.18.0.100", "198.18.0.101"))
+        with pytest.raises(VolumeInUse, match="disk of instance web"):
+            registry.attach_volume("web-disk", DOM0B)
+        with pytest.raises(VolumeInUse, match="disk of instance web"):
+            registry.delete_volume("web-disk")
+        registry.start_instance("web", DOM0)
+        with pytest.raises(VolumeInUse, match="holds its claim on"):
+            registry.detach_volume("web-disk", DOM0)
+        assert registry.volume("web-disk").attachment(DOM0) is not None  # nothing changed
+        detached, _ = registry.detach_volume("web-disk", DOM0, force=True)
+        assert detached.attachment(DOM0) is None
+        registry.create_volume("plain", 2 * GIB, None, None)
+        attached, _ = registry.attach_volume("plain", DOM0B)  # any other volume: as before
+        assert attached.attachment(DOM0B) is not None
+    finally:
+        registry.close()
+
+
+def test_a_change_names_the_instance_it_was_allowed_on(tmp_path):
+    """The API checks the caller's tenant on the instance it read; the write then acts only
+    on that same instance (by id), not on a namesake made in between."""
+    from dataclasses import replace
+
+    from cloudtest import DOM0, cloud
+
+    from configserver.errors import NotFound
+    from configserver.registry.sqlite import SqliteRegistry
+
+    registry = SqliteRegistry(tmp_path / "registry.sqlite")
+    try:
+        cloud(registry, dom0s=1)
+        first, _ = registry.create_instance(replace(web(), tenant="acme"))
+        registry.destroy_instance("web", expect=first.id)  # never placed: gone at once
+        second, _ = registry.create_instance(replace(web(), id="fedcba9876543210",
+                                                     tenant="globex"))
+        for act in (lambda: registry.start_instance("web", DOM0, expect=first.id),
+                    lambda: registry.stop_instance("web", expect=first.id),
+                    lambda: registry.reboot_instance("web", expect=first.id),
+                    lambda: registry.destroy_instance("web", expect=first.id)):
+            with pytest.raises(NotFound):
+                act()
+        assert registry.instance("web") == second
+        started, _ = registry.start_instance("web", DOM0, expect=second.id)
+        assert started.claim is not None
     finally:
         registry.close()
