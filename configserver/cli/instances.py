@@ -1,4 +1,4 @@
-"""``configserver instance create|list|show|start|stop|reboot|destroy``: Xen guests.
+"""``configserver instance create|list|show|start|stop|reboot|destroy|usage``: Xen guests.
 
 Every command is one API call (``/api/v1/instances``; ``create --start`` is two); ``--json``
 prints the API's JSON. The dom0 holding an instance's claim carries the change out and
@@ -8,11 +8,13 @@ reports back: ``show`` has its timeline.
 from __future__ import annotations
 
 import argparse
+import time
 import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from configserver.cli.format import answer, object_timeline, printable, table
+from configserver.cloud.guestreports import totals
 from configserver.cloud.model import format_size
 from configserver.errors import InvalidRequest
 from configserver.http.client import ApiClient
@@ -48,6 +50,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "--delete-disk)")
     destroy.add_argument("name")
     destroy.add_argument("--delete-disk", action="store_true", help="delete its volume too")
+    usage = isub.add_parser("usage", parents=[common],
+                            help="CPU seconds, network and disk bytes (for billing)")
+    usage.add_argument("name")
+    usage.add_argument("--since", metavar="T",
+                       help="from this time on: unix seconds or ISO 8601 (UTC unless it says)")
 
 
 def _path(name: str, rest: str = "") -> str:
@@ -93,10 +100,21 @@ def instance_details(item: dict[str, Any]) -> str:
     ]
     for nic in item["nics"]:
         lines.append(f"NIC:          {nic['mac']} {nic['ip'] or '-'}")
-    usage = item.get("usage") or {}
-    if usage:
-        lines.append("Usage:        " + ", ".join(f"{k} {v:g}" for k, v in sorted(usage.items())))
+    if item.get("usage"):
+        lines.append("Usage:        " + ", ".join(
+            f"{k} {v}" for k, v in totals(item["usage"]).items()))
     lines += object_timeline(item.get("timeline") or [])
+    return "\n".join(printable(line) for line in lines)
+
+
+def usage_text(data: dict[str, Any]) -> str:
+    def stamp(value: float) -> str:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(value))
+
+    lines = [f"Instance:     {data['instance']} ({data['id']})",
+             f"From:         {stamp(data['since'])}",
+             f"Until:        {stamp(data['until'])}"]
+    lines += [f"{name + ':':<18}{value}" for name, value in data["usage"].items()]
     return "\n".join(printable(line) for line in lines)
 
 
@@ -137,6 +155,10 @@ def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
     if args.action == "show":
         item = client.get(_path(args.name))
         return _print(args, item, instance_details(item))
+    if args.action == "usage":
+        query = "?" + urllib.parse.urlencode({"since": args.since}) if args.since else ""
+        data = client.get(_path(args.name, "/usage") + query)
+        return _print(args, data, usage_text(data))
     if args.action == "start":
         item = _start(client, args.name, args.on)
         return _print(args, item, f"instance {item['name']} starting on {_where(item)}")
@@ -152,4 +174,4 @@ def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
     return _print(args, item, f"instance {item['name']} {verb} on {_where(item)}")
 
 
-__all__ = ["add_parser", "cmd_instance", "instance_details", "instance_table"]
+__all__ = ["add_parser", "cmd_instance", "instance_details", "instance_table", "usage_text"]

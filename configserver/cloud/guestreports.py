@@ -5,15 +5,18 @@ Only the claim holder's report of the claim's epoch counts: a late report from a
 gave the claim back, or of an older epoch, changes nothing. A report of the domain gone
 releases the claim only if it follows work that carried the stop (its generation at least the
 instance's ``desired_generation``): a report from a pass that had not seen the stop yet says
-nothing about what the holder does next. CPU seconds accumulate across
-the guest's reboots and moves: a domain's counter starts again at zero with each new domain,
-so the server adds what grew since the last report of the same domain.
+nothing about what the holder does next.
+
+Usage (CPU seconds, network and disk bytes) accumulates across the guest's reboots and moves:
+a domain's counters start again at zero with each new domain (its vifs and its block backend
+are new), so the server adds what grew since the last report of the same domain, and all of
+a new domain's count.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from configserver.cloud.instances import Desired, Instance
@@ -21,6 +24,10 @@ from configserver.errors import InvalidReport
 
 RUNNING = ("running", "blocked", "paused")
 STATES = (*RUNNING, "stopped", "shutdown", "crashed", "dying")
+# The counters a report carries per guest, as the guest sees them (``net_rx_bytes``: what it
+# received); the instance's ``usage`` holds their totals under the same names.
+COUNTERS = ("cpu_seconds", "net_rx_bytes", "net_tx_bytes", "disk_read_bytes",
+            "disk_write_bytes")
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,16 @@ class GuestState:
     domid: int | None = None
     cpu_seconds: float | None = None
     error: str | None = None
+    counters: dict[str, float] = field(default_factory=dict)  # of this domain, from zero
+
+
+def _number(item: Mapping[str, Any], key: str) -> float | None:
+    value = item.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise InvalidReport(f"dom0.guests: {key} must be a number >= 0, not {value!r:.40}")
+    return float(value)
 
 
 def parse_guests(body: Mapping[str, Any]
@@ -50,28 +67,35 @@ def parse_guests(body: Mapping[str, Any]
     for item in body.get("guests") or ():
         if not isinstance(item, dict):
             raise InvalidReport("each of dom0.guests must be an object")
-        epoch, domid, cpu = item.get("epoch"), item.get("domid"), item.get("cpu_seconds")
+        epoch, domid = item.get("epoch"), item.get("domid")
         if (not isinstance(item.get("id"), str) or isinstance(epoch, bool)
                 or not isinstance(epoch, int) or item.get("state") not in STATES
-                or (domid is not None and not isinstance(domid, int))
-                or (cpu is not None and not isinstance(cpu, int | float))):
+                or (domid is not None and not isinstance(domid, int))):
             raise InvalidReport(f"dom0.guests: malformed entry {item!r:.200}")
+        counters = {k: v for k in COUNTERS if (v := _number(item, k)) is not None}
         error = item.get("error")
         found.append(GuestState(item["id"], epoch, item["state"], domid,
-                                float(cpu) if cpu is not None else None,
-                                str(error)[:1000] if error else None))
+                                counters.get("cpu_seconds"),
+                                str(error)[:1000] if error else None, counters))
     return xen, found, events
 
 
 def _usage(usage: Mapping[str, Any], guest: GuestState) -> dict[str, Any]:
-    total = float(usage.get("cpu_seconds") or 0.0)
-    if guest.cpu_seconds is None or guest.domid is None:
+    """The instance's usage with what grew since its last report of the same domain."""
+    if guest.domid is None or not guest.counters:
         return dict(usage)
     same = usage.get("domid") == guest.domid and usage.get("epoch") == guest.epoch
-    last = float(usage.get("last_cpu") or 0.0) if same else 0.0
-    grown = guest.cpu_seconds - last if guest.cpu_seconds >= last else guest.cpu_seconds
-    return {**usage, "cpu_seconds": round(total + grown, 3), "domid": guest.domid,
-            "epoch": guest.epoch, "last_cpu": guest.cpu_seconds}
+    last = dict(usage.get("last") or {})
+    if "last_cpu" in usage and "cpu_seconds" not in last:  # what schema 6's usage kept
+        last["cpu_seconds"] = usage["last_cpu"]
+    new = {k: v for k, v in usage.items() if k != "last_cpu"}
+    for name, value in guest.counters.items():
+        before = float(last.get(name) or 0.0) if same else 0.0
+        grown = value - before if value >= before else value
+        total = float(usage.get(name) or 0.0) + grown
+        new[name] = round(total, 3) if name == "cpu_seconds" else int(total)
+        last[name] = value
+    return {**new, "domid": guest.domid, "epoch": guest.epoch, "last": last}
 
 
 def apply_guests(instances: Sequence[Instance], mac: str, guests: Sequence[GuestState],
@@ -98,4 +122,10 @@ def apply_guests(instances: Sequence[Instance], mac: str, guests: Sequence[Guest
     return changes
 
 
-__all__ = ["GuestState", "apply_guests", "parse_guests"]
+def totals(usage: Mapping[str, Any]) -> dict[str, float]:
+    """The billable totals of an instance's ``usage`` (zero where nothing was counted)."""
+    return {name: usage.get(name) or (0.0 if name == "cpu_seconds" else 0)
+            for name in COUNTERS}
+
+
+__all__ = ["COUNTERS", "GuestState", "apply_guests", "parse_guests", "totals"]

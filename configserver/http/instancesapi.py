@@ -11,6 +11,7 @@ carries it out and reports back. Each change wakes the agents' long polls (``CLO
 from __future__ import annotations
 
 import asyncio
+import datetime
 import functools
 from collections.abc import Mapping
 from typing import Any
@@ -47,6 +48,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/api/v1/instances/{name}/start", start_instance)
     r.add_post("/api/v1/instances/{name}/stop", stop_instance)
     r.add_post("/api/v1/instances/{name}/reboot", reboot_instance)
+    r.add_get("/api/v1/instances/{name}/usage", instance_usage)
 
 
 def _tenant(request: web.Request) -> str | None:
@@ -230,4 +232,33 @@ async def destroy_instance(request: web.Request) -> web.Response:
     return web.json_response(body, status=200 if gone else 202)
 
 
-__all__ = ["instance_json", "setup_routes", "ssh_keys_from"]
+def parse_since(value: str | None) -> float | None:
+    """``since``: unix seconds or an ISO 8601 time (UTC unless it names its zone)."""
+    if value is None or value == "":
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        moment = datetime.datetime.fromisoformat(value)
+    except ValueError:
+        raise InvalidRequest(f"since: not a time: {value!r:.60}",
+                             hint="unix seconds, or ISO 8601 such as 2026-12-01T00:00:00Z"
+                             ) from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=datetime.UTC)
+    return moment.timestamp()
+
+
+async def instance_usage(request: web.Request) -> web.Response:
+    """``?since=T`` -> ``{"instance", "id", "since", "until", "usage": {counter: grown},
+    "total": {counter: since created}}``; ``since`` is rounded down to the sample before it
+    (every few minutes)."""
+    instance = await _find(request)
+    since = parse_since(request.query.get("since"))
+    data = await asyncio.to_thread(request.app[REGISTRY].instance_usage, instance.name, since)
+    return web.json_response(data)
+
+
+__all__ = ["instance_json", "parse_since", "setup_routes", "ssh_keys_from"]

@@ -95,6 +95,9 @@ class CloudStore:
     def instance_events(self, instance_id: str, limit: int = 500) -> list[dict[str, Any]]:
         return cloud_instances.events(self._db(), instance_id, limit)
 
+    def instance_usage(self, name: str, since: float | None = None) -> dict[str, Any]:
+        return cloud_instances.usage(self._db(), name, since, self._now())
+
     def dom0_facts(self, mac: str) -> dict[str, Any] | None:
         return cloud_instances.dom0_facts(self._db(), mac)
 

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
-from configserver.cloud.guestreports import apply_guests, parse_guests
+from configserver.cloud.guestreports import apply_guests, parse_guests, totals
 from configserver.cloud.instances import (
     Claim,
     Desired,
@@ -37,6 +37,8 @@ from configserver.registry.schema import owner
 from configserver.registry.volumes import bump, generation
 
 _encode = json.JSONEncoder(default=str, separators=(",", ":")).encode
+USAGE_SAMPLE = 300.0  # seconds between two samples of an instance's usage, at least
+USAGE_KEPT = 400 * 86400.0  # samples kept this long (a billing year and a margin)
 # An agent event's keys that are not its detail (or would clash with ``event``'s own names).
 _NOT_DETAIL = frozenset({"stage", "time", "node", "db", "instance", "now"})
 
@@ -295,10 +297,12 @@ def destroy(db: sqlite3.Connection, name: str, now: float, *,
 
 
 def _forget(db: sqlite3.Connection, instance: Instance, now: float) -> None:
-    """The instance's row gone (its NICs and addresses freed, its timeline kept); its volume
-    deleted if asked: any attachment left is revoked at once, as no guest uses it now."""
+    """The instance's row gone (its NICs and addresses freed, its timeline and usage samples
+    kept, its final totals on the ``destroyed`` event); its volume deleted if asked: any
+    attachment left is revoked at once, as no guest uses it now."""
     db.execute("DELETE FROM instances WHERE id=?", (instance.id,))
-    event(db, instance, "destroyed", now)
+    _sample(db, instance, now, force=True)
+    event(db, instance, "destroyed", now, usage=totals(instance.usage))
     row = (db.execute("SELECT name FROM volumes WHERE id=?", (instance.volume,)).fetchone()
            if instance.volume else None)
     if row is None or not instance.delete_disk:
@@ -369,6 +373,7 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     for changed_one, stages, released in apply_guests(held, node, guests, seen):
         instance = replace(changed_one, updated=now)
         save(db, instance)
+        _sample(db, instance, now)
         for stage in stages:
             event(db, instance, stage, now, node=node)
         if released and instance.claim is not None:
@@ -378,6 +383,43 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     return ReportOutcome(current, outcome.changed + changed, outcome.ignored)
 
 
+# -- usage over time ----------------------------------------------------------------------
+
+def _sample(db: sqlite3.Connection, instance: Instance, now: float, *,
+            force: bool = False) -> None:
+    """A sample of the instance's totals, unless its last is younger than USAGE_SAMPLE or
+    says the same; samples older than USAGE_KEPT go."""
+    current = totals(instance.usage)
+    last = db.execute("SELECT time, totals FROM instance_usage WHERE instance=? "
+                      "ORDER BY time DESC LIMIT 1", (instance.id,)).fetchone()
+    if last is not None and (json.loads(last["totals"]) == current
+                             or (not force and now - last["time"] < USAGE_SAMPLE)):
+        return
+    db.execute("INSERT INTO instance_usage VALUES (?,?,?)",
+               (instance.id, now, _encode(current)))
+    db.execute("DELETE FROM instance_usage WHERE instance=? AND time<?",
+               (instance.id, now - USAGE_KEPT))
+
+
+def usage(db: sqlite3.Connection, name: str, since: float | None,
+          now: float) -> dict[str, Any]:
+    """Instance ``name``'s usage since ``since`` (None: since it was created): its totals now
+    less those of the newest sample at or before ``since`` (none: nothing was counted yet)."""
+    instance = _existing(db, name)
+    current = totals(instance.usage)
+    base = {k: 0 for k in current}
+    start = instance.created if since is None else max(since, instance.created)
+    if since is not None and since > instance.created:
+        row = db.execute("SELECT time, totals FROM instance_usage WHERE instance=? AND "
+                         "time<=? ORDER BY time DESC LIMIT 1", (instance.id, since)).fetchone()
+        if row is not None:
+            base, start = json.loads(row["totals"]), row["time"]
+    grown = {k: v - (base.get(k) or 0) for k, v in current.items()}
+    grown["cpu_seconds"] = round(grown["cpu_seconds"], 3)
+    return {"instance": instance.name, "id": instance.id, "since": start, "until": now,
+            "usage": grown, "total": current}
+
+
 def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
     row = db.execute("SELECT facts FROM dom0_reports WHERE mac=?", (mac,)).fetchone()
     return json.loads(row[0]) if row else None
@@ -385,4 +427,4 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
 
 __all__ = ["attach_volume", "by_name", "create", "create_with_disk", "delete_volume",
            "destroy", "detach_volume", "dom0_facts", "events", "gone", "load_all", "nic",
-           "reboot", "record_report", "save", "start", "stop", "used_addresses"]
+           "reboot", "record_report", "save", "start", "stop", "usage", "used_addresses"]

@@ -1,10 +1,10 @@
 """A dom0's guests, carried out: the plan of ``guests.py`` run through ``xl``, with the claim
 confirmed by the config server just before each ``xl create``, and a report of what runs.
 
-The toolstack, the claim check and the kernel fetch are injected (``Toolstack``,
-``Confirm``, ``Fetch``): the agent passes ``xen``, its server session and an HTTP download
-checked by sha256; the tests pass fakes. Guests run on when the agent stops or restarts:
-nothing here ties a domain's life to the agent's.
+The toolstack, the claim check, the kernel fetch and the usage counters are injected
+(``Toolstack``, ``Confirm``, ``Fetch``, ``Usage``): the agent passes ``xen``, its server
+session, an HTTP download checked by sha256 and ``guestusage``; the tests pass fakes. Guests
+run on when the agent stops or restarts: nothing here ties a domain's life to the agent's.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nodeagent.errors import RoleError, ServerError, XenError
+from nodeagent.roles import guestusage
 from nodeagent.roles.guests import Action, Do, plan
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
@@ -32,6 +33,7 @@ KERNEL_DIR = Path("/var/lib/nodeagent/kernels")
 
 Confirm = Callable[[str, int], Awaitable[bool]]  # (instance name, epoch) -> held?
 Fetch = Callable[[str, Path], Awaitable[None]]  # (url, destination) -> file written
+Usage = Callable[[int], dict[str, int]]  # domid -> its network and disk byte counters
 
 
 class Toolstack(Protocol):
@@ -46,8 +48,10 @@ class Toolstack(Protocol):
 class Guests:
     def __init__(self, xl: Toolstack, confirm: Confirm, fetch: Fetch, *,
                  config_dir: Path = CONFIG_DIR, kernel_dir: Path = KERNEL_DIR,
-                 shutdown_timeout: float = SHUTDOWN_TIMEOUT) -> None:
+                 shutdown_timeout: float = SHUTDOWN_TIMEOUT,
+                 usage: Usage = guestusage.counters) -> None:
         self.xl = xl
+        self.usage = usage
         self.confirm = confirm
         self.fetch = fetch
         self.config_dir = config_dir
@@ -205,6 +209,7 @@ class Guests:
                 "domid": domain.domid if domain else None,
                 "cpu_seconds": domain.cpu_seconds if domain else None,
                 "memory_mib": domain.memory_mib if domain else None,
+                **(self.usage(domain.domid) if domain else {}),
                 "error": errors.get(spec.id)})
         events, self.events = self.events, []
         return {"xen": dict(facts), "guests": guests, "events": events}

@@ -22,8 +22,11 @@ def server(tmp_path):
 
 class Dom0(Agent):
     def report(self, **dom0):
-        return self.call("POST", "/api/v1/agent/report", self.body(generation=0, dom0={
-            "initiator": "iqn.x", "detached": [], "attachments": [], **dom0}))
+        """A report following the work as it is now (as an agent's pass does)."""
+        generation = self.work()["generation"]
+        return self.call("POST", "/api/v1/agent/report", self.body(
+            generation=generation, dom0={"initiator": "iqn.x", "detached": [],
+                                         "attachments": [], **dom0}))
 
     def claim(self, instance: str, epoch: int) -> tuple[int, dict]:
         try:
@@ -70,8 +73,13 @@ def test_instances_through_the_cli(server, tmp_path):
 
     dom0.report(xen={"free_memory_mib": 1100}, guests=[{
         "id": made["id"], "domain": "nb-web", "epoch": 1, "state": "blocked", "domid": 3,
-        "cpu_seconds": 1.5}])
+        "cpu_seconds": 1.5, "net_rx_bytes": 4096, "disk_write_bytes": 8192}])
     assert ok(server, "instance", "show", "web", "--json")["actual"] == "running"
+    used = ok(server, "instance", "usage", "web", "--json")
+    assert used["usage"]["net_rx_bytes"] == 4096 and used["usage"]["disk_write_bytes"] == 8192
+    text = ok(server, "instance", "usage", "web", "--since", "2026-01-01T00:00:00Z")
+    assert "net_rx_bytes:     4096" in text and "cpu_seconds:      1.5" in text
+    refused(server, "instance", "usage", "web", "--since", "soon", says="not a time")
     assert ok(server, "instance", "reboot", "web", "--json")["reboots"] == 1
     ok(server, "instance", "stop", "web")
     assert dom0.claim("web", 1)[0] == 409  # wanted stopped: no creating it any more

@@ -80,7 +80,8 @@ def guests(tmp_path, xl, held=True):
         dest.write_bytes({"http://s/k": KERNEL, "http://s/r": RAMDISK}[url])
 
     made = Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
-                  kernel_dir=tmp_path / "kernels", shutdown_timeout=1.0)
+                  kernel_dir=tmp_path / "kernels", shutdown_timeout=1.0,
+                  usage=lambda domid: {"net_rx_bytes": 100 * domid, "disk_write_bytes": 512})
     return made, asked, fetched
 
 
@@ -92,6 +93,7 @@ async def test_creates_a_claimed_guest_after_confirming_and_reports_it(tmp_path)
     assert 'type = "pv"' in xl.configs[0] and "phy:/dev/md/nb-fedcba9876543210" in xl.configs[0]
     [guest] = report["guests"]
     assert guest["state"] == "blocked" and guest["epoch"] == 2 and guest["error"] is None
+    assert guest["net_rx_bytes"] == 700 and guest["disk_write_bytes"] == 512  # domid 7
     assert report["xen"]["free_memory_mib"] == 1400
     assert [e["stage"] for e in report["events"]] == ["created"]
     # A second pass: nothing to do, the kernel is cached, no new events.

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from configserver.cloud.guestreports import apply_guests, parse_guests
+from configserver.cloud.guestreports import apply_guests, parse_guests, totals
 from configserver.cloud.instances import Claim, Desired, Instance
 from configserver.cloud.model import MIB
 from configserver.errors import InvalidReport
@@ -61,3 +61,28 @@ def test_cpu_seconds_never_go_backwards_across_a_new_domain():
         assert current.usage["cpu_seconds"] == total
     _, same, _ = parse_guests({"guests": [guest(domid=9, cpu=2.0)]})
     assert apply_guests([current], A, same) == []  # a repeated report changes nothing
+
+
+def test_bytes_add_up_across_new_domains_and_never_go_backwards():
+    current = WEB
+    reports = ((7, 1000, 10, 1000), (7, 1500, 20, 1500), (9, 200, 5, 1700), (9, 300, 5, 1800))
+    for domid, rx, written, total in reports:
+        _, guests, _ = parse_guests({"guests": [{**guest(domid=domid), "net_rx_bytes": rx,
+                                                 "disk_write_bytes": written}]})
+        [(current, _, _)] = apply_guests([current], A, guests)
+        assert current.usage["net_rx_bytes"] == total
+    assert current.usage["disk_write_bytes"] == 25
+    assert totals(current.usage) == {"cpu_seconds": 3.0, "net_rx_bytes": 1800,
+                                     "net_tx_bytes": 0, "disk_read_bytes": 0,
+                                     "disk_write_bytes": 25}
+    for bad in (-1, "12", True):
+        with pytest.raises(InvalidReport):
+            parse_guests({"guests": [{**guest(), "net_tx_bytes": bad}]})
+
+
+def test_a_schema_6_usage_keeps_counting_from_its_last_cpu():
+    old = Instance(**{**WEB.__dict__, "usage": {"cpu_seconds": 10.0, "domid": 7, "epoch": 2,
+                                                "last_cpu": 4.0}})
+    _, guests, _ = parse_guests({"guests": [guest(domid=7, cpu=5.0)]})
+    [(changed, _, _)] = apply_guests([old], A, guests)
+    assert changed.usage["cpu_seconds"] == 11.0 and "last_cpu" not in changed.usage

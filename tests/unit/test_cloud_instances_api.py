@@ -237,3 +237,27 @@ async def test_the_holder_s_work_carries_the_guest_and_the_guest_its_keys(
     other = await nobody.get("/api/v1/agent/work",
                              params={"mac": DOM0B, "boot_id": "x"}, headers=headers)
     assert other.status in (401, 403)
+
+
+async def test_usage_over_http_for_its_tenant_only(aiohttp_client, admin, pki, registry):
+    tenant = await as_(aiohttp_client, admin, pki, TENANT)
+    other = await as_(aiohttp_client, admin, pki, OTHER_TENANT)
+    assert (await create(tenant, name="mine")).status == 201
+    resp = await tenant.get("/api/v1/instances/mine/usage",
+                            params={"since": "2026-01-01T00:00:00Z"})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["instance"] == "mine" and body["usage"]["cpu_seconds"] == 0
+    assert set(body["usage"]) == {"cpu_seconds", "net_rx_bytes", "net_tx_bytes",
+                                  "disk_read_bytes", "disk_write_bytes"}
+    assert (await other.get("/api/v1/instances/mine/usage")).status == 404
+    bad = await tenant.get("/api/v1/instances/mine/usage", params={"since": "yesterday"})
+    assert bad.status == 400 and "ISO 8601" in (await bad.json())["hint"]
+
+
+def test_since_reads_unix_seconds_and_iso_8601():
+    from configserver.http.instancesapi import parse_since
+
+    assert parse_since(None) is None and parse_since("1700000000.5") == 1700000000.5
+    assert parse_since("2026-12-01T00:00:00Z") == parse_since("2026-12-01T00:00:00") == (
+        parse_since("2026-12-01T01:00:00+01:00"))

@@ -1,4 +1,5 @@
-"""Instances' rows in SQLite (schema 6): create, claims through start/stop/gone, NIC lookup."""
+"""Instances' rows in SQLite (schema 7): create, claims through start/stop/gone, NIC lookup,
+usage over time."""
 
 from __future__ import annotations
 
@@ -423,3 +424,41 @@ def test_a_change_names_the_instance_it_was_allowed_on(tmp_path):
         assert started.claim is not None
     finally:
         registry.close()
+
+
+def test_usage_since_a_time_from_the_samples_and_the_final_totals_kept(db):
+    from cloudtest import dom0_report
+
+    rows.create(db, web(), now=0.0)
+    started, _ = rows.start(db, "web", A, now=1.0)
+
+    def report(now, cpu, rx, domid=7):
+        body = dom0_report()
+        body["dom0"]["guests"] = [{"id": started.id, "epoch": 1, "state": "running",
+                                   "domid": domid, "cpu_seconds": cpu, "net_rx_bytes": rx}]
+        rows.record_report(db, A, body, now=now, seen=None)
+
+    report(100.0, 1.0, 1000)   # sampled: the first
+    report(200.0, 2.0, 3000)   # not: too soon after it
+    report(500.0, 4.0, 7000)   # sampled
+    report(900.0, 1.0, 500, domid=8)  # a new domain (a reboot): its counters from zero
+    assert rows.by_name(db, "web").usage["net_rx_bytes"] == 7500
+    whole = rows.usage(db, "web", None, now=1000.0)
+    assert whole["since"] == 0.0 and whole["usage"]["net_rx_bytes"] == 7500
+    assert whole["usage"]["cpu_seconds"] == 5.0 and whole["total"] == whole["usage"]
+    later = rows.usage(db, "web", 600.0, now=1000.0)  # rounded down to the sample at 500
+    assert later["since"] == 500.0
+    assert later["usage"] == {"cpu_seconds": 1.0, "net_rx_bytes": 500, "net_tx_bytes": 0,
+                              "disk_read_bytes": 0, "disk_write_bytes": 0}
+    early = rows.usage(db, "web", 50.0, now=1000.0)  # before anything was counted
+    assert early["usage"]["net_rx_bytes"] == 7500
+    with pytest.raises(NotFound):
+        rows.usage(db, "nothing", None, now=1.0)
+    # Destroyed: the final totals stay on its timeline for billing.
+    rows.destroy(db, "web", now=1100.0, delete_disk=False)
+    body = dom0_report()
+    body["dom0"]["guests"] = [{"id": started.id, "epoch": 1, "state": "stopped"}]
+    rows.record_report(db, A, body, now=1200.0, seen=rows.generation(db))
+    assert rows.by_name(db, "web") is None
+    [destroyed] = [e for e in rows.events(db, started.id) if e["stage"] == "destroyed"]
+    assert destroyed["detail"]["usage"]["net_rx_bytes"] == 7500
