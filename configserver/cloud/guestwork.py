@@ -10,7 +10,8 @@ because it is not startable (a report that its array is briefly unusable, an ima
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+import ipaddress
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,4 +64,25 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
     return entries
 
 
-__all__ = ["BRIDGE", "GuestBoot", "guest_work"]
+def guest_network(servers: Iterable[str | None], *, dhcp_port: int, http_port: int,
+                  node_ips: Iterable[str | None],
+                  pools: Iterable[tuple[str, str] | None]) -> dict[str, Any]:
+    """What a dom0's guests may reach (``nodeagent.roles.guestnet``): of the config server's
+    addresses only DHCP and the plain-HTTP port; nothing of the nodes' addresses or of the
+    boot network's dynamic pools (where nodes that are not registered yet live)."""
+    def ipv4(value: str | None) -> str | None:
+        try:
+            return str(ipaddress.IPv4Address(value)) if value else None
+        except ValueError:
+            return None
+
+    protected = {f"{ip}/32" for ip in map(ipv4, node_ips) if ip}
+    for pool in pools:
+        if pool is not None:
+            first, last = (ipaddress.IPv4Address(a) for a in pool)
+            protected |= {str(n) for n in ipaddress.summarize_address_range(first, last)}
+    return {"servers": sorted({ip for ip in map(ipv4, servers) if ip}),
+            "dhcp_port": dhcp_port, "http_port": http_port, "protected": sorted(protected)}
+
+
+__all__ = ["BRIDGE", "GuestBoot", "guest_network", "guest_work"]

@@ -12,12 +12,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import math
+import urllib.parse
 from collections.abc import Iterable
 from typing import Any
 
 from aiohttp import web
 
-from configserver.cloud.guestwork import GuestBoot, guest_work
+from configserver.cloud.guestwork import GuestBoot, guest_network, guest_work
 from configserver.cloud.instances import holds
 from configserver.cloud.work import ImageSource, node_work, portal
 from configserver.errors import InvalidRequest
@@ -132,6 +133,14 @@ def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
             held, mac, volumes={v.id: v for v in volumes},
             boots=_boots(request, {i.image for i in held if i.image}),
             server_url=_http_base(request))
+        config = request.app[CONFIG]
+        subnets = [config.dhcp.subnet, *config.dhcp.relayed]
+        base = urllib.parse.urlsplit(_http_base(request))
+        answer["dom0"]["guest_network"] = guest_network(
+            [base.hostname, request.url.host], dhcp_port=config.dhcp.port,
+            http_port=base.port or 80,
+            node_ips=[n.ip for node in registry.list_nodes() for n in node.nics],
+            pools=[s.pool for s in subnets if s is not None])
     return answer
 
 

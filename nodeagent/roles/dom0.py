@@ -90,7 +90,7 @@ class Dom0Role:
             try:
                 report.update(await self.guests.reconcile(
                     [g for g in work.get("guests") or [] if isinstance(g, dict)],
-                    devices_ready=os.path.exists))
+                    devices_ready=os.path.exists, network=work.get("guest_network")))
             except (RoleError, OSError) as exc:  # xl itself failed: the volumes' report
                 log.warning("guests: %s", exc)  # still goes
         leaving = {(a["volume"], leg["node"]) for a in wanted for leg in a.get("legs") or []

@@ -1,9 +1,10 @@
 """A dom0's guests, carried out: the plan of ``guests.py`` run through ``xl``, with the claim
 confirmed by the config server just before each ``xl create``, and a report of what runs.
 
-The toolstack, the claim check, the kernel fetch and the usage counters are injected
-(``Toolstack``, ``Confirm``, ``Fetch``, ``Usage``): the agent passes ``xen``, its server
-session, an HTTP download checked by sha256 and ``guestusage``; the tests pass fakes. Guests
+The toolstack, the claim check, the kernel fetch, the usage counters and the loading of the
+guest network rules are injected (``Toolstack``, ``Confirm``, ``Fetch``, ``Usage``,
+``LoadRules``): the agent passes ``xen``, its server session, an HTTP download checked by
+sha256, ``guestusage`` and ``guestnet.apply``; the tests pass fakes. Guests
 run on when the agent stops or restarts: nothing here ties a domain's life to the agent's.
 """
 
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nodeagent.errors import RoleError, ServerError, XenError
-from nodeagent.roles import guestusage
+from nodeagent.roles import guestnet, guestusage
 from nodeagent.roles.guests import Action, Do, plan
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
@@ -34,6 +35,7 @@ KERNEL_DIR = Path("/var/lib/nodeagent/kernels")
 Confirm = Callable[[str, int], Awaitable[bool]]  # (instance name, epoch) -> held?
 Fetch = Callable[[str, Path], Awaitable[None]]  # (url, destination) -> file written
 Usage = Callable[[int], dict[str, int]]  # domid -> its network and disk byte counters
+LoadRules = Callable[[str, Path], Awaitable[None]]  # (nft ruleset, file to keep it in)
 
 
 class Toolstack(Protocol):
@@ -49,9 +51,12 @@ class Guests:
     def __init__(self, xl: Toolstack, confirm: Confirm, fetch: Fetch, *,
                  config_dir: Path = CONFIG_DIR, kernel_dir: Path = KERNEL_DIR,
                  shutdown_timeout: float = SHUTDOWN_TIMEOUT,
-                 usage: Usage = guestusage.counters) -> None:
+                 usage: Usage = guestusage.counters,
+                 load_rules: LoadRules = guestnet.apply) -> None:
         self.xl = xl
         self.usage = usage
+        self.load_rules = load_rules
+        self._loaded: str | None = None  # the guest network rules last loaded
         self.confirm = confirm
         self.fetch = fetch
         self.config_dir = config_dir
@@ -60,14 +65,19 @@ class Guests:
         self.events: list[dict[str, Any]] = []  # since the last report
 
     async def reconcile(self, entries: Sequence[Mapping[str, Any]],
-                        devices_ready: Callable[[str], bool]) -> dict[str, Any]:
+                        devices_ready: Callable[[str], bool],
+                        network: Mapping[str, Any] | None = None) -> dict[str, Any]:
         """One pass over the work's guests; the report's ``guests`` part.
 
-        Stops (destroys, shutdowns) and reboots run side by side, each bounded by its own
-        timeout; creates one at a time (each maps a guest's memory). One guest's failure,
-        whether ``xl``, the claim check, the kernel's download or the local files, is that
-        guest's error in the report, never the end of the pass."""
+        First the guest network rules (``guestnet``) for these guests and ``network``, the
+        work's policy: loaded again whenever they change, and no guest is created while
+        they could not be (a running one keeps running). Stops (destroys, shutdowns) and
+        reboots run side by side, each bounded by its own timeout; creates one at a time
+        (each maps a guest's memory). One guest's failure, whether ``xl``, the claim check,
+        the kernel's download or the local files, is that guest's error in the report, never
+        the end of the pass."""
         facts = await self.xl.info()
+        rules_error = await self._rules(entries, network)
         specs, errors, kept, sources = [], {}, set(), {}
         for entry in entries:
             try:
@@ -85,6 +95,8 @@ class Guests:
 
         async def attempt(action: Action) -> None:
             try:
+                if action.do == Do.CREATE and rules_error:
+                    raise XenError(f"not started without its network rules: {rules_error}")
                 await self._carry_out(action, facts, devices_ready, sources)
             except (RoleError, ServerError, OSError) as exc:
                 message = getattr(exc, "message", None) or str(exc)
@@ -98,7 +110,26 @@ class Guests:
             if action.do == Do.CREATE:
                 await attempt(action)
         await asyncio.gather(*(attempt(a) for a in actions if a.do == Do.REBOOT))
-        return self._report(specs, await self.xl.domains(), facts, errors)
+        report = self._report(specs, await self.xl.domains(), facts, errors)
+        report["network"] = {"rules": self._loaded is not None and not rules_error,
+                             "ports": len(guestnet.ports(entries)), "error": rules_error}
+        return report
+
+    async def _rules(self, entries: Sequence[Mapping[str, Any]],
+                     network: Mapping[str, Any] | None) -> str | None:
+        """Load the guest network rules if they changed; the error, if they could not be."""
+        text = guestnet.ruleset(guestnet.ports(entries), guestnet.policy_from_work(network))
+        if text == self._loaded:
+            return None
+        try:
+            await self.load_rules(text, self.config_dir / "network.nft")
+        except (RoleError, OSError) as exc:
+            message = getattr(exc, "message", None) or str(exc)
+            log.warning("guest network rules: %s", message)
+            return message
+        self._loaded = text
+        log.info("guest network rules loaded (%d vifs)", len(guestnet.ports(entries)))
+        return None
 
     async def _with_kernel(self, spec: GuestSpec, entry: Mapping[str, Any]) -> GuestSpec:
         """``spec`` with its kernel and initramfs fetched (or found cached) and checked."""

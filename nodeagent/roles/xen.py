@@ -16,6 +16,7 @@ from typing import Any
 
 from nodeagent.errors import XenError
 from nodeagent.plugins import ToolUnavailable, run_tool
+from nodeagent.roles.guestnet import vifname
 
 TIMEOUT = 30.0
 CREATE_TIMEOUT = 180.0
@@ -121,8 +122,11 @@ def _quoted(value: str, what: str) -> str:
 
 
 def guest_config(spec: GuestSpec, *, hap: bool) -> str:
-    """The xl config file of ``spec``: PVH where the host has hardware paging, else PV."""
-    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge}", "vif") for mac, bridge in spec.nics)
+    """The xl config file of ``spec``: PVH where the host has hardware paging, else PV. Each
+    vif is named after its MAC (``guestnet.vifname``): the guest network rules know it by
+    that name on any dom0."""
+    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge},vifname={vifname(mac, index)}", "vif")
+                     for index, (mac, bridge) in enumerate(spec.nics))
     lines = [
         f"name = {_quoted(spec.name, 'name')}",
         f"uuid = {_quoted(spec.uuid, 'uuid')}",

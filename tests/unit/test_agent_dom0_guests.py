@@ -68,8 +68,12 @@ def entry(desired="running", epoch=2, kernel=KERNEL, **more):
             "nics": [{"mac": "00:16:3e:00:00:01", "ip": "198.18.0.100", "bridge": "xenbr0"}]}
 
 
-def guests(tmp_path, xl, held=True):
+def guests(tmp_path, xl, held=True, rules=None):
     asked, fetched = [], []
+    rules = [] if rules is None else rules
+
+    async def load_rules(text, path):
+        rules.append(text)
 
     async def confirm(name, epoch):
         asked.append((name, epoch))
@@ -81,7 +85,8 @@ def guests(tmp_path, xl, held=True):
 
     made = Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
                   kernel_dir=tmp_path / "kernels", shutdown_timeout=1.0,
-                  usage=lambda domid: {"net_rx_bytes": 100 * domid, "disk_write_bytes": 512})
+                  usage=lambda domid: {"net_rx_bytes": 100 * domid, "disk_write_bytes": 512},
+                  load_rules=load_rules)
     return made, asked, fetched
 
 
@@ -248,3 +253,35 @@ async def test_a_failed_create_leaves_no_half_built_domain(tmp_path):
     xl.create_fails = False
     await made.reconcile([entry()], lambda device: True)  # the next pass starts it afresh
     assert xl.calls[-1] == ("create", "nb-web") and xl.running["nb-web"].state == "blocked"
+
+
+async def test_network_rules_come_first_are_loaded_once_and_fail_closed(tmp_path):
+    """The rules name each guest's vif with its MAC and address; unchanged, they are not
+    loaded again; while they cannot be loaded no guest is created, and a running one runs
+    on."""
+    xl = FakeXl()
+    rules = []
+    made, _, _ = guests(tmp_path, xl, rules=rules)
+    network = {"servers": ["198.18.0.1"], "http_port": 8080, "protected": ["198.18.0.2"]}
+    report = await made.reconcile([entry()], lambda device: True, network)
+    [text] = rules
+    assert '"nb000001.0" . 00:16:3e:00:00:01 . 198.18.0.100' in text
+    assert "198.18.0.2/32" in text and "tcp dport 8080 accept" in text
+    assert report["network"] == {"rules": True, "ports": 1, "error": None}
+    assert xl.calls == [("create", "nb-web")]
+    await made.reconcile([entry()], lambda device: True, network)
+    assert len(rules) == 1
+
+    async def broken(text, path):
+        raise XenError("nft -f failed (1): Error: Could not process rule")
+
+    xl = FakeXl([Domain("nb-db", 4, 256, 1, "running", 2.0, UUID)])
+    failing, _, _ = guests(tmp_path, xl)
+    failing.load_rules = broken
+    other = {**entry(), "id": "fedcba9876543210", "domain": "nb-db"}
+    report = await failing.reconcile([entry(), other], lambda device: True, network)
+    assert xl.calls == [] and "nb-db" in xl.running
+    web = next(g for g in report["guests"] if g["domain"] == "nb-web")
+    assert "without its network rules" in web["error"]
+    assert report["network"]["rules"] is False and "Could not process" in (
+        report["network"]["error"])

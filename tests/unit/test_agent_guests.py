@@ -83,7 +83,7 @@ def test_guest_config_is_pv_without_hap_and_pvh_with_it():
     text = guest_config(spec(), hap=False)
     assert 'type = "pv"' in text and 'name = "nb-web"' in text and f'uuid = "{UUID}"' in text
     assert 'disk = [ "phy:/dev/md/nb-fedcba9876543210,xvda,w" ]' in text
-    assert 'vif = [ "mac=00:16:3e:00:00:01,bridge=xenbr0" ]' in text
+    assert 'vif = [ "mac=00:16:3e:00:00:01,bridge=xenbr0,vifname=nb000001.0" ]' in text
     assert 'extra = "root=/dev/xvda ro console=hvc0"' in text and "memory = 256" in text
     assert 'type = "pvh"' in guest_config(spec(), hap=True)
 
@@ -157,3 +157,27 @@ def test_xl_create_runs_in_a_scope_of_its_own_when_systemd_is_there():
     assert f"--slice={GUEST_SLICE}" in argv
     assert argv[-3:] == ["xl", "create", "/run/nodeagent/guests/nb-web.cfg"]
     assert create_argv("/c.cfg", systemd_run=None) == ["xl", "create", "/c.cfg"]
+
+
+def test_vif_names_follow_the_mac_and_rules_refuse_nothing_silently():
+    from nodeagent.roles import guestnet
+
+    assert guestnet.vifname("00:16:3E:0a:0b:0c", 1) == "nb0a0b0c.1"
+    assert len(guestnet.vifname("00:16:3e:ff:ff:ff", 99)) <= 15
+    with pytest.raises(XenError):
+        guestnet.vifname("not-a-mac")
+    ports = guestnet.ports([{"nics": [{"mac": "00:16:3e:00:00:01", "ip": "198.18.0.96"},
+                                      {"mac": "bad"}, {"mac": "00:16:3e:00:00:02"}]},
+                            {"nics": None}])
+    assert [(p.name, p.ip) for p in ports] == [("nb000001.0", "198.18.0.96"),
+                                              ("nb000002.2", None)]
+    policy = guestnet.policy_from_work({"servers": ["198.18.0.1", "x"], "http_port": 70000,
+                                        "protected": ["198.18.0.0/30", "198.18.0.9"]})
+    assert policy.servers == ("198.18.0.1",) and policy.http_port == 8080
+    assert policy.protected == ("198.18.0.0/30", "198.18.0.9/32")
+    text = guestnet.ruleset(ports, policy)
+    assert text.startswith("table bridge netboot_guests\ndelete table bridge netboot_guests\n")
+    assert '"nb000002.2" . 00:16:3e:00:00:02' in text  # its MAC only: no address to send from
+    assert "198.18.0.96" in text and text.count("jump from_guest") == 2
+    empty = guestnet.ruleset([], guestnet.Policy())
+    assert "set port_mac { type ifname . ether_addr;  }" in empty  # every nb* vif dropped

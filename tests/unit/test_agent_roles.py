@@ -639,8 +639,13 @@ async def test_a_dom0_with_guests_reports_them_after_its_volumes(monkeypatch, tm
         from test_agent_dom0_guests import KERNEL, RAMDISK
         dest.write_bytes({"http://s/k": KERNEL, "http://s/r": RAMDISK}[url])
 
+    async def load_rules(text, path):
+        loaded.append(text)
+
+    loaded = []
     role = dom0.Dom0Role(Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
-                                kernel_dir=tmp_path / "k"))
+                                kernel_dir=tmp_path / "k", load_rules=load_rules,
+                                usage=lambda domid: {}))
     assembled = []
     monkeypatch.setattr(dom0.os.path, "exists",
                         lambda path: assembled.append(path) or path == f"/dev/md/nb-{VID}")
@@ -648,4 +653,5 @@ async def test_a_dom0_with_guests_reports_them_after_its_volumes(monkeypatch, tm
     report = await role.reconcile({**_work(_attachment(create=True)), "guests": [guest]})
     assert report["attachments"][0]["state"] == "attached"
     assert xl.calls == [("create", "nb-web")] and report["guests"][0]["state"] == "blocked"
+    assert len(loaded) == 1 and report["network"]["rules"] is True
     assert report["xen"]["free_memory_mib"] == 1400 and assembled == [f"/dev/md/nb-{VID}"]

@@ -63,3 +63,16 @@ def test_a_destroyed_instance_is_a_hard_stop_and_reboots_are_counted():
     assert entry["desired"] == "stopped" and entry["hard"] is True and entry["reboots"] == 2
     [entry] = work([replace(WEB, reboots=1)], A, attached)
     assert entry["hard"] is False and entry["reboots"] == 1
+
+
+def test_the_guest_network_protects_the_nodes_and_the_dynamic_pool():
+    from configserver.cloud.guestwork import guest_network
+
+    got = guest_network(["198.18.0.1", "configserver.example", None, "198.18.0.1"],
+                        dhcp_port=67, http_port=8080,
+                        node_ips=["198.18.0.10", None, "198.18.0.11", "not-an-ip"],
+                        pools=[("198.18.0.64", "198.18.0.95"), None, ("198.18.1.1",
+                                                                      "198.18.1.2")])
+    assert got == {"servers": ["198.18.0.1"], "dhcp_port": 67, "http_port": 8080,
+                   "protected": ["198.18.0.10/32", "198.18.0.11/32", "198.18.0.64/27",
+                                 "198.18.1.1/32", "198.18.1.2/32"]}

@@ -224,6 +224,10 @@ async def test_the_holder_s_work_carries_the_guest_and_the_guest_its_keys(
 
     [entry] = await guests()
     assert entry["desired"] == "running" and not entry["startable"]  # not assembled yet
+    resp = await nobody.get("/api/v1/agent/work", params=who, headers=headers)
+    network = (await resp.json())["dom0"]["guest_network"]
+    assert "198.18.0.1" in network["servers"] and network["http_port"] == 8080
+    assert network["protected"]  # the nodes' reserved addresses
     registry.record_cloud_report(DOM0, dom0_report(attachment(disk.id, created=True)))
     [entry] = await guests()
     digest = hashlib.sha256(b"x" * 4096).hexdigest()
