@@ -12,7 +12,10 @@ whole in one ``nft -f`` transaction whenever the dom0's guests or the policy cha
   DHCP client's DISCOVER and REQUEST from 0.0.0.0; a guest answering as a DHCP server, any
   other ether type (IPv6, VLAN tags) and anything to the dom0 itself are dropped;
 * to the config server only DHCP and its plain-HTTP port (what the guest's boot fetches);
-* to the protected addresses (the nodes, the boot network's dynamic pool) nothing.
+* to the protected addresses (the nodes, the boot network's dynamic pool) nothing;
+* but answers, to those too, to what they opened (stateless: TCP segments other than a
+  connection's first, ICMP replies and errors): a ping or an ssh from the server's network
+  to the guest is answered.
 
 ``ruleset`` is pure; ``apply`` runs ``nft``.
 """
@@ -131,11 +134,21 @@ def ruleset(guest_ports: Sequence[Port], policy: Policy) -> str:
         f"    ip saddr 0.0.0.0 udp sport 68 udp dport {policy.dhcp_port} accept",
         "    iifname . ip saddr != @port_ip counter drop",
         "    udp sport 67 counter drop",
-        "    ip daddr @protected counter drop",
+        "    ip daddr @protected jump answers_only",
         f"    ip daddr @servers udp dport {policy.dhcp_port} accept",
         f"    ip daddr @servers tcp dport {policy.http_port} accept",
-        "    ip daddr @servers counter drop",
+        "    ip daddr @servers jump answers_only",
         "    accept",
+        "  }",
+        # To the server and the nodes a guest only answers what they opened (the operator's
+        # ping and ssh from the server's network): no TCP connection of its own (a SYN
+        # without ACK), no ping, no UDP. Stateless: no conntrack in the bridge needed.
+        "  chain answers_only {",
+        "    tcp flags & (syn | ack) == syn counter drop",
+        "    meta l4proto tcp accept",
+        "    icmp type { echo-reply, destination-unreachable, time-exceeded, "
+        "parameter-problem } accept",
+        "    counter drop",
         "  }",
         "  chain forward {",
         "    type filter hook forward priority -200; policy accept;",

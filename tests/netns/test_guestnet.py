@@ -11,6 +11,7 @@ import re
 import subprocess
 import sys
 
+import netlab
 import pytest
 from netlab import namespaces
 
@@ -121,9 +122,18 @@ def test_guests_send_only_as_themselves_and_reach_only_what_they_may(tmp_path):
         # Honest: to the other guest, to the world beyond, to the server's HTTP boot port.
         assert pings(guest_a, IP_B, "-I", IP_A) and pings(guest_b, IP_A)
         assert pings(guest_a, OTHER, "-I", IP_A) and connects(guest_a, SERVER, 8080)
-        # Not to the server's API, nor ping it, nor any protected node.
+        # Not to the server's API, nor ping it, nor any protected node; but what those open
+        # to the guest is answered (the operator's ping and ssh).
         assert not connects(guest_a, SERVER, 8443) and not pings(guest_a, SERVER)
         assert not pings(guest_a, NODE) and not connects(guest_a, NODE, 8080)
+        assert pings(server, IP_A, "-I", SERVER) and pings(server, IP_A, "-I", NODE)
+        listener = guest_a.popen(sys.executable, "-c", LISTENER, "2222")
+        try:
+            assert netlab.wait_for(lambda: connects(server, IP_A, 2222), 10,
+                                   "the guest's listener", step=0.5)
+        finally:
+            listener.kill()
+            listener.wait()
         # Another source address (one of its own making, or the other guest's) reaches
         # nothing, and a forged ARP poisons nobody.
         assert not pings(guest_a, IP_B, "-I", "198.18.40.99")
