@@ -15,8 +15,11 @@ from __future__ import annotations
 import concurrent.futures
 import functools
 import json
+import re
+import shlex
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,6 +28,7 @@ from test_farm import IMAGES
 
 from configserver.farm import network
 from configserver.http.client import ApiClient, ApiError
+from nodeagent.config import DEFAULT_API_PORT as AGENT_PORT
 
 pytestmark = pytest.mark.vm
 
@@ -206,6 +210,7 @@ def test_deleting_volumes_removes_their_legs(cloud):
 # -- the cloud, part 2: instances ------------------------------------------------------------
 
 GUEST_BOOT = 420  # seconds for a PV guest to boot and answer, inside a TCG dom0
+PROBE = Path(__file__).with_name("guestprobe.py")
 
 
 def test_an_instance_boots_from_its_volume_and_answers_ping_and_ssh(cloud):
@@ -258,6 +263,49 @@ def test_an_instance_boots_from_its_volume_and_answers_ping_and_ssh(cloud):
     stages = [e["stage"] for e in guests.show("web")["timeline"]]
     print("web timeline:", stages)
     assert "agent.created" in stages and "guest.running" in stages, stages
+
+
+def probe(cloud: Cloud, ip: str, *probes: tuple[str, ...]) -> list[bool]:
+    """``guestprobe.py`` run by the guest's own python3, over ssh from the farm's network."""
+    done = network.run(cloud.farm.ssh_to(ip, ["python3", "-", shlex.quote(json.dumps(probes))]),
+                       timeout=120, check=False, input_text=PROBE.read_text())
+    assert done.returncode == 0, (probes, done.stdout, done.stderr)
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def test_the_guest_sends_only_as_itself(cloud):
+    """The dom0's bridge rules: the guest reaches the config server's HTTP boot port as
+    itself, but not from another address, not the server's API, not a dom0's sshd; a forged
+    ARP (with its own MAC or another) poisons nobody."""
+    guests = Instances(cloud)
+    view = guests.show("web")
+    ip, mac = view["nics"][0]["ip"], view["nics"][0]["mac"]
+    server, dom0 = cloud.farm.net.plan.server_ip, cloud.nodes["dom0-2"]["ip"]
+    spoofed = "198.18.0.125"
+    iface = guests.ssh(ip, f"ip -o -4 addr show | awk '$4 ~ /^{ip}\\// {{print $2}}'; "
+                           f"ip addr add {spoofed}/32 dev $(ip -o -4 addr show | "
+                           f"awk '$4 ~ /^{ip}\\// {{print $2}}')").strip()
+    assert iface, "the guest's interface with its address"
+    bridge = json.loads(network.run(cloud.farm.net.cmd("ip", "-j", "link", "show", "br0"))
+                        .stdout)[0]["address"]
+    network.run(cloud.farm.net.cmd("ping", "-c", "1", "-W", "2", dom0), check=False)
+    try:
+        got = probe(cloud, ip, ("connect", server, "8080", ip),  # as itself: its boot's
+                    ("connect", server, "8080", spoofed), ("connect", server, "8443"),
+                    ("connect", dom0, "22"), ("connect", dom0, str(AGENT_PORT)),
+                    ("arp", iface, mac, dom0, bridge),
+                    ("arp", iface, "00:16:3e:12:34:56", dom0, bridge))
+    finally:
+        guests.ssh(ip, f"ip addr del {spoofed}/32 dev {iface}")
+    assert got == [True, False, False, False, False, True, True], got
+    neighbour = network.run(cloud.farm.net.cmd("ip", "neigh", "show", dom0)).stdout.lower()
+    assert mac not in neighbour and "00:16:3e:12:34:56" not in neighbour, neighbour
+    cloud.ssh("dom0-2", "true")  # the server still reaches dom0-2
+    rules = cloud.ssh("dom0-1", "nft list table bridge netboot_guests")
+    assert f"{mac} . {ip}" in rules, rules
+    dropped = sum(int(n) for n in re.findall(r"counter packets (\d+)", rules))
+    print(f"guest network rules on dom0-1: {dropped} packets dropped by the probes")
+    assert dropped > 0
 
 
 def test_its_data_survives_a_stop_and_a_start_on_the_other_dom0(cloud):
