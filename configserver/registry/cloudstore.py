@@ -56,12 +56,15 @@ class CloudStore:
         return self._run(cloud_volumes.create, volume_id=new_volume_id(), name=name,
                          size=size, image=image, tenant=tenant, now=self._now())
 
-    # An instance's disk is not the volumes API's to attach, detach or delete (instances).
+    # An instance's disk is not the volumes API's to detach from under its guest or to delete
+    # while the instance exists (``instances``). Attaching it elsewhere is refused while it
+    # is attached where the instance runs (``volumes.attach``), and a start is refused while
+    # it is attached elsewhere: an admin may look at a stopped instance's disk.
     def delete_volume(self, name: str) -> tuple[Volume, int]:
         return self._run(cloud_instances.delete_volume, name=name, now=self._now())
 
     def attach_volume(self, name: str, node: str) -> tuple[Volume, int]:
-        return self._run(cloud_instances.attach_volume, name=name, node=node, now=self._now())
+        return self._run(cloud_volumes.attach, name=name, node=node, now=self._now())
 
     def detach_volume(self, name: str, node: str, *, force: bool = False
                       ) -> tuple[Volume, int]:

@@ -186,18 +186,6 @@ def _disk_of(db: sqlite3.Connection, volume_name: str) -> Instance | None:
     return by_name(db, row[0]) if row else None
 
 
-def attach_volume(db: sqlite3.Connection, name: str, node: str,
-                  now: float) -> tuple[Volume, int]:
-    """``volumes.attach``, but never an instance's disk: it follows the instance's claim
-    (attached where it starts), and a second dom0 writing to it would corrupt it."""
-    owner_of = _disk_of(db, name)
-    if owner_of is not None:
-        raise VolumeInUse(f"volume {name} is the disk of instance {owner_of.name}: it is "
-                          "attached where the instance starts",
-                          hint=f"'configserver instance start {owner_of.name}'")
-    return cloud_volumes.attach(db, name=name, node=node, now=now)
-
-
 def detach_volume(db: sqlite3.Connection, name: str, node: str, now: float, *,
                   force: bool = False) -> tuple[Volume, int]:
     """``volumes.detach``, but not an instance's disk from the dom0 holding its claim (the
@@ -425,6 +413,6 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
     return json.loads(row[0]) if row else None
 
 
-__all__ = ["attach_volume", "by_name", "create", "create_with_disk", "delete_volume",
+__all__ = ["by_name", "create", "create_with_disk", "delete_volume",
            "destroy", "detach_volume", "dom0_facts", "events", "gone", "load_all", "nic",
            "reboot", "record_report", "save", "start", "stop", "usage", "used_addresses"]

@@ -366,8 +366,9 @@ def test_a_dom0_report_moves_the_guest_map_and_refuses_malformed_guests(tmp_path
 
 
 def test_an_instance_s_disk_is_not_the_volumes_api_s_to_move(tmp_path):
-    """Attached only where its instance starts, not detached from under a running guest,
-    not deleted while the instance exists; an admin's force detach still fences a dom0."""
+    """Not detached from under a running guest, not attached to a second dom0, not deleted
+    while the instance exists; an admin's force detach still fences a dom0, and may look at
+    a stopped instance's disk (its start is refused while the disk is elsewhere)."""
     from cloudtest import DOM0, DOM0B, GIB, cloud
 
     from configserver.errors import VolumeInUse
@@ -380,12 +381,17 @@ def test_an_instance_s_disk_is_not_the_volumes_api_s_to_move(tmp_path):
             name="web", memory=256 * MIB, vcpus=1, image=None, disk=2 * GIB, tenant=None,
             ssh_keys=(), pool=("198.18.0.100", "198.18.0.101"))
         with pytest.raises(VolumeInUse, match="disk of instance web"):
-            registry.attach_volume("web-disk", DOM0B)
-        with pytest.raises(VolumeInUse, match="disk of instance web"):
             registry.delete_volume("web-disk")
+        registry.attach_volume("web-disk", DOM0B)  # an admin looks at it, stopped
+        with pytest.raises(VolumeInUse):
+            registry.start_instance("web", DOM0)
+        assert registry.instance("web").claim is None  # refused whole
+        registry.detach_volume("web-disk", DOM0B, force=True)
         registry.start_instance("web", DOM0)
         with pytest.raises(VolumeInUse, match="holds its claim on"):
             registry.detach_volume("web-disk", DOM0)
+        with pytest.raises(VolumeInUse):
+            registry.attach_volume("web-disk", DOM0B)
         assert registry.volume("web-disk").attachment(DOM0) is not None  # nothing changed
         detached, _ = registry.detach_volume("web-disk", DOM0, force=True)
         assert detached.attachment(DOM0) is None

@@ -381,17 +381,33 @@ def test_a_guest_made_by_hand_on_the_wrong_dom0_is_destroyed(cloud):
     assert "guest.destroyed" in [e["stage"] for e in events], events[-10:]
 
 
+COUNTERS = ("cpu_seconds", "net_rx_bytes", "net_tx_bytes", "disk_read_bytes",
+            "disk_write_bytes")
+
+
 def test_agent_and_server_restarts_leave_the_guest_running(cloud):
+    """...and its usage: the counters grow while it works and never go backwards."""
     guests = Instances(cloud)
-    holder = guests.show("web")["hostname"]
+    view = guests.show("web")
+    holder, ip = view["hostname"], view["nics"][0]["ip"]
     domid = guests.domains()[holder]["nb-web"]
+    before = {k: view["usage"].get(k, 0) for k in COUNTERS}
     cloud.ssh(holder, "systemctl restart nodeagent")
     cloud.farm.restart_server(hard=True)
     time.sleep(30)  # the agent is back, has looked up again and made passes
     assert guests.domains()[holder] == {"nb-web": domid}
     view = guests.show("web")
     assert (view["hostname"], view["actual"]) == (holder, "running"), view
-    assert view["usage"].get("cpu_seconds", 0) > 0, view
+    after = {k: view["usage"].get(k, 0) for k in COUNTERS}
+    assert all(after[k] >= before[k] for k in COUNTERS), (before, after)
+    assert after["cpu_seconds"] > 0 and after["net_rx_bytes"] > 0, after
+    guests.ssh(ip, "dd if=/dev/zero of=/root/work bs=1M count=16 oflag=direct status=none "
+                   "&& rm /root/work && sync")
+    worked = guests.wait("web", "its disk writes counted", lambda v: v["usage"].get(
+        "disk_write_bytes", 0) >= after["disk_write_bytes"] + (16 << 20), timeout=90)
+    print("web usage:", {k: worked["usage"].get(k) for k in COUNTERS})
+    used = cloud.cli("instance", "usage", "web")
+    assert used["usage"]["disk_write_bytes"] >= 16 << 20, used
 
 
 def test_destroying_with_its_disk_leaves_nothing(cloud):
