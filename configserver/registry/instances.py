@@ -245,6 +245,9 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
                      [i for i in load_all(db) if i.id != current.id])
     started = claim(current, mac)
     if started == current:
+        # Already wanted running there: its disk attached there again if it was taken away
+        # (an admin's force detach); VolumeInUse if it is attached elsewhere meanwhile.
+        _volume_follows(db, current, mac, now, attach=True)
         return current, generation(db)
     started = replace(started, updated=now, desired_generation=generation(db) + 1)
     _volume_follows(db, started, mac, now, attach=True)

@@ -392,6 +392,10 @@ def test_an_instance_s_disk_is_not_the_volumes_api_s_to_move(tmp_path):
             registry.detach_volume("web-disk", DOM0)
         with pytest.raises(VolumeInUse):
             registry.attach_volume("web-disk", DOM0B)
+        # Taken from under it by force, its disk comes back with the next start there.
+        registry.detach_volume("web-disk", DOM0, force=True)
+        again, _ = registry.start_instance("web")
+        assert again.claim.node == DOM0 and registry.volume("web-disk").attachment(DOM0)
         assert registry.volume("web-disk").attachment(DOM0) is not None  # nothing changed
         detached, _ = registry.detach_volume("web-disk", DOM0, force=True)
         assert detached.attachment(DOM0) is None

@@ -275,12 +275,17 @@ def probe(cloud: Cloud, ip: str, *probes: tuple[str, ...]) -> list[bool]:
 
 def test_the_guest_sends_only_as_itself(cloud):
     """The dom0's bridge rules: the guest reaches the config server's HTTP boot port as
-    itself, but not from another address, not the server's API, not a dom0's sshd; a forged
-    ARP (with its own MAC or another) poisons nobody."""
+    itself, but not from another address, not the server's API, not a dom0's sshd or agent,
+    not a storage node's iSCSI portal (which answers the server); a forged ARP (with its own
+    MAC or another) poisons nobody."""
     guests = Instances(cloud)
     view = guests.show("web")
     ip, mac = view["nics"][0]["ip"], view["nics"][0]["mac"]
     server, dom0 = cloud.farm.net.plan.server_ip, cloud.nodes["dom0-2"]["ip"]
+    storage = cloud.nodes["storage-1"]["ip"]
+    portal = network.run(cloud.farm.net.cmd("timeout", "5", "bash", "-c",
+                                            f"</dev/tcp/{storage}/3260"), check=False)
+    assert portal.returncode == 0, "the storage node's iSCSI portal answers the server"
     spoofed = "198.18.0.125"
     iface = guests.ssh(ip, f"ip -o -4 addr show | awk '$4 ~ /^{ip}\\// {{print $2}}'; "
                            f"ip addr add {spoofed}/32 dev $(ip -o -4 addr show | "
@@ -293,11 +298,12 @@ def test_the_guest_sends_only_as_itself(cloud):
         got = probe(cloud, ip, ("connect", server, "8080", ip),  # as itself: its boot's
                     ("connect", server, "8080", spoofed), ("connect", server, "8443"),
                     ("connect", dom0, "22"), ("connect", dom0, str(AGENT_PORT)),
+                    ("connect", storage, "3260"),
                     ("arp", iface, mac, dom0, bridge),
                     ("arp", iface, "00:16:3e:12:34:56", dom0, bridge))
     finally:
         guests.ssh(ip, f"ip addr del {spoofed}/32 dev {iface}")
-    assert got == [True, False, False, False, False, True, True], got
+    assert got == [True, False, False, False, False, False, True, True], got
     neighbour = network.run(cloud.farm.net.cmd("ip", "neigh", "show", dom0)).stdout.lower()
     assert mac not in neighbour and "00:16:3e:12:34:56" not in neighbour, neighbour
     cloud.ssh("dom0-2", "true")  # the server still reaches dom0-2
