@@ -1,4 +1,5 @@
-"""``configserver instance create|list|show|start|stop|reboot|destroy|usage``: Xen guests.
+"""``configserver instance create|list|show|start|stop|reboot|destroy|set|usage``: Xen
+guests.
 
 Every command is one API call (``/api/v1/instances``; ``create --start`` is two); ``--json``
 prints the API's JSON. The dom0 holding an instance's claim carries the change out and
@@ -33,6 +34,9 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     create.add_argument("--ip", help="its address (default: the instance pool's lowest free)")
     create.add_argument("--ssh-key", action="append", type=Path, default=[], metavar="FILE",
                         help="a public key file root accepts (repeatable)")
+    _resource_options(create)
+    create.add_argument("--max-memory", metavar="SIZE",
+                        help="the ceiling its memory may be raised to while it runs")
     create.add_argument("--start", action="store_true", help="start it right away")
     create.add_argument("--on", metavar="DOM0", help="with --start: on this dom0 (admins)")
     isub.add_parser("list", parents=[common], help="list instances")
@@ -50,11 +54,32 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                                    "--delete-disk)")
     destroy.add_argument("name")
     destroy.add_argument("--delete-disk", action="store_true", help="delete its volume too")
+    change = isub.add_parser("set", parents=[common],
+                             help="change its memory or resource controls (also running)")
+    change.add_argument("name")
+    change.add_argument("--memory", help="e.g. 512M (while it runs: up to --max-memory)")
+    _resource_options(change)
+    change.add_argument("--max-memory", metavar="SIZE", help="only while it is stopped")
     usage = isub.add_parser("usage", parents=[common],
                             help="CPU seconds, network and disk bytes (for billing)")
     usage.add_argument("name")
     usage.add_argument("--since", metavar="T",
                        help="from this time on: unix seconds or ISO 8601 (UTC unless it says)")
+
+
+def _resource_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--weight", type=int, metavar="N",
+                        help="its CPU share against others (Xen's credit weight, default 256)")
+    parser.add_argument("--cap", type=int, metavar="PERCENT",
+                        help="at most this %% of one CPU (100: one CPU; 0: no cap)")
+    parser.add_argument("--rate", metavar="RATE",
+                        help="what it may send: bytes/s (10M) or bits (100Mbit); 0: no limit")
+
+
+def _resources(args: argparse.Namespace) -> dict[str, Any]:
+    chosen = {"cpu_weight": args.weight, "cpu_cap": args.cap, "net_rate": args.rate,
+              "max_memory": args.max_memory}
+    return {k: v for k, v in chosen.items() if v is not None}
 
 
 def _path(name: str, rest: str = "") -> str:
@@ -97,6 +122,8 @@ def instance_details(item: dict[str, Any]) -> str:
         f"Tenant:       {item['tenant'] or '- (admin)'}",
         f"SSH keys:     {item['ssh_keys']}",
         f"Reboots:      {item['reboots']}",
+        "Resources:    " + ", ".join(f"{k} {v}" for k, v in (item.get("resources") or {})
+                                     .items()),
     ]
     for nic in item["nics"]:
         lines.append(f"NIC:          {nic['mac']} {nic['ip'] or '-'}")
@@ -146,6 +173,7 @@ def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
                                 "disk": args.disk, "ssh_keys": _keys(args.ssh_key)}
         if args.ip:
             body["ip"] = args.ip
+        body.update(_resources(args))
         made = client.post("/api/v1/instances", body)
         text = (f"created instance {made['name']} ({_ips(made)}) with disk {made['disk']}")
         if args.start:
@@ -155,6 +183,14 @@ def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
     if args.action == "show":
         item = client.get(_path(args.name))
         return _print(args, item, instance_details(item))
+    if args.action == "set":
+        changes = _resources(args)
+        if args.memory:
+            changes["memory"] = args.memory
+        item = client.request("PATCH", _path(args.name), changes)
+        return _print(args, item, f"instance {item['name']}: " + ", ".join(
+            f"{k} {v}" for k, v in {"memory": format_size(item["memory"]),
+                                    **item["resources"]}.items()))
     if args.action == "usage":
         query = "?" + urllib.parse.urlencode({"since": args.since}) if args.since else ""
         data = client.get(_path(args.name, "/usage") + query)

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 from configserver.cloud.model import MIB
+from configserver.cloud.resources import Resources
 from configserver.errors import ClaimHeld, Conflict, InvalidRequest, InvalidSize, InvalidVolumeName
 
 XEN_OUI = "00:16:3e"
@@ -75,6 +76,8 @@ class Instance:
     reboots: int = 0  # each reboot request counts one up; the dom0 reboots a guest behind it
     delete_disk: bool = False  # destroying it deletes its volume too
     desired_generation: int = 0  # the cloud generation of the last change of ``desired``
+    # Scheduler weight and cap, vif rate, memory ceiling.
+    resources: Resources = field(default_factory=Resources)
 
     @property
     def domain(self) -> str:
@@ -206,6 +209,7 @@ def to_json(instance: Instance) -> dict[str, Any]:
         "nics": [{"mac": n.mac, "ip": n.ip} for n in instance.nics],
         "created": instance.created, "updated": instance.updated, "usage": instance.usage,
         "reboots": instance.reboots, "ssh_keys": len(instance.ssh_keys),
+        "resources": instance.resources.to_json(),
     }
 
 

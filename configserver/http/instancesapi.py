@@ -18,6 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
+from configserver.cloud import resources
 from configserver.cloud.instances import (
     Instance,
     to_json,
@@ -32,7 +33,9 @@ from configserver.http.appkeys import CATALOG, CLOUD, CONFIG, REGISTRY
 from configserver.http.auth import IDENTITY
 from configserver.http.volumesapi import image_for_volume
 
-_CREATE_FIELDS = {"name", "memory", "vcpus", "image", "disk", "ip", "ssh_keys"}
+_CREATE_FIELDS = {"name", "memory", "vcpus", "image", "disk", "ip", "ssh_keys",
+                  *resources.FIELDS}
+_CHANGE_FIELDS = {"memory", *resources.FIELDS}
 DEFAULT_MEMORY = "256M"
 DEFAULT_DISK = "2G"
 MAX_SSH_KEYS = 32
@@ -49,6 +52,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_post("/api/v1/instances/{name}/stop", stop_instance)
     r.add_post("/api/v1/instances/{name}/reboot", reboot_instance)
     r.add_get("/api/v1/instances/{name}/usage", instance_usage)
+    r.add_patch("/api/v1/instances/{name}", change_instance)
 
 
 def _tenant(request: web.Request) -> str | None:
@@ -159,6 +163,9 @@ async def create_instance(request: web.Request) -> web.Response:
     ip = data.get("ip")
     if ip is not None and not isinstance(ip, str):
         raise InvalidRequest("ip must be an IPv4 address or null")
+    wanted = resources.updated(resources.Resources(),
+                               {k: data[k] for k in resources.FIELDS if k in data},
+                               memory=memory, vcpus=vcpus, running=False)
     pool = request.app[CONFIG].cloud.instance_pool
     if ip is not None and pool is None and _tenant(request) is not None:
         # With no pool, any address of the network could be named: an admin's choice only.
@@ -168,7 +175,7 @@ async def create_instance(request: web.Request) -> web.Response:
         request.app[REGISTRY].create_instance_with_disk, name=name, memory=memory,
         vcpus=vcpus, image=image, disk=disk, tenant=_tenant(request),
         ssh_keys=ssh_keys_from(data.get("ssh_keys")),
-        pool=pool, ip=ip))
+        pool=pool, ip=ip, resources=wanted))
     return await _answer(request, instance, generation, status=201)
 
 
@@ -204,6 +211,22 @@ async def _asked(request: web.Request, change: str) -> web.Response:
     changed, generation = await asyncio.to_thread(functools.partial(
         getattr(request.app[REGISTRY], change), instance.name, expect=instance.id))
     return await _answer(request, changed, generation, status=202)
+
+
+async def change_instance(request: web.Request) -> web.Response:
+    """``{"memory"?, "cpu_weight"?, "cpu_cap"?, "net_rate"?, "max_memory"?}`` -> the
+    instance; its dom0 applies the change to the running guest."""
+    instance = await _find(request)
+    data = await _body(request, _CHANGE_FIELDS)
+    if not data:
+        raise InvalidRequest("nothing to change", hint="one of: " + ", ".join(
+            sorted(_CHANGE_FIELDS)))
+    if "memory" in data:
+        data["memory"] = validate_memory(parse_size(data["memory"]))
+    changed, generation = await asyncio.to_thread(functools.partial(
+        request.app[REGISTRY].set_instance_resources, instance.name, data,
+        expect=instance.id))
+    return await _answer(request, changed, generation)
 
 
 async def stop_instance(request: web.Request) -> web.Response:

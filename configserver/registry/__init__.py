@@ -22,6 +22,7 @@ from typing import Any, Protocol
 
 from configserver.cloud.instances import Instance, InstanceNic
 from configserver.cloud.model import Volume, VolumeEvent
+from configserver.cloud.resources import Resources
 from configserver.model import (
     ApplyResult,
     BootEvent,
@@ -153,7 +154,11 @@ class Registry(Protocol):
     def create_instance_with_disk(self, *, name: str, memory: int, vcpus: int,
                                   image: str | None, disk: int, tenant: str | None,
                                   ssh_keys: tuple[str, ...], pool: tuple[str, str] | None,
-                                  ip: str | None = None) -> tuple[Instance, int]: ...
+                                  ip: str | None = None,
+                                  resources: Resources | None = None) -> tuple[Instance, int]: ...
+    # Memory and resource controls (``configserver.cloud.resources``), also while it runs.
+    def set_instance_resources(self, name: str, changes: dict[str, Any], *,
+                               expect: str | None = None) -> tuple[Instance, int]: ...
     # ``expect``: the id of the instance the caller was allowed to act on (else NotFound).
     def start_instance(self, name: str, node: str | None = None, *,
                        expect: str | None = None) -> tuple[Instance, int]: ...

@@ -12,6 +12,7 @@ from typing import Any, TypeVar
 
 from configserver.cloud.instances import Instance, InstanceNic
 from configserver.cloud.model import Volume, VolumeEvent, new_volume_id
+from configserver.cloud.resources import Resources
 from configserver.model import Node
 from configserver.registry import ReportOutcome
 from configserver.registry import drain as cloud_drain
@@ -114,16 +115,23 @@ class CloudStore:
     def create_instance_with_disk(self, *, name: str, memory: int, vcpus: int,
                                   image: str | None, disk: int, tenant: str | None,
                                   ssh_keys: tuple[str, ...], pool: tuple[str, str] | None,
-                                  ip: str | None = None) -> tuple[Instance, int]:
+                                  ip: str | None = None,
+                                  resources: Resources | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.create_with_disk, name=name, memory=memory,
                          vcpus=vcpus, image=image, disk=disk, tenant=tenant,
-                         ssh_keys=ssh_keys, pool=pool, ip=ip, now=self._now())
+                         ssh_keys=ssh_keys, pool=pool, ip=ip, now=self._now(),
+                         resources=resources)
 
     # ``expect``: the id of the instance the caller was allowed to act on (else NotFound).
     def start_instance(self, name: str, node: str | None = None, *,
                        expect: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.start, name=name, node=node, now=self._now(),
                          expect=expect)
+
+    def set_instance_resources(self, name: str, changes: dict[str, Any], *,
+                               expect: str | None = None) -> tuple[Instance, int]:
+        return self._run(cloud_instances.set_resources, name=name, changes=changes,
+                         now=self._now(), expect=expect)
 
     def reboot_instance(self, name: str, *, expect: str | None = None
                         ) -> tuple[Instance, int]:

@@ -25,8 +25,11 @@ from configserver.cloud.instances import (
     new_mac,
     pick_ip,
     release,
+    validate_memory,
 )
 from configserver.cloud.model import Volume, new_volume_id
+from configserver.cloud.resources import Resources, updated
+from configserver.cloud.resources import from_json as resources_from_json
 from configserver.cloud.scheduler import Dom0, choose, free_memory
 from configserver.errors import Conflict, DuplicateVolume, NotFound, VolumeInUse
 from configserver.model import NodeState
@@ -54,6 +57,7 @@ def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
         usage=json.loads(row["usage"]), created=row["created"], updated=row["updated"],
         reboots=row["reboots"], delete_disk=bool(row["delete_disk"]),
         desired_generation=row["desired_generation"],
+        resources=resources_from_json(json.loads(row["resources"])),
         nics=tuple(InstanceNic(n["mac"], n["ip"]) for n in nics))
 
 
@@ -97,19 +101,21 @@ def save(db: sqlite3.Connection, instance: Instance) -> None:
     db.execute(
         "INSERT INTO instances (id, name, memory, vcpus, volume, image, tenant, desired,"
         " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, reboots, delete_disk,"
-        " desired_generation, created, updated) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " desired_generation, resources, created, updated)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(id) DO UPDATE SET"
         " memory=excluded.memory, vcpus=excluded.vcpus, volume=excluded.volume,"
         " desired=excluded.desired, actual=excluded.actual, claim_node=excluded.claim_node,"
         " claim_epoch=excluded.claim_epoch, epoch=excluded.epoch, usage=excluded.usage,"
         " reboots=excluded.reboots, delete_disk=excluded.delete_disk,"
-        " desired_generation=excluded.desired_generation, updated=excluded.updated",
+        " desired_generation=excluded.desired_generation, resources=excluded.resources,"
+        " updated=excluded.updated",
         (instance.id, instance.name, instance.memory, instance.vcpus, instance.volume,
          instance.image, instance.tenant, str(instance.desired), instance.actual,
          held.node if held else None, held.epoch if held else None, instance.epoch,
          _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.reboots,
-         int(instance.delete_disk), instance.desired_generation, instance.created,
-         instance.updated))
+         int(instance.delete_disk), instance.desired_generation,
+         _encode(instance.resources.to_json()), instance.created, instance.updated))
     db.execute("DELETE FROM instance_nics WHERE instance=?", (instance.id,))
     db.executemany("INSERT INTO instance_nics VALUES (?,?,?,?)",
                    [(n.mac, instance.id, i, n.ip) for i, n in enumerate(instance.nics)])
@@ -161,7 +167,7 @@ def _volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: 
 def create_with_disk(db: sqlite3.Connection, *, name: str, memory: int, vcpus: int,
                      image: str | None, disk: int, tenant: str | None,
                      ssh_keys: tuple[str, ...], pool: tuple[str, str] | None, ip: str | None,
-                     now: float) -> tuple[Instance, int]:
+                     now: float, resources: Resources | None = None) -> tuple[Instance, int]:
     """A new instance and its volume ``<name>-disk`` (from ``image``) in one transaction:
     its NIC's MAC (00:16:3e) and address (``ip``, or the pool's lowest free one) chosen
     here, so two creations cannot take the same. Any refusal stores neither."""
@@ -174,7 +180,7 @@ def create_with_disk(db: sqlite3.Connection, *, name: str, memory: int, vcpus: i
     nic = InstanceNic(new_mac(macs), pick_ip(pool, ips, ip))
     instance = Instance(id=new_instance_id(), name=name, memory=memory, vcpus=vcpus,
                         volume=volume.id, image=image, tenant=tenant, ssh_keys=ssh_keys,
-                        nics=(nic,))
+                        nics=(nic,), resources=resources or Resources())
     return create(db, instance, now)
 
 
@@ -255,6 +261,30 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     event(db, started, "start.requested", now, node=mac, epoch=started.claim.epoch
           if started.claim else None)
     return started, bump(db)
+
+
+def set_resources(db: sqlite3.Connection, name: str, changes: dict[str, Any], now: float,
+                  expect: str | None = None) -> tuple[Instance, int]:
+    """Instance ``name``'s memory and resource controls changed (``resources.updated``); its
+    dom0 applies them to the running guest. Memory changes while it runs only within the
+    ceiling it was started with (``max_memory``)."""
+    current = _existing(db, name, expect)
+    running = current.claim is not None
+    memory = current.memory
+    if "memory" in changes:
+        memory = validate_memory(changes["memory"])
+        ceiling = current.resources.max_memory
+        if running and memory != current.memory and not ceiling:
+            raise Conflict(f"instance {name} runs without a memory ceiling: its memory "
+                           "changes once it is stopped", hint="set max_memory at create")
+    resources = updated(current.resources, {k: v for k, v in changes.items() if k != "memory"},
+                        memory=memory, vcpus=current.vcpus, running=running)
+    changed = replace(current, memory=memory, resources=resources, updated=now)
+    if changed == replace(current, updated=now):
+        return current, generation(db)
+    save(db, changed)
+    event(db, changed, "resources.changed", now, memory=memory, **resources.to_json())
+    return changed, bump(db)
 
 
 def reboot(db: sqlite3.Connection, name: str, now: float,
@@ -418,4 +448,5 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
 
 __all__ = ["by_name", "create", "create_with_disk", "delete_volume",
            "destroy", "detach_volume", "dom0_facts", "events", "gone", "load_all", "nic",
-           "reboot", "record_report", "save", "start", "stop", "usage", "used_addresses"]
+           "reboot", "record_report", "save", "set_resources", "start", "stop", "usage",
+           "used_addresses"]

@@ -200,10 +200,12 @@ MIGRATIONS: tuple[str, ...] = (
     # 7: ``desired_generation``: the cloud generation that the last change of an instance's
     # desired state made. Its holder's report of the domain gone releases the claim only when
     # the report follows work at least that new (the holder had seen the stop).
+    # ``resources``: its resource controls (``configserver.cloud.resources``), JSON.
     # ``instance_usage``: an instance's usage totals over time (one sample per few minutes at
     # most), for usage since a given time; kept by instance id after the instance is gone.
     """
     ALTER TABLE instances ADD COLUMN desired_generation INTEGER NOT NULL DEFAULT 0;
+    ALTER TABLE instances ADD COLUMN resources TEXT NOT NULL DEFAULT '{}';
     CREATE TABLE instance_usage (
         instance TEXT NOT NULL,
         time REAL NOT NULL,

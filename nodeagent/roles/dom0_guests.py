@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import json
 import logging
 import os
 import time
@@ -45,6 +46,9 @@ class Toolstack(Protocol):
     async def shutdown(self, name: str, timeout: float) -> None: ...
     async def destroy(self, name: str) -> None: ...
     async def reboot(self, name: str, timeout: float) -> None: ...
+    async def sched_credit(self, name: str, weight: int, cap: int) -> None: ...
+    async def mem_set(self, name: str, mib: int) -> None: ...
+    async def vif_rate(self, domid: int, index: int, rate: int) -> None: ...
 
 
 class Guests:
@@ -110,7 +114,13 @@ class Guests:
             if action.do == Do.CREATE:
                 await attempt(action)
         await asyncio.gather(*(attempt(a) for a in actions if a.do == Do.REBOOT))
-        report = self._report(specs, await self.xl.domains(), facts, errors)
+        now = await self.xl.domains()
+        for spec in specs:
+            try:
+                await self._controls(spec, now)
+            except (RoleError, OSError) as exc:
+                errors[spec.id] = getattr(exc, "message", None) or str(exc)
+        report = self._report(specs, now, facts, errors)
         report["network"] = {"rules": self._loaded is not None and not rules_error,
                              "ports": len(guestnet.ports(entries)), "error": rules_error}
         return report
@@ -180,6 +190,39 @@ class Guests:
             await self.xl.reboot(action.name, self.shutdown_timeout)
             self._event(action.name, "rebooted", reboots=action.spec.reboots)
 
+    async def _controls(self, spec: GuestSpec, running: Sequence[Domain]) -> None:
+        """A running guest's memory, scheduler weight and cap, and vif rate, changed in place
+        when the work's differ from what this dom0 applied last (``<domain>.res``; a guest
+        created here got them from its config)."""
+        domain = next((d for d in running if d.name == spec.name), None)
+        if not spec.running or domain is None or domain.uuid not in (None, spec.uuid):
+            return
+        record = self.config_dir / f"{spec.name}.res"
+        try:
+            applied = json.loads(record.read_text())
+        except (OSError, ValueError):
+            # Found running with no record (made by an agent before this one): taken to have
+            # Xen's defaults and the memory it has now.
+            applied = {"cpu_weight": 256, "cpu_cap": 0, "net_rate": 0,
+                       "memory_mib": spec.memory_mib}
+        wanted = spec.controls
+        if applied == wanted:
+            return
+        if (applied.get("cpu_weight"), applied.get("cpu_cap")) != (spec.cpu_weight,
+                                                                   spec.cpu_cap):
+            await self.xl.sched_credit(spec.name, spec.cpu_weight, spec.cpu_cap)
+        if applied.get("memory_mib") != spec.memory_mib:
+            await self.xl.mem_set(spec.name, spec.memory_mib)
+        if applied.get("net_rate") != spec.net_rate:
+            for index in range(len(spec.nics)):
+                await self.xl.vif_rate(domain.domid, index, spec.net_rate)
+        self._record_controls(spec)
+        self._event(spec.name, "resources applied", **wanted)
+
+    def _record_controls(self, spec: GuestSpec) -> None:
+        self.config_dir.mkdir(parents=True, exist_ok=True)
+        (self.config_dir / f"{spec.name}.res").write_text(json.dumps(spec.controls) + "\n")
+
     def _reboots_applied(self, specs: Sequence[GuestSpec],
                          running: Sequence[Domain]) -> dict[str, int]:
         """Domain name -> the reboot count applied here (``<domain>.boot``); a running guest
@@ -222,6 +265,7 @@ class Guests:
                 await self.xl.destroy(spec.name)
             raise
         self._applied(spec.name, spec.reboots)  # a fresh boot is every reboot asked so far
+        self._record_controls(spec)  # its config carried them
         self._event(spec.name, "created", epoch=spec.epoch)
 
     def _event(self, domain: str, stage: str, **detail: Any) -> None:

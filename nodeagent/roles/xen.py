@@ -59,6 +59,17 @@ class GuestSpec:
     # Whether it may be created now (its volume's array assembled here, its image's kernel
     # known): a running guest is never stopped for want of it.
     startable: bool = True
+    # Resource controls (configserver.cloud.resources): Xen's defaults when not given.
+    cpu_weight: int = 256
+    cpu_cap: int = 0  # % of one CPU; 0: none
+    net_rate: int = 0  # bytes/s the vifs may send; 0: unlimited
+    max_memory_mib: int = 0  # balloon ceiling; 0: the memory
+
+    @property
+    def controls(self) -> dict[str, int]:
+        """What a running guest gets changed in place (``Guests`` keeps what it applied)."""
+        return {"memory_mib": self.memory_mib, "cpu_weight": self.cpu_weight,
+                "cpu_cap": self.cpu_cap, "net_rate": self.net_rate}
 
 
 def parse_list(text: str) -> list[Domain]:
@@ -125,14 +136,19 @@ def guest_config(spec: GuestSpec, *, hap: bool) -> str:
     """The xl config file of ``spec``: PVH where the host has hardware paging, else PV. Each
     vif is named after its MAC (``guestnet.vifname``): the guest network rules know it by
     that name on any dom0."""
-    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge},vifname={vifname(mac, index)}", "vif")
-                     for index, (mac, bridge) in enumerate(spec.nics))
+    rate = f",rate={int(spec.net_rate)}B/s" if spec.net_rate else ""
+    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge},vifname={vifname(mac, index)}{rate}",
+                             "vif") for index, (mac, bridge) in enumerate(spec.nics))
     lines = [
         f"name = {_quoted(spec.name, 'name')}",
         f"uuid = {_quoted(spec.uuid, 'uuid')}",
         f'type = "{"pvh" if hap else "pv"}"',
         f"memory = {int(spec.memory_mib)}",
+        *([f"maxmem = {int(spec.max_memory_mib)}"]
+          if spec.max_memory_mib > spec.memory_mib else []),
         f"vcpus = {int(spec.vcpus)}",
+        *([f"cpu_weight = {int(spec.cpu_weight)}"] if spec.cpu_weight != 256 else []),
+        *([f"cap = {int(spec.cpu_cap)}"] if spec.cpu_cap else []),
         f"kernel = {_quoted(spec.kernel, 'kernel')}",
         *([f"ramdisk = {_quoted(spec.ramdisk, 'ramdisk')}"] if spec.ramdisk else []),
         f"extra = {_quoted(spec.cmdline, 'kernel command line')}",
@@ -199,6 +215,28 @@ async def reboot(name: str, timeout: float) -> None:
     await _xl("reboot", "-w", name, timeout=timeout)
 
 
+async def sched_credit(name: str, weight: int, cap: int) -> None:
+    await _xl("sched-credit", "-d", name, "-w", str(int(weight)), "-c", str(int(cap)))
+
+
+async def mem_set(name: str, mib: int) -> None:
+    await _xl("mem-set", name, f"{int(mib)}m")
+
+
+RATE_INTERVAL_US = 50_000  # xl's own default replenish interval
+
+
+async def vif_rate(domid: int, index: int, rate: int) -> None:
+    """The vif's send limit, live: netback follows its backend's ``rate`` key in xenstore
+    (bytes per interval, interval in microseconds); 0 lifts it."""
+    per_interval = max(1, rate * RATE_INTERVAL_US // 1_000_000) if rate else (1 << 62)
+    key = f"/local/domain/0/backend/vif/{int(domid)}/{int(index)}/rate"
+    try:
+        await run_tool(["xenstore-write", key, f"{per_interval},{RATE_INTERVAL_US}"], TIMEOUT)
+    except ToolUnavailable as exc:
+        raise XenError(exc.message) from None
+
+
 def spec_from_work(entry: Mapping[str, Any], kernel: str = "",
                    ramdisk: str | None = None) -> GuestSpec:
     """A GuestSpec from a work entry (the shape is the server's: docs/api.md); the kernel
@@ -213,11 +251,15 @@ def spec_from_work(entry: Mapping[str, Any], kernel: str = "",
             cmdline=str(entry.get("cmdline") or ""),
             nics=tuple((str(n["mac"]), str(n.get("bridge") or "xenbr0")) for n in nics),
             hard=bool(entry.get("hard")), reboots=int(entry.get("reboots") or 0),
-            startable=bool(entry.get("startable", True)))
+            startable=bool(entry.get("startable", True)),
+            cpu_weight=int(entry.get("cpu_weight") or 256),
+            cpu_cap=int(entry.get("cpu_cap") or 0), net_rate=int(entry.get("net_rate") or 0),
+            max_memory_mib=int(entry.get("max_memory_mib") or 0))
     except (KeyError, TypeError, ValueError) as exc:
         raise XenError(f"malformed instance in the work: {exc!r}") from None
 
 
 __all__ = ["DOM0", "GUEST_SLICE", "Domain", "GuestSpec", "create", "create_argv", "destroy",
-           "domains", "guest_config", "info", "parse_info", "parse_list", "parse_list_long",
-           "reboot", "shutdown", "spec_from_work"]
+           "domains", "guest_config", "info", "mem_set", "parse_info", "parse_list",
+           "parse_list_long", "reboot", "sched_credit", "shutdown", "spec_from_work",
+           "vif_rate"]

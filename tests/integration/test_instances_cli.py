@@ -80,6 +80,12 @@ def test_instances_through_the_cli(server, tmp_path):
     text = ok(server, "instance", "usage", "web", "--since", "2026-01-01T00:00:00Z")
     assert "net_rx_bytes:     4096" in text and "cpu_seconds:      1.5" in text
     refused(server, "instance", "usage", "web", "--since", "soon", says="not a time")
+    changed = ok(server, "instance", "set", "web", "--weight", "512", "--rate", "100Mbit",
+                 "--json")
+    assert changed["resources"]["cpu_weight"] == 512
+    assert changed["resources"]["net_rate"] == 100 * 2**20 // 8
+    refused(server, "instance", "set", "web", "--memory", "512M", says="memory ceiling")
+    assert "cpu_cap 25" in ok(server, "instance", "set", "web", "--cap", "25")
     assert ok(server, "instance", "reboot", "web", "--json")["reboots"] == 1
     ok(server, "instance", "stop", "web")
     assert dom0.claim("web", 1)[0] == 409  # wanted stopped: no creating it any more

@@ -52,6 +52,15 @@ class FakeXl:
         self.calls.append(("destroy", name))
         self.running.pop(name, None)
 
+    async def sched_credit(self, name, weight, cap):
+        self.calls.append(("sched-credit", name, weight, cap))
+
+    async def mem_set(self, name, mib):
+        self.calls.append(("mem-set", name, mib))
+
+    async def vif_rate(self, domid, index, rate):
+        self.calls.append(("vif-rate", domid, index, rate))
+
     async def reboot(self, name, timeout):
         self.calls.append(("reboot", name))
         old = self.running[name]
@@ -285,3 +294,36 @@ async def test_network_rules_come_first_are_loaded_once_and_fail_closed(tmp_path
     assert "without its network rules" in web["error"]
     assert report["network"]["rules"] is False and "Could not process" in (
         report["network"]["error"])
+
+
+async def test_resource_controls_at_create_and_changed_in_place(tmp_path):
+    xl = FakeXl()
+    made, _, _ = guests(tmp_path, xl)
+    controls = {"cpu_weight": 512, "cpu_cap": 50, "net_rate": 1_000_000, "max_memory_mib": 512}
+    report = await made.reconcile([entry(**controls)], lambda device: True)
+    config = xl.configs[0]
+    assert "maxmem = 512" in config and "cpu_weight = 512" in config and "cap = 50" in config
+    assert "rate=1000000B/s" in config
+    assert xl.calls == [("create", "nb-web")] and report["guests"][0]["error"] is None
+    # Changed while it runs: applied once, in place, then nothing more.
+    changed = {**controls, "cpu_weight": 128, "net_rate": 2_000_000}
+    report = await made.reconcile([{**entry(**changed), "memory_mib": 384}],
+                                  lambda device: True)
+    assert xl.calls[1:] == [("sched-credit", "nb-web", 128, 50), ("mem-set", "nb-web", 384),
+                            ("vif-rate", 7, 0, 2_000_000)]
+    assert [e["stage"] for e in report["events"]] == ["resources applied"]
+    await made.reconcile([{**entry(**changed), "memory_mib": 384}], lambda device: True)
+    assert len(xl.calls) == 4
+
+
+async def test_a_guest_found_running_is_taken_to_have_xens_defaults(tmp_path):
+    """No record (an agent before this one made it): nothing to do for the defaults, and
+    only what differs from them otherwise; its memory is left as it is."""
+    xl = FakeXl([Domain("nb-web", 3, 256, 1, "running", 9.0, UUID)])
+    made, _, _ = guests(tmp_path, xl)
+    await made.reconcile([entry()], lambda device: True)
+    assert xl.calls == []
+    xl = FakeXl([Domain("nb-web", 3, 256, 1, "running", 9.0, UUID)])
+    made, _, _ = guests(tmp_path / "other", xl)
+    await made.reconcile([entry(cpu_cap=20)], lambda device: True)
+    assert xl.calls == [("sched-credit", "nb-web", 256, 20)]

@@ -265,3 +265,40 @@ def test_since_reads_unix_seconds_and_iso_8601():
     assert parse_since(None) is None and parse_since("1700000000.5") == 1700000000.5
     assert parse_since("2026-12-01T00:00:00Z") == parse_since("2026-12-01T00:00:00") == (
         parse_since("2026-12-01T01:00:00+01:00"))
+
+
+async def test_resource_controls_at_create_and_changed_while_running(aiohttp_client, admin,
+                                                                     pki, registry):
+    tenant = await as_(aiohttp_client, admin, pki, TENANT)
+    resp = await create(tenant, name="mine", cpu_weight=512, net_rate="10Mbit",
+                        max_memory="512M")
+    assert resp.status == 201, await resp.text()
+    body = await resp.json()
+    assert body["resources"] == {"cpu_weight": 512, "cpu_cap": 0, "net_rate": 1310720,
+                                 "max_memory": 512 << 20}
+    bad = await create(tenant, name="other", cpu_cap=500)  # above 100 % of its one vCPU
+    assert bad.status == 400 and registry.instance("other") is None
+    assert (await tenant.post("/api/v1/instances/mine/start")).status == 200
+    resp = await tenant.patch("/api/v1/instances/mine", json={"memory": "384M", "cpu_cap": 50})
+    assert resp.status == 200, await resp.text()
+    body = await resp.json()
+    assert body["memory"] == 384 << 20 and body["resources"]["cpu_cap"] == 50
+    for change, says in (({"memory": "1G"}, "above max_memory"),
+                         ({"max_memory": "1G"}, "while the instance is stopped"),
+                         ({}, "nothing to change"), ({"vcpus": 2}, "unknown field")):
+        resp = await tenant.patch("/api/v1/instances/mine", json=change)
+        assert resp.status == 400 and says in (await resp.json())["message"], change
+    assert registry.instance("mine").memory == 384 << 20  # the refusals changed nothing
+    shown = await (await admin.get("/api/v1/instances/mine")).json()
+    assert "resources.changed" in [e["stage"] for e in shown["timeline"]]
+    # ...and the dom0's work carries them for the agent.
+    [entry] = guest_entries(registry, registry.instance("mine").claim.node)
+    assert (entry["cpu_cap"], entry["cpu_weight"], entry["max_memory_mib"]) == (50, 512, 512)
+    assert entry["memory_mib"] == 384 and entry["net_rate"] == 1310720
+
+
+def guest_entries(registry, mac):
+    from configserver.cloud.guestwork import guest_work
+
+    return guest_work(registry.instances(), mac, volumes={v.id: v for v in registry.volumes()},
+                      boots={}, server_url="http://198.18.0.1:8080")
