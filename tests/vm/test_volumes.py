@@ -416,6 +416,28 @@ def test_agent_and_server_restarts_leave_the_guest_running(cloud):
     assert used["usage"]["disk_write_bytes"] >= 16 << 20, used
 
 
+def test_resource_controls_change_on_the_running_guest(cloud):
+    """Weight, cap and send rate changed while it runs: its dom0 applies them in place (the
+    credit scheduler's view, the vif's rate in xenstore); its memory, with no ceiling set at
+    create, is refused, and nothing changes."""
+    guests = Instances(cloud)
+    view = guests.show("web")
+    holder = view["hostname"]
+    domid = guests.domains()[holder]["nb-web"]
+    cloud.cli("instance", "set", "web", "--weight", "512", "--cap", "50", "--rate", "1M")
+    guests.wait("web", "its dom0 applied the change", lambda v: any(
+        e["stage"] == "agent.resources applied" for e in v["timeline"]), timeout=90)
+    sched = cloud.ssh(holder, "xl sched-credit -d nb-web")
+    assert re.search(r"nb-web\s+\d+\s+512\s+50\b", sched), sched
+    rate = cloud.ssh(holder, f"xenstore-read /local/domain/0/backend/vif/{domid}/0/rate")
+    assert rate.strip() == f"{(1 << 20) // 20},50000", rate
+    with pytest.raises(ApiError, match="memory ceiling"):
+        ApiClient.for_state_dir(cloud.farm.state_dir).request(
+            "PATCH", "/api/v1/instances/web", {"memory": "192M"})
+    assert guests.show("web")["memory"] == view["memory"]
+    assert guests.domains()[holder] == {"nb-web": domid}
+
+
 def test_destroying_with_its_disk_leaves_nothing(cloud):
     guests = Instances(cloud)
     disk = guests.show("web")["disk"]
