@@ -46,7 +46,8 @@ class Toolstack(Protocol):
     async def shutdown(self, name: str, timeout: float) -> None: ...
     async def destroy(self, name: str) -> None: ...
     async def reboot(self, name: str, timeout: float) -> None: ...
-    async def sched_credit(self, name: str, weight: int, cap: int) -> None: ...
+    async def sched_credit(self, name: str, weight: int, cap: int,
+                           scheduler: str | None) -> None: ...
     async def mem_set(self, name: str, mib: int) -> None: ...
     async def vif_rate(self, domid: int, index: int, rate: int) -> None: ...
 
@@ -117,7 +118,7 @@ class Guests:
         now = await self.xl.domains()
         for spec in specs:
             try:
-                await self._controls(spec, now)
+                await self._controls(spec, now, facts.get("scheduler"))
             except (RoleError, OSError) as exc:
                 errors[spec.id] = getattr(exc, "message", None) or str(exc)
         report = self._report(specs, now, facts, errors)
@@ -190,7 +191,8 @@ class Guests:
             await self.xl.reboot(action.name, self.shutdown_timeout)
             self._event(action.name, "rebooted", reboots=action.spec.reboots)
 
-    async def _controls(self, spec: GuestSpec, running: Sequence[Domain]) -> None:
+    async def _controls(self, spec: GuestSpec, running: Sequence[Domain],
+                        scheduler: str | None) -> None:
         """A running guest's memory, scheduler weight and cap, and vif rate, changed in place
         when the work's differ from what this dom0 applied last (``<domain>.res``; a guest
         created here got them from its config)."""
@@ -210,7 +212,7 @@ class Guests:
             return
         if (applied.get("cpu_weight"), applied.get("cpu_cap")) != (spec.cpu_weight,
                                                                    spec.cpu_cap):
-            await self.xl.sched_credit(spec.name, spec.cpu_weight, spec.cpu_cap)
+            await self.xl.sched_credit(spec.name, spec.cpu_weight, spec.cpu_cap, scheduler)
         if applied.get("memory_mib") != spec.memory_mib:
             await self.xl.mem_set(spec.name, spec.memory_mib)
         if applied.get("net_rate") != spec.net_rate:

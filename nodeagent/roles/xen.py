@@ -123,7 +123,8 @@ def parse_info(text: str) -> dict[str, Any]:
     version = ".".join(values[k] for k in ("xen_major", "xen_minor") if k in values)
     return {"total_memory_mib": number("total_memory"), "free_memory_mib": number("free_memory"),
             "nr_cpus": number("nr_cpus"), "hap": "hap" in caps, "pv": "pv" in caps or not caps,
-            "version": version + values.get("xen_extra", "") if version else None}
+            "version": version + values.get("xen_extra", "") if version else None,
+            "scheduler": values.get("xen_scheduler") or None}
 
 
 def _quoted(value: str, what: str) -> str:
@@ -215,8 +216,12 @@ async def reboot(name: str, timeout: float) -> None:
     await _xl("reboot", "-w", name, timeout=timeout)
 
 
-async def sched_credit(name: str, weight: int, cap: int) -> None:
-    await _xl("sched-credit", "-d", name, "-w", str(int(weight)), "-c", str(int(cap)))
+async def sched_credit(name: str, weight: int, cap: int, scheduler: str | None) -> None:
+    """Weight and cap with the host's scheduler (``xl info``'s ``xen_scheduler``: Xen 4.17
+    defaults to credit2; credit has the same two)."""
+    if scheduler not in ("credit", "credit2"):
+        raise XenError(f"the {scheduler or 'unknown'} scheduler has no weight and cap")
+    await _xl(f"sched-{scheduler}", "-d", name, "-w", str(int(weight)), "-c", str(int(cap)))
 
 
 async def mem_set(name: str, mib: int) -> None:

@@ -30,7 +30,8 @@ class FakeXl:
         return list(self.running.values())
 
     async def info(self):
-        return {"hap": False, "free_memory_mib": 1400, "total_memory_mib": 2559}
+        return {"hap": False, "free_memory_mib": 1400, "total_memory_mib": 2559,
+                "scheduler": "credit2"}
 
     async def create(self, config_path):
         text = Path(config_path).read_text()
@@ -52,7 +53,8 @@ class FakeXl:
         self.calls.append(("destroy", name))
         self.running.pop(name, None)
 
-    async def sched_credit(self, name, weight, cap):
+    async def sched_credit(self, name, weight, cap, scheduler):
+        assert scheduler == "credit2"
         self.calls.append(("sched-credit", name, weight, cap))
 
     async def mem_set(self, name, mib):

@@ -39,6 +39,7 @@ free_memory            : 1407
 xen_major              : 4
 xen_minor              : 17
 xen_extra              : .5
+xen_scheduler          : credit2
 """
 UUID = "1b4e28ba-2fa1-11d2-883f-0016d3cca427"
 
@@ -74,7 +75,7 @@ def test_parse_list_long_and_info():
         parse_list_long("{")
     facts = parse_info(XL_INFO)
     assert facts == {"total_memory_mib": 2559, "free_memory_mib": 1407, "nr_cpus": 1,
-                     "hap": False, "pv": True, "version": "4.17.5"}
+                     "hap": False, "pv": True, "version": "4.17.5", "scheduler": "credit2"}
     assert parse_info(XL_INFO.replace("virt_caps              : pv",
                                       "virt_caps              : pv hvm hap"))["hap"] is True
 

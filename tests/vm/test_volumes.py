@@ -427,7 +427,7 @@ def test_resource_controls_change_on_the_running_guest(cloud):
     cloud.cli("instance", "set", "web", "--weight", "512", "--cap", "50", "--rate", "1M")
     guests.wait("web", "its dom0 applied the change", lambda v: any(
         e["stage"] == "agent.resources applied" for e in v["timeline"]), timeout=90)
-    sched = cloud.ssh(holder, "xl sched-credit -d nb-web")
+    sched = cloud.ssh(holder, "xl sched-$(xl info | awk '/^xen_scheduler/ {print $3}') -d nb-web")
     assert re.search(r"nb-web\s+\d+\s+512\s+50\b", sched), sched
     rate = cloud.ssh(holder, f"xenstore-read /local/domain/0/backend/vif/{domid}/0/rate")
     assert rate.strip() == f"{(1 << 20) // 20},50000", rate
