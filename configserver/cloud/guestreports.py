@@ -15,6 +15,7 @@ a new domain's count.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -45,7 +46,8 @@ def _number(item: Mapping[str, Any], key: str) -> float | None:
     value = item.get(key)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+    if (isinstance(value, bool) or not isinstance(value, int | float) or value < 0
+            or not math.isfinite(value)):
         raise InvalidReport(f"dom0.guests: {key} must be a number >= 0, not {value!r:.40}")
     return float(value)
 

@@ -68,24 +68,32 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
 
 
 def guest_network(servers: Iterable[str | None], *, dhcp_port: int, http_port: int,
-                  node_ips: Iterable[str | None],
-                  pools: Iterable[tuple[str, str] | None]) -> dict[str, Any]:
+                  node_ips: Iterable[str | None], networks: Iterable[str],
+                  instance_pools: Iterable[tuple[str, str] | None]) -> dict[str, Any]:
     """What a dom0's guests may reach (``nodeagent.roles.guestnet``): of the config server's
-    addresses only DHCP and the plain-HTTP port; nothing of the nodes' addresses or of the
-    boot network's dynamic pools (where nodes that are not registered yet live)."""
+    addresses only DHCP and the plain-HTTP port; of the boot networks (``networks``: the
+    DHCP subnets) nothing of their own but the instance pools (each other); of the nodes'
+    addresses, wherever they are, nothing. Default-deny on the boot network: the nodes, the
+    dynamic pool, the router and any box not registered are all protected."""
     def ipv4(value: str | None) -> str | None:
         try:
             return str(ipaddress.IPv4Address(value)) if value else None
         except ValueError:
             return None
 
-    protected = {f"{ip}/32" for ip in map(ipv4, node_ips) if ip}
-    for pool in pools:
-        if pool is not None:
-            first, last = (ipaddress.IPv4Address(a) for a in pool)
-            protected |= {str(n) for n in ipaddress.summarize_address_range(first, last)}
+    protected = [ipaddress.IPv4Network(n, strict=False) for n in networks]
+    for pool in instance_pools:
+        if pool is None:
+            continue
+        first, last = (ipaddress.IPv4Address(a) for a in pool)
+        for hole in ipaddress.summarize_address_range(first, last):
+            protected = [piece for net in protected for piece in (
+                net.address_exclude(hole) if hole.subnet_of(net) else
+                () if net.subnet_of(hole) else (net,))]
+    protected += [ipaddress.IPv4Network(f"{ip}/32") for ip in map(ipv4, node_ips) if ip]
     return {"servers": sorted({ip for ip in map(ipv4, servers) if ip}),
-            "dhcp_port": dhcp_port, "http_port": http_port, "protected": sorted(protected)}
+            "dhcp_port": dhcp_port, "http_port": http_port,
+            "protected": [str(n) for n in ipaddress.collapse_addresses(protected)]}
 
 
 __all__ = ["BRIDGE", "GuestBoot", "guest_network", "guest_work"]

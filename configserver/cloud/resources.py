@@ -9,6 +9,7 @@ ceiling is the one thing fixed while it runs (Xen sizes the guest's tables for i
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from typing import Any
@@ -47,16 +48,23 @@ def _whole(value: object, name: str, low: int, high: int) -> int:
     return value
 
 
+_RATE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|b)?(?:/s)?\s*$", re.IGNORECASE)
+_SI = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9}
+
+
 def parse_rate(value: object) -> int:
-    """Bytes per second from an integer or "10M"/"1G" (bytes) or "100Mbit" (bits); 0 or
-    "unlimited": no limit."""
+    """Bytes per second from an integer or a rate in network units (powers of 1000):
+    "500K", "10M" (bytes), "100Mbit" (bits); 0 or "unlimited": no limit."""
     if value in (0, "0", "unlimited", None):
         return 0
-    if isinstance(value, str) and value.lower().endswith("bit"):
-        bits = parse_size(value[:-3] or "0")
-        rate = bits // 8
-    elif isinstance(value, str):
-        rate = parse_size(value)
+    if isinstance(value, str):
+        found = _RATE.match(value)
+        if found is None:
+            raise InvalidRequest(f"net_rate: not a rate: {value!r:.40}",
+                                 hint="bytes per second (125000, 500K, 10M) or bits (100Mbit)")
+        number, unit, bits = found.groups()
+        rate = int(float(number) * _SI[unit.lower()] / (8 if bits and bits.lower() == "bit"
+                                                         else 1))
     else:
         rate = _whole(value, "net_rate", 0, MAX_RATE)
     return _whole(rate, "net_rate", 1000, MAX_RATE)

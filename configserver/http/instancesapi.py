@@ -163,6 +163,7 @@ async def create_instance(request: web.Request) -> web.Response:
     ip = data.get("ip")
     if ip is not None and not isinstance(ip, str):
         raise InvalidRequest("ip must be an IPv4 address or null")
+    _admin_for_controls(request, data)
     wanted = resources.updated(resources.Resources(),
                                {k: data[k] for k in resources.FIELDS if k in data},
                                memory=memory, vcpus=vcpus, running=False)
@@ -213,6 +214,15 @@ async def _asked(request: web.Request, change: str) -> web.Response:
     return await _answer(request, changed, generation, status=202)
 
 
+def _admin_for_controls(request: web.Request, data: Mapping[str, Any]) -> None:
+    """Weight, cap, rate and the memory ceiling are the provider's to set (a tenant would give
+    itself all of a dom0); a tenant changes its memory within the ceiling."""
+    asked = sorted(set(data) & set(resources.FIELDS))
+    if asked and not request[IDENTITY].is_admin:
+        raise Forbidden(f"only an admin sets {', '.join(asked)}",
+                        hint="a tenant may change its memory within max_memory")
+
+
 async def change_instance(request: web.Request) -> web.Response:
     """``{"memory"?, "cpu_weight"?, "cpu_cap"?, "net_rate"?, "max_memory"?}`` -> the
     instance; its dom0 applies the change to the running guest."""
@@ -221,6 +231,7 @@ async def change_instance(request: web.Request) -> web.Response:
     if not data:
         raise InvalidRequest("nothing to change", hint="one of: " + ", ".join(
             sorted(_CHANGE_FIELDS)))
+    _admin_for_controls(request, data)
     if "memory" in data:
         data["memory"] = validate_memory(parse_size(data["memory"]))
     changed, generation = await asyncio.to_thread(functools.partial(

@@ -140,7 +140,8 @@ def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
             [base.hostname, request.url.host], dhcp_port=config.dhcp.port,
             http_port=base.port or 80,
             node_ips=[n.ip for node in registry.list_nodes() for n in node.nics],
-            pools=[s.pool for s in subnets if s is not None])
+            networks=[s.network for s in subnets if s is not None],
+            instance_pools=[config.cloud.instance_pool])
     return answer
 
 

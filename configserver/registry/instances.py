@@ -429,7 +429,7 @@ def usage(db: sqlite3.Connection, name: str, since: float | None,
     instance = _existing(db, name)
     current = totals(instance.usage)
     base = {k: 0 for k in current}
-    start = instance.created if since is None else max(since, instance.created)
+    start = instance.created  # what the answer covers when no sample is at or before since
     if since is not None and since > instance.created:
         row = db.execute("SELECT time, totals FROM instance_usage WHERE instance=? AND "
                          "time<=? ORDER BY time DESC LIMIT 1", (instance.id, since)).fetchone()

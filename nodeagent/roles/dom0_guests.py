@@ -194,8 +194,9 @@ class Guests:
     async def _controls(self, spec: GuestSpec, running: Sequence[Domain],
                         scheduler: str | None) -> None:
         """A running guest's memory, scheduler weight and cap, and vif rate, changed in place
-        when the work's differ from what this dom0 applied last (``<domain>.res``; a guest
-        created here got them from its config)."""
+        when the work's differ from what this dom0 applied last to this domain
+        (``<domain>.res``, with its domid). A guest created here got them from its config;
+        one xl made again (a reboot, a crash) from that stored config gets them all again."""
         domain = next((d for d in running if d.name == spec.name), None)
         if not spec.running or domain is None or domain.uuid not in (None, spec.uuid):
             return
@@ -206,9 +207,14 @@ class Guests:
             # Found running with no record (made by an agent before this one): taken to have
             # Xen's defaults and the memory it has now.
             applied = {"cpu_weight": 256, "cpu_cap": 0, "net_rate": 0,
-                       "memory_mib": spec.memory_mib}
+                       "memory_mib": spec.memory_mib, "domid": None}
+        created = applied.get("created") or {}
+        if applied.get("domid") not in (None, domain.domid):
+            applied = dict(created)  # a new domain from the create-time config
         wanted = spec.controls
-        if applied == wanted:
+        if {k: applied.get(k) for k in wanted} == wanted:
+            if applied.get("domid") != domain.domid:
+                self._record_controls(spec, domain.domid, created)
             return
         if (applied.get("cpu_weight"), applied.get("cpu_cap")) != (spec.cpu_weight,
                                                                    spec.cpu_cap):
@@ -218,12 +224,16 @@ class Guests:
         if applied.get("net_rate") != spec.net_rate:
             for index in range(len(spec.nics)):
                 await self.xl.vif_rate(domain.domid, index, spec.net_rate)
-        self._record_controls(spec)
+        self._record_controls(spec, domain.domid, created)
         self._event(spec.name, "resources applied", **wanted)
 
-    def _record_controls(self, spec: GuestSpec) -> None:
+    def _record_controls(self, spec: GuestSpec, domid: int | None,
+                         created: Mapping[str, Any]) -> None:
+        """What the domain ``domid`` has now, and what its xl config carries (``created``:
+        what a domain xl makes again from it starts with)."""
         self.config_dir.mkdir(parents=True, exist_ok=True)
-        (self.config_dir / f"{spec.name}.res").write_text(json.dumps(spec.controls) + "\n")
+        (self.config_dir / f"{spec.name}.res").write_text(
+            json.dumps({**spec.controls, "domid": domid, "created": dict(created)}) + "\n")
 
     def _reboots_applied(self, specs: Sequence[GuestSpec],
                          running: Sequence[Domain]) -> dict[str, int]:
@@ -267,7 +277,7 @@ class Guests:
                 await self.xl.destroy(spec.name)
             raise
         self._applied(spec.name, spec.reboots)  # a fresh boot is every reboot asked so far
-        self._record_controls(spec)  # its config carried them
+        self._record_controls(spec, None, spec.controls)  # from its config (domid: next pass)
         self._event(spec.name, "created", epoch=spec.epoch)
 
     def _event(self, domain: str, stage: str, **detail: Any) -> None:

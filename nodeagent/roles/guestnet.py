@@ -9,13 +9,15 @@ whole in one ``nft -f`` transaction whenever the dom0's guests or the policy cha
 
 * frames from a vif (``nb*``) pass only with that vif's own MAC; ARP only with its own MAC
   and address (or 0.0.0.0, an address probe); IPv4 only from its own address, except the
-  DHCP client's DISCOVER and REQUEST from 0.0.0.0; a guest answering as a DHCP server, any
-  other ether type (IPv6, VLAN tags) and anything to the dom0 itself are dropped;
+  DHCP client's broadcast DISCOVER and REQUEST from 0.0.0.0; DHCP answers (from port 67, or
+  to port 68), any other ether type (IPv6, VLAN tags), IP broadcast and multicast, and
+  anything to the dom0 itself are dropped;
 * to the config server only DHCP and its plain-HTTP port (what the guest's boot fetches);
-* to the protected addresses (the nodes, the boot network's dynamic pool) nothing;
-* but answers, to those too, to what they opened (stateless: TCP segments other than a
-  connection's first, ICMP replies and errors): a ping or an ssh from the server's network
-  to the guest is answered.
+* to the protected addresses (the boot network outside the instance pool: the nodes, the
+  dynamic pool, the router) nothing of its own;
+* but answers to what those opened (stateless: TCP segments with ACK set, ICMP replies and
+  errors; no fragments): a ping or an ssh from the server's network to the guest is
+  answered.
 
 ``ruleset`` is pure; ``apply`` runs ``nft``.
 """
@@ -124,28 +126,40 @@ def ruleset(guest_ports: Sequence[Port], policy: Policy) -> str:
         "  set port_arp { type ifname . ether_addr . ipv4_addr; " + _elements(pairs) + " }",
         "  set port_ip { type ifname . ipv4_addr; " + _elements(sources) + " }",
         "  set servers { type ipv4_addr; " + _elements(servers) + " }",
-        "  set protected { type ipv4_addr; flags interval; " + _elements(protected) + " }",
+        "  set protected { type ipv4_addr; flags interval; auto-merge; "
+        + _elements(protected) + " }",
         "  chain from_guest {",
         "    iifname . ether saddr != @port_mac counter drop",
         "    ether type arp iifname . arp saddr ether . arp saddr ip @port_arp accept",
         "    ether type arp arp saddr ip 0.0.0.0 iifname . arp saddr ether @port_mac accept",
         "    ether type arp counter drop",
         "    ether type != ip counter drop",
-        f"    ip saddr 0.0.0.0 udp sport 68 udp dport {policy.dhcp_port} accept",
+        "    ip saddr 0.0.0.0 ip daddr 255.255.255.255 udp sport 68 "
+        f"udp dport {policy.dhcp_port} accept",
         "    iifname . ip saddr != @port_ip counter drop",
+        # No DHCP answers from a guest, from port 67 or any other.
         "    udp sport 67 counter drop",
-        "    ip daddr @protected jump answers_only",
+        "    udp dport 68 counter drop",
+        "    ip daddr 255.255.255.255 udp sport 68 "
+        f"udp dport {policy.dhcp_port} accept",
+        # Fragments carry no ports to judge by (and the bridge does not reassemble).
+        "    ip frag-off & 0x3fff != 0 ip daddr @servers counter drop",
+        "    ip frag-off & 0x3fff != 0 ip daddr @protected counter drop",
         f"    ip daddr @servers udp dport {policy.dhcp_port} accept",
         f"    ip daddr @servers tcp dport {policy.http_port} accept",
         "    ip daddr @servers jump answers_only",
+        "    ip daddr @protected jump answers_only",
+        # Broadcasts and multicast reach every node on the segment.
+        "    ip daddr 255.255.255.255 counter drop",
+        "    ip daddr 224.0.0.0/4 counter drop",
         "    accept",
         "  }",
-        # To the server and the nodes a guest only answers what they opened (the operator's
-        # ping and ssh from the server's network): no TCP connection of its own (a SYN
-        # without ACK), no ping, no UDP. Stateless: no conntrack in the bridge needed.
+        # To the server and the protected addresses a guest only answers what they opened
+        # (the operator's ping and ssh from the server's network): TCP segments with ACK set
+        # (everything but a connection's first SYN), ICMP replies and errors; nothing else.
+        # Stateless: no conntrack in the bridge needed.
         "  chain answers_only {",
-        "    tcp flags & (syn | ack) == syn counter drop",
-        "    meta l4proto tcp accept",
+        "    tcp flags & ack == ack accept",
         "    icmp type { echo-reply, destination-unreachable, time-exceeded, "
         "parameter-problem } accept",
         "    counter drop",

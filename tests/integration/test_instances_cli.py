@@ -83,7 +83,7 @@ def test_instances_through_the_cli(server, tmp_path):
     changed = ok(server, "instance", "set", "web", "--weight", "512", "--rate", "100Mbit",
                  "--json")
     assert changed["resources"]["cpu_weight"] == 512
-    assert changed["resources"]["net_rate"] == 100 * 2**20 // 8
+    assert changed["resources"]["net_rate"] == 12_500_000
     refused(server, "instance", "set", "web", "--memory", "512M", says="memory ceiling")
     assert "cpu_cap 25" in ok(server, "instance", "set", "web", "--cap", "25")
     assert ok(server, "instance", "reboot", "web", "--json")["reboots"] == 1

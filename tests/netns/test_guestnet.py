@@ -78,6 +78,9 @@ def guest_lab():
         listeners = [server.popen(sys.executable, "-c", LISTENER, str(port))
                      for port in (8080, 8443)]
         try:
+            for port in (8080, 8443):  # listening before any test relies on them
+                netlab.wait_for(lambda port=port: connects(server, SERVER, port), 30,
+                                f"the server's listener on {port}", step=0.3)
             yield dom0, guest_a, guest_b, server
         finally:
             for process in listeners:
@@ -196,3 +199,68 @@ def test_dhcp_from_our_server_passes_and_a_guest_playing_server_does_not(tmp_pat
         finally:
             rogue.kill()
             rogue.wait()
+
+
+SNIFF = """
+import socket, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0800))
+s.bind(("eth0", 0))
+s.settimeout(0.2)
+end, source, seen = time.time() + float(sys.argv[1]), socket.inet_aton(sys.argv[2]), 0
+print("ready", flush=True)
+while time.time() < end:
+    try:
+        frame = s.recv(4096)
+    except socket.timeout:
+        continue
+    if frame[14 + 12:14 + 16] == source and frame[14 + 9] in (6, 17):
+        seen += 1
+print(seen, flush=True)
+"""
+SEND = """
+import socket, struct, sys
+kind, source, target = sys.argv[1], sys.argv[2], sys.argv[3]
+if kind == "fragments":  # a SYN to target:8443 split so that no fragment holds both
+    raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    tcp = struct.pack("!HHIIBBHHH", 40000, 8443, 1, 0, 5 << 4, 0x02, 64240, 0, 0)
+    for flags, piece in ((0x2000, tcp[:8]), (1, tcp[8:])):
+        header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(piece), 4242, flags, 64, 6,
+                             0, socket.inet_aton(source), socket.inet_aton(target))
+        raw.sendto(header + piece, (target, 0))
+else:  # UDP: a DHCP answer from another port than 67, or multicast
+    port, to = {"offer": (6767, 68), "multicast": (5353, 5353)}[kind]
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_BROADCAST, 1)
+    s.bind((source, port))
+    for _ in range(3):
+        s.sendto(b"x" * 300, (target, to))
+"""
+
+
+def arrived(guest, server, kind, source, target) -> int:
+    """How many of ``kind``'s frames from ``source`` the server's NIC saw."""
+    sniffer = server.popen(sys.executable, "-c", SNIFF, "3", source, stdout=subprocess.PIPE,
+                           text=True)
+    try:
+        assert sniffer.stdout.readline().strip() == "ready"
+        guest.run(sys.executable, "-c", SEND, kind, source, target)
+        return int(sniffer.communicate(timeout=15)[0].strip())
+    finally:
+        if sniffer.poll() is None:
+            sniffer.kill()
+            sniffer.wait()
+
+
+def test_fragments_broadcasts_and_dhcp_answers_reach_nobody(tmp_path):
+    """What the stateless rules cannot judge by its ports (a SYN split in fragments), a DHCP
+    answer sent from another port than 67, multicast: each reaches the server without the
+    rules (the control) and not with them."""
+    cases = (("fragments", IP_A, SERVER), ("offer", IP_A, "255.255.255.255"),
+             ("multicast", IP_A, "224.0.0.251"))
+    with guest_lab() as (dom0, guest_a, _guest_b, server):
+        for kind, source, target in cases:
+            assert arrived(guest_a, server, kind, source, target) >= 2, kind
+        load(dom0, tmp_path, rules())
+        for kind, source, target in cases:
+            assert arrived(guest_a, server, kind, source, target) == 0, kind
+        assert pings(guest_a, OTHER, "-I", IP_A) and connects(guest_a, SERVER, 8080)

@@ -316,6 +316,14 @@ async def test_resource_controls_at_create_and_changed_in_place(tmp_path):
     assert [e["stage"] for e in report["events"]] == ["resources applied"]
     await made.reconcile([{**entry(**changed), "memory_mib": 384}], lambda device: True)
     assert len(xl.calls) == 4
+    # xl made the domain again (a reboot inside the guest): from its create-time config, so
+    # everything again, once.
+    old = xl.running["nb-web"]
+    xl.running["nb-web"] = Domain("nb-web", 8, old.memory_mib, 1, "blocked", 0.0, UUID)
+    await made.reconcile([{**entry(**changed), "memory_mib": 384}], lambda device: True)
+    await made.reconcile([{**entry(**changed), "memory_mib": 384}], lambda device: True)
+    assert xl.calls[4:] == [("sched-credit", "nb-web", 128, 50), ("mem-set", "nb-web", 384),
+                            ("vif-rate", 8, 0, 2_000_000)]
 
 
 async def test_a_guest_found_running_is_taken_to_have_xens_defaults(tmp_path):

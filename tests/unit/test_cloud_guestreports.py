@@ -75,7 +75,7 @@ def test_bytes_add_up_across_new_domains_and_never_go_backwards():
     assert totals(current.usage) == {"cpu_seconds": 3.0, "net_rx_bytes": 1800,
                                      "net_tx_bytes": 0, "disk_read_bytes": 0,
                                      "disk_write_bytes": 25}
-    for bad in (-1, "12", True):
+    for bad in (-1, "12", True, float("nan"), float("inf")):
         with pytest.raises(InvalidReport):
             parse_guests({"guests": [{**guest(), "net_tx_bytes": bad}]})
 

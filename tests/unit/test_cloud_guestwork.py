@@ -65,14 +65,19 @@ def test_a_destroyed_instance_is_a_hard_stop_and_reboots_are_counted():
     assert entry["hard"] is False and entry["reboots"] == 1
 
 
-def test_the_guest_network_protects_the_nodes_and_the_dynamic_pool():
+def test_the_guest_network_protects_the_boot_network_but_the_instance_pool():
     from configserver.cloud.guestwork import guest_network
 
     got = guest_network(["198.18.0.1", "configserver.example", None, "198.18.0.1"],
                         dhcp_port=67, http_port=8080,
-                        node_ips=["198.18.0.10", None, "198.18.0.11", "not-an-ip"],
-                        pools=[("198.18.0.64", "198.18.0.95"), None, ("198.18.1.1",
-                                                                      "198.18.1.2")])
-    assert got == {"servers": ["198.18.0.1"], "dhcp_port": 67, "http_port": 8080,
-                   "protected": ["198.18.0.10/32", "198.18.0.11/32", "198.18.0.64/27",
-                                 "198.18.1.1/32", "198.18.1.2/32"]}
+                        node_ips=["198.18.0.10", None, "198.18.0.100", "10.9.0.5", "bad"],
+                        networks=["198.18.0.0/24"],
+                        instance_pools=[("198.18.0.96", "198.18.0.127"), None])
+    assert got["servers"] == ["198.18.0.1"] and got["http_port"] == 8080
+    # The subnet but 96-127 (the guests, each other's), and the nodes wherever they are
+    # (a node's reserved address inside the pool too); merged, no overlaps for nft.
+    assert got["protected"] == ["10.9.0.5/32", "198.18.0.0/26", "198.18.0.64/27",
+                                "198.18.0.100/32", "198.18.0.128/25"]
+    bare = guest_network([], dhcp_port=67, http_port=80, node_ips=[], networks=[],
+                         instance_pools=[None])
+    assert bare["protected"] == [] and bare["servers"] == []

@@ -270,23 +270,28 @@ def test_since_reads_unix_seconds_and_iso_8601():
 async def test_resource_controls_at_create_and_changed_while_running(aiohttp_client, admin,
                                                                      pki, registry):
     tenant = await as_(aiohttp_client, admin, pki, TENANT)
-    resp = await create(tenant, name="mine", cpu_weight=512, net_rate="10Mbit",
-                        max_memory="512M")
-    assert resp.status == 201, await resp.text()
+    refused = await create(tenant, name="mine", cpu_weight=65535)  # all of a dom0: no
+    assert refused.status == 403 and registry.instance("mine") is None
+    assert (await create(tenant, name="mine")).status == 201
+    resp = await admin.patch("/api/v1/instances/mine", json={
+        "cpu_weight": 512, "net_rate": "10Mbit", "max_memory": "512M"})
+    assert resp.status == 200, await resp.text()
     body = await resp.json()
-    assert body["resources"] == {"cpu_weight": 512, "cpu_cap": 0, "net_rate": 1310720,
+    assert body["resources"] == {"cpu_weight": 512, "cpu_cap": 0, "net_rate": 1_250_000,
                                  "max_memory": 512 << 20}
-    bad = await create(tenant, name="other", cpu_cap=500)  # above 100 % of its one vCPU
+    bad = await create(admin, name="other", cpu_cap=500)  # above 100 % of its one vCPU
     assert bad.status == 400 and registry.instance("other") is None
     assert (await tenant.post("/api/v1/instances/mine/start")).status == 200
-    resp = await tenant.patch("/api/v1/instances/mine", json={"memory": "384M", "cpu_cap": 50})
+    assert (await tenant.patch("/api/v1/instances/mine", json={"cpu_cap": 50})).status == 403
+    resp = await tenant.patch("/api/v1/instances/mine", json={"memory": "384M"})
     assert resp.status == 200, await resp.text()
+    resp = await admin.patch("/api/v1/instances/mine", json={"cpu_cap": 50})
     body = await resp.json()
     assert body["memory"] == 384 << 20 and body["resources"]["cpu_cap"] == 50
     for change, says in (({"memory": "1G"}, "above max_memory"),
                          ({"max_memory": "1G"}, "while the instance is stopped"),
                          ({}, "nothing to change"), ({"vcpus": 2}, "unknown field")):
-        resp = await tenant.patch("/api/v1/instances/mine", json=change)
+        resp = await admin.patch("/api/v1/instances/mine", json=change)
         assert resp.status == 400 and says in (await resp.json())["message"], change
     assert registry.instance("mine").memory == 384 << 20  # the refusals changed nothing
     shown = await (await admin.get("/api/v1/instances/mine")).json()
@@ -294,7 +299,7 @@ async def test_resource_controls_at_create_and_changed_while_running(aiohttp_cli
     # ...and the dom0's work carries them for the agent.
     [entry] = guest_entries(registry, registry.instance("mine").claim.node)
     assert (entry["cpu_cap"], entry["cpu_weight"], entry["max_memory_mib"]) == (50, 512, 512)
-    assert entry["memory_mib"] == 384 and entry["net_rate"] == 1310720
+    assert entry["memory_mib"] == 384 and entry["net_rate"] == 1_250_000
 
 
 def guest_entries(registry, mac):

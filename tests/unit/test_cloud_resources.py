@@ -11,9 +11,11 @@ from configserver.errors import InvalidRequest
 
 
 def test_rates_in_bytes_or_bits_and_unlimited():
-    assert parse_rate("10M") == 10 * MIB and parse_rate("8Mbit") == MIB
+    assert parse_rate("10M") == 10_000_000 and parse_rate("8Mbit") == 1_000_000
+    assert parse_rate("500K") == 500_000 and parse_rate("8000bit") == 1000
+    assert parse_rate("1.5M/s") == 1_500_000 and parse_rate("1000") == 1000
     assert parse_rate(125_000) == 125_000 and parse_rate(0) == parse_rate("unlimited") == 0
-    for bad in ("fast", -1, 10, True, "1000G"):
+    for bad in ("fast", -1, 10, True, "1000G", "10 MiB", "999"):
         with pytest.raises(InvalidRequest):
             parse_rate(bad)
 
@@ -22,7 +24,7 @@ def test_updated_validates_and_keeps_the_ceiling_while_running():
     base = Resources()
     new = updated(base, {"cpu_weight": 512, "cpu_cap": 150, "net_rate": "1M",
                          "max_memory": "1G"}, memory=256 * MIB, vcpus=2, running=False)
-    assert new == Resources(512, 150, MIB, 1024 * MIB)
+    assert new == Resources(512, 150, 1_000_000, 1024 * MIB)
     assert from_json(new.to_json()) == new and from_json({}) == Resources()
     for bad in ({"cpu_weight": 0}, {"cpu_cap": 201}, {"cpu_weight": "heavy"},
                 {"max_memory": "100M"}, {"max_memory": 1000}):
