@@ -249,6 +249,8 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
             claim(current, "")  # raises: it is being destroyed
         mac = choose(current.memory, _dom0s(db),
                      [i for i in load_all(db) if i.id != current.id])
+    if current.claim is None:
+        _disk_not_in_use(db, current)
     started = claim(current, mac)
     if started == current:
         # Already wanted running there: its disk attached there again if it was taken away
@@ -261,6 +263,20 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     event(db, started, "start.requested", now, node=mac, epoch=started.claim.epoch
           if started.claim else None)
     return started, bump(db)
+
+
+def _disk_not_in_use(db: sqlite3.Connection, instance: Instance) -> None:
+    """VolumeInUse if the disk of an instance that no dom0 runs is attached somewhere (an
+    admin looking at it): a guest must not boot on an array somebody else has open."""
+    row = (db.execute("SELECT name FROM volumes WHERE id=?", (instance.volume,)).fetchone()
+           if instance.volume else None)
+    volume = cloud_volumes.by_name(db, row["name"]) if row else None
+    held = [a for a in volume.attachments if not a.detaching] if volume else []
+    if held:
+        where = ", ".join(cloud_volumes.label(db, a.node) for a in held)
+        raise VolumeInUse(f"the disk of instance {instance.name} ({volume.name}) is attached "
+                          f"to {where} by hand", hint=f"'configserver volume detach "
+                          f"{volume.name} {where}' first")
 
 
 def set_resources(db: sqlite3.Connection, name: str, changes: dict[str, Any], now: float,

@@ -203,7 +203,8 @@ def _existing(db: sqlite3.Connection, name: str) -> Volume:
     return volume
 
 
-def _label(db: sqlite3.Connection, mac: str) -> str:
+def label(db: sqlite3.Connection, mac: str) -> str:
+    """A node's hostname, or its MAC."""
     row = db.execute("SELECT hostname FROM nodes WHERE mac=?", (mac,)).fetchone()
     return (row["hostname"] if row and row["hostname"] else None) or mac
 
@@ -211,7 +212,7 @@ def _label(db: sqlite3.Connection, mac: str) -> str:
 def delete(db: sqlite3.Connection, name: str, now: float) -> tuple[Volume, int]:
     volume = _existing(db, name)
     if volume.attachments:
-        where = ", ".join(_label(db, a.node) for a in volume.attachments)
+        where = ", ".join(label(db, a.node) for a in volume.attachments)
         detaching = all(a.detaching for a in volume.attachments)
         raise VolumeInUse(
             f"volume {name} is {'still detaching from' if detaching else 'attached to'} "
@@ -264,7 +265,7 @@ def attach(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Vo
         return volume, generation(db)  # already: nothing changes
     others = [a for a in volume.attachments if a.node != mac]
     if others:
-        where = ", ".join(_label(db, a.node) for a in others)
+        where = ", ".join(label(db, a.node) for a in others)
         if all(a.detaching for a in others):
             raise VolumeInUse(f"volume {name} is still detaching from {where}",
                               hint="wait for that dom0 to report it detached")
@@ -355,5 +356,5 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
 
 
 __all__ = ["GENERATION_KEY", "attach", "bump", "by_name", "create",
-           "delete", "detach", "events", "generation", "load_all", "record_report",
+           "delete", "detach", "events", "generation", "label", "load_all", "record_report",
            "resolve_node", "storage_facts"]

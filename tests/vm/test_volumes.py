@@ -238,6 +238,7 @@ def test_an_instance_boots_from_its_volume_and_answers_ping_and_ssh(cloud):
     assert digest == rootfs["sha256"], out
     assert label == "guestroot", out
     assert stray == "0", out  # past the image, the volume is zeroed
+    cloud.cli("volume", "detach", "web-disk", "dom0-1")  # a start refuses a disk in use
     began = time.monotonic()
     cloud.cli("instance", "start", "web", "--on", "dom0-1")
     [nic] = made["nics"]
