@@ -1,10 +1,12 @@
-"""The agent's own API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``.
+"""The agent's own API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``, and on a dom0
+``/v1/console/<domain>`` (a websocket: ``nodeagent.roles.console``).
 
 Once the node holds its certificate the API speaks HTTPS only, with that certificate. A request
 is let in if it carries ``Authorization: Bearer <agent token>``, the token the config server
 issued for this boot (in ``state_dir/token.json``, readable by root only), or a client
 certificate of the config server's CA naming an admin or a node (another agent). Before the
-agent holds a token every request is refused.
+agent holds a token every request is refused. A guest's console is an admin's only (the config
+server relays it with its own admin certificate), or the local root's with the token.
 """
 
 from __future__ import annotations
@@ -18,11 +20,13 @@ from aiohttp import web
 from nodeagent import __version__
 from nodeagent.errors import AgentError, Unauthorized
 from nodeagent.identity import IDENTITY_URN, peer_identity
+from nodeagent.roles.console import Consoles
 from nodeagent.session import AgentSession
 
 log = logging.getLogger(__name__)
 
 SESSION = web.AppKey("session", AgentSession)
+CONSOLES = web.AppKey("consoles", Consoles)
 # Whose certificates may call this API: the operators, and other nodes' agents.
 ALLOWED_PEERS = (f"{IDENTITY_URN}admin:", f"{IDENTITY_URN}node:")
 
@@ -50,9 +54,13 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
                                   "message": exc.reason}, status=exc.status)
 
 
-def _allowed_peer(request: web.Request) -> bool:
+def _peer(request: web.Request) -> str | None:
     ssl_object = request.transport.get_extra_info("ssl_object") if request.transport else None
-    identity = peer_identity(ssl_object.getpeercert() if ssl_object is not None else None)
+    return peer_identity(ssl_object.getpeercert() if ssl_object is not None else None)
+
+
+def _allowed_peer(request: web.Request) -> bool:
+    identity = _peer(request)
     return identity is not None and identity.startswith(ALLOWED_PEERS)
 
 
@@ -75,10 +83,26 @@ async def role(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SESSION].role_facts(max_age=0))
 
 
+async def console(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/console/<domain>[?force=1][&for=WHO]``: the guest's console on a websocket
+    (``for``: whom the config server relays it for, as the attach is logged and refused)."""
+    peer = _peer(request) or "the local token"
+    if peer.startswith(f"{IDENTITY_URN}node:"):
+        raise Unauthorized("a guest's console is an admin's, not another node's")
+    who = request.query.get("for", "")[:200] or peer
+    websocket = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
+    await websocket.prepare(request)
+    await request.app[CONSOLES].serve(websocket, request.match_info["domain"], who,
+                                      force=request.query.get("force") in ("1", "true"))
+    return websocket
+
+
 def create_local_app(session: AgentSession) -> web.Application:
     app = web.Application(middlewares=[auth_and_errors], client_max_size=64 * 1024)
     app[SESSION] = session
+    app[CONSOLES] = Consoles()
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/inventory", inventory)
     app.router.add_get("/v1/role", role)
+    app.router.add_get("/v1/console/{domain}", console)
     return app

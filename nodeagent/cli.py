@@ -46,7 +46,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--boot-id", help=f"per-boot identifier (default {BOOT_ID_FILE})")
     run.add_argument("--boot-ticket", help="this boot's ticket (netboot.ticket=)")
     run.add_argument("--state-dir", type=Path, help="where the token is kept (/run/nodeagent)")
-    run.add_argument("--api-listen", help="local API address (127.0.0.1)")
+    run.add_argument("--api-listen",
+                     help="local API address (every one with HTTPS, 127.0.0.1 with HTTP)")
     run.add_argument("--api-port", type=int, help="local API port (9898; 0 disables it)")
     run.add_argument("--inventory-file", type=Path,
                      help="push this recorded inventory instead of collecting one")

@@ -58,7 +58,9 @@ class AgentConfig:
     # this boot a new agent session when the node held one under an earlier boot.
     boot_ticket: str | None = None
     state_dir: Path = DEFAULT_STATE_DIR
-    api_listen: str = "127.0.0.1"
+    # None: every address once the API speaks HTTPS with this boot's certificate (the config
+    # server reaches it there, for guests' consoles), only loopback while it is plain HTTP.
+    api_listen: str | None = None
     # 0 disables the local API.
     api_port: int = DEFAULT_API_PORT
     heartbeat_jitter: float = 0.1
@@ -70,6 +72,13 @@ class AgentConfig:
     inventory_file: Path | None = None
     watch: bool = True
     notify_socket: str | None = None
+
+    @property
+    def api_address(self) -> str:
+        """Where the local API listens (``api_listen``, or the default for its transport)."""
+        if self.api_listen:
+            return self.api_listen
+        return "0.0.0.0" if self.ca_fingerprint else "127.0.0.1"
 
     @property
     def api_url(self) -> str:

@@ -28,14 +28,14 @@ log = logging.getLogger(__name__)
 
 async def _start_local_api(runner: web.AppRunner, config: AgentConfig,
                            tls: ssl.SSLContext | None) -> None:
-    site = web.TCPSite(runner, config.api_listen, config.api_port, ssl_context=tls)
+    site = web.TCPSite(runner, config.api_address, config.api_port, ssl_context=tls)
     try:
         await site.start()
-        log.info("local API on %s://%s:%d", "https" if tls else "http", config.api_listen,
+        log.info("local API on %s://%s:%d", "https" if tls else "http", config.api_address,
                  config.api_port)
     except OSError as exc:
         log.error("local API disabled: cannot listen on %s:%d: %s",
-                  config.api_listen, config.api_port, exc)
+                  config.api_address, config.api_port, exc)
 
 
 async def _start_local_api_when_enrolled(runner: web.AppRunner, config: AgentConfig,

@@ -456,7 +456,8 @@ class AgentSession:
         jitter = self.config.heartbeat_jitter
         while True:
             report = {**machine_status(), "agent": {"version": __version__,
-                                                    "rss_bytes": agent_rss_bytes()},
+                                                    "rss_bytes": agent_rss_bytes(),
+                                                    "api_port": self._api_port()},
                       "role": await self.role_facts()}
             try:
                 await self._renew_if_due(self.status.node.mac)
@@ -480,6 +481,13 @@ class AgentSession:
             with contextlib.suppress(TypeError, ValueError):
                 interval = max(MIN_INTERVAL, float(answer.get("heartbeat_interval", interval)))
             await asyncio.sleep(interval * self._rng.uniform(1 - jitter, 1 + jitter))
+
+    def _api_port(self) -> int | None:
+        """The port of the API the config server may call (HTTPS on every address), if any."""
+        config = self.config
+        reachable = config.api_address not in ("127.0.0.1", "::1", "localhost")
+        return config.api_port if config.api_port and self.key is not None and reachable \
+            else None
 
     # -- inventory ---------------------------------------------------------------------------
 

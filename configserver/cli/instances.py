@@ -1,5 +1,5 @@
-"""``configserver instance create|list|show|start|stop|reboot|destroy|set|usage``: Xen
-guests.
+"""``configserver instance create|list|show|start|stop|reboot|destroy|set|usage|console``:
+Xen guests.
 
 Every command is one API call (``/api/v1/instances``; ``create --start`` is two); ``--json``
 prints the API's JSON. The dom0 holding an instance's claim carries the change out and
@@ -14,6 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
+from configserver.cli import console
 from configserver.cli.format import answer, object_timeline, printable, table
 from configserver.cloud.guestreports import totals
 from configserver.cloud.model import format_size
@@ -60,6 +61,11 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     change.add_argument("--memory", help="e.g. 512M (while it runs: up to --max-memory)")
     _resource_options(change)
     change.add_argument("--max-memory", metavar="SIZE", help="only while it is stopped")
+    console = isub.add_parser("console", parents=[common],
+                              help="attach to its console wherever it runs (Ctrl-] detaches)")
+    console.add_argument("name")
+    console.add_argument("--force", action="store_true",
+                         help="take the console over from whoever has it attached")
     usage = isub.add_parser("usage", parents=[common],
                             help="CPU seconds, network and disk bytes (for billing)")
     usage.add_argument("name")
@@ -195,6 +201,8 @@ def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
         query = "?" + urllib.parse.urlencode({"since": args.since}) if args.since else ""
         data = client.get(_path(args.name, "/usage") + query)
         return _print(args, data, usage_text(data))
+    if args.action == "console":
+        return console.attach(client, args.name, force=args.force)
     if args.action == "start":
         item = _start(client, args.name, args.on)
         return _print(args, item, f"instance {item['name']} starting on {_where(item)}")

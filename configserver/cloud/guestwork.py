@@ -46,7 +46,10 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
         attached = where is not None and where.state in USABLE and not where.detaching
         cmdline = " ".join(filter(None, (
             boot.cmdline if boot else "", f"netboot.server={server_url}",
-            f"netboot.mac={instance.nics[0].mac}" if instance.nics else "")))
+            f"netboot.mac={instance.nics[0].mac}" if instance.nics else "",
+            # Its name, set before the network is up (DHCP's option 12 names it too, but
+            # networkd may not set it: without polkit, hostnamed refuses networkd).
+            f"netboot.hostname={instance.name}")))
         entries.append({
             "id": instance.id, "name": instance.name, "domain": instance.domain,
             "uuid": instance.uuid, "epoch": instance.claim.epoch,

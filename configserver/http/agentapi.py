@@ -359,6 +359,7 @@ async def heartbeat(request: web.Request) -> web.Response:
     status = data.get("status", {})
     if not isinstance(status, dict):
         raise InvalidRequest("status must be a JSON object")
+    status = {**status, "address": request.remote}  # where its API is (consoles)
     updated = await asyncio.to_thread(request.app[REGISTRY].record_heartbeat, node.mac,
                                       status)
     return web.json_response({"state": str(updated.state),

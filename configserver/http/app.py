@@ -16,6 +16,7 @@ from configserver.http import (
     agentapi,
     api,
     boot,
+    consoleapi,
     instancesapi,
     leaseapi,
     limits,
@@ -97,5 +98,6 @@ def create_app(config: ServerConfig, registry: Registry, authority: CertificateA
     agentapi.setup_agent_api(app)
     volumesapi.setup_routes(app)
     instancesapi.setup_routes(app)
+    consoleapi.setup_routes(app)
     workapi.setup_routes(app)
     return app

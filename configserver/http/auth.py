@@ -62,7 +62,7 @@ _OWNER = {("GET", "/api/v1/volumes"), ("POST", "/api/v1/volumes"),
           ("GET", "/api/v1/instances/{name}"), ("DELETE", "/api/v1/instances/{name}"),
           ("POST", "/api/v1/instances/{name}/start"), ("POST", "/api/v1/instances/{name}/stop"),
           ("POST", "/api/v1/instances/{name}/reboot"), ("GET", "/api/v1/instances/{name}/usage"),
-          ("PATCH", "/api/v1/instances/{name}")}
+          ("PATCH", "/api/v1/instances/{name}"), ("GET", "/api/v1/instances/{name}/console")}
 _AUTHENTICATED = {("GET", "/api/v1/whoami")}
 
 

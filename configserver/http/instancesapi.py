@@ -65,7 +65,7 @@ def _visible(request: web.Request, instance: Instance | None) -> bool:
                                      or instance.tenant == _tenant(request))
 
 
-async def _find(request: web.Request) -> Instance:
+async def find_instance(request: web.Request) -> Instance:
     name = request.match_info["name"]
     instance = await asyncio.to_thread(request.app[REGISTRY].instance, name)
     if instance is None or not _visible(request, instance):
@@ -113,7 +113,7 @@ async def list_instances(request: web.Request) -> web.Response:
 
 
 async def show_instance(request: web.Request) -> web.Response:
-    instance = await _find(request)
+    instance = await find_instance(request)
     events = await asyncio.to_thread(request.app[REGISTRY].instance_events, instance.id)
     hostnames, disks = await asyncio.to_thread(_names, request, [instance])
     return web.json_response(instance_json(instance, hostnames, disks, events))
@@ -191,7 +191,7 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
 async def start_instance(request: web.Request) -> web.Response:
     """``{"node"?: dom0 hostname or MAC}`` (admins only; else the scheduler's choice, or the
     dom0 already holding it) -> the instance, wanted running there."""
-    instance = await _find(request)
+    instance = await find_instance(request)
     node = (await _body(request, {"node"})).get("node")
     if node is not None:
         if not isinstance(node, str) or not node:
@@ -207,7 +207,7 @@ async def start_instance(request: web.Request) -> web.Response:
 async def _asked(request: web.Request, change: str) -> web.Response:
     """A change without a body (``stop_instance``, ``reboot_instance`` of the registry): 202,
     the dom0 holding the claim carries it out."""
-    instance = await _find(request)
+    instance = await find_instance(request)
     await _body(request, set())
     changed, generation = await asyncio.to_thread(functools.partial(
         getattr(request.app[REGISTRY], change), instance.name, expect=instance.id))
@@ -226,7 +226,7 @@ def _admin_for_controls(request: web.Request, data: Mapping[str, Any]) -> None:
 async def change_instance(request: web.Request) -> web.Response:
     """``{"memory"?, "cpu_weight"?, "cpu_cap"?, "net_rate"?, "max_memory"?}`` -> the
     instance; its dom0 applies the change to the running guest."""
-    instance = await _find(request)
+    instance = await find_instance(request)
     data = await _body(request, _CHANGE_FIELDS)
     if not data:
         raise InvalidRequest("nothing to change", hint="one of: " + ", ".join(
@@ -252,7 +252,7 @@ async def destroy_instance(request: web.Request) -> web.Response:
     """``?delete_disk=true`` deletes its volume too. 202: the instance stays listed (desired
     destroyed) until its dom0 reports the domain gone; 200 with ``gone: true`` if it was not
     placed anywhere and is forgotten at once."""
-    instance = await _find(request)
+    instance = await find_instance(request)
     flag = request.query.get("delete_disk", "false").lower()
     if flag not in ("true", "false", "1", "0", "yes", "no"):
         raise InvalidRequest("delete_disk must be true or false")
@@ -289,7 +289,7 @@ async def instance_usage(request: web.Request) -> web.Response:
     """``?since=T`` -> ``{"instance", "id", "since", "until", "usage": {counter: grown},
     "total": {counter: since created}}``; ``since`` is rounded down to the sample before it
     (every few minutes)."""
-    instance = await _find(request)
+    instance = await find_instance(request)
     since = parse_since(request.query.get("since"))
     data = await asyncio.to_thread(request.app[REGISTRY].instance_usage, instance.name, since)
     return web.json_response(data)

@@ -187,6 +187,14 @@ class CertificateAuthority:
         return self._issue(public, identity.subject(), lifetime,
                            names + general_names(sans), usages)
 
+    def issue_client_certificate(self, key: ec.EllipticCurvePrivateKey, identity: Identity,
+                                 lifetime: datetime.timedelta) -> IssuedCertificate:
+        """A client certificate naming ``identity`` for a key of the config server's own
+        (what it calls the agents' APIs with)."""
+        return self._issue(key.public_key(), identity.subject(), lifetime,
+                           [x509.UniformResourceIdentifier(identity.uri())],
+                           [ExtendedKeyUsageOID.CLIENT_AUTH])
+
     def issue_server_certificate(self, key: ec.EllipticCurvePrivateKey, names: Sequence[str],
                                  lifetime: datetime.timedelta) -> IssuedCertificate:
         """The TLS server certificate of the config server itself for ``names``."""

@@ -1,7 +1,10 @@
-"""The config server's TLS side: its server certificate (kept fresh) and its SSL context.
+"""The config server's TLS side: its server certificate (kept fresh) and its SSL context,
+and the client certificate it calls the agents' APIs with.
 
 ``server.pem``/``server.key`` live beside the CA. The certificate is issued again when the
 names it must carry change or when less than a third of its lifetime is left.
+``agent-client.pem``/``agent-client.key`` name the admin ``configserver`` (an agent lets only
+admins open a guest's console) and are kept fresh the same way.
 """
 
 from __future__ import annotations
@@ -17,8 +20,11 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from configserver.errors import StoreError
 from configserver.pki.authority import CertificateAuthority, general_names, write_private
+from configserver.pki.identity import Identity
 
 SERVER_LIFETIME = datetime.timedelta(days=90)
+CLIENT_LIFETIME = datetime.timedelta(days=7)
+AGENT_CLIENT = Identity("admin", "configserver")
 
 
 def server_names(address: str | None, listen: str, hostname: str) -> list[str]:
@@ -87,4 +93,44 @@ def client_context(ca_pem: bytes | None = None, ca_file: Path | None = None,
         context.load_verify_locations(cafile=str(ca_file))
     if cert is not None:
         context.load_cert_chain(str(cert), str(key) if key else None)
+    return context
+
+
+def ensure_agent_client_certificate(authority: CertificateAuthority, directory: Path,
+                                    lifetime: datetime.timedelta = CLIENT_LIFETIME,
+                                    ) -> tuple[Path, Path]:
+    """``(agent-client.pem, agent-client.key)`` in ``directory``, issued again if stale."""
+    cert_path, key_path = directory / "agent-client.pem", directory / "agent-client.key"
+    try:
+        current = x509.load_pem_x509_certificate(cert_path.read_bytes())
+        fresh = (current.not_valid_after_utc.timestamp() - authority.now()
+                 > lifetime.total_seconds() / 3)
+        if fresh and current.issuer == authority.certificate.subject and key_path.exists():
+            return cert_path, key_path
+    except (OSError, ValueError):
+        pass
+    key = ec.generate_private_key(ec.SECP256R1())
+    issued = authority.issue_client_certificate(key, AGENT_CLIENT, lifetime)
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        write_private(cert_path, issued.pem, 0o600)
+    except OSError as exc:
+        raise StoreError(f"cannot write the agents' client certificate in {directory}: "
+                         f"{exc}") from None
+    return cert_path, key_path
+
+
+def agent_client_context(authority: CertificateAuthority, cert_path: Path,
+                         key_path: Path) -> ssl.SSLContext:
+    """Calling an agent: its certificate must be our CA's; which node it names is checked by
+    the caller (node certificates name a MAC, not an address)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_REQUIRED
+    context.load_verify_locations(cadata=authority.certificate_pem.decode())
+    context.load_cert_chain(cert_path, key_path)
     return context

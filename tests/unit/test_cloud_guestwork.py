@@ -32,7 +32,8 @@ def test_only_the_claim_holder_hears_of_the_instance():
     assert entry["domain"] == "nb-web" and entry["device"] == "/dev/md/nb-fedcba9876543210"
     assert entry["memory_mib"] == 256 and entry["kernel"]["sha256"] == "aa"
     assert entry["cmdline"] == ("root=/dev/xvda ro console=hvc0 netboot.server="
-                                "http://198.18.0.1:8080 netboot.mac=00:16:3e:00:00:01")
+                                "http://198.18.0.1:8080 netboot.mac=00:16:3e:00:00:01 "
+                                "netboot.hostname=web")
     assert entry["nics"] == [{"mac": "00:16:3e:00:00:01", "ip": "198.18.0.100",
                               "bridge": "xenbr0"}]
 

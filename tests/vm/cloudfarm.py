@@ -219,6 +219,43 @@ class Instances:
             if time.monotonic() - began > timeout:
                 pytest.fail(f"{address} answered no ping within {timeout:.0f}s")
 
+    def console(self, name: str, until_seen: bytes, timeout: float = 90
+                ) -> tuple[int | None, bytes, str]:
+        """``configserver instance console NAME`` as a user runs it (no ssh into any dom0):
+        Enter every few seconds until ``until_seen`` shows, then Ctrl-]. Returns its exit
+        status, what it showed and what it said."""
+        farm = self.cloud.farm
+        argv = farm.net.cmd(farm.config.python, "-m", "configserver", "--state-dir",
+                            str(farm.state_dir), "instance", "console", name)
+        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   stderr=subprocess.PIPE)
+        shown = bytearray()
+
+        def read() -> None:
+            while chunk := process.stdout.read1(4096):  # type: ignore[union-attr]
+                shown.extend(chunk)
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        deadline = time.monotonic() + timeout
+        try:
+            while until_seen not in shown and time.monotonic() < deadline \
+                    and process.poll() is None:
+                process.stdin.write(b"\r")  # type: ignore[union-attr]
+                process.stdin.flush()  # type: ignore[union-attr]
+                time.sleep(3)
+            if process.poll() is None:
+                process.stdin.write(b"\x1d")  # type: ignore[union-attr]
+                process.stdin.flush()  # type: ignore[union-attr]
+            status = process.wait(timeout=20)
+        except (subprocess.TimeoutExpired, BrokenPipeError):
+            process.kill()
+            status = None
+        reader.join(5)
+        said = process.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
+        process.wait()
+        return status, bytes(shown), said
+
     def ssh(self, address: str, command: str, timeout: float = 60) -> str:
         done = network.run(self.cloud.farm.ssh_to(address, [command]), timeout=timeout,
                            check=False)

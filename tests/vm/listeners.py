@@ -47,10 +47,11 @@ def parse_ss(text: str) -> list[Listener]:
 def _allowed(role: str, sock: Listener) -> bool:
     if sock.proto == "tcp":
         # sshd on every address, only because root has keys (the farm hands out its key);
-        # the agent's API on loopback only.
+        # the agent's API on every IPv4 address: HTTPS with this boot's certificate, for the
+        # config server (guests' consoles) and admins' certificates only.
         return ((sock.port == 22 and sock.process == "sshd"
                  and sock.address in ("0.0.0.0", "::"))
-                or (sock.port == AGENT_PORT and sock.address == "127.0.0.1"
+                or (sock.port == AGENT_PORT and sock.address == "0.0.0.0"
                     and sock.process in ("nodeagent", "python3", "python3.11")))
     # UDP: systemd-networkd's DHCP clients (v4 on port 68 bound to the leased address, v6 on
     # 546 on a link-local address) and timesyncd's NTP client port while it asks a server;
@@ -68,5 +69,5 @@ def unexpected(role: str, sockets: list[Listener]) -> list[str]:
     if not any(s.proto == "tcp" and s.port == 22 and s.process == "sshd" for s in sockets):
         missing.append("missing: sshd on TCP 22 (the farm gives root a key)")
     if not any(s.proto == "tcp" and s.port == AGENT_PORT for s in sockets):
-        missing.append(f"missing: the agent's API on 127.0.0.1:{AGENT_PORT}")
+        missing.append(f"missing: the agent's API on 0.0.0.0:{AGENT_PORT}")
     return extra + missing

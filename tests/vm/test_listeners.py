@@ -9,7 +9,7 @@ STORAGE = """\
 udp   UNCONN 0      0      198.18.0.21%ens3:68         0.0.0.0:*     users:(("systemd-network",pid=201,fd=19))
 udp   UNCONN 0      0      [fe80::5054:ff:fe12:3457]%ens3:546  [::]:*  users:(("systemd-network",pid=201,fd=21))
 tcp   LISTEN 0      128          0.0.0.0:22        0.0.0.0:*    users:(("sshd",pid=300,fd=3))
-tcp   LISTEN 0      128        127.0.0.1:9898      0.0.0.0:*    users:(("nodeagent",pid=250,fd=7))
+tcp   LISTEN 0      128          0.0.0.0:9898      0.0.0.0:*    users:(("nodeagent",pid=250,fd=7))
 tcp   LISTEN 0      128             [::]:22           [::]:*    users:(("sshd",pid=300,fd=4))
 """  # noqa: E501
 
@@ -31,7 +31,8 @@ def test_the_expected_set_passes(role):
 @pytest.mark.parametrize("line, why", [
     ('tcp LISTEN 0 5 0.0.0.0:10809 0.0.0.0:* users:(("nbd-server",pid=9,fd=3))', "nbd-server"),
     ("tcp LISTEN 0 256 198.18.0.21:3260 0.0.0.0:*", "kernel"),
-    ('tcp LISTEN 0 128 0.0.0.0:9898 0.0.0.0:* users:(("nodeagent",pid=9,fd=3))', "nodeagent"),
+    ('tcp LISTEN 0 128 0.0.0.0:8080 0.0.0.0:* users:(("nodeagent",pid=9,fd=3))', "nodeagent"),
+    ('tcp LISTEN 0 128 [::]:9898 [::]:* users:(("nodeagent",pid=9,fd=3))', "nodeagent"),
     ('tcp LISTEN 0 128 0.0.0.0:111 0.0.0.0:* users:(("rpcbind",pid=9,fd=3))', "rpcbind"),
     ('udp UNCONN 0 0 0.0.0.0:5353 0.0.0.0:* users:(("avahi-daemon",pid=9,fd=3))', "avahi"),
 ])

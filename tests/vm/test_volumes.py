@@ -264,6 +264,12 @@ def test_an_instance_boots_from_its_volume_and_answers_ping_and_ssh(cloud):
     stages = [e["stage"] for e in guests.show("web")["timeline"]]
     print("web timeline:", stages)
     assert "agent.created" in stages and "guest.running" in stages, stages
+    began = time.monotonic()
+    status, shown, said = guests.console("web", b"login:")
+    print(f"web: console showed its login prompt in {time.monotonic() - began:.1f}s")
+    assert b"web login:" in shown, (shown[-500:], said)
+    assert status == 0 and "Ctrl-] detaches" in said, (status, said)
+    assert guests.show("web")["actual"] == "running"  # detaching leaves it running
 
 
 def probe(cloud: Cloud, ip: str, *probes: tuple[str, ...]) -> list[bool]:
@@ -332,6 +338,9 @@ def test_its_data_survives_a_stop_and_a_start_on_the_other_dom0(cloud):
             break
         time.sleep(3)
     assert done.stdout.strip() == view["id"], (done.stdout, done.stderr)
+    # Its console follows it: the same command reaches it on dom0-2 now.
+    status, shown, said = guests.console("web", b"login:")
+    assert status == 0 and b"web login:" in shown, (status, shown[-500:], said)
 
 
 def test_fifty_concurrent_starts_leave_one_guest(cloud):
