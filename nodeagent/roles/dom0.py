@@ -32,6 +32,7 @@ from typing import Any
 from nodeagent.errors import IscsiError, MdError, RoleError
 from nodeagent.roles import iscsi, md
 from nodeagent.roles.dom0_guests import Guests
+from nodeagent.roles.xenstore import DomainWatch
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ class Dom0Role:
         self._settled = True
         # Legs whose last login failed: (target, portal) -> (monotonic time, error).
         self._failed_logins: dict[tuple[str, str], tuple[float, str]] = {}
+        self._domains = DomainWatch()
 
     def busy(self) -> bool:
         """Not every attachment is whole: look again soon (a leg may be back)."""
@@ -67,10 +69,14 @@ class Dom0Role:
                 "attachments": [self._state(a) for a in wanted]}
 
     def fingerprint(self) -> object:
+        """What, changed, calls for a pass at once: the arrays, the iSCSI sessions and, with
+        guests, a new domain (xenstore's ``@introduceDomain``: one made by hand without the
+        claim is destroyed by the pass that follows, within seconds)."""
         arrays = md.arrays()
         return (tuple(sorted((a.name, a.degraded, a.sync_action, a.members)
                              for a in arrays.values())),
-                tuple(sorted((k, s.state) for k, s in iscsi.sessions().items())))
+                tuple(sorted((k, s.state) for k, s in iscsi.sessions().items())),
+                self._domains.events)
 
     async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
         initiator = work.get("initiator")
@@ -87,6 +93,7 @@ class Dom0Role:
                 report["attachments"].append(self._state(attachment, error=str(exc)))
         report["detached"] = await self._detach_unwanted(wanted)
         if self.guests is not None:
+            self._domains.start()
             try:
                 report.update(await self.guests.reconcile(
                     [g for g in work.get("guests") or [] if isinstance(g, dict)],
