@@ -1,10 +1,13 @@
 """Which dom0 an instance starts on (pure): a ready, undrained dom0 with room for its memory,
 spreading instances.
 
-A dom0's room is the free memory its agent last reported (``xl info``), minus the memory of
-the instances it holds the claim of that its report does not count yet (not reported
-running there). Among those with room, the one holding fewest claims wins, then the one
-with most room, then the lower MAC. A refusal names every dom0 and why it was not chosen.
+A dom0's room is the free memory its agent last reported (``xl info``), minus what the
+instances it holds the claim of may still take: all of their memory ceiling (``max_memory``,
+else their memory) while its report does not count them yet (not reported running there),
+and the rest of the ceiling above their memory once it does, so that raising a guest's
+memory within its ceiling never finds the dom0 full. An instance is placed by its ceiling.
+Among those with room, the one holding fewest claims wins, then the one with most room,
+then the lower MAC. A refusal names every dom0 and why it was not chosen.
 """
 
 from __future__ import annotations
@@ -30,10 +33,15 @@ class Dom0:
         return self.hostname or self.mac
 
 
+def ceiling(instance: Instance) -> int:
+    """The most memory ``instance`` may hold: its ``max_memory``, else its memory."""
+    return max(instance.memory, instance.resources.max_memory)
+
+
 def pending_memory(instances: Sequence[Instance], mac: str) -> int:
-    """Memory of the instances claimed on ``mac`` that its report does not count yet."""
-    return sum(i.memory for i in instances
-               if i.claim is not None and i.claim.node == mac and i.actual != "running")
+    """Memory the instances claimed on ``mac`` may take that its report does not count."""
+    return sum(ceiling(i) - (i.memory if i.actual == "running" else 0) for i in instances
+               if i.claim is not None and i.claim.node == mac)
 
 
 def choose(memory: int, dom0s: Sequence[Dom0], instances: Sequence[Instance]) -> str:
@@ -67,4 +75,4 @@ def free_memory(facts: dict | None) -> int | None:
     return int(value) * MIB if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-__all__ = ["Dom0", "choose", "free_memory", "pending_memory"]
+__all__ = ["Dom0", "ceiling", "choose", "free_memory", "pending_memory"]

@@ -30,7 +30,7 @@ from configserver.cloud.instances import (
 from configserver.cloud.model import Volume, new_volume_id
 from configserver.cloud.resources import Resources, updated
 from configserver.cloud.resources import from_json as resources_from_json
-from configserver.cloud.scheduler import Dom0, choose, free_memory
+from configserver.cloud.scheduler import Dom0, ceiling, choose, free_memory
 from configserver.errors import Conflict, DuplicateVolume, NotFound, VolumeInUse
 from configserver.model import NodeState
 from configserver.registry import ReportOutcome
@@ -247,7 +247,7 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     else:
         if current.desired == Desired.DESTROYED:
             claim(current, "")  # raises: it is being destroyed
-        mac = choose(current.memory, _dom0s(db),
+        mac = choose(ceiling(current), _dom0s(db),
                      [i for i in load_all(db) if i.id != current.id])
     if current.claim is None:
         _disk_not_in_use(db, current)

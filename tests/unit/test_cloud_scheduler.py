@@ -46,3 +46,21 @@ def test_free_memory_from_facts():
     assert free_memory({"free_memory_mib": 1407}) == 1407 * MIB
     assert free_memory({"free_memory_mib": True}) is None
     assert free_memory(None) is None
+
+
+def test_an_instance_is_placed_by_its_memory_ceiling_and_its_headroom_stays_reserved():
+    from dataclasses import replace
+
+    from configserver.cloud.resources import Resources
+    from configserver.cloud.scheduler import ceiling
+
+    dom0s = [Dom0(A, "a", 1024 * MIB)]
+    growing = replace(held("x", A), resources=Resources(max_memory=768 * MIB))
+    assert ceiling(growing) == 768 * MIB and ceiling(held("y", A)) == 256 * MIB
+    # Running at 256 MiB (counted by xl), it may still take 512 MiB more: 512 MiB are left.
+    assert choose(512 * MIB, dom0s, [growing]) == A
+    with pytest.raises(NoRoom, match="a: 512 MiB free"):
+        choose(513 * MIB, dom0s, [growing])
+    # Not running yet, all of its ceiling counts.
+    with pytest.raises(NoRoom, match="a: 256 MiB free"):
+        choose(512 * MIB, dom0s, [replace(growing, actual="starting")])
