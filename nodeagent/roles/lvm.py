@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -219,7 +220,12 @@ async def fill(lv: str, url: str, size: int, sha256: str | None = None) -> None:
     """Copy an image's root file system (``size`` bytes at ``url``) to the start of the leg
     and zero the rest, then mark it ready: both legs of a volume end up identical."""
     path = device_path(lv)
-    written = await asyncio.to_thread(_copy, url, path, size, sha256)
+    stop = threading.Event()
+    try:
+        written = await asyncio.to_thread(_copy, url, path, size, sha256, stop)
+    except asyncio.CancelledError:  # the agent stops: the copy ends at its next chunk
+        stop.set()                  # instead of holding the agent's exit for the whole leg
+        raise
     await _run(["blkdiscard", "--zeroout", "--offset", str(written), path], ZERO_TIMEOUT)
     await asyncio.to_thread(_fsync_all, [path])
     await mark_zeroed(lv)
@@ -229,8 +235,11 @@ COPY_CHUNK = 4 << 20
 ALIGN = 1 << 20
 
 
-def _copy(url: str, device: str, size: int, sha256: str | None) -> int:
-    """Stream ``url`` onto ``device``; the bytes written, padded with zeros to a MiB."""
+def _copy(url: str, device: str, size: int, sha256: str | None,
+          stop: threading.Event | None = None) -> int:
+    """Stream ``url`` onto ``device``; the bytes written, padded with zeros to a MiB. Ends
+    (LvmError) at the next chunk once ``stop`` is set; the leg stays unmarked, so the next
+    pass fills it again."""
     digest = hashlib.sha256()
     done = 0
     try:
@@ -241,6 +250,8 @@ def _copy(url: str, device: str, size: int, sha256: str | None) -> int:
     try:
         with response:
             while True:
+                if stop is not None and stop.is_set():
+                    raise LvmError(f"copying {url} to {device}: the agent is stopping")
                 chunk = response.read(COPY_CHUNK)
                 if not chunk:
                     break

@@ -580,6 +580,36 @@ def test_an_image_is_copied_to_the_start_of_the_leg_and_padded(tmp_path):
         lvm._copy(image.as_uri(), str(leg), image.stat().st_size, "0" * 64)
     with pytest.raises(LvmError, match="got 600000 bytes of 700000"):
         lvm._copy(image.as_uri(), str(leg), 700_000, None)
+    # Stopping: the copy ends at its next chunk, not after the whole image.
+    import threading
+    stop = threading.Event()
+    stop.set()
+    with pytest.raises(LvmError, match="the agent is stopping"):
+        lvm._copy(image.as_uri(), str(leg), image.stat().st_size, digest, stop)
+
+
+async def test_a_cancelled_fill_tells_its_copy_to_stop(monkeypatch):
+    import asyncio
+    import threading
+
+    seen: list[threading.Event] = []
+    release = threading.Event()
+
+    def copy(url, path, size, sha256, stop):
+        seen.append(stop)
+        while not stop.wait(0.01) and not release.is_set():
+            pass
+        raise LvmError("stopped")
+
+    monkeypatch.setattr(lvm, "_copy", copy)
+    task = asyncio.create_task(lvm.fill("nb-x", "http://server/rootfs.img", 10))
+    while not seen:
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert seen[0].is_set()
+    release.set()
 
 
 async def test_a_change_on_the_node_runs_a_pass_without_waiting_for_the_server(monkeypatch):
