@@ -137,7 +137,7 @@ class AgentProcess:
         argv = [sys.executable, "-m", "nodeagent", "run", "--cmdline", str(cmdline_file),
                 "--config", "/dev/null", "--server", server.url, "--mac", address,
                 "--boot-id", boot_id, "--state-dir", str(self.state_dir),
-                "--api-port", str(api_port)]
+                "--api-port", str(api_port), "--api-listen", "127.0.0.1"]  # loopback only
         if inventory is not None:
             argv += ["--inventory-file", str(inventory), "--no-watch"]
         self.log_path = self.state_dir / "agent.log"
