@@ -5,8 +5,9 @@ Once the node holds its certificate the API speaks HTTPS only, with that certifi
 is let in if it carries ``Authorization: Bearer <agent token>``, the token the config server
 issued for this boot (in ``state_dir/token.json``, readable by root only), or a client
 certificate of the config server's CA naming an admin or a node (another agent). Before the
-agent holds a token every request is refused. A guest's console is an admin's only (the config
-server relays it with its own admin certificate), or the local root's with the token.
+agent holds a token every request is refused. A guest's console is the config server's only
+(it relays it with its own admin certificate, after its own checks), or the local root's with
+the token.
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ log = logging.getLogger(__name__)
 
 SESSION = web.AppKey("session", AgentSession)
 CONSOLES = web.AppKey("consoles", Consoles)
+# The config server's own client certificate (configserver.pki.tls.AGENT_CLIENT).
+CONSOLE_RELAY = f"{IDENTITY_URN}admin:configserver"
 # Whose certificates may call this API: the operators, and other nodes' agents.
 ALLOWED_PEERS = (f"{IDENTITY_URN}admin:", f"{IDENTITY_URN}node:")
 
@@ -37,10 +40,7 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         token = request.app[SESSION].token
-        scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
-        by_token = bool(token and scheme.lower() == "bearer"
-                        and hmac.compare_digest(presented.strip().encode(), token.encode()))
-        if not (by_token or (token and _allowed_peer(request))):
+        if not (_by_token(request) or (token and _allowed_peer(request))):
             raise Unauthorized("the agent token or an admin's or node's certificate is "
                                "required",
                                hint="Authorization: Bearer <token from token.json>")
@@ -52,6 +52,13 @@ async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamR
             raise
         return web.json_response({"status": exc.status, "code": "http_error",
                                   "message": exc.reason}, status=exc.status)
+
+
+def _by_token(request: web.Request) -> bool:
+    token = request.app[SESSION].token
+    scheme, _, presented = request.headers.get("Authorization", "").partition(" ")
+    return bool(token and scheme.lower() == "bearer"
+                and hmac.compare_digest(presented.strip().encode(), token.encode()))
 
 
 def _peer(request: web.Request) -> str | None:
@@ -84,12 +91,15 @@ async def role(request: web.Request) -> web.Response:
 
 
 async def console(request: web.Request) -> web.StreamResponse:
-    """``GET /v1/console/<domain>[?force=1][&for=WHO]``: the guest's console on a websocket
-    (``for``: whom the config server relays it for, as the attach is logged and refused)."""
-    peer = _peer(request) or "the local token"
-    if peer.startswith(f"{IDENTITY_URN}node:"):
-        raise Unauthorized("a guest's console is an admin's, not another node's")
-    who = request.query.get("for", "")[:200] or peer
+    """``GET /v1/console/<domain>[?force=1][&for=WHO]``: the guest's console on a websocket,
+    for the config server (its own certificate: it checks who may, revocations included, and
+    names in ``for`` whom it relays for) or the local root (the token)."""
+    peer = _peer(request)
+    if not (peer == CONSOLE_RELAY or _by_token(request)):
+        raise Unauthorized("a guest's console is opened through the config server",
+                           hint="configserver instance console NAME")
+    asked = "".join(c for c in request.query.get("for", "")[:200] if c.isprintable())
+    who = asked if peer == CONSOLE_RELAY and asked else (peer or "the local token")
     websocket = web.WebSocketResponse(heartbeat=30.0, max_msg_size=64 * 1024)
     await websocket.prepare(request)
     await request.app[CONSOLES].serve(websocket, request.match_info["domain"], who,

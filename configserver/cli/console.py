@@ -28,14 +28,29 @@ from configserver.http.client import ApiClient, ApiError
 ESCAPE = b"\x1d"  # Ctrl-]
 
 
-@dataclass(frozen=True)
+@dataclass
 class Terminal:
-    """Where the keyboard is read (``fd``), the console shown, and our own lines said."""
+    """Where the keyboard is read (``fd``), the console shown, and our own lines said; a
+    terminal goes raw once the console is there (``raw``) and back on exit (``restore``)."""
 
     fd: int
     stdout: BinaryIO
     stderr: TextIO
-    newline: str
+    saved: list[Any] | None = None  # the terminal's modes before raw
+
+    @property
+    def newline(self) -> str:
+        return "\r\n" if self.saved is not None else "\n"
+
+    def raw(self) -> None:
+        if self.saved is None and os.isatty(self.fd):
+            self.saved = termios.tcgetattr(self.fd)
+            tty.setraw(self.fd)
+
+    def restore(self) -> None:
+        if self.saved is not None:
+            termios.tcsetattr(self.fd, termios.TCSADRAIN, self.saved)
+            self.saved = None
 
     def say(self, text: str) -> None:
         self.stderr.write(f"{self.newline}[{text}]{self.newline}")
@@ -69,16 +84,11 @@ def attach(client: ApiClient, name: str, *, force: bool = False,
     stdin = stdin or sys.stdin.buffer
     stdout = stdout or sys.stdout.buffer
     stderr = stderr or sys.stderr
-    fd = stdin.fileno()
-    saved = termios.tcgetattr(fd) if os.isatty(fd) else None
+    terminal = Terminal(stdin.fileno(), stdout, stderr)
     try:
-        if saved is not None:
-            tty.setraw(fd)
-        terminal = Terminal(fd, stdout, stderr, "\r\n" if saved is not None else "\n")
         return asyncio.run(_session(client, name, terminal, force=force))
     finally:
-        if saved is not None:
-            termios.tcsetattr(fd, termios.TCSADRAIN, saved)
+        terminal.restore()
 
 
 async def _session(client: ApiClient, name: str, terminal: Terminal, *, force: bool) -> int:
@@ -92,14 +102,16 @@ async def _session(client: ApiClient, name: str, terminal: Terminal, *, force: b
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=client.timeout)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as http:
         try:
-            websocket = await http.ws_connect(url, heartbeat=30.0, max_msg_size=64 * 1024)
+            async with asyncio.timeout(client.timeout):  # TCP, TLS and the upgrade
+                websocket = await http.ws_connect(url, heartbeat=30.0,
+                                                  max_msg_size=64 * 1024)
         except aiohttp.WSServerHandshakeError as exc:
             # Refused before the upgrade (unknown instance, not allowed): the same request
             # without it gets the API's JSON error.
             await asyncio.to_thread(client.get, path)
             raise ApiError(exc.status, "http_error", f"HTTP {exc.status} {exc.message}"
                            ) from None
-        except (aiohttp.ClientError, OSError) as exc:
+        except (aiohttp.ClientError, OSError, TimeoutError) as exc:
             raise ServerUnavailable(f"cannot reach the config server at "
                                     f"{client.unix_socket or client.base_url}: {exc}") from None
         async with websocket:
@@ -155,13 +167,19 @@ async def _relay(websocket: aiohttp.ClientWebSocketResponse, name: str,
                                str(error.get("hint", "")))
             if "attached" in control:
                 attached = True
+                terminal.raw()  # only now: until here Ctrl-C still ends the command
                 say(f"console of {name}; Ctrl-] detaches")
             elif "detached" in control:
                 say(f"console of {name} ended: {control['detached'].get('reason', '')}")
                 return 0
         if keys.done() and not keys.cancelled():
-            say(f"{keys.result()} from the console of {name}; it keeps running")
-            return 0
+            try:
+                ended = keys.result()
+            except ConnectionError:  # the server went while a key was on its way
+                ended = ""
+            if ended:
+                say(f"{ended} from the console of {name}; it keeps running")
+                return 0
         if not attached:
             raise ServerUnavailable(f"the console of {name} closed before it attached")
         say(f"the console of {name} closed")

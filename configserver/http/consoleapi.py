@@ -16,6 +16,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import ssl
+import time
 import urllib.parse
 from typing import Any
 
@@ -35,10 +37,35 @@ log = logging.getLogger(__name__)
 
 HEARTBEAT = 30.0
 CONNECT_TIMEOUT = 15.0
+RECHECK = 3600.0  # seconds between looks at the client certificate's age
 MAX_FRAME = 64 * 1024
 
 
+class AgentDialer:
+    """The TLS context the server calls agents with: its client certificate issued (or
+    loaded) and the context built once, looked at again every RECHECK seconds."""
+
+    def __init__(self) -> None:
+        self._lock = asyncio.Lock()
+        self._context: ssl.SSLContext | None = None
+        self._checked = 0.0
+
+    async def context(self, app: web.Application) -> ssl.SSLContext:
+        async with self._lock:  # one issue at a time: key and certificate stay a pair
+            if self._context is None or time.monotonic() - self._checked > RECHECK:
+                cert, key = await asyncio.to_thread(
+                    ensure_agent_client_certificate, app[AUTHORITY], app[CONFIG].pki_dir)
+                self._context = await asyncio.to_thread(agent_client_context,
+                                                        app[AUTHORITY], cert, key)
+                self._checked = time.monotonic()
+            return self._context
+
+
+DIALER = web.AppKey("agent_dialer", AgentDialer)
+
+
 def setup_routes(app: web.Application) -> None:
+    app[DIALER] = AgentDialer()
     app.router.add_get("/api/v1/instances/{name}/console", instance_console)
 
 
@@ -100,26 +127,33 @@ async def _relay(request: web.Request, client: web.WebSocketResponse, instance: 
             if instance.claim else None)
     url = agent_console_url(instance, node, force=force, who=who)
     assert node is not None
-    cert, key = await asyncio.to_thread(ensure_agent_client_certificate, app[AUTHORITY],
-                                        app[CONFIG].pki_dir)
-    context = await asyncio.to_thread(agent_client_context, app[AUTHORITY], cert, key)
     where = node.hostname or node.mac
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
     try:
-        async with aiohttp.ClientSession(timeout=timeout) as http, http.ws_connect(
-                url, ssl=context, heartbeat=HEARTBEAT, max_msg_size=MAX_FRAME) as agent:
-            if not _peer_is(agent, node):
-                raise ServerUnavailable(f"the agent at {url} is not {where}'s",
-                                        hint="its certificate names another node")
-            log.info("console of %s on %s opened by %s", instance.name, where, who)
-            await _pipe(client, agent)
-            log.info("console of %s on %s closed by %s", instance.name, where, who)
+        context = await app[DIALER].context(app)
+        async with aiohttp.ClientSession(timeout=timeout) as http:
+            async with asyncio.timeout(CONNECT_TIMEOUT):  # TCP, TLS and the upgrade
+                agent = await http.ws_connect(url, ssl=context, heartbeat=HEARTBEAT,
+                                              max_msg_size=MAX_FRAME)
+            async with agent:
+                await _relay_to(agent, client, node, url, what=f"{instance.name} on {where}",
+                                who=who)
     except aiohttp.WSServerHandshakeError as exc:
         raise ServerUnavailable(f"the agent of {where} refused the console: {exc.status} "
                                 f"{exc.message}") from None
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:  # ssl.SSLError is an OSError
         raise ServerUnavailable(f"cannot reach the agent of {where} at {url}: "
                                 f"{exc or type(exc).__name__}") from None
+
+
+async def _relay_to(agent: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse,
+                    node: Node, url: str, *, what: str, who: str) -> None:
+    if not _peer_is(agent, node):
+        raise ServerUnavailable(f"the agent at {url} is not {node.hostname or node.mac}'s",
+                                hint="its certificate names another node")
+    log.info("console of %s opened by %s", what, who)
+    await _pipe(client, agent)
+    log.info("console of %s closed by %s", what, who)
 
 
 async def _pipe(client: web.WebSocketResponse,

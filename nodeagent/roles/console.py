@@ -34,6 +34,8 @@ log = logging.getLogger(__name__)
 DOMAIN = re.compile(r"^nb-[a-z0-9][a-z0-9-]{0,39}$")  # only the control plane's guests
 READ_CHUNK = 16384
 STOP_GRACE = 2.0
+WRITE_STALL = 10.0  # seconds the console may read no input before the session ends
+TAKEOVER = 5.0  # seconds a taken-over session has to end
 ESCAPE = 0x1D  # Ctrl-]: xenconsole's own escape, never passed on
 
 
@@ -56,7 +58,7 @@ class ConsoleSession:
     who: str
     websocket: web.WebSocketResponse
     started: float = field(default_factory=time.time)
-    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    relay: asyncio.Task[None] | None = None
 
 
 class Pty:
@@ -96,26 +98,32 @@ class Pty:
                 raise
 
     async def write(self, data: bytes) -> None:
+        """All of ``data``, or OSError once the program has read nothing for WRITE_STALL."""
         view = memoryview(data)
+        stalled = time.monotonic() + WRITE_STALL
         while view:
             try:
                 view = view[os.write(self._master, view):]
+                stalled = time.monotonic() + WRITE_STALL
             except BlockingIOError:  # the pty's buffer is full: the program reads slowly
+                if time.monotonic() > stalled:
+                    raise OSError(errno.ETIMEDOUT, "the console reads no input") from None
                 await asyncio.sleep(0.02)
 
     async def close(self) -> None:
-        loop = asyncio.get_running_loop()
-        loop.remove_reader(self._master)
-        if self.process.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                self.process.terminate()
-            try:
-                await asyncio.wait_for(self.process.wait(), STOP_GRACE)
-            except TimeoutError:
+        asyncio.get_running_loop().remove_reader(self._master)
+        try:
+            if self.process.returncode is None:
                 with contextlib.suppress(ProcessLookupError):
-                    self.process.kill()
-                await self.process.wait()
-        os.close(self._master)
+                    self.process.terminate()
+                try:
+                    await asyncio.wait_for(self.process.wait(), STOP_GRACE)
+                except TimeoutError:
+                    with contextlib.suppress(ProcessLookupError):
+                        self.process.kill()
+                    await self.process.wait()
+        finally:
+            os.close(self._master)
 
 
 def console_argv(domain: str) -> list[str]:
@@ -134,6 +142,7 @@ class Consoles:
         self._argv = argv
         self._running = running
         self._sessions: dict[str, ConsoleSession] = {}
+        self._attaching = asyncio.Lock()  # one attach (check, take over, register) at a time
 
     def active(self) -> list[dict[str, object]]:
         return [{"domain": s.domain, "who": s.who, "since": s.started}
@@ -142,30 +151,43 @@ class Consoles:
     async def serve(self, websocket: web.WebSocketResponse, domain: str, who: str, *,
                     force: bool) -> None:
         """Relay ``domain``'s console over an open websocket until either side ends."""
-        try:
+        async with self._attaching:
             try:
-                running = await self._running()
-            except AgentError as exc:
-                raise ConsoleRefused("xen_unavailable", exc.message) from None
-            self._check(domain, force, running)
-        except ConsoleRefused as exc:
-            await websocket.send_json({"error": exc.to_json()})
-            await websocket.close()
-            return
-        previous = self._sessions.get(domain)
-        if previous is not None:  # taken over: the earlier session ends first
-            await previous.websocket.send_json(
-                {"detached": {"reason": f"taken over by {who}"}})
-            await previous.websocket.close()
-            await previous.ended.wait()
-        session = ConsoleSession(domain, who, websocket)
-        self._sessions[domain] = session
+                try:
+                    running = await self._running()
+                except AgentError as exc:
+                    raise ConsoleRefused("xen_unavailable", exc.message) from None
+                self._check(domain, force, running)
+            except ConsoleRefused as exc:
+                with contextlib.suppress(ConnectionError):
+                    await websocket.send_json({"error": exc.to_json()})
+                await websocket.close()
+                return
+            previous = self._sessions.get(domain)
+            if previous is not None:  # taken over: the earlier session ends first
+                await self._end(previous, f"taken over by {who}")
+            session = ConsoleSession(domain, who, websocket)
+            session.relay = asyncio.create_task(self._relay(session))
+            session.relay.add_done_callback(lambda _: self._forget(session))
+            self._sessions[domain] = session
         try:
-            await self._relay(session)
-        finally:
-            if self._sessions.get(domain) is session:
-                del self._sessions[domain]
-            session.ended.set()
+            await asyncio.shield(session.relay)
+        except asyncio.CancelledError:  # this request's handler is cancelled: end the relay
+            session.relay.cancel()
+            raise
+
+    def _forget(self, session: ConsoleSession) -> None:
+        if self._sessions.get(session.domain) is session:
+            del self._sessions[session.domain]
+
+    async def _end(self, session: ConsoleSession, reason: str) -> None:
+        """Say why and end ``session``'s relay (a stuck one is cancelled), within TAKEOVER."""
+        with contextlib.suppress(ConnectionError):
+            await session.websocket.send_json({"detached": {"reason": reason}})
+        assert session.relay is not None
+        session.relay.cancel()
+        await asyncio.wait({session.relay}, timeout=TAKEOVER)
+        self._forget(session)  # a relay stuck past TAKEOVER no longer holds the console
 
     def _check(self, domain: str, force: bool, running: Sequence[str]) -> None:
         if not DOMAIN.match(domain):
@@ -185,8 +207,9 @@ class Consoles:
         try:
             pty = await Pty.spawn(self._argv(session.domain))
         except OSError as exc:
-            await websocket.send_json({"error": ConsoleRefused(
-                "console_failed", f"cannot run xl console: {exc}").to_json()})
+            with contextlib.suppress(ConnectionError):
+                await websocket.send_json({"error": ConsoleRefused(
+                    "console_failed", f"cannot run xl console: {exc}").to_json()})
             await websocket.close()
             return
         log.info("console of %s attached by %s", session.domain, session.who)
@@ -194,27 +217,34 @@ class Consoles:
         try:
             await websocket.send_json({"attached": {"domain": session.domain}})
             output = asyncio.create_task(self._output(pty, websocket))
+            typing = asyncio.create_task(self._input(pty, websocket))
             try:
-                async for message in websocket:
-                    if message.type == WSMsgType.BINARY:
-                        data = bytes(message.data).replace(bytes([ESCAPE]), b"")
-                        if data:
-                            await pty.write(data)
-                    elif message.type == WSMsgType.ERROR:
-                        reason = f"websocket error: {websocket.exception()}"
-                        break
-                    if output.done():
-                        break
+                await asyncio.wait({output, typing}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                output.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    ended = await output
-                    if ended:
-                        reason = ended
+                for task in (output, typing):
+                    task.cancel()
+                for task in (output, typing):
+                    with contextlib.suppress(asyncio.CancelledError, ConnectionError, OSError):
+                        reason = await task or reason
+        except (ConnectionError, asyncio.CancelledError) as exc:
+            reason = "taken over" if isinstance(exc, asyncio.CancelledError) else str(exc)
+            if isinstance(exc, asyncio.CancelledError):
+                raise
         finally:
             await pty.close()
             log.info("console of %s detached (%s)", session.domain, reason)
             await websocket.close()
+
+    @staticmethod
+    async def _input(pty: Pty, websocket: web.WebSocketResponse) -> str:
+        async for message in websocket:
+            if message.type == WSMsgType.BINARY:
+                data = bytes(message.data).replace(bytes([ESCAPE]), b"")
+                if data:
+                    await pty.write(data)
+            elif message.type == WSMsgType.ERROR:
+                return f"websocket error: {websocket.exception()}"
+        return "the client detached"
 
     @staticmethod
     async def _output(pty: Pty, websocket: web.WebSocketResponse) -> str:

@@ -211,18 +211,22 @@ async def test_the_server_talks_only_to_the_agent_whose_certificate_names_the_do
         await agent.close()
 
 
-async def test_the_agent_opens_a_console_for_admins_only(tmp_path, registry, pki):
+async def test_the_agent_opens_a_console_for_the_config_server_only(tmp_path, registry, pki):
+    """A person's admin certificate goes through the server, which checks revocation and
+    ownership; the agent itself takes only the server's own certificate (or its token)."""
     server, agent = await serve(tmp_path, registry, pki,
                                 Identity("node", DOM0, boot_id="boot-dom0-1"))
     url = f"https://127.0.0.1:{agent.port}/v1/console/nb-web"
     try:
-        for identity in (Identity("node", "52:54:00:00:d0:02", boot_id="b2"), TENANT, None):
+        for identity in (Identity("node", "52:54:00:00:d0:02", boot_id="b2"), TENANT, None,
+                         ADMIN):
             connector = aiohttp.TCPConnector(ssl=_checking_nothing(pki, identity))
             async with aiohttp.ClientSession(connector=connector) as http:
                 with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
                     await http.ws_connect(url)
                 assert refused.value.status == 401, identity
-        connector = aiohttp.TCPConnector(ssl=_checking_nothing(pki, ADMIN))
+        connector = aiohttp.TCPConnector(ssl=_checking_nothing(
+            pki, Identity("admin", "configserver")))
         async with aiohttp.ClientSession(connector=connector) as http, \
                 http.ws_connect(url.replace("nb-web", "Domain-0")) as websocket:
             message = await websocket.receive_json(timeout=5)
