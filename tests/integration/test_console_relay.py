@@ -127,10 +127,10 @@ def registry(tmp_path):
     reg.close()
 
 
-async def serve(tmp_path, registry, pki, agent_identity: Identity):
+async def serve(tmp_path, registry, pki, agent_identity: Identity, program: str = GUEST):
     """The config server over HTTPS and dom0-1's agent API; returns (server, agent)."""
     agent_app = create_local_app(types.SimpleNamespace(token="t" * 32))
-    agent_app[CONSOLES] = Consoles(argv=lambda domain: ["sh", "-c", GUEST],
+    agent_app[CONSOLES] = Consoles(argv=lambda domain: ["sh", "-c", program],
                                    running=_running)
     agent = TestServer(agent_app)
     await agent.start_server(ssl=node_context(pki, agent_identity))
@@ -243,3 +243,28 @@ def _checking_nothing(pki, identity: Identity | None) -> ssl.SSLContext:
     context = pki.client_context(identity)
     context.check_hostname = False
     return context
+
+
+async def test_a_console_that_reads_nothing_is_taken_over_at_once(tmp_path, registry, pki):
+    """A guest that reads no input (a raw terminal nobody reads: the pty fills up) does not
+    keep its console from a --force attach."""
+    server, agent = await serve(tmp_path, registry, pki,
+                                Identity("node", DOM0, boot_id="boot-dom0-1"),
+                                program="stty raw -echo; printf 'web login: '; exec sleep 600")
+    try:
+        admin = client_for(server, pki, ADMIN)
+        stuck = Attached(admin, "web")
+        await asyncio.to_thread(stuck.screen.wait_for, b"web login: ")
+        stuck.type(b"x" * 65536)  # more than the pty takes: the agent's write waits
+        await asyncio.sleep(0.5)
+        began = time.monotonic()
+        second = Attached(admin, "web", force=True)
+        await asyncio.to_thread(second.screen.wait_for, b"web login: ")
+        assert time.monotonic() - began < 8  # TAKEOVER (5 s) at most, not forever
+        assert await asyncio.to_thread(stuck.wait) == 0
+        second.type(b"\x1d")
+        assert await asyncio.to_thread(second.wait) == 0
+        assert await ended(agent)
+    finally:
+        await server.close()
+        await agent.close()
