@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from nodeagent.errors import LioError, LvmError
@@ -27,6 +28,9 @@ from nodeagent.roles import lio, lvm
 log = logging.getLogger(__name__)
 
 DISK_RESCAN = 60.0
+# Legs zeroed or filled from an image at once; the others wait their turn ("queued"). Many
+# at once only share the disk and the network, and each copy holds a buffer and a thread.
+PREPARE_AT_ONCE = 2
 
 
 class StorageRole:
@@ -38,6 +42,7 @@ class StorageRole:
         self._zeroing: dict[str, asyncio.Task[None]] = {}  # zeroing or image copy, per leg
         self._steps: dict[str, str] = {}
         self._errors: dict[str, str] = {}
+        self._preparing = asyncio.Semaphore(PREPARE_AT_ONCE)
         self._unsettled = False
         self._ready: set[str] = set()  # legs found whole by the last pass
         self._disks: list[lvm.Disk] | None = None
@@ -166,12 +171,22 @@ class StorageRole:
                 step = "copying image"
             else:
                 job, step = lvm.zero(name), "zeroing"
-            self._zeroing[name] = asyncio.create_task(job, name=f"prepare-{name}")
-            self._steps[name] = step
+            self._zeroing[name] = asyncio.create_task(self._in_turn(name, job, step),
+                                                      name=f"prepare-{name}")
+            self._steps[name] = "queued"
             return {"state": "creating", "error": self._errors.get(name), "sessions": [],
-                    "step": step}
+                    "step": self._steps[name]}
         self._errors.pop(name, None)
         return {"state": "ready", "error": None, "sessions": []}
+
+    async def _in_turn(self, name: str, job: Coroutine[Any, Any, None], step: str) -> None:
+        """``job`` once fewer than PREPARE_AT_ONCE others run (``step`` says which it is)."""
+        try:
+            async with self._preparing:
+                self._steps[name] = step
+                await job
+        finally:
+            job.close()  # never started (cancelled while queued): no "never awaited" warning
 
     async def _remove_leg(self, removal: dict[str, Any],
                           volumes: dict[str, dict[str, Any]]) -> bool:

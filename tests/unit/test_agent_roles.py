@@ -235,6 +235,32 @@ async def test_a_new_leg_is_created_zeroed_then_exported(monkeypatch):
     assert fake.calls == []  # nor are the disks scanned again: the legs are whole
 
 
+async def test_at_most_two_legs_are_prepared_at_once_the_others_queued(monkeypatch):
+    fake = FakeStorage(monkeypatch)
+    release = asyncio.Event()
+    running: list[str] = []
+
+    async def zero(name):  # a slow zeroing, held until released
+        running.append(name)
+        await release.wait()
+        fake.volumes[name]["tags"].append(lvm.READY_TAG)
+
+    monkeypatch.setattr(lvm, "zero", zero)
+    exports = [{**_export(), "volume": f"v{i}", "lv": f"nb-v{i}", "target": f"{TARGET}{i}"}
+               for i in range(4)]
+    role = storage.StorageRole()
+    report = await role.reconcile({"exports": exports})
+    await asyncio.sleep(0.05)
+    assert len(running) == storage.PREPARE_AT_ONCE == 2
+    report = await role.reconcile({"exports": exports})
+    steps = sorted(e.get("step") for e in report["exports"])
+    assert steps == ["queued", "queued", "zeroing", "zeroing"], report["exports"]
+    release.set()
+    report = await _settle(role, {"exports": exports})
+    assert [e["state"] for e in report["exports"]] == ["exported"] * 4
+    assert sorted(running) == [f"nb-v{i}" for i in range(4)]
+
+
 async def test_revoked_access_is_applied_before_the_disk_scans(monkeypatch):
     fake = FakeStorage(monkeypatch, volumes={f"nb-{VID}": {
         "size": 260 << 20, "tags": ["netboot", lvm.READY_TAG], "active": True}},
