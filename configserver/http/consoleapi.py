@@ -2,7 +2,8 @@
 
 A websocket from the client (``configserver instance console``) is relayed to the agent of
 the dom0 that holds the instance's claim now (``/v1/console/<domain>`` on its HTTPS API, with
-the server's own admin client certificate; the agent's certificate must name that node). The
+the server's own admin client certificate; the agent's certificate must name that node in
+the boot the registry knows as its current agent session). The
 frames pass unchanged both ways: binary frames carry the console's bytes, text frames JSON
 control messages (``attached``, ``detached``, ``error``). Errors found here, before any agent
 is called, are such an ``error`` frame too, so the client reads every failure the same way.
@@ -30,7 +31,7 @@ from configserver.http.appkeys import AUTHORITY, CONFIG, REGISTRY
 from configserver.http.auth import IDENTITY
 from configserver.http.instancesapi import find_instance
 from configserver.model import Node
-from configserver.pki.identity import URN_PREFIX
+from configserver.pki.identity import Identity
 from configserver.pki.tls import agent_client_context, ensure_agent_client_certificate
 
 log = logging.getLogger(__name__)
@@ -95,12 +96,12 @@ def agent_console_url(instance: Instance, node: Node | None, *, force: bool,
                                                                        else "")
 
 
-def _peer_is(websocket: aiohttp.ClientWebSocketResponse, node: Node) -> bool:
-    """Whether the agent's certificate names ``node`` (its MAC), whichever boot."""
+def _peer_is(websocket: aiohttp.ClientWebSocketResponse, node: Node, boot_id: str) -> bool:
+    """Whether the agent's certificate names ``node`` (its MAC) in its current boot."""
     ssl_object = websocket.get_extra_info("ssl_object")
     peer = ssl_object.getpeercert() if ssl_object is not None else None
-    wanted = f"{URN_PREFIX}node:{node.mac.replace(':', '%3A')}:"
-    return any(kind == "URI" and isinstance(value, str) and value.startswith(wanted)
+    wanted = Identity("node", node.mac, boot_id=boot_id).uri()
+    return any(kind == "URI" and value == wanted
                for kind, value in (peer or {}).get("subjectAltName", ()))
 
 
@@ -128,6 +129,9 @@ async def _relay(request: web.Request, client: web.WebSocketResponse, instance: 
     url = agent_console_url(instance, node, force=force, who=who)
     assert node is not None
     where = node.hostname or node.mac
+    session = await asyncio.to_thread(app[REGISTRY].agent_session, node.mac)
+    if session is None:
+        raise ServerUnavailable(f"{where} has no agent session", hint="is its agent running?")
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=CONNECT_TIMEOUT)
     try:
         context = await app[DIALER].context(app)
@@ -136,8 +140,8 @@ async def _relay(request: web.Request, client: web.WebSocketResponse, instance: 
                 agent = await http.ws_connect(url, ssl=context, heartbeat=HEARTBEAT,
                                               max_msg_size=MAX_FRAME)
             async with agent:
-                await _relay_to(agent, client, node, url, what=f"{instance.name} on {where}",
-                                who=who)
+                await _relay_to(agent, client, node, url, session.boot_id,
+                                what=f"{instance.name} on {where}", who=who)
     except aiohttp.WSServerHandshakeError as exc:
         raise ServerUnavailable(f"the agent of {where} refused the console: {exc.status} "
                                 f"{exc.message}") from None
@@ -147,10 +151,11 @@ async def _relay(request: web.Request, client: web.WebSocketResponse, instance: 
 
 
 async def _relay_to(agent: aiohttp.ClientWebSocketResponse, client: web.WebSocketResponse,
-                    node: Node, url: str, *, what: str, who: str) -> None:
-    if not _peer_is(agent, node):
-        raise ServerUnavailable(f"the agent at {url} is not {node.hostname or node.mac}'s",
-                                hint="its certificate names another node")
+                    node: Node, url: str, boot_id: str, *, what: str, who: str) -> None:
+    if not _peer_is(agent, node, boot_id):
+        raise ServerUnavailable(f"the agent at {url} is not {node.hostname or node.mac}'s "
+                                f"(boot {boot_id})",
+                                hint="its certificate names another node or an earlier boot")
     log.info("console of %s opened by %s", what, who)
     await _pipe(client, agent)
     log.info("console of %s closed by %s", what, who)

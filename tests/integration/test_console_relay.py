@@ -196,10 +196,13 @@ async def test_the_console_through_the_server_shows_the_login_and_ctrl_bracket_d
         await agent.close()
 
 
+@pytest.mark.parametrize("identity", [
+    Identity("node", "52:54:00:00:d0:99", boot_id="boot-dom0-1"),  # another node
+    Identity("node", DOM0, boot_id="an-earlier-boot"),  # dom0-1, but not its current boot
+])
 async def test_the_server_talks_only_to_the_agent_whose_certificate_names_the_dom0(
-        tmp_path, registry, pki):
-    server, agent = await serve(tmp_path, registry, pki,
-                                Identity("node", "52:54:00:00:d0:99", boot_id="b"))
+        tmp_path, registry, pki, identity):
+    server, agent = await serve(tmp_path, registry, pki, identity)
     try:
         refused = await asyncio.to_thread(
             Attached(client_for(server, pki, ADMIN), "web").wait)
