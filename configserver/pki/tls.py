@@ -43,6 +43,32 @@ def _current_names(certificate: x509.Certificate) -> set[str]:
     return {str(n.value) for n in sans.value}
 
 
+def _current(authority: CertificateAuthority, cert_path: Path, key_path: Path,
+             lifetime: datetime.timedelta) -> x509.Certificate | None:
+    """The certificate at ``cert_path`` if it is ours, has its key, and a third of
+    ``lifetime`` or more left; else None (to be issued again)."""
+    try:
+        current = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        return None
+    fresh = (current.not_valid_after_utc.timestamp() - authority.now()
+             > lifetime.total_seconds() / 3)
+    ours = current.issuer == authority.certificate.subject and key_path.exists()
+    return current if fresh and ours else None
+
+
+def _store(key: ec.EllipticCurvePrivateKey, key_path: Path, cert_path: Path, pem: bytes, *,
+           mode: int, what: str) -> None:
+    try:
+        cert_path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_private(key_path, key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption()))
+        write_private(cert_path, pem, mode)
+    except OSError as exc:
+        raise StoreError(f"cannot write {what} in {cert_path.parent}: {exc}") from None
+
+
 def ensure_server_certificate(authority: CertificateAuthority, directory: Path,
                               names: Sequence[str],
                               lifetime: datetime.timedelta = SERVER_LIFETIME,
@@ -50,24 +76,13 @@ def ensure_server_certificate(authority: CertificateAuthority, directory: Path,
     """``(server.pem, server.key)`` in ``directory``, issued again if stale; returns paths."""
     cert_path, key_path = directory / "server.pem", directory / "server.key"
     wanted = {str(n.value) for n in general_names(names)}
-    try:
-        current = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        fresh = (current.not_valid_after_utc.timestamp() - authority.now()
-                 > lifetime.total_seconds() / 3)
-        ours = current.issuer == authority.certificate.subject and key_path.exists()
-        if fresh and ours and _current_names(current) == wanted:
-            return cert_path, key_path
-    except (OSError, ValueError):
-        pass
+    current = _current(authority, cert_path, key_path, lifetime)
+    if current is not None and _current_names(current) == wanted:
+        return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     issued = authority.issue_server_certificate(key, list(names), lifetime)
-    try:
-        write_private(key_path, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        write_private(cert_path, issued.pem + authority.certificate_pem, 0o644)
-    except OSError as exc:
-        raise StoreError(f"cannot write the server certificate in {directory}: {exc}") from None
+    _store(key, key_path, cert_path, issued.pem + authority.certificate_pem, mode=0o644,
+           what="the server certificate")
     return cert_path, key_path
 
 
@@ -101,25 +116,12 @@ def ensure_agent_client_certificate(authority: CertificateAuthority, directory: 
                                     ) -> tuple[Path, Path]:
     """``(agent-client.pem, agent-client.key)`` in ``directory``, issued again if stale."""
     cert_path, key_path = directory / "agent-client.pem", directory / "agent-client.key"
-    try:
-        current = x509.load_pem_x509_certificate(cert_path.read_bytes())
-        fresh = (current.not_valid_after_utc.timestamp() - authority.now()
-                 > lifetime.total_seconds() / 3)
-        if fresh and current.issuer == authority.certificate.subject and key_path.exists():
-            return cert_path, key_path
-    except (OSError, ValueError):
-        pass
+    if _current(authority, cert_path, key_path, lifetime) is not None:
+        return cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     issued = authority.issue_client_certificate(key, AGENT_CLIENT, lifetime)
-    try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        write_private(key_path, key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
-        write_private(cert_path, issued.pem, 0o600)
-    except OSError as exc:
-        raise StoreError(f"cannot write the agents' client certificate in {directory}: "
-                         f"{exc}") from None
+    _store(key, key_path, cert_path, issued.pem, mode=0o600,
+           what="the agents' client certificate")
     return cert_path, key_path
 
 
