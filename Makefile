@@ -17,16 +17,36 @@ DEB_PACKAGES := \
 	dnsmasq-base isc-dhcp-client udhcpc kea-admin tftp-hpa atftp busybox \
 	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat nftables e2fsprogs openssh-client \
 	iputils-ping
-# Reference servers for the benchmarks only: installed by `make bench` with their services
-# kept from starting, so nothing ever listens on the host's interfaces.
+# Servers the tests run by hand inside namespaces (Prometheus scrapes the config server in
+# the netns tier): installed with their services kept from starting and disabled, so nothing
+# ever listens on the host's interfaces.
+SERVICE_PACKAGES := prometheus
+# Reference servers for the benchmarks only: installed by `make bench` the same way.
 BENCH_PACKAGES := kea-dhcp4-server tftpd-hpa
+SERVICE_UNITS := prometheus tftpd-hpa kea-dhcp4-server
+
+# $(call install_quiet,PACKAGES): apt-get install with every service kept from starting
+# (policy-rc.d), then disabled and stopped.
+define install_quiet
+	@set -e; guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
+		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
+		guard=1; fi; \
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+		$(1) || { [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit 1; }; \
+	[ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
+	for unit in $(SERVICE_UNITS); do \
+		systemctl disable --now $$unit >/dev/null 2>&1 || true; done
+endef
 
 
 .PHONY: all deps bench-deps venv test test-unit test-integration test-netns test-vm lint bench clean
 
 all: venv
 
-deps: $(STAMPS)/deps
+deps: $(STAMPS)/deps $(STAMPS)/service-deps
+$(STAMPS)/service-deps: Makefile | $(STAMPS)/deps
+	$(call install_quiet,$(SERVICE_PACKAGES))
+	@touch $@
 $(STAMPS)/deps: Makefile
 	@mkdir -p $(STAMPS)
 	@missing=$$(dpkg-query -W -f='$${Package} $${Status}\n' $(DEB_PACKAGES) 2>/dev/null \
@@ -75,14 +95,7 @@ test-vm: deps venv images
 bench-deps: $(STAMPS)/bench-deps
 $(STAMPS)/bench-deps: Makefile | deps
 	@mkdir -p $(STAMPS)
-	@set -e; guard=; if [ ! -e /usr/sbin/policy-rc.d ]; then \
-		printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d; \
-		guard=1; fi; \
-	DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
-		$(BENCH_PACKAGES) || { [ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; exit 1; }; \
-	[ -z "$$guard" ] || rm -f /usr/sbin/policy-rc.d; \
-	for unit in tftpd-hpa kea-dhcp4-server; do \
-		systemctl disable --now $$unit >/dev/null 2>&1 || true; done
+	$(call install_quiet,$(BENCH_PACKAGES))
 	@touch $@
 
 bench: bench-deps venv

@@ -21,7 +21,7 @@ from configserver import statedir
 from configserver.config import DhcpMode, ServerConfig, Subnet
 from configserver.errors import ConfigError, StoreError
 from configserver.http.app import create_app
-from configserver.http.appkeys import CATALOG
+from configserver.http.appkeys import CATALOG, METRICS
 from configserver.http.boot import IPXE_DIR, RESOLVE_MAC
 from configserver.http.leaseapi import DHCP
 from configserver.http.limits import runner_options
@@ -29,6 +29,7 @@ from configserver.listeners import https_listener, renew_server_certificate, uni
 from configserver.netif import interface_ipv4
 from configserver.pki import CertificateAuthority
 from configserver.registry.sqlite import SqliteRegistry
+from configserver.telemetry.collectors import DhcpCollector, TftpCollector
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
             stack.push_async_callback(dhcp.close)
             app[RESOLVE_MAC].leases = dhcp.mac_for_ip
             app[DHCP].service = dhcp
+            app[METRICS].add(DhcpCollector(lambda: app[DHCP].service))
             log.info("DHCP (%s) on %s", config.dhcp.mode, config.interface)
         if _tftp_on(config):
             from configserver.tftp.service import start_tftp
@@ -176,6 +178,7 @@ async def serve(config: ServerConfig, *, stop: asyncio.Event | None = None,
                                     record_event=registry.record_event,
                                     expect_event=expect_event)
             stack.push_async_callback(tftp.close)
+            app[METRICS].add(TftpCollector(tftp))
 
         endpoint = {"url": f"https://{_local(config.http.listen)}:{https.port}",
                     "socket": str(config.socket_path), "api_base": https.api_base,

@@ -4,7 +4,7 @@ FARM_DIR ?= build/farm
 FARM_ARGS ?=
 FARM := $(PY) -m configserver.farm --farm-dir $(FARM_DIR)
 
-.PHONY: farm farm-status farm-down farm-ssh bench-storm
+.PHONY: farm farm-status farm-down farm-ssh farm-console bench-storm
 
 farm: deps venv images
 	$(FARM) up $(FARM_ARGS)
@@ -20,6 +20,10 @@ NODE ?= dom0-1
 CMD ?=
 farm-ssh: venv
 	$(FARM) ssh $(NODE) $(if $(CMD),'$(CMD)')
+
+# make farm-console NODE=storage-1: the VM's serial console (Ctrl-] detaches; it runs on).
+farm-console: venv
+	$(FARM) console $(NODE)
 
 bench-storm: deps venv
 	bench/storm/run

@@ -1,13 +1,15 @@
-"""The agent's own API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``, and on a dom0
-``/v1/console/<domain>`` (a websocket: ``nodeagent.roles.console``).
+"""The agent's own API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``, ``/metrics`` (the
+Prometheus text format: ``nodeagent.metrics``), and on a dom0 ``/v1/console/<domain>`` (a
+websocket: ``nodeagent.roles.console``).
 
 Once the node holds its certificate the API speaks HTTPS only, with that certificate. A request
 is let in if it carries ``Authorization: Bearer <agent token>``, the token the config server
 issued for this boot (in ``state_dir/token.json``, readable by root only), or a client
-certificate of the config server's CA naming an admin or a node (another agent). Before the
-agent holds a token every request is refused. A guest's console is the config server's only
-(it relays it with its own admin certificate, after its own checks), or the local root's with
-the token.
+certificate of the config server's CA naming an admin or a node (another agent); ``/metrics``
+also for a monitor's certificate (a Prometheus server: ``configserver user add NAME
+--monitor``). Before the agent holds a token every request is refused. A guest's console is
+the config server's only (it relays it with its own admin certificate, after its own checks),
+or the local root's with the token.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from aiohttp import web
 from nodeagent import __version__
 from nodeagent.errors import AgentError, Unauthorized
 from nodeagent.identity import IDENTITY_URN, peer_identity
+from nodeagent.metrics import CONTENT_TYPE, AgentMetrics
 from nodeagent.roles.console import Consoles
 from nodeagent.session import AgentSession
 
@@ -28,10 +31,13 @@ log = logging.getLogger(__name__)
 
 SESSION = web.AppKey("session", AgentSession)
 CONSOLES = web.AppKey("consoles", Consoles)
+METRICS = web.AppKey("metrics", AgentMetrics)
 # The config server's own client certificate (configserver.pki.tls.AGENT_CLIENT).
 CONSOLE_RELAY = f"{IDENTITY_URN}admin:configserver"
 # Whose certificates may call this API: the operators, and other nodes' agents.
 ALLOWED_PEERS = (f"{IDENTITY_URN}admin:", f"{IDENTITY_URN}node:")
+# And who may read /metrics besides them: a Prometheus server's certificate.
+MONITORS = (*ALLOWED_PEERS, f"{IDENTITY_URN}monitor:")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -40,7 +46,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 async def auth_and_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         token = request.app[SESSION].token
-        if not (_by_token(request) or (token and _allowed_peer(request))):
+        peers = MONITORS if request.path == "/metrics" else ALLOWED_PEERS
+        if not (_by_token(request) or (token and _allowed_peer(request, peers))):
             raise Unauthorized("the agent token or an admin's or node's certificate is "
                                "required",
                                hint="Authorization: Bearer <token from token.json>")
@@ -66,9 +73,9 @@ def _peer(request: web.Request) -> str | None:
     return peer_identity(ssl_object.getpeercert() if ssl_object is not None else None)
 
 
-def _allowed_peer(request: web.Request) -> bool:
+def _allowed_peer(request: web.Request, peers: tuple[str, ...]) -> bool:
     identity = _peer(request)
-    return identity is not None and identity.startswith(ALLOWED_PEERS)
+    return identity is not None and identity.startswith(peers)
 
 
 async def status(request: web.Request) -> web.Response:
@@ -88,6 +95,11 @@ async def inventory(request: web.Request) -> web.Response:
 
 async def role(request: web.Request) -> web.Response:
     return web.json_response(await request.app[SESSION].role_facts(max_age=0))
+
+
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=request.app[METRICS].exposition(),
+                        headers={"Content-Type": CONTENT_TYPE})
 
 
 async def console(request: web.Request) -> web.StreamResponse:
@@ -111,8 +123,10 @@ def create_local_app(session: AgentSession) -> web.Application:
     app = web.Application(middlewares=[auth_and_errors], client_max_size=64 * 1024)
     app[SESSION] = session
     app[CONSOLES] = Consoles()
+    app[METRICS] = AgentMetrics(session)
     app.router.add_get("/v1/status", status)
     app.router.add_get("/v1/inventory", inventory)
     app.router.add_get("/v1/role", role)
     app.router.add_get("/v1/console/{domain}", console)
+    app.router.add_get("/metrics", metrics)
     return app

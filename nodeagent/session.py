@@ -84,6 +84,10 @@ class AgentStatus:
     last_heartbeat: float | None = None
     last_error: str | None = None
     started: float = field(default_factory=time.time)
+    # Seconds each accepted heartbeat's round trip took: in all, and the latest (metrics).
+    heartbeat_seconds: float = 0.0
+    last_heartbeat_seconds: float | None = None
+    heartbeat_failures: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"phase": self.phase, "node": self.node.to_json() if self.node else None,
@@ -461,12 +465,14 @@ class AgentSession:
                       "role": await self.role_facts()}
             try:
                 await self._renew_if_due(self.status.node.mac)
+                sent = time.monotonic()
                 answer = await self.client.heartbeat(self.status.node.mac, self.config.boot_id,
                                                      self._credential(), report)
             except TokenRejected:
                 raise
             except ServerError as exc:
                 self.status.last_error = exc.message
+                self.status.heartbeat_failures += 1
                 delay = min(backoff.next_delay(exc.retry_after), interval)
                 log.warning("%s: heartbeat failed: %s; retrying in %.1fs",
                             self.status.node.mac, exc.message, delay)
@@ -475,7 +481,10 @@ class AgentSession:
             if backoff.attempts:
                 log.info("%s: heartbeats accepted again", self.status.node.mac)
             backoff.reset()
+            took = time.monotonic() - sent
             self.status.heartbeats += 1
+            self.status.heartbeat_seconds += took
+            self.status.last_heartbeat_seconds = took
             self.status.last_heartbeat = time.time()
             self.status.last_error = None
             with contextlib.suppress(TypeError, ValueError):

@@ -26,6 +26,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     who = add.add_mutually_exclusive_group(required=True)
     who.add_argument("--admin", action="store_true", help="may do everything")
     who.add_argument("--tenant", help="sees and acts only on this tenant's objects")
+    who.add_argument("--monitor", action="store_true",
+                     help="reads metrics and scrape targets only (a Prometheus server)")
     add.add_argument("--out", type=Path, default=Path("."),
                      help="directory for the bundle (default: the current one)")
     add.add_argument("--days", type=int, default=90, help="lifetime (default 90)")
@@ -46,10 +48,14 @@ def _when(stamp: float | None) -> str:
 
 
 def _line(user: dict[str, Any]) -> str:
-    who = "admin" if user["kind"] == "admin" else f"tenant {user['tenant']}"
+    who = _who(user)
     state = f"revoked {_when(user['revoked'])}" if user["revoked"] else (
         f"valid until {_when(user['not_after'])}")
     return f"{user['name']:<20} {who:<24} {state:<28} serial {user['serial'] or '-'}"
+
+
+def _who(user: dict[str, Any]) -> str:
+    return f"tenant {user['tenant']}" if user["kind"] == "tenant" else str(user["kind"])
 
 
 def _print(args: argparse.Namespace, data: Any, text: str) -> int:
@@ -82,7 +88,8 @@ def _add(args: argparse.Namespace, client: ApiClient) -> int:
         if not passphrase:
             raise ConfigError(f"{args.p12_passphrase_file} is empty")
     key = new_key()
-    body: dict[str, Any] = {"name": args.name, "kind": "admin" if args.admin else "tenant",
+    kind = "admin" if args.admin else "monitor" if args.monitor else "tenant"
+    body: dict[str, Any] = {"name": args.name, "kind": kind,
                             "csr": csr_for(key, args.name).decode(), "days": args.days}
     if args.tenant:
         body["tenant"] = args.tenant
@@ -100,7 +107,7 @@ def _add(args: argparse.Namespace, client: ApiClient) -> int:
     data = {"user": answer["user"], "files": files,
             **({"p12_passphrase": passphrase} if generated else {})}
     user = answer["user"]
-    who = "admin" if user["kind"] == "admin" else f"tenant {user['tenant']}"
+    who = _who(user)
     lines = [f"issued {who} certificate for {user['name']} (serial {user['serial']}, "
              f"valid until {_when(user['not_after'])})",
              f"  {paths.key}  {paths.certificate}  {paths.ca}  {paths.p12}"]

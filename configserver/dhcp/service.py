@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 
 from configserver.config import DhcpMode, ServerConfig
 from configserver.dhcp import codec
@@ -61,6 +61,10 @@ class DhcpService:
         self.answered = 0
         self.unlisted_relay = 0  # relayed datagrams from a source not in ``dhcp.relays``
         self.pending_expired = 0
+        # Decoded requests by (message type, answer type or "none"), and every datagram not
+        # answered by why: what /metrics shows (configserver.telemetry.collectors).
+        self.packets: Counter[tuple[str, str]] = Counter()
+        self.drops: Counter[str] = Counter()
         self._relays = frozenset(config.dhcp.relays)
         self._expiry_task: asyncio.Task[None] | None = None
         self._sightings: OrderedDict[str, str] = OrderedDict()
@@ -108,31 +112,40 @@ class DhcpService:
             request = codec.decode(data)
         except MalformedPacket as exc:
             self.dropped += 1
+            self.drops["malformed"] += 1
             self.bad_input.warning("dropped malformed DHCP datagram from "
                                    "%s:%d: %s", source[0], source[1], exc.message)
             return None
         if request.giaddr != "0.0.0.0" and source[0] not in self._relays:
             # Anyone can set giaddr: only the relays we were told about may speak for a subnet.
             self.unlisted_relay += 1
+            self.drops["unlisted_relay"] += 1
             self.bad_input.warning("%s: dropped relayed DHCP datagram (giaddr %s) from %s, "
                                    "which is not in dhcp.relays (%d so far)", request.mac,
                                    request.giaddr, source[0], self.unlisted_relay)
             return None
+        asked = request.message_type.name.lower() if request.message_type else "bootp"
         try:
             reply = self.policy.answer(request, kind)
             if reply is None:
+                self.packets[asked, "none"] += 1
+                self.drops["ignored"] += 1
                 return None
             wire = codec.encode(reply.packet, max_size=codec.max_reply_size(request))
             to = destination(request, reply.packet, source, kind,
                              client_port=self.config.dhcp.client_port, relay_port=67)
         except Exception as exc:
             self.failed += 1
+            self.packets[asked, "none"] += 1
+            self.drops["error"] += 1
             self.bad_input.warning("%s: DHCP request not answered"
                                    " (%s: %s)", request.mac, type(exc).__name__, exc)
             return None
         if request.ciaddr != "0.0.0.0":
             self._sighted(request.ciaddr, request.mac)
         self.answered += 1
+        answer = reply.packet.message_type
+        self.packets[asked, answer.name.lower() if answer else "bootp"] += 1
         if endpoint is not None:
             if reply.durable:
                 self.leases.when_durable(lambda: endpoint.send(wire, to))

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from configserver.errors import NetbootError
 from configserver.farm import FarmError
+from configserver.farm.console import attach
 from configserver.farm.farm import Farm, FarmConfig, format_table, plan_nodes
 
 FIRMWARES = ("bios", "uefi", "uefi-pxe")
@@ -50,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     cpu = sub.add_parser("cpu", help="each VM's CPU use (share of a core) over some seconds")
     cpu.add_argument("--seconds", type=float, default=30.0)
     cpu.add_argument("--json", action="store_true")
+    con = sub.add_parser("console", help="attach to a VM's serial console (Ctrl-] detaches; "
+                                         "the VM runs on)")
+    con.add_argument("node", help="node name, e.g. dom0-1")
     ssh = sub.add_parser("ssh", help="ssh into a farm node as root (from the farm's namespace)")
     ssh.add_argument("node", help="node name, e.g. dom0-1")
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run there")
@@ -115,6 +119,8 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     if args.command == "power-on":
         return _show(farm.power_on(args.node, wait=not args.no_wait), args.json)
+    if args.command == "console":
+        return attach(farm.console_socket(args.node), args.node)
     if args.command == "ssh":
         argv = farm.ssh_command(args.node, args.remote)
         os.execvp(argv[0], argv)

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from configserver.farm import BootFailed, CommandFailed, FarmError, network, qemu
+from configserver.farm import BootFailed, CommandFailed, FarmError, console, network, qemu
 from configserver.farm.network import FarmNetwork, NetworkPlan
 from configserver.inventory import format_inventory
 
@@ -250,14 +250,19 @@ class Farm:
 
     def ssh_command(self, name: str, command: Sequence[str] = ()) -> list[str]:
         """``ssh`` into farm node ``name`` from inside the farm's namespace, as root."""
-        state = FarmState.load(self.dir)
-        if state is None:
-            raise FarmError(f"no farm is up in {self.dir}", hint="start one with 'up'")
-        node = next((n for n in state.nodes if n["name"] == name), None)
-        if node is None:
-            names = ", ".join(n["name"] for n in state.nodes) or "none"
-            raise FarmError(f"no farm node {name!r}", hint=f"nodes: {names}")
-        return self.ssh_to(node["ip"], command)
+        return self.ssh_to(self._node(self._loaded(), name)["ip"], command)
+
+    def console_socket(self, name: str) -> Path:
+        """The unix socket of ``name``'s serial console (``farm console``)."""
+        self._node(self._loaded(), name)
+        path = console.socket_for(self.dir / "vms" / name)
+        if path is None:
+            raise FarmError(f"{name} has no console socket: the farm directory's path is too "
+                            "long for one", hint="use a shorter --farm-dir; its serial log "
+                            f"is {self.dir / 'vms' / name / 'serial.log'}")
+        if not path.exists():
+            raise FarmError(f"{name} is not running", hint=f"farm power-on {name}")
+        return path
 
     def ssh_to(self, address: str, command: Sequence[str] = ()) -> list[str]:
         """``ssh`` as root, with the farm's key, to any address on the farm's network (an
@@ -278,7 +283,8 @@ class Farm:
             name=node.name, mac=node.mac, tap=tap, serial_log=vm_dir / "serial.log",
             memory_mb=node.memory_mb, firmware=firmware, xen=node.role == "dom0",
             disks=tuple(vm_dir / f"disk{d}.qcow2" for d in range(node.disks)),
-            vars_file=vm_dir / "OVMF_VARS.fd" if firmware is not qemu.Firmware.BIOS else None)
+            vars_file=vm_dir / "OVMF_VARS.fd" if firmware is not qemu.Firmware.BIOS else None,
+            console=console.socket_for(vm_dir))
         qemu.prepare(spec, self.config.disk_size)
         proc = qemu.start(spec, host, self.net.cmd(), vm_dir / "qemu.log")
         self.report(f"{node.name}: powered on ({node.mac}, {node.role}, {node.firmware})")

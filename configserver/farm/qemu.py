@@ -72,6 +72,8 @@ class VmSpec:
     xen: bool = False
     disks: tuple[Path, ...] = ()
     vars_file: Path | None = None
+    # The serial console's unix socket ('farm console'); the log gets everything either way.
+    console: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -138,7 +140,7 @@ def command_line(vm: VmSpec, host: HostQemu) -> list[str]:
     else:
         argv += ["-cpu", "max"]
     argv += ["-m", str(vm.memory_mb), "-smp", str(vm.cpus), "-display", "none", "-nodefaults",
-             "-monitor", "none", "-serial", f"file:{vm.serial_log}"]
+             "-monitor", "none", *serial_args(vm)]
     if vm.firmware is Firmware.BIOS:
         argv += ["-boot", "order=n"]
     else:
@@ -161,10 +163,25 @@ def command_line(vm: VmSpec, host: HostQemu) -> list[str]:
     return argv
 
 
+def serial_args(vm: VmSpec) -> list[str]:
+    """The serial port: a log file, and with ``console`` also a unix socket one client at a
+    time may attach to (QEMU's socket chardev, its ``logfile`` taking every byte the VM
+    writes, attached or not)."""
+    if vm.console is None:
+        return ["-serial", f"file:{vm.serial_log}"]
+    for path in (vm.console, vm.serial_log):
+        if "," in str(path):
+            raise FarmError(f"{vm.name}: QEMU options cannot name {path} (a comma)")
+    return ["-chardev", f"socket,id=serial0,path={vm.console},server=on,wait=off,"
+                        f"logfile={vm.serial_log}", "-serial", "chardev:serial0"]
+
+
 def prepare(vm: VmSpec, disk_size: str = "4G") -> None:
     """Create the VM's files: empty serial log, OVMF variables copy, qcow2 disks."""
     vm.serial_log.parent.mkdir(parents=True, exist_ok=True)
     vm.serial_log.write_bytes(b"")
+    if vm.console is not None:
+        vm.console.unlink(missing_ok=True)  # a stale one from a VM that was killed
     if vm.vars_file is not None and not vm.vars_file.exists():
         shutil.copyfile(OVMF_VARS, vm.vars_file)
     for disk in vm.disks:

@@ -45,7 +45,7 @@ from typing import Any
 from aiohttp import web
 
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
-from configserver.http import limits
+from configserver.http import limits, metricsapi
 from configserver.http.api import bearer_token
 from configserver.http.appkeys import AUTHORITY, CONFIG, REGISTRY, SECRET_KEY
 from configserver.http.auth import IDENTITY
@@ -362,6 +362,8 @@ async def heartbeat(request: web.Request) -> web.Response:
     status = {**status, "address": request.remote}  # where its API is (consoles)
     updated = await asyncio.to_thread(request.app[REGISTRY].record_heartbeat, node.mac,
                                       status)
+    if node.state != NodeState.READY and updated.state == NodeState.READY:
+        await metricsapi.observe_boot(request.app, node.mac)
     return web.json_response({"state": str(updated.state),
                               "heartbeat_interval": request.app[CONFIG].heartbeat_interval})
 

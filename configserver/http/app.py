@@ -20,6 +20,7 @@ from configserver.http import (
     instancesapi,
     leaseapi,
     limits,
+    metricsapi,
     usersapi,
     volumesapi,
     workapi,
@@ -80,8 +81,8 @@ def create_app(config: ServerConfig, registry: Registry, authority: CertificateA
     ``secret_key`` signs boot tickets; without one (tests) a random key lives as long as the
     application.
     """
-    app = web.Application(middlewares=[limits.body_deadline, error_middleware,
-                                       auth_middleware],
+    app = web.Application(middlewares=[limits.body_deadline, metricsapi.count_requests,
+                                       error_middleware, auth_middleware],
                           client_max_size=16 * 1024 * 1024)
     app[CONFIG] = config
     app[REGISTRY] = registry
@@ -91,6 +92,7 @@ def create_app(config: ServerConfig, registry: Registry, authority: CertificateA
     app[SECRET_KEY] = secret_key or secrets.token_bytes(32)
     app[CATALOG] = ImageCatalog(config.images_dir)
     app[CLOUD] = GenerationNotifier(registry.cloud_generation())
+    metricsapi.setup(app)
     leaseapi.setup_routes(app)  # before api's /nodes/{mac}
     usersapi.setup_routes(app)
     api.setup_routes(app)

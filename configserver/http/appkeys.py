@@ -9,6 +9,7 @@ from configserver.config import ServerConfig
 from configserver.images import ImageCatalog
 from configserver.pki import CertificateAuthority, Revocations
 from configserver.registry import Registry
+from configserver.telemetry.metrics import ServerMetrics
 
 CONFIG = web.AppKey("config", ServerConfig)
 REGISTRY = web.AppKey("registry", Registry)
@@ -22,3 +23,5 @@ API_BASE = web.AppKey("api_base", str)
 REVOCATIONS = web.AppKey("revocations", Revocations)
 # The cloud generation as this process last saw it; long polls of agents' work wait on it.
 CLOUD = web.AppKey("cloud", GenerationNotifier)
+# What GET /metrics shows (configserver.http.metricsapi).
+METRICS = web.AppKey("metrics", ServerMetrics)

@@ -8,11 +8,12 @@ Who is calling follows from how the request arrived, nothing else:
 * otherwise nobody.
 
 What each identity may do (``required_access``): admins everything; tenants only their own
-objects (volumes, instances: the handlers show a tenant only its own) and ``whoami``; nodes
-only the agent endpoints, whose handlers check which node; nobody only the health check, the
-CRL and the agent endpoints (lookup and enroll come before a node has a certificate;
-heartbeat and inventory still take the agent token). Plain HTTP serves what firmware
-fetches and refuses the API, pointing to HTTPS.
+objects (volumes, instances: the handlers show a tenant only its own) and ``whoami``; monitors
+(a Prometheus server) only ``/metrics`` and the scrape targets; nodes only the agent
+endpoints, whose handlers check which node; nobody only the health check, the CRL and the
+agent endpoints (lookup and enroll come before a node has a certificate; heartbeat and
+inventory still take the agent token). Plain HTTP serves what firmware fetches and refuses
+the API, pointing to HTTPS.
 """
 
 from __future__ import annotations
@@ -48,6 +49,7 @@ class Access(enum.Enum):
     AGENT = "nodes (the handler checks which)"
     ADMIN = "admins"
     OWNER = "admins and tenants (the handler shows a tenant only its own objects)"
+    MONITOR = "admins and monitors"
 
 
 _PUBLIC = {("GET", "/api/v1/health"), ("GET", "/api/v1/crl"),
@@ -64,6 +66,9 @@ _OWNER = {("GET", "/api/v1/volumes"), ("POST", "/api/v1/volumes"),
           ("POST", "/api/v1/instances/{name}/reboot"), ("GET", "/api/v1/instances/{name}/usage"),
           ("PATCH", "/api/v1/instances/{name}"), ("GET", "/api/v1/instances/{name}/console")}
 _AUTHENTICATED = {("GET", "/api/v1/whoami")}
+_MONITOR = {("GET", "/metrics"), ("GET", "/api/v1/prometheus/targets")}
+# Outside /api/, what needs an identity all the same (the rest there is what firmware fetches).
+GUARDED = frozenset({"/metrics"})
 
 
 def required_access(method: str, path: str) -> Access:
@@ -77,6 +82,8 @@ def required_access(method: str, path: str) -> Access:
         return Access.AUTHENTICATED
     if key in _OWNER:
         return Access.OWNER
+    if key in _MONITOR:
+        return Access.MONITOR
     return Access.ADMIN
 
 
@@ -121,7 +128,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         identity = None
     if identity is not None:
         request[IDENTITY] = identity
-    if not request.path.startswith("/api/"):
+    if not request.path.startswith("/api/") and request.path not in GUARDED:
         return await handler(request)  # what firmware fetches: public, on every listener
     route = request.match_info.route.resource
     path = route.canonical if route is not None else request.path
@@ -143,6 +150,10 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if access == Access.OWNER and identity.kind not in ("admin", "tenant"):
         raise Forbidden(f"{identity.kind} {identity.name!r} may not {request.method} "
                         f"{request.path}", hint="this needs an admin or tenant certificate")
+    if access == Access.MONITOR and identity.kind not in ("admin", "monitor"):
+        raise Forbidden(f"{identity.kind} {identity.name!r} may not {request.method} "
+                        f"{request.path}", hint="this needs an admin or monitor certificate "
+                                                "(configserver user add NAME --monitor)")
     if access == Access.ADMIN and not identity.is_admin:
         raise Forbidden(f"{identity.kind} {identity.name!r} may not {request.method} "
                         f"{request.path}", hint="this needs an admin certificate")

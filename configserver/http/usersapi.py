@@ -65,15 +65,15 @@ async def show_user(request: web.Request) -> web.Response:
 
 def _identity(data: dict[str, Any]) -> Identity:
     kind, name, tenant = data.get("kind"), data.get("name"), data.get("tenant")
-    if kind not in ("admin", "tenant"):
-        raise InvalidRequest("kind must be 'admin' or 'tenant'")
+    if kind not in ("admin", "tenant", "monitor"):
+        raise InvalidRequest("kind must be 'admin', 'tenant' or 'monitor'")
     if not isinstance(name, str) or (tenant is not None and not isinstance(tenant, str)):
         raise InvalidRequest("'name' (and 'tenant') must be strings")
     return Identity(kind, name, tenant=tenant if kind == "tenant" else None)
 
 
 async def add_user(request: web.Request) -> web.Response:
-    """``{"name", "kind": "admin"|"tenant", "tenant"?, "csr": PEM, "days"?}`` -> 201."""
+    """``{"name", "kind": "admin"|"tenant"|"monitor", "tenant"?, "csr": PEM, "days"?}`` -> 201."""
     data = await request.json()
     if not isinstance(data, dict):
         raise InvalidRequest("request body must be a JSON object")

@@ -16,14 +16,15 @@ from cryptography.x509.oid import NameOID
 
 from configserver.errors import InvalidRequest, Unauthorized
 
-KINDS = ("admin", "tenant", "node")
+KINDS = ("admin", "tenant", "node", "monitor")
 URN_PREFIX = "urn:netboot:"
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 
 
 @dataclass(frozen=True)
 class Identity:
-    """An admin, a tenant's user, or one boot of one node (``name`` is then its MAC)."""
+    """An admin, a tenant's user, a monitor (a Prometheus server: it reads metrics and scrape
+    targets, nothing else), or one boot of one node (``name`` is then its MAC)."""
 
     kind: str
     name: str
@@ -83,8 +84,8 @@ def identity_of(certificate: x509.Certificate) -> Identity:
             return Identity("tenant", parts[1], tenant=parts[2])
         if parts[0] == "node" and len(parts) == 3:
             return Identity("node", parts[1], boot_id=parts[2])
-        if parts[0] == "admin" and len(parts) == 2:
-            return Identity("admin", parts[1])
+        if parts[0] in ("admin", "monitor") and len(parts) == 2:
+            return Identity(parts[0], parts[1])
     except InvalidRequest:
         pass
     raise refused

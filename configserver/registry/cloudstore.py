@@ -96,6 +96,9 @@ class CloudStore:
     def instance(self, name: str) -> Instance | None:
         return cloud_instances.by_name(self._db(), name)
 
+    def instance_counts(self) -> list[tuple[str, str, str | None, int, int]]:
+        return cloud_instances.counts(self._db())
+
     def instance_events(self, instance_id: str, limit: int = 500) -> list[dict[str, Any]]:
         return cloud_instances.events(self._db(), instance_id, limit)
 

@@ -69,6 +69,13 @@ def load_all(db: sqlite3.Connection) -> list[Instance]:
             for row in db.execute("SELECT * FROM instances ORDER BY name")]
 
 
+def counts(db: sqlite3.Connection) -> list[tuple[str, str, str | None, int, int]]:
+    """``(desired, actual, claim node, instances, their memory in bytes)`` per group."""
+    return [(r[0], r[1], r[2], r[3], r[4]) for r in db.execute(
+        "SELECT desired, actual, claim_node, COUNT(*), SUM(memory) FROM instances "
+        "GROUP BY desired, actual, claim_node ORDER BY desired, actual, claim_node")]
+
+
 def by_name(db: sqlite3.Connection, name: str) -> Instance | None:
     row = db.execute("SELECT * FROM instances WHERE name=?", (name,)).fetchone()
     if row is None:

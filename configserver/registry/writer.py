@@ -31,6 +31,7 @@ import contextlib
 import logging
 import sqlite3
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -77,6 +78,9 @@ class RegistryWriter:
         self.lost = 0  # events and jobs whose commit failed
         self.written = 0  # events committed
         self.commits = 0  # batches committed
+        # (operation, seconds): "commit" for each batch, "write" for each ``run`` as its
+        # caller waited for it (metrics; called in the committing thread).
+        self.on_timing: Callable[[str, float], None] | None = None
         self._db = db
         self._name = name
         self._write_events = write_events
@@ -131,6 +135,7 @@ class RegistryWriter:
         ``asyncio.to_thread``.
         """
         outcome: concurrent.futures.Future[T] = concurrent.futures.Future()
+        started = time.perf_counter()
         with self._commit_lock:
             with self._queue_lock:
                 if self._closed:
@@ -139,6 +144,8 @@ class RegistryWriter:
                 batch = self._take()
                 batch.append(Job(self._seq, fn, outcome))
             self._commit(batch)
+        if self.on_timing is not None:
+            self.on_timing("write", time.perf_counter() - started)
         return outcome.result()
 
     def flush(self) -> None:
@@ -246,6 +253,7 @@ class RegistryWriter:
         outcomes: list[tuple[Job, bool, Any]] = []
         events: list[Event] = []
         written = 0
+        started = time.perf_counter()
         try:
             db.execute("BEGIN IMMEDIATE")
             try:
@@ -278,6 +286,8 @@ class RegistryWriter:
             return
         self.written += written
         self.commits += 1
+        if self.on_timing is not None:
+            self.on_timing("commit", time.perf_counter() - started)
         last = 0
         for job, ok, value in outcomes:
             last = job.seq

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -277,6 +278,9 @@ class TftpService:
         self.bad_packets = RateLimitedLog(log)
         self.completed = 0
         self.failed = 0
+        self.bytes_sent = 0  # acknowledged by the clients, transfers ended
+        self.retransmissions = 0
+        self.refused: Counter[int] = Counter()  # requests answered with an ERROR, by code
         self._resolve_mac = resolve_mac
         self._record_event = record_event
         self.expect_event = expect_event if config.busy_poll > 0 else None
@@ -445,6 +449,8 @@ class TftpService:
         active.close()
         self.files.release(active.shared)
         transfer = active.transfer
+        self.bytes_sent += transfer.bytes_acknowledged
+        self.retransmissions += transfer.retransmissions
         seconds = round((transfer.finished or self.loop.time()) - transfer.started, 3)
         details = {"file": active.filename, "bytes": transfer.bytes_acknowledged,
                    "seconds": seconds, "client": active.client[0]}
@@ -463,6 +469,7 @@ class TftpService:
     # -- helpers ---------------------------------------------------------------------------
 
     def _refuse(self, client: Address, code: int, message: str) -> None:
+        self.refused[int(code)] += 1
         if self.listener is not None:
             self.listener.send(Error(code, message).encode(), client)
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import netlab
 import pytest
 from netlab import namespaces, veth_pair
+from prometheus_client.parser import text_string_to_metric_families
 
 pytestmark = pytest.mark.netns
 
@@ -55,6 +56,16 @@ def test_serve_answers_tftp_with_the_ipxe_binaries(pair, tmp_path, name):
         refused = client_ns.run("tftp", "-m", "binary", SERVER_IP, "-c", "put",
                                 str(target), name, check=False)
         assert "Error code 2" in refused.stdout + refused.stderr
+        # /metrics (the local admin's socket) counts the transfer, its bytes and the refusal.
+        text = subprocess.run(["curl", "-sf", "--unix-socket", str(tmp_path / "state" /
+                                                                   "api.sock"),
+                               "http://local/metrics"], check=True, capture_output=True,
+                              text=True, timeout=30).stdout
+        samples = {(s.name, tuple(s.labels.items())): s.value
+                   for f in text_string_to_metric_families(text) for s in f.samples}
+        assert samples["netboot_tftp_transfers_total", (("result", "complete"),)] == 1
+        assert samples["netboot_tftp_bytes_total", ()] == (IPXE_DIR / name).stat().st_size
+        assert samples["netboot_tftp_errors_total", (("code", "access_violation"),)] == 1
     finally:
         netlab.stop(proc, 15)
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()

@@ -12,6 +12,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 from pkitest import ADMIN, TENANT
+from prometheus_client.parser import text_string_to_metric_families
 
 from configserver.config import HttpConfig, ServerConfig
 from configserver.http.app import create_app
@@ -129,3 +130,34 @@ async def test_the_agents_own_api_is_https_for_admins_and_nodes_only(
                 await http.get(f"http://127.0.0.1:{local.port}/v1/status")
     finally:
         await local.close()
+
+
+async def test_the_agents_metrics_are_for_monitors_too_and_show_its_heartbeats(
+        server, tmp_path, pki):
+    session = await run_agent(server, tmp_path / "run", pki.authority.fingerprint,
+                              lambda s: s.status.heartbeats >= 2)
+    local = TestServer(create_local_app(session))
+    await local.start_server(ssl=session.api_tls())
+    base = f"https://127.0.0.1:{local.port}"
+    monitor = Identity("monitor", "prometheus")
+    try:
+        connector = aiohttp.TCPConnector(ssl=pki.client_context(monitor))
+        async with aiohttp.ClientSession(connector=connector) as http:
+            async with http.get(f"{base}/metrics") as resp:
+                assert resp.status == 200
+                text = await resp.text()
+            # A monitor reads metrics, nothing else of the agent.
+            async with http.get(f"{base}/v1/status") as resp:
+                assert resp.status == 401
+        for identity in (TENANT, None):
+            connector = aiohttp.TCPConnector(ssl=pki.client_context(identity))
+            async with aiohttp.ClientSession(connector=connector) as http, \
+                    http.get(f"{base}/metrics") as resp:
+                assert resp.status == 401, identity
+    finally:
+        await local.close()
+    found = {s.name: s for f in text_string_to_metric_families(text) for s in f.samples}
+    assert found["netboot_agent_heartbeats_total"].value >= 2
+    assert found["netboot_agent_heartbeat_seconds_total"].value > 0
+    assert found["netboot_agent_rss_bytes"].value > 10 * 1024 * 1024
+    assert found["netboot_agent_info"].labels["mac"] == MAC

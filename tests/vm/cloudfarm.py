@@ -225,36 +225,9 @@ class Instances:
         Enter every few seconds until ``until_seen`` shows, then Ctrl-]. Returns its exit
         status, what it showed and what it said."""
         farm = self.cloud.farm
-        argv = farm.net.cmd(farm.config.python, "-m", "configserver", "--state-dir",
-                            str(farm.state_dir), "instance", "console", name)
-        process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                   stderr=subprocess.PIPE)
-        shown = bytearray()
-
-        def read() -> None:
-            while chunk := process.stdout.read1(4096):  # type: ignore[union-attr]
-                shown.extend(chunk)
-
-        reader = threading.Thread(target=read, daemon=True)
-        reader.start()
-        deadline = time.monotonic() + timeout
-        try:
-            while until_seen not in shown and time.monotonic() < deadline \
-                    and process.poll() is None:
-                process.stdin.write(b"\r")  # type: ignore[union-attr]
-                process.stdin.flush()  # type: ignore[union-attr]
-                time.sleep(3)
-            if process.poll() is None:
-                process.stdin.write(b"\x1d")  # type: ignore[union-attr]
-                process.stdin.flush()  # type: ignore[union-attr]
-            status = process.wait(timeout=20)
-        except (subprocess.TimeoutExpired, BrokenPipeError):
-            process.kill()
-            status = None
-        reader.join(5)
-        said = process.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
-        process.wait()
-        return status, bytes(shown), said
+        return drive_console(farm.net.cmd(farm.config.python, "-m", "configserver",
+                                          "--state-dir", str(farm.state_dir), "instance",
+                                          "console", name), until_seen, timeout)
 
     def ssh(self, address: str, command: str, timeout: float = 60) -> str:
         done = network.run(self.cloud.farm.ssh_to(address, [command]), timeout=timeout,
@@ -263,3 +236,71 @@ class Instances:
             pytest.fail(f"guest {address}: {command!r} failed ({done.returncode}): "
                         f"{done.stdout}{done.stderr}")
         return done.stdout
+
+
+def scrape(cloud: Cloud, node: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    """What a Prometheus server sees: the config server's scrape targets with a monitor's
+    certificate (made once per farm), then ``node``'s agent's /metrics at the target listed
+    for it, both fetched by curl in the farm's namespace."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    bundle = cloud.farm.dir / "monitor"
+    if not (bundle / f"{bundle.name}.pem").exists():
+        cloud.farm.cli("user", "add", bundle.name, "--monitor", "--out", str(bundle))
+    server = json.loads((cloud.farm.state_dir / "server.json").read_text())["url"]
+    tls = ["--cert", str(bundle / f"{bundle.name}.pem"), "--key",
+           str(bundle / f"{bundle.name}.key"), "--cacert", str(bundle / "ca.pem")]
+
+    def curl(url: str) -> str:
+        return network.run(cloud.farm.net.cmd("curl", "-sSf", "--max-time", "30", *tls, url),
+                           timeout=60).stdout
+
+    groups = json.loads(curl(f"{server}/api/v1/prometheus/targets"))
+    mac = cloud.nodes[node]["mac"]
+    [target] = [g["targets"][0] for g in groups if g["labels"].get("mac") == mac]
+    text = curl(f"https://{target}/metrics")
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def serial_console(cloud: Cloud, node: str, until_seen: bytes, timeout: float = 120
+                   ) -> tuple[int | None, bytes, str]:
+    """``farm console NODE`` as a user runs it, its input a pipe (``drive_console``)."""
+    import sys
+
+    return drive_console([sys.executable, "-m", "configserver.farm", "--farm-dir",
+                          str(cloud.farm.dir), "console", node], until_seen, timeout)
+
+
+def drive_console(argv: list[str], until_seen: bytes, timeout: float
+                  ) -> tuple[int | None, bytes, str]:
+    """Run a console command with pipes: Enter every few seconds until ``until_seen`` shows
+    (or ``timeout``), then Ctrl-]. Returns its exit status, what it showed and what it said."""
+    process = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE)
+    shown = bytearray()
+
+    def read() -> None:
+        while chunk := process.stdout.read1(4096):  # type: ignore[union-attr]
+            shown.extend(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    deadline = time.monotonic() + timeout
+    try:
+        while until_seen not in shown and time.monotonic() < deadline \
+                and process.poll() is None:
+            process.stdin.write(b"\r")  # type: ignore[union-attr]
+            process.stdin.flush()  # type: ignore[union-attr]
+            time.sleep(3)
+        if process.poll() is None:
+            process.stdin.write(b"\x1d")  # type: ignore[union-attr]
+            process.stdin.flush()  # type: ignore[union-attr]
+        status: int | None = process.wait(timeout=20)
+    except (subprocess.TimeoutExpired, BrokenPipeError):
+        process.kill()
+        status = None
+    reader.join(5)
+    said = process.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
+    process.wait()
+    return status, bytes(shown), said

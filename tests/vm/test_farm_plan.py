@@ -27,6 +27,22 @@ def test_bios_vm_uses_pc_machine_and_default_ipxe_rom():
     assert "file:/f/serial.log" in argv
 
 
+def test_a_console_socket_serves_the_serial_port_and_still_logs_it():
+    argv = qemu.command_line(_vm(console=Path("/f/console.sock")), TCG)
+    assert argv[argv.index("-chardev") + 1] == (
+        "socket,id=serial0,path=/f/console.sock,server=on,wait=off,logfile=/f/serial.log")
+    assert argv[argv.index("-serial") + 1] == "chardev:serial0"
+    with pytest.raises(FarmError, match="comma"):
+        qemu.command_line(_vm(console=Path("/f/a,b.sock")), TCG)
+
+
+def test_a_farm_directory_too_long_for_a_socket_gets_no_console():
+    from configserver.farm.console import socket_for
+
+    assert socket_for(Path("/work/farm/vms/dom0-1")) == Path("/work/farm/vms/dom0-1/console.sock")
+    assert socket_for(Path("/" + "x" * 90) / "vms" / "dom0-1") is None
+
+
 def test_xen_node_under_tcg_gets_svm_cpu():
     argv = qemu.command_line(_vm(xen=True), TCG)
     assert argv[argv.index("-cpu") + 1] == "qemu64,+svm"

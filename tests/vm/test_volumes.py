@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudfarm import SETTLE, WRITER, Cloud, Instances, boot_cloud
+from cloudfarm import SETTLE, WRITER, Cloud, Instances, boot_cloud, scrape, serial_console
 from test_farm import IMAGES
 
 from configserver.farm import network
@@ -270,6 +270,15 @@ def test_an_instance_boots_from_its_volume_and_answers_ping_and_ssh(cloud):
     assert b"web login:" in shown, (shown[-500:], said)
     assert status == 0 and "Ctrl-] detaches" in said, (status, said)
     assert guests.show("web")["actual"] == "running"  # detaching leaves it running
+    # Prometheus' view of dom0-1: its agent is a scrape target, and its /metrics shows the
+    # guest's CPU seconds and memory and the agent's own memory.
+    samples = scrape(cloud, "dom0-1")
+    web = {name: value for (name, labels), value in samples.items()
+           if ("guest", "web") in labels}
+    print("dom0-1 /metrics of web:", web)
+    assert web["netboot_guest_cpu_seconds_total"] > 0, samples
+    assert web["netboot_guest_memory_bytes"] >= 64 << 20, samples
+    assert samples["netboot_agent_rss_bytes", ()] > 10 << 20
 
 
 def probe(cloud: Cloud, ip: str, *probes: tuple[str, ...]) -> list[bool]:
@@ -463,3 +472,16 @@ def test_destroying_with_its_disk_leaves_nothing(cloud):
     while any(v["name"] == disk for v in cloud.cli("volume", "list")):
         assert time.monotonic() < deadline, "its volume was not deleted"
         time.sleep(3)
+
+
+def test_a_farm_vms_serial_console_attaches_and_detaches(cloud):
+    """``farm console``: the VM's getty answers through QEMU's socket while the serial log
+    keeps getting everything; Ctrl-] detaches and the VM runs on."""
+    log = cloud.farm.dir / "vms" / "storage-1" / "serial.log"
+    before = log.stat().st_size
+    status, shown, said = serial_console(cloud, "storage-1", b"login:")
+    assert b"storage-1 login:" in shown, (shown[-500:], said)
+    assert status == 0 and "Ctrl-] detaches" in said and "detached" in said, (status, said)
+    assert b"storage-1 login:" in log.read_bytes()[before:]
+    rows = {row["name"]: row for row in cloud.farm.status()}
+    assert rows["storage-1"]["vm"] == "running" and rows["storage-1"]["state"] == "ready", rows
