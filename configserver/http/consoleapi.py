@@ -70,6 +70,17 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get("/api/v1/instances/{name}/console", instance_console)
 
 
+def agent_api(node: Node) -> tuple[str, int] | None:
+    """Where ``node``'s agent serves its API to the config server: the address its heartbeat
+    came from and the HTTPS port it named (None: loopback only, or plain HTTP)."""
+    status = node.facts.get("status") or {}
+    port = (status.get("agent") or {}).get("api_port")
+    address = status.get("address")
+    if not isinstance(port, int) or not isinstance(address, str) or not address:
+        return None
+    return address, port
+
+
 def agent_console_url(instance: Instance, node: Node | None, *, force: bool,
                       who: str = "") -> str:
     """Where the console of ``instance`` is now: the claim holder's agent API."""
@@ -81,14 +92,13 @@ def agent_console_url(instance: Instance, node: Node | None, *, force: bool,
                        hint=f"start it: configserver instance start {instance.name}")
     if node is None:
         raise NotFound(f"the dom0 {instance.claim.node} of {instance.name} is not registered")
-    status = node.facts.get("status") or {}
-    port = (status.get("agent") or {}).get("api_port")
-    address = status.get("address")
-    if not isinstance(port, int) or not isinstance(address, str) or not address:
+    reachable = agent_api(node)
+    if reachable is None:
         raise ServerUnavailable(
             f"the agent of {node.hostname or node.mac} serves no API the config server can "
             "reach", hint="its API listens on loopback only or speaks plain HTTP; the agent "
                           "needs its certificate (netboot.ca=) and api_listen unset")
+    address, port = reachable
     host = f"[{address}]" if ":" in address else address
     query = urllib.parse.urlencode({**({"force": "1"} if force else {}),
                                     **({"for": who} if who else {})})

@@ -19,6 +19,7 @@ from typing import Any
 from aiohttp import web
 
 from configserver.http.appkeys import API_BASE, METRICS, REGISTRY
+from configserver.http.consoleapi import agent_api
 from configserver.model import Node, NodeState
 from configserver.telemetry.collectors import RegistryCollector
 from configserver.telemetry.metrics import CONTENT_TYPE, ServerMetrics
@@ -77,14 +78,8 @@ async def targets(request: web.Request) -> web.Response:
 
 def agent_target(node: Node) -> str | None:
     """``HOST:PORT`` of a ready node's agent API, if it serves one off loopback."""
-    if node.state != NodeState.READY:
-        return None
-    status = node.facts.get("status") or {}
-    port = (status.get("agent") or {}).get("api_port")
-    address = status.get("address")
-    if not isinstance(port, int) or not isinstance(address, str) or not address:
-        return None
-    return _hostport(address, port)
+    reachable = agent_api(node) if node.state == NodeState.READY else None
+    return _hostport(*reachable) if reachable is not None else None
 
 
 def _hostport(host: str, port: int) -> str:
