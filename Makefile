@@ -9,6 +9,7 @@ PYTEST := tools/pytest-tier $(PY)
 # The vm tier boots what `make images` built: an image missing then fails its tests.
 VM_PYTEST := NETBOOT_IMAGES_BUILT=1 $(PYTEST)
 STAMPS := build/.stamps
+UNIT := not integration and not netns and not vm and not browser
 
 # Debian packages for the servers' system tools, the test clients and the image builds.
 DEB_PACKAGES := \
@@ -16,7 +17,7 @@ DEB_PACKAGES := \
 	ipxe ovmf qemu-system-x86 qemu-utils \
 	dnsmasq-base isc-dhcp-client udhcpc kea-admin tftp-hpa atftp busybox \
 	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat nftables e2fsprogs openssh-client \
-	iputils-ping
+	iputils-ping chromium chromium-driver
 # Servers the tests run by hand inside namespaces (Prometheus scrapes the config server in
 # the netns tier): installed with their services kept from starting and disabled, so nothing
 # ever listens on the host's interfaces.
@@ -39,7 +40,8 @@ define install_quiet
 endef
 
 
-.PHONY: all deps bench-deps venv test test-unit test-integration test-netns test-vm lint bench clean
+.PHONY: all deps bench-deps venv test test-unit test-integration test-netns test-browser test-vm \
+	lint bench clean
 
 all: venv
 
@@ -77,18 +79,21 @@ lint: venv
 # The vm tier PXE-boots the real images, so they are built (or found up to date) first.
 test: deps venv images
 	@failed=; \
-	$(PYTEST) -m "not integration and not netns and not vm" tests || failed="$$failed unit"; \
+	$(PYTEST) -m "$(UNIT)" tests || failed="$$failed unit"; \
 	$(PYTEST) -m integration tests || failed="$$failed integration"; \
 	$(PYTEST) -m netns tests || failed="$$failed netns"; \
+	$(PYTEST) -m browser tests || failed="$$failed browser"; \
 	$(VM_PYTEST) -m vm tests || failed="$$failed vm"; \
 	if [ -n "$$failed" ]; then echo "make test: FAILED tiers:$$failed" >&2; exit 1; fi
 
 test-unit: venv
-	$(PYTEST) -m "not integration and not netns and not vm" tests
+	$(PYTEST) -m "$(UNIT)" tests
 test-integration: venv
 	$(PYTEST) -m integration tests
 test-netns: deps venv
 	$(PYTEST) -m netns tests
+test-browser: deps venv
+	$(PYTEST) -m browser tests
 test-vm: deps venv images
 	$(VM_PYTEST) -m vm tests
 

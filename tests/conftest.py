@@ -1,4 +1,5 @@
-"""Test tiers: unit (default), integration (loopback processes), netns (root), vm (QEMU).
+"""Test tiers: unit (default), integration (loopback processes), netns (root), vm (QEMU),
+browser (root: Chromium in a namespace).
 
 Unit tests may not start processes: an autouse fixture replaces the process-spawning calls
 with ones that fail the test.
@@ -27,7 +28,7 @@ settings.register_profile("fuzz", parent=settings.get_profile("dev"), max_exampl
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE")
                       or ("ci" if os.environ.get("CI") == "true" else "dev"))
 
-PROCESS_MARKERS = {"integration", "netns", "vm"}
+PROCESS_MARKERS = {"integration", "netns", "vm", "browser"}
 
 
 class SkipReport:
@@ -72,7 +73,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        needs_root = item.get_closest_marker("netns") or item.get_closest_marker("vm")
+        needs_root = any(item.get_closest_marker(m) for m in ("netns", "vm", "browser"))
         if needs_root and os.geteuid() != 0:
             item.add_marker(pytest.mark.skip(reason="needs root (network namespaces)"))
 
@@ -89,7 +90,7 @@ def _no_subprocess_in_unit_tests(request, monkeypatch):
         # Recorded as well as raised: code under test may catch the exception broadly.
         attempts.append(repr(args[:2])[:200])
         raise ProcessBanned("unit tests may not start processes; mark the test "
-                            "integration, netns or vm")
+                            "integration, netns, vm or browser")
 
     monkeypatch.setattr(subprocess.Popen, "__init__", banned)
     monkeypatch.setattr(asyncio, "create_subprocess_exec", banned)

@@ -122,7 +122,7 @@ def mutants(source: bytes) -> list[Mutant]:
 def run_tests(copy: Path, tests: list[str], timeout: float) -> str:
     env = {**os.environ, "PYTHONPATH": str(copy), "PYTHONDONTWRITEBYTECODE": "1"}
     command = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-               "-m", "not integration and not netns and not vm", *tests]
+               "-m", "not integration and not netns and not vm and not browser", *tests]
     try:
         done = subprocess.run(command, cwd=copy, env=env, capture_output=True,
                               timeout=timeout, check=False)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from configserver import __version__, eventloop
-from configserver.cli import drain, instances, users, volumes
+from configserver.cli import dashboard, drain, instances, users, volumes
 from configserver.config import DEFAULT_CONFIG_FILE, DEFAULT_STATE_DIR, ServerConfig, from_mapping
 from configserver.errors import ConfigError, NetbootError
 from configserver.eventloop import PollingSelector
@@ -139,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     users.add_parser(sub, common)
     volumes.add_parser(sub, common)
     instances.add_parser(sub, common)
+    dashboard.add_parser(sub, common)
     farm = sub.add_parser("farm", help="QEMU test farm (up, status, down)", add_help=False)
     farm.add_argument("farm_args", nargs=argparse.REMAINDER)
     return parser
@@ -438,4 +439,4 @@ def cmd_images(args: argparse.Namespace, client: ApiClient) -> int:
 COMMANDS = {"node": cmd_node, "lease": cmd_lease, "role": cmd_role, "apply": cmd_apply,
             "export": cmd_export, "settings": cmd_settings, "images": cmd_images,
             "user": users.cmd_user, "volume": volumes.cmd_volume,
-            "instance": instances.cmd_instance}
+            "instance": instances.cmd_instance, "dashboard": dashboard.cmd_dashboard}

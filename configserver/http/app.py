@@ -17,6 +17,7 @@ from configserver.http import (
     api,
     boot,
     consoleapi,
+    dashboard,
     instancesapi,
     leaseapi,
     limits,
@@ -102,4 +103,5 @@ def create_app(config: ServerConfig, registry: Registry, authority: CertificateA
     instancesapi.setup_routes(app)
     consoleapi.setup_routes(app)
     workapi.setup_routes(app)
+    dashboard.setup(app)
     return app

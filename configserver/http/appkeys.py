@@ -6,6 +6,7 @@ from aiohttp import web
 
 from configserver.cloud.notify import GenerationNotifier
 from configserver.config import ServerConfig
+from configserver.http.websession import WebSessions
 from configserver.images import ImageCatalog
 from configserver.pki import CertificateAuthority, Revocations
 from configserver.registry import Registry
@@ -25,3 +26,5 @@ REVOCATIONS = web.AppKey("revocations", Revocations)
 CLOUD = web.AppKey("cloud", GenerationNotifier)
 # What GET /metrics shows (configserver.http.metricsapi).
 METRICS = web.AppKey("metrics", ServerMetrics)
+# The dashboard's login links and browser sessions (configserver.http.websession).
+WEB_SESSIONS = web.AppKey("web_sessions", WebSessions)

@@ -5,6 +5,9 @@ Who is calling follows from how the request arrived, nothing else:
 * over TLS with a client certificate the TLS layer verified against our CA: the identity that
   certificate names (``identity_of``), unless it is revoked or expired;
 * over the unix socket in the state directory (mode 0600): the local admin;
+* over TLS without a certificate, with the dashboard's session cookie: the admin who opened
+  that session (``websession``); a request that changes something must then carry the
+  session's CSRF token in a header too, and a session ends with its minting certificate;
 * otherwise nobody.
 
 What each identity may do (``required_access``): admins everything; tenants only their own
@@ -21,19 +24,24 @@ from __future__ import annotations
 import enum
 import logging
 import socket
+import urllib.parse
 from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 from cryptography import x509
 
 from configserver.errors import Forbidden, HttpsRequired, Unauthorized
-from configserver.http.appkeys import API_BASE, CONFIG, REVOCATIONS
+from configserver.http.appkeys import API_BASE, CONFIG, REVOCATIONS, WEB_SESSIONS
+from configserver.http.websession import COOKIE, CSRF_HEADER, Session
 from configserver.pki.identity import Identity, identity_of
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 IDENTITY = web.RequestKey("identity", Identity)
+# Set when the identity came from the dashboard's session cookie.
+WEB_SESSION = web.RequestKey("web_session", Session)
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 LOCAL_ADMIN = Identity("admin", "local")
 
 
@@ -67,7 +75,8 @@ _OWNER = {("GET", "/api/v1/volumes"), ("POST", "/api/v1/volumes"),
           ("PATCH", "/api/v1/instances/{name}"), ("GET", "/api/v1/instances/{name}/console")}
 _AUTHENTICATED = {("GET", "/api/v1/whoami")}
 _MONITOR = {("GET", "/metrics"), ("GET", "/api/v1/prometheus/targets")}
-# Outside /api/, what needs an identity all the same (the rest there is what firmware fetches).
+# Outside /api/, what needs an identity all the same (the rest there is what firmware fetches,
+# and the dashboard's pages, whose handlers show their data to an admin only).
 GUARDED = frozenset({"/metrics"})
 
 
@@ -99,14 +108,19 @@ def channel_of(request: web.Request) -> Channel:
     return Channel.PLAIN
 
 
-def peer_identity(request: web.Request) -> Identity | None:
-    """The identity of the verified client certificate, or None without one."""
+def peer_certificate(request: web.Request) -> x509.Certificate | None:
+    """The client certificate the TLS layer verified, or None without one."""
     transport = request.transport
     ssl_object = transport.get_extra_info("ssl_object") if transport else None
     der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
-    if not der:
+    return x509.load_der_x509_certificate(der) if der else None
+
+
+def peer_identity(request: web.Request) -> Identity | None:
+    """The identity of the verified client certificate, or None without one."""
+    certificate = peer_certificate(request)
+    if certificate is None:
         return None
-    certificate = x509.load_der_x509_certificate(der)
     if certificate.serial_number in request.app[REVOCATIONS].serials:
         raise Unauthorized("this client certificate has been revoked",
                            hint="ask an admin for a new one (configserver user add)")
@@ -116,6 +130,27 @@ def peer_identity(request: web.Request) -> Identity | None:
     return identity_of(certificate)
 
 
+def cookie_identity(request: web.Request) -> Identity | None:
+    """The admin of the dashboard session the cookie names, or None (no or unknown cookie).
+
+    A request that changes something needs the session's CSRF token in ``X-CSRF-Token``."""
+    sessions = request.app[WEB_SESSIONS]
+    session = sessions.session(request.cookies.get(COOKIE))
+    if session is None:
+        return None
+    if session.serial is not None and session.serial in request.app[REVOCATIONS].serials:
+        sessions.end_revoked({session.serial})
+        return None
+    if request.method not in SAFE_METHODS and not session.csrf_matches(
+            request.headers.get(CSRF_HEADER)):
+        raise Forbidden("this request carries the dashboard's session cookie but not its "
+                        f"CSRF token ({CSRF_HEADER})",
+                        hint="send requests from the dashboard's page, or use a client "
+                             "certificate")
+    request[WEB_SESSION] = session
+    return session.identity
+
+
 @web.middleware
 async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Set ``request[IDENTITY]`` (or leave it unset), then allow or refuse the route."""
@@ -123,11 +158,18 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
     if channel == Channel.LOCAL:
         identity: Identity | None = LOCAL_ADMIN
     elif channel == Channel.TLS:
-        identity = peer_identity(request)
+        identity = peer_identity(request) or cookie_identity(request)
     else:
         identity = None
     if identity is not None:
         request[IDENTITY] = identity
+    origin = request.headers.get("Origin")
+    if (request.method not in SAFE_METHODS and origin is not None
+            and urllib.parse.urlsplit(origin).netloc != request.host):
+        # A browser says where a page came from: another site's page may not act here with
+        # this browser's certificate or cookie.
+        raise Forbidden(f"a request from another site ({origin[:100]}) was refused",
+                        hint="use the dashboard's own page, or a client without Origin")
     if not request.path.startswith("/api/") and request.path not in GUARDED:
         return await handler(request)  # what firmware fetches: public, on every listener
     route = request.match_info.route.resource

@@ -20,6 +20,7 @@ from configserver.registry import instances as cloud_instances
 from configserver.registry import volumes as cloud_volumes
 from configserver.registry.cache import ReadCache
 from configserver.registry.drain import settling
+from configserver.registry.overview import overview
 
 T = TypeVar("T")
 
@@ -98,6 +99,9 @@ class CloudStore:
 
     def instance_counts(self) -> list[tuple[str, str, str | None, int, int]]:
         return cloud_instances.counts(self._db())
+
+    def overview(self) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+        return overview(self._db())
 
     def instance_events(self, instance_id: str, limit: int = 500) -> list[dict[str, Any]]:
         return cloud_instances.events(self._db(), instance_id, limit)
