@@ -4,7 +4,7 @@ FARM_DIR ?= build/farm
 FARM_ARGS ?=
 FARM := $(PY) -m configserver.farm --farm-dir $(FARM_DIR)
 
-.PHONY: farm farm-status farm-down farm-ssh farm-console bench-storm
+.PHONY: farm farm-status farm-down farm-ssh farm-console farm-dashboard bench-storm
 
 farm: deps venv images
 	$(FARM) up $(FARM_ARGS)
@@ -27,3 +27,9 @@ farm-console: venv
 
 bench-storm: deps venv
 	bench/storm/run
+
+# make farm-dashboard [PORT=8443]: the farm server's dashboard at https://127.0.0.1:PORT/
+# (forwarded into the farm's namespace) and a single-use login link; Ctrl-C stops forwarding.
+PORT ?= 8443
+farm-dashboard: venv
+	$(FARM) dashboard --port $(PORT)

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 from configserver.errors import NetbootError
-from configserver.farm import FarmError
+from configserver.farm import FarmError, dashboard
 from configserver.farm.console import attach
 from configserver.farm.farm import Farm, FarmConfig, format_table, plan_nodes
 
@@ -57,6 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     ssh = sub.add_parser("ssh", help="ssh into a farm node as root (from the farm's namespace)")
     ssh.add_argument("node", help="node name, e.g. dom0-1")
     ssh.add_argument("remote", nargs=argparse.REMAINDER, help="command to run there")
+    dash = sub.add_parser("dashboard", help="forward the server's dashboard to "
+                                            "https://127.0.0.1:PORT and print a login link")
+    dash.add_argument("--port", type=int, default=8443, help="on this host's loopback")
     off = sub.add_parser("power-off", help="pull the plug on one VM (SIGKILL; disks stay)")
     off.add_argument("node")
     on = sub.add_parser("power-on", help="boot one VM again (same MAC, tap and disks)")
@@ -121,6 +124,8 @@ def _run(args: argparse.Namespace) -> int:
         return _show(farm.power_on(args.node, wait=not args.no_wait), args.json)
     if args.command == "console":
         return attach(farm.console_socket(args.node), args.node)
+    if args.command == "dashboard":
+        return dashboard.serve(farm, args.port)
     if args.command == "ssh":
         argv = farm.ssh_command(args.node, args.remote)
         os.execvp(argv[0], argv)

@@ -3,9 +3,12 @@ calls its tests make through the real CLI and ssh (``test_volumes.py``)."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import ssl
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -304,3 +307,25 @@ def drive_console(argv: list[str], until_seen: bytes, timeout: float
     said = process.stderr.read().decode(errors="replace")  # type: ignore[union-attr]
     process.wait()
     return status, bytes(shown), said
+
+
+@contextlib.contextmanager
+def farm_dashboard(cloud: Cloud, port: int) -> Iterator[tuple[str, ssl.SSLContext]]:
+    """``farm dashboard --port PORT`` running: (its login link, a TLS context trusting the
+    farm's CA); the forwarder stops after."""
+    forwarder = subprocess.Popen(
+        [sys.executable, "-m", "configserver.farm", "--farm-dir", str(cloud.farm.dir),
+         "dashboard", "--port", str(port)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert forwarder.stdout is not None
+        link = ""
+        while not link:
+            line = forwarder.stdout.readline()
+            assert line, f"farm dashboard exited ({forwarder.wait(5)})"
+            link = line.rsplit(" ", 1)[-1].strip() if "sign in" in line else ""
+        context = ssl.create_default_context(
+            cafile=str(cloud.farm.state_dir / "pki" / "ca.pem"))
+        yield link, context
+    finally:
+        forwarder.terminate()
+        forwarder.wait(10)

@@ -14,16 +14,27 @@ from __future__ import annotations
 
 import concurrent.futures
 import functools
+import http.client
 import json
 import re
 import shlex
 import time
+import urllib.parse
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from cloudfarm import SETTLE, WRITER, Cloud, Instances, boot_cloud, scrape, serial_console
+from cloudfarm import (
+    SETTLE,
+    WRITER,
+    Cloud,
+    Instances,
+    boot_cloud,
+    farm_dashboard,
+    scrape,
+    serial_console,
+)
 from test_farm import IMAGES
 
 from configserver.farm import network
@@ -485,3 +496,25 @@ def test_a_farm_vms_serial_console_attaches_and_detaches(cloud):
     assert b"storage-1 login:" in log.read_bytes()[before:]
     rows = {row["name"]: row for row in cloud.farm.status()}
     assert rows["storage-1"]["vm"] == "running" and rows["storage-1"]["state"] == "ready", rows
+
+
+def test_the_farms_dashboard_is_forwarded_to_this_host_and_shows_the_guest_map(cloud):
+    """``farm dashboard``: its login link, opened on this host's loopback, signs in; the
+    dashboard's picture shows the farm's nodes and the dom0s' memory as their agents report it
+    (``xl info``)."""
+    with farm_dashboard(cloud, 18943) as (link, tls):
+        url = urllib.parse.urlsplit(link)
+        assert (url.hostname, url.port) == ("127.0.0.1", 18943), link
+        https = http.client.HTTPSConnection("127.0.0.1", 18943, context=tls, timeout=30)
+        https.request("GET", f"{url.path}?{url.query}")
+        answer = https.getresponse()
+        answer.read()
+        assert answer.status == 303, answer.status
+        cookie = answer.getheader("Set-Cookie").split(";", 1)[0]
+        https.request("GET", "/api/v1/dashboard", headers={"Cookie": cookie})
+        picture = json.loads(https.getresponse().read())
+        https.close()
+    states = {n["hostname"]: n["state"] for n in picture["nodes"]}
+    assert states == dict.fromkeys(("dom0-1", "dom0-2", "storage-1", "storage-2"), "ready")
+    for dom0 in picture["dom0s"]:
+        assert 0 < dom0["free_memory"] <= dom0["total_memory"], dom0
