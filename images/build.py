@@ -12,6 +12,10 @@ root file system image ``rootfs.img`` (a raw ext4 file system, no partitions), a
 ``manifest.json`` (sizes, sha256, elements, packages, versions, build time), replacing the
 previous image only once the new one is complete.
 
+On a terminal it shows one line of progress (which of the elements' hooks runs, in which
+phase); elsewhere it stays quiet. diskimage-builder's whole output is in
+``build/images/<role>.log``; a failed build shows its last lines and where it stopped.
+
 Stdlib only: it runs before anything else is installed. Usage::
 
     .venv/bin/python images/build.py images/storage.toml
@@ -34,6 +38,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
+
+from dibrun import BuildFailed, run_dib  # images/dibrun.py, beside this file
 
 log = logging.getLogger("images.build")
 
@@ -247,7 +253,10 @@ def run_disk_image_create(recipe: Recipe, env: dict[str, str], prefix: Path,
     if recipe.packages:
         command += ["-p", ",".join(recipe.packages)]
     command += list(recipe.elements)
-    _run(command, f"building image {recipe.name}", env=env)
+    try:
+        run_dib(command, recipe.name, env, logfile)
+    except BuildFailed as exc:
+        raise BuildError(str(exc)) from exc
 
 
 def _read_table(path: Path) -> dict[str, str]:

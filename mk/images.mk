@@ -9,7 +9,7 @@ IMAGE_ROLES := dom0 storage guest
 IMAGES_DIR := build/images
 IMAGE_INPUTS := $(shell find elements nodeagent netbootmac systemd images/agent -type f \
 	! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
-	pyproject.toml images/build.py mk/images.mk
+	pyproject.toml images/build.py images/dibrun.py mk/images.mk
 
 .PHONY: images image-dom0 image-storage image-guest clean-images
 

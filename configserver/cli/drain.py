@@ -1,8 +1,8 @@
 """``configserver node drain|undrain NODE``: planned maintenance of a node.
 
 One API call each (``POST /api/v1/nodes/{node}/drain``); ``drain --wait`` then polls the node
-(``GET /api/v1/nodes/{mac}``) until no dom0 holds a leg of it any more. ``--json`` prints the
-node's JSON.
+(``GET /api/v1/nodes/{mac}``) until no dom0 holds a leg of it any more, showing how many on a
+terminal (``StatusLine``; quiet elsewhere). ``--json`` prints the node's JSON.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-from configserver.cli.format import printable
+from configserver.cli.format import StatusLine, printable
 from configserver.errors import WaitTimeout
 from configserver.http.client import ApiClient
 
@@ -64,7 +64,8 @@ def _print(args: argparse.Namespace, node: dict[str, Any], text: str) -> int:
 
 def cmd_drain(args: argparse.Namespace, client: ApiClient, *,
               clock: Callable[[], float] = time.monotonic,
-              sleep: Callable[[float], None] = time.sleep) -> int:
+              sleep: Callable[[float], None] = time.sleep,
+              status: StatusLine | None = None) -> int:
     if args.action == "undrain":
         node = client.post(_path(args.node, "/undrain"), {})
         label = node.get("hostname") or node["mac"]
@@ -72,14 +73,20 @@ def cmd_drain(args: argparse.Namespace, client: ApiClient, *,
                                   "only what changed)")
     node = client.post(_path(args.node, "/drain"), {})
     if args.wait is not None:
-        deadline = clock() + args.wait
-        while (node.get("drain") or {}).get("legs_held", 0) > 0:
-            if clock() >= deadline:
-                raise WaitTimeout(f"{drain_line(node)} after {args.wait:.0f}s",
-                                  hint="see 'configserver volume list'; a dom0 that does not "
-                                       "let go can have its volume detached")
-            sleep(min(POLL, max(0.0, deadline - clock())))
-            node = client.get(_path(node["mac"]))
+        status = status or StatusLine()
+        started = clock()
+        deadline = started + args.wait
+        try:
+            while (node.get("drain") or {}).get("legs_held", 0) > 0:
+                status.show(f"{drain_line(node)} ({clock() - started:.0f}s)")
+                if clock() >= deadline:
+                    raise WaitTimeout(f"{drain_line(node)} after {args.wait:.0f}s",
+                                      hint="see 'configserver volume list'; a dom0 that does "
+                                           "not let go can have its volume detached")
+                sleep(min(POLL, max(0.0, deadline - clock())))
+                node = client.get(_path(node["mac"]))
+        finally:
+            status.close()
     return _print(args, node, drain_line(node))
 
 

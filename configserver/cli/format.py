@@ -9,9 +9,10 @@ the window title or clear the screen.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TextIO
 
 
 def printable(text: object, *, newlines: bool = False) -> str:
@@ -182,3 +183,25 @@ def object_timeline(timeline: Sequence[dict[str, Any]]) -> list[str]:
         detail = ", ".join(f"{k}={v}" for k, v in event["detail"].items())
         lines.append(f"  {stamp}  {event['stage']:<18} {detail}".rstrip())
     return lines
+
+
+class StatusLine:
+    """One line of progress, rewritten in place on a terminal; nothing at all elsewhere (logs
+    and pipes get only the command's result)."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        self.terminal = self.stream.isatty()
+        self.shown = ""
+
+    def show(self, text: str) -> None:
+        if self.terminal and text != self.shown:
+            self.stream.write(f"\r\x1b[K{printable(text)}")
+            self.stream.flush()
+            self.shown = text
+
+    def close(self) -> None:
+        if self.terminal and self.shown:
+            self.stream.write("\r\x1b[K")
+            self.stream.flush()
+            self.shown = ""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 
 from hypothesis import given
@@ -84,3 +85,46 @@ def test_json_output_stays_exact_json():
     text = json.dumps(data, indent=2, sort_keys=True, ensure_ascii=True)
     _assert_escaped(text)
     assert json.loads(text) == data
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_drain_wait_shows_progress_on_a_terminal_only(capsys):
+    import argparse
+
+    from configserver.cli.drain import cmd_drain
+    from configserver.cli.format import StatusLine
+
+    class Client:
+        def __init__(self) -> None:
+            self.held = [2, 1, 0]
+
+        def node(self) -> dict:
+            return {"mac": "52:54:00:00:05:01", "hostname": "sn1",
+                    "drain": {"legs_held": self.held.pop(0)}}
+
+        def post(self, path, body):
+            return self.node()
+
+        def get(self, path):
+            return self.node()
+
+    now = [0.0]
+    args = argparse.Namespace(action="drain", node="sn1", wait=60.0)
+    for stream in (Terminal(), io.StringIO()):
+        def sleep(seconds: float) -> None:
+            now[0] += seconds
+        status = StatusLine(stream)
+        assert cmd_drain(args, Client(), clock=lambda: now[0], sleep=sleep,
+                         status=status) == 0
+        if isinstance(stream, Terminal):
+            shown = stream.getvalue()
+            assert "draining sn1: 2 legs still held by dom0s (0s)" in shown
+            assert "draining sn1: 1 leg still held by dom0s (1s)" in shown
+            assert shown.endswith("\r\x1b[K")  # the line is gone before the result
+        else:
+            assert stream.getvalue() == ""
+    assert capsys.readouterr().out.count("sn1 drained: safe to power off") == 2

@@ -16,12 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest.fixture(scope="module")
 def build():
+    sys.path.insert(0, str(REPO / "images"))  # build.py imports dibrun.py beside it
     spec = importlib.util.spec_from_file_location("images_build", REPO / "images" / "build.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules["images_build"] = module
     spec.loader.exec_module(module)
     yield module
     sys.modules.pop("images_build", None)
+    sys.path.remove(str(REPO / "images"))
 
 
 @pytest.mark.parametrize("role", ["dom0", "storage", "guest"])
@@ -77,7 +79,8 @@ def test_recipe_rejects_an_unknown_output(build, tmp_path):
 def test_disk_image_create_makes_a_raw_image_only_for_a_rootfs(build, tmp_path, monkeypatch,
                                                                output):
     commands = []
-    monkeypatch.setattr(build, "_run", lambda command, what, env=None: commands.append(command))
+    monkeypatch.setattr(build, "run_dib",
+                        lambda command, name, env, logfile: commands.append(command))
     monkeypatch.setattr(build.shutil, "which", lambda tool, path=None: f"/venv/bin/{tool}")
     recipe = build.Recipe(name="guest", path=tmp_path / "r.toml",
                           elements=("debian-minimal", "netboot-guest"), output=output)
@@ -88,6 +91,30 @@ def test_disk_image_create_makes_a_raw_image_only_for_a_rootfs(build, tmp_path, 
     if output == "rootfs":
         assert command[command.index("-t") + 1] == "raw"
     assert command[-2:] == ["debian-minimal", "netboot-guest"]
+
+
+DIB_OUTPUT = """\
+2026-12-06 22:20:50.668 | Copying hooks /venv/elements/install-bin/pre-install.d/01-install-bin
+2026-12-06 22:20:50.670 | Copying hooks /venv/elements/debian-minimal/environment.d/10-x.bash
+2026-12-06 22:20:50.682 | Copying hooks /venv/elements/netboot-agent/install.d/70-agent-install
+2026-12-06 22:20:50.690 | Copying hooks /venv/elements/netboot-live/finalise.d/90-squash
+2026-12-06 22:20:51.165 | Running hooks from /tmp/dib_build.bIx/hooks/root.d
+2026-12-06 22:20:51.179 | dib-run-parts Sourcing environment file /tmp/in_target.d/10-x.bash
+2026-12-06 22:21:07.600 | dib-run-parts Running /tmp/in_target.d/pre-install.d/01-install-bin
+2026-12-06 22:21:07.700 | dib-run-parts 01-install-bin completed
+2026-12-06 22:21:09.000 | dib-run-parts Running /tmp/in_target.d/install.d/70-agent-install
+"""
+
+
+def test_build_progress_follows_the_hooks_of_diskimage_builder(build):
+    import dibrun
+
+    progress = dibrun.DibProgress()
+    changed = [progress.feed(line) for line in DIB_OUTPUT.splitlines()]
+    assert changed.count(True) == 2 and changed[-1]
+    assert (progress.hooks, progress.started) == (3, 2)
+    assert progress.status("dom0", 125.4) == (
+        "image dom0: hook 2/3, install.d 70-agent-install (2m05s)")
 
 
 def test_recipe_rejects_bad_elements(build, tmp_path):
@@ -323,3 +350,17 @@ def test_agent_wheel_depends_on_what_the_agent_extra_names(build):
     top = tomllib.loads((build.REPO / "pyproject.toml").read_text())["project"]
     assert agent["dependencies"] == top["optional-dependencies"]["agent"]
     assert agent["scripts"] == {"nodeagent": top["scripts"]["nodeagent"]}
+
+
+def test_the_build_log_is_followed_line_by_line_as_it_grows(build, tmp_path):
+    import dibrun
+
+    log = tmp_path / "dom0.log"
+    with dibrun._Follow(log) as follow:
+        assert follow.lines() == []  # not there yet
+        log.write_text("one\ntw")
+        assert follow.lines() == ["one"]
+        with log.open("a") as more:
+            more.write("o\nthree\n")
+        assert follow.lines() == ["two", "three"]
+        assert follow.lines() == []
