@@ -6,6 +6,7 @@ import asyncio
 import logging
 import os
 import socket
+import statistics
 from dataclasses import replace
 
 import pytest
@@ -344,9 +345,12 @@ async def test_quick_lockstep_client_is_waited_for_by_polling(root, busy_poll):
     assert data == (root / "big.bin").read_bytes()
     if busy_poll == 0.05:
         # From the first RTT sample (block 8 of 41) on, each block sent asks for polling,
-        # for twice the smoothed round trip.
+        # for twice the smoothed round trip. (Each window is read off the clock a moment
+        # after the service set it: a test thread preempted in between sees one end in the
+        # past, so only the median must lie ahead.)
         assert 20 <= len(expected) <= 41
-        assert all(0 < poll < 2 * busy_poll for poll in expected)
+        assert all(poll < 2 * busy_poll for poll in expected)
+        assert statistics.median(expected) > 0
     else:
         # Polling off, or no client that quick (a loopback round trip is well above 0.1 us).
         assert expected == []
