@@ -83,7 +83,7 @@ test: deps venv images
 	$(PYTEST) -m integration tests || failed="$$failed integration"; \
 	$(PYTEST) -m netns tests || failed="$$failed netns"; \
 	$(PYTEST) -m browser tests || failed="$$failed browser"; \
-	$(VM_PYTEST) -m vm tests || failed="$$failed vm"; \
+	$(VM_PYTEST) -m vm --durations=15 tests || failed="$$failed vm"; \
 	if [ -n "$$failed" ]; then echo "make test: FAILED tiers:$$failed" >&2; exit 1; fi
 
 test-unit: venv
