@@ -17,7 +17,8 @@ DEB_PACKAGES := \
 	ipxe ovmf qemu-system-x86 qemu-utils \
 	dnsmasq-base isc-dhcp-client udhcpc kea-admin tftp-hpa atftp busybox \
 	debootstrap squashfs-tools zstd xz-utils cpio kmod sudo shellcheck socat nftables e2fsprogs openssh-client \
-	iputils-ping chromium chromium-driver
+	iputils-ping chromium chromium-driver \
+	build-essential flex bison dpkg-dev
 # Servers the tests run by hand inside namespaces (Prometheus scrapes the config server in
 # the netns tier): installed with their services kept from starting and disabled, so nothing
 # ever listens on the host's interfaces.

@@ -167,6 +167,21 @@ def mirror_variables(release: str, sources: list[tuple[str, str]]) -> dict[str, 
     return found
 
 
+def hypervisor_variables(directory: str) -> dict[str, str]:
+    """A hypervisor built from source (``images/xenshadow.py``): its directory made absolute,
+    and the version the element pins the toolstack to. Nothing for Debian's hypervisor."""
+    if not directory:
+        return {}
+    path = (REPO / directory).resolve()
+    try:
+        version = (path / "version").read_text().strip()
+    except OSError:
+        raise BuildError(f"no hypervisor built in {path} (make xen-shadow builds it)") from None
+    if not version or not (path / "xen.gz").is_file() or not (path / "xen.efi").is_file():
+        raise BuildError(f"{path} lacks xen.gz, xen.efi or its version (make xen-shadow)")
+    return {"DIB_XEN_HYPERVISOR_DIR": str(path), "DIB_XEN_PIN_VERSION": version}
+
+
 def build_environment(recipe: Recipe, paths: BuildPaths, base: dict[str, str]) -> dict[str, str]:
     """The environment for disk-image-create: host apt mirrors < recipe < caller's environment."""
     bin_dir = str(Path(sys.executable).parent)
@@ -182,6 +197,7 @@ def build_environment(recipe: Recipe, paths: BuildPaths, base: dict[str, str]) -
         "DIB_DEBIAN_USE_DEBOOTSTRAP_CACHE": "1",
     })
     env.update({k: v for k, v in base.items() if k.startswith("DIB_") or k == "ELEMENTS_PATH"})
+    env.update(hypervisor_variables(env.get("DIB_XEN_HYPERVISOR_DIR", "")))
     # What this build made or was told on its command line, over anything inherited.
     env.update({
         "DIB_NETBOOT_AGENT_WHEELHOUSE": str(paths.wheelhouse),

@@ -11,7 +11,17 @@ IMAGE_INPUTS := $(shell find elements nodeagent netbootmac systemd images/agent 
 	! -name '*.pyc' ! -path '*/__pycache__/*' 2>/dev/null) \
 	pyproject.toml images/build.py images/dibrun.py mk/images.mk
 
-.PHONY: images image-dom0 image-storage image-guest clean-images
+.PHONY: images image-dom0 image-storage image-guest clean-images xen-shadow
+
+# The dom0 image's hypervisor: Debian's source built with shadow paging (PV live migration
+# needs it; see images/xenshadow.py and docs/migration.md). About 3 minutes once, cached.
+XEN_SHADOW := build/xen/shadow.stamp
+xen-shadow: $(XEN_SHADOW)
+$(XEN_SHADOW): images/xenshadow.py | deps venv
+	@mkdir -p $(dir $@)
+	flock build/xen/.build.lock $(PY) images/xenshadow.py
+	@touch $@
+$(IMAGES_DIR)/dom0/manifest.json: $(XEN_SHADOW)
 
 images: $(foreach role,$(IMAGE_ROLES),$(IMAGES_DIR)/$(role)/manifest.json)
 

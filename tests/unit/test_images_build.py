@@ -364,3 +364,52 @@ def test_the_build_log_is_followed_line_by_line_as_it_grows(build, tmp_path):
             more.write("o\nthree\n")
         assert follow.lines() == ["two", "three"]
         assert follow.lines() == []
+
+
+def test_a_hypervisor_built_from_source_is_passed_with_the_version_tools_are_pinned_to(
+        build, tmp_path, monkeypatch):
+    """The dom0 recipe names build/xen/shadow (images/xenshadow.py): the element gets its
+    absolute path and the version its toolstack is pinned to; a missing build is a clear
+    error; "" (Debian's hypervisor) passes nothing."""
+    monkeypatch.setattr(build, "host_apt_sources", lambda: [])
+    built = tmp_path / "xen"
+    built.mkdir()
+    recipe = build.Recipe(name="dom0", path=tmp_path / "dom0.toml", elements=("xen-dom0",),
+                          variables={"DIB_XEN_HYPERVISOR_DIR": str(built)})
+    paths = build.BuildPaths(output=tmp_path / "out", cache=tmp_path / "cache",
+                             wheelhouse=tmp_path / "wheels", agent_unit=tmp_path / "unit")
+    with pytest.raises(build.BuildError, match="make xen-shadow"):
+        build.build_environment(recipe, paths, {"PATH": "/usr/bin"})
+    (built / "version").write_text("4.17.5+72-g01140da4e8-1\n")
+    with pytest.raises(build.BuildError, match=r"lacks xen\.gz, xen\.efi"):
+        build.build_environment(recipe, paths, {"PATH": "/usr/bin"})
+    (built / "xen.gz").write_bytes(b"x")
+    (built / "xen.efi").write_bytes(b"x")
+    env = build.build_environment(recipe, paths, {"PATH": "/usr/bin"})
+    assert env["DIB_XEN_HYPERVISOR_DIR"] == str(built)
+    assert env["DIB_XEN_PIN_VERSION"] == "4.17.5+72-g01140da4e8-1"
+    debian = build.build_environment(recipe, paths, {"PATH": "/usr/bin",
+                                                     "DIB_XEN_HYPERVISOR_DIR": ""})
+    assert not debian.get("DIB_XEN_HYPERVISOR_DIR") and "DIB_XEN_PIN_VERSION" not in debian
+    shipped = tomllib.loads((REPO / "images" / "dom0.toml").read_text())
+    assert shipped["variables"]["DIB_XEN_HYPERVISOR_DIR"] == "build/xen/shadow"
+
+
+def test_the_xen_source_comes_from_the_hosts_own_mirrors(build):
+    sys.path.insert(0, str(REPO / "images"))
+    try:
+        spec = importlib.util.spec_from_file_location("xenshadow", REPO / "images" /
+                                                      "xenshadow.py")
+        xenshadow = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(xenshadow)
+    finally:
+        sys.path.remove(str(REPO / "images"))
+    lines = xenshadow.source_lines("bookworm", [
+        ("http://deb.example/debian", "bookworm"), ("http://deb.example/debian", "bookworm"),
+        ("http://deb.example/debian", "bookworm-updates"),
+        ("http://sec.example/debian-security", "bookworm-security"),
+        ("http://deb.example/debian", "trixie")])
+    assert lines == ["deb-src http://deb.example/debian bookworm main",
+                     "deb-src http://deb.example/debian bookworm-updates main",
+                     "deb-src http://sec.example/debian-security bookworm-security main"]
+    assert xenshadow.CONFIG_ADDED == ("CONFIG_SHADOW_PAGING=y",)
