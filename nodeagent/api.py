@@ -22,8 +22,8 @@ from aiohttp import web
 
 from nodeagent import __version__
 from nodeagent.errors import AgentError, Unauthorized
-from nodeagent.identity import IDENTITY_URN, peer_identity
 from nodeagent.metrics import CONTENT_TYPE, AgentMetrics
+from nodeagent.peers import IDENTITY_URN, peer_identity
 from nodeagent.roles.console import Consoles
 from nodeagent.session import AgentSession
 

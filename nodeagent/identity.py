@@ -21,7 +21,6 @@ import ssl
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 from cryptography import x509
@@ -33,7 +32,6 @@ from nodeagent.errors import ServerError
 
 TRUST_PATH = "boot/agent.json"
 # How the config server's CA names who a certificate is for (a URI SAN).
-IDENTITY_URN = "urn:netboot:"
 MAX_TRUST_BYTES = 64 * 1024
 
 
@@ -158,14 +156,6 @@ def api_server_context(ca_pem: bytes, key: NodeKey) -> ssl.SSLContext:
     context.verify_mode = ssl.CERT_OPTIONAL
     context.load_cert_chain(key.cert_path, key.key_path)
     return context
-
-
-def peer_identity(peercert: dict[str, Any] | None) -> str | None:
-    """The netboot identity (``urn:netboot:<kind>:...``) of a verified client certificate."""
-    for kind, value in (peercert or {}).get("subjectAltName", ()):
-        if kind == "URI" and isinstance(value, str) and value.startswith(IDENTITY_URN):
-            return value
-    return None
 
 
 def _write_private(path: Path, data: bytes) -> None:
