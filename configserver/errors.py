@@ -184,6 +184,12 @@ class DuplicateVolume(Conflict):
     code = "duplicate_volume"
 
 
+class MigrationRefused(Conflict):
+    """A live migration cannot start: the message says which check refused it."""
+
+    code = "migration_refused"
+
+
 class VolumeInUse(Conflict):
     """The volume is attached (or still detaching) where the request needs it not to be."""
 

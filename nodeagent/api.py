@@ -1,6 +1,7 @@
 """The agent's own API: ``/v1/status``, ``/v1/inventory``, ``/v1/role``, ``/metrics`` (the
 Prometheus text format: ``nodeagent.metrics``), and on a dom0 ``/v1/console/<domain>`` (a
-websocket: ``nodeagent.roles.console``).
+websocket: ``nodeagent.roles.console``) and ``POST /v1/migrations/<id>/released`` (a
+migration's source, to its target: ``nodeagent.roles.migration``).
 
 Once the node holds its certificate the API speaks HTTPS only, with that certificate. A request
 is let in if it carries ``Authorization: Bearer <agent token>``, the token the config server
@@ -21,7 +22,7 @@ from collections.abc import Awaitable, Callable
 from aiohttp import web
 
 from nodeagent import __version__
-from nodeagent.errors import AgentError, Unauthorized
+from nodeagent.errors import AgentError, NotFound, Unauthorized
 from nodeagent.metrics import CONTENT_TYPE, AgentMetrics
 from nodeagent.peers import IDENTITY_URN, peer_identity
 from nodeagent.roles.console import Consoles
@@ -119,6 +120,19 @@ async def console(request: web.Request) -> web.StreamResponse:
     return websocket
 
 
+async def migration_released(request: web.Request) -> web.Response:
+    """``POST /v1/migrations/<id>/released``: the source of a guest migrating here says it
+    stopped the guest's array; only its own certificate may (``roles.migration``)."""
+    reconciler = request.app[SESSION].reconciler
+    guests = getattr(reconciler.role, "guests", None) if reconciler is not None else None
+    moves = getattr(guests, "migrations", None)
+    if moves is None:
+        raise NotFound("this node receives no migrations")
+    if not moves.notify_released(request.match_info["id"], _peer(request)):
+        raise NotFound(f"no migration {request.match_info['id']} from this peer comes here")
+    return web.json_response({"accepted": True})
+
+
 def create_local_app(session: AgentSession) -> web.Application:
     app = web.Application(middlewares=[auth_and_errors], client_max_size=64 * 1024)
     app[SESSION] = session
@@ -129,4 +143,5 @@ def create_local_app(session: AgentSession) -> web.Application:
     app.router.add_get("/v1/role", role)
     app.router.add_get("/v1/console/{domain}", console)
     app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/migrations/{id}/released", migration_released)
     return app

@@ -42,6 +42,13 @@ class Unauthorized(AgentError):
     code = "unauthorized"
 
 
+class NotFound(AgentError):
+    """A local API request names something this agent does not have."""
+
+    status = 404
+    code = "not_found"
+
+
 class ServerError(AgentError):
     """The config server could not be reached or gave an unusable answer."""
 

@@ -5,7 +5,8 @@ TLS with the nodes' own boot certificates, never over ssh keys shared between do
 that command's stdin and stdout; the source agent passes ``CMD`` = ``python3 -m
 nodeagent.migratestream connect ADDRESS:PORT --peer URN ... #`` (the ``#`` drops the rest of
 the line: the target chose its own ``migrate-receive`` options). The target agent runs
-``receive``: it listens on one port for one connection whose certificate names the expected
+``receive``: it listens on one port (``--listen ADDRESS:0``: any free one; it prints
+``listening PORT`` once it does) for one connection whose certificate names the expected
 source node in its current boot, then runs ``xl migrate-receive`` with its stdin and stdout on
 that stream. Both sides verify the peer against the config server's CA and its identity
 (``urn:netboot:node:<mac>:<boot>``); anything else is refused before a byte of the guest
@@ -119,7 +120,10 @@ async def receive(listen: str, peer: str, context: ssl.SSLContext, command: Sequ
 
     server = await asyncio.start_server(on_connect, host or None, int(port), ssl=context,
                                         limit=CHUNK * 4)
-    print("listening", flush=True)  # the agent waits for this line before the source starts
+    port_now = server.sockets[0].getsockname()[1]
+    # The agent waits for this line (with the port, if it asked for any: 0) before the
+    # source may connect.
+    print(f"listening {port_now}", flush=True)
     try:
         reader, writer = await asyncio.wait_for(accepted, timeout)
     except TimeoutError:

@@ -243,7 +243,8 @@ class AgentSession:
         if self._reconcile_task is not None or self.status.node is None:
             return
         role = self._cloud_roles(self.status.node.role,
-                                 ServerHooks(self._confirm_claim, self.client.download))
+                                 ServerHooks(self._confirm_claim, self.client.download,
+                                             self._credentials(), self.config.api_port))
         if role is None:
             return
         self.reconciler = Reconciler(role, self._fetch_work, self._post_report)
@@ -419,6 +420,18 @@ class AgentSession:
             await asyncio.to_thread(self._api_tls.load_cert_chain, self.key.cert_path,
                                     self.key.key_path)
         self.enrolled.set()
+
+    def _credentials(self) -> tuple[Path, Path, Path] | None:
+        """This boot's certificate and key and the CA, as files for a helper process (the
+        live-migration stream); None before the node holds a certificate."""
+        if self.key is None or self._ca_pem is None or self.certificate is None:
+            return None
+        ca = self.config.state_dir / "ca.pem"
+        if not ca.exists() or ca.read_bytes() != self._ca_pem:
+            partial = ca.with_name(".ca.pem.tmp")
+            partial.write_bytes(self._ca_pem)
+            partial.replace(ca)
+        return self.key.cert_path, self.key.key_path, ca
 
     def api_tls(self) -> ssl.SSLContext:
         """The TLS context of the agent's own API (after enrollment), kept current."""

@@ -14,7 +14,7 @@ import urllib.parse
 from pathlib import Path
 from typing import Any
 
-from configserver.cli import console
+from configserver.cli import console, migrate
 from configserver.cli.format import answer, object_timeline, printable, table
 from configserver.cloud.guestreports import totals
 from configserver.cloud.model import format_size
@@ -50,6 +50,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                                                             "the dom0 unless --on)")
     start.add_argument("name")
     start.add_argument("--on", metavar="DOM0", help="this dom0's hostname or MAC (admins)")
+    move = isub.add_parser("migrate", parents=[common],
+                           help="move it live to another dom0 (admins)")
+    move.add_argument("name")
+    move.add_argument("--to", metavar="DOM0", help="this dom0 (else the scheduler's choice)")
+    move.add_argument("--wait", action="store_true",
+                      help="until it runs there (progress on a terminal)")
     destroy = isub.add_parser("destroy", parents=[common],
                               help="stop it hard and forget it (its disk stays unless "
                                    "--delete-disk)")
@@ -121,6 +127,8 @@ def instance_details(item: dict[str, Any]) -> str:
         f"Desired:      {item['desired']}",
         f"Actual:       {item['actual']}",
         f"Dom0:         {claim}",
+        *([f"Migrating:    to {item['migration']['target']} ({item['migration']['phase']}, "
+           f"epoch {item['migration']['epoch']})"] if item.get("migration") else []),
         f"Domain:       {item['domain']} {item['uuid']}",
         f"Memory:       {format_size(item['memory'])}, {item['vcpus']} vCPU(s)",
         f"Image:        {item['image'] or '-'}",
@@ -206,6 +214,9 @@ def cmd_instance(args: argparse.Namespace, client: ApiClient) -> int:
     if args.action == "start":
         item = _start(client, args.name, args.on)
         return _print(args, item, f"instance {item['name']} starting on {_where(item)}")
+    if args.action == "migrate":
+        item, text = migrate.migrate(client, _path(args.name), args.to, wait=args.wait)
+        return _print(args, item, text)
     if args.action == "destroy":
         query = "?delete_disk=true" if args.delete_disk else ""
         item = client.delete(_path(args.name) + query)

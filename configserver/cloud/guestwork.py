@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from configserver.cloud.instances import Desired, Instance
+from configserver.cloud.migration import RELEASED, SENDING
 from configserver.cloud.model import MIB, Volume
 
 BRIDGE = "xenbr0"
@@ -33,41 +34,88 @@ class GuestBoot:
     cmdline: str
 
 
+@dataclass(frozen=True)
+class Peer:
+    """A dom0 as another dom0 reaches it in a migration: its certificate's identity (its
+    current boot) and the address its heartbeat came from."""
+
+    identity: str | None
+    address: str | None
+
+
 def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str, Volume],
-               boots: Mapping[str, GuestBoot], server_url: str) -> list[dict[str, Any]]:
-    """The work entries of the instances that dom0 ``mac`` holds the claim of."""
+               boots: Mapping[str, GuestBoot], server_url: str,
+               peers: Mapping[str, Peer] | None = None) -> list[dict[str, Any]]:
+    """The work entries of the instances that dom0 ``mac`` holds the claim of. One that is
+    moving away carries ``migrate`` (where to send it) once the target listens, and is left
+    out once the source released it (it runs on the target now, paused or not)."""
     entries = []
     for instance in sorted(instances, key=lambda i: i.name):
         if instance.claim is None or instance.claim.node != mac:
             continue
-        volume = volumes.get(instance.volume or "")
-        boot = boots.get(instance.image or "")
-        where = volume.attachment(mac) if volume is not None else None
-        attached = where is not None and where.state in USABLE and not where.detaching
-        cmdline = " ".join(filter(None, (
-            boot.cmdline if boot else "", f"netboot.server={server_url}",
-            f"netboot.mac={instance.nics[0].mac}" if instance.nics else "",
-            # Its name, set before the network is up (DHCP's option 12 names it too, but
-            # networkd may not set it: without polkit, hostnamed refuses networkd).
-            f"netboot.hostname={instance.name}")))
-        entries.append({
-            "id": instance.id, "name": instance.name, "domain": instance.domain,
-            "uuid": instance.uuid, "epoch": instance.claim.epoch,
-            "desired": "running" if instance.desired == Desired.RUNNING else "stopped",
-            "startable": attached and boot is not None,
-            "hard": instance.desired == Desired.DESTROYED, "reboots": instance.reboots,
-            "memory_mib": instance.memory // MIB, "vcpus": instance.vcpus,
-            "max_memory_mib": instance.resources.max_memory // MIB,
-            "cpu_weight": instance.resources.cpu_weight,
-            "cpu_cap": instance.resources.cpu_cap, "net_rate": instance.resources.net_rate,
-            "volume": instance.volume,
-            "device": f"/dev/md/{volume.lv}" if volume is not None else None,
-            "kernel": {"url": boot.kernel, "sha256": boot.kernel_sha256} if boot else None,
-            "ramdisk": {"url": boot.ramdisk, "sha256": boot.ramdisk_sha256} if boot else None,
-            "cmdline": cmdline,
-            "nics": [{"mac": n.mac, "ip": n.ip, "bridge": BRIDGE} for n in instance.nics],
-        })
+        moving = instance.migration
+        if moving is not None and moving.phase == RELEASED:
+            continue
+        entry = _entry(instance, mac, instance.claim.epoch, volumes=volumes, boots=boots,
+                       server_url=server_url)
+        if moving is not None and moving.phase == SENDING:
+            peer = (peers or {}).get(moving.target) or Peer(None, None)
+            entry["migrate"] = {"id": moving.id, "address": peer.address, "port": moving.port,
+                                "peer": peer.identity}
+        entries.append(entry)
     return entries
+
+
+def incoming_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str, Volume],
+                  boots: Mapping[str, GuestBoot], server_url: str,
+                  peers: Mapping[str, Peer]) -> list[dict[str, Any]]:
+    """The instances on their way to dom0 ``mac``: what it prepares (the volume's size, the
+    source's identity to let in) and, once the source released the array, ``released``."""
+    entries = []
+    for instance in sorted(instances, key=lambda i: i.name):
+        moving = instance.migration
+        if moving is None or moving.target != mac:
+            continue
+        entry = _entry(instance, mac, moving.epoch, volumes=volumes, boots=boots,
+                       server_url=server_url)
+        volume = volumes.get(instance.volume or "")
+        source = peers.get(moving.source) or Peer(None, None)
+        entry["migration"] = {"id": moving.id, "peer": source.identity,
+                              "size": volume.size if volume else None,
+                              "released": moving.phase == RELEASED}
+        entries.append(entry)
+    return entries
+
+
+def _entry(instance: Instance, mac: str, epoch: int, *, volumes: Mapping[str, Volume],
+           boots: Mapping[str, GuestBoot], server_url: str) -> dict[str, Any]:
+    volume = volumes.get(instance.volume or "")
+    boot = boots.get(instance.image or "")
+    where = volume.attachment(mac) if volume is not None else None
+    attached = where is not None and where.state in USABLE and not where.detaching
+    cmdline = " ".join(filter(None, (
+        boot.cmdline if boot else "", f"netboot.server={server_url}",
+        f"netboot.mac={instance.nics[0].mac}" if instance.nics else "",
+        # Its name, set before the network is up (DHCP's option 12 names it too, but
+        # networkd may not set it: without polkit, hostnamed refuses networkd).
+        f"netboot.hostname={instance.name}")))
+    return {
+        "id": instance.id, "name": instance.name, "domain": instance.domain,
+        "uuid": instance.uuid, "epoch": epoch,
+        "desired": "running" if instance.desired == Desired.RUNNING else "stopped",
+        "startable": attached and boot is not None,
+        "hard": instance.desired == Desired.DESTROYED, "reboots": instance.reboots,
+        "memory_mib": instance.memory // MIB, "vcpus": instance.vcpus,
+        "max_memory_mib": instance.resources.max_memory // MIB,
+        "cpu_weight": instance.resources.cpu_weight,
+        "cpu_cap": instance.resources.cpu_cap, "net_rate": instance.resources.net_rate,
+        "volume": instance.volume,
+        "device": f"/dev/md/{volume.lv}" if volume is not None else None,
+        "kernel": {"url": boot.kernel, "sha256": boot.kernel_sha256} if boot else None,
+        "ramdisk": {"url": boot.ramdisk, "sha256": boot.ramdisk_sha256} if boot else None,
+        "cmdline": cmdline,
+        "nics": [{"mac": n.mac, "ip": n.ip, "bridge": BRIDGE} for n in instance.nics],
+    }
 
 
 def guest_network(servers: Iterable[str | None], *, dhcp_port: int, http_port: int,
@@ -99,4 +147,4 @@ def guest_network(servers: Iterable[str | None], *, dhcp_port: int, http_port: i
             "protected": [str(n) for n in ipaddress.collapse_addresses(protected)]}
 
 
-__all__ = ["BRIDGE", "GuestBoot", "guest_network", "guest_work"]
+__all__ = ["BRIDGE", "GuestBoot", "Peer", "guest_network", "guest_work", "incoming_work"]

@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from configserver.cloud.migration import Migration
 from configserver.cloud.model import MIB
 from configserver.cloud.resources import Resources
 from configserver.errors import ClaimHeld, Conflict, InvalidRequest, InvalidSize, InvalidVolumeName
@@ -78,6 +79,7 @@ class Instance:
     desired_generation: int = 0  # the cloud generation of the last change of ``desired``
     # Scheduler weight and cap, vif rate, memory ceiling.
     resources: Resources = field(default_factory=Resources)
+    migration: Migration | None = None  # a live migration in progress
 
     @property
     def domain(self) -> str:
@@ -210,6 +212,7 @@ def to_json(instance: Instance) -> dict[str, Any]:
         "created": instance.created, "updated": instance.updated, "usage": instance.usage,
         "reboots": instance.reboots, "ssh_keys": len(instance.ssh_keys),
         "resources": instance.resources.to_json(),
+        "migration": instance.migration.to_json() if instance.migration else None,
     }
 
 

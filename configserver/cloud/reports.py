@@ -27,7 +27,10 @@ from configserver.model import normalize_mac
 log = logging.getLogger(__name__)
 
 EXPORT_STATES = ("exported", "creating", "error")
-DOM0_STATES = ("attaching", "attached", "degraded", "resyncing", "error")
+# ``standby``: a migration's target, legs logged in, array not assembled (the source runs
+# it); ``released``: a migration's source that stopped the array for the target.
+DOM0_STATES = ("attaching", "attached", "degraded", "resyncing", "error", "standby",
+               "released")
 MEMBER_STATES = ("active", "faulty", "missing", "rebuilding")
 DISK_STATES = ("ours", "empty", "foreign")
 RESYNC_STEP = 10.0  # percent: the timeline records resync progress in steps of this much
@@ -317,7 +320,8 @@ def _apply_attachment(changes: _Changes, volume: Volume, mac: str, current: Atta
                                      or current.state != "resyncing"):
         changes.event(volume, "resync", node=mac, **(new.sync or {}))
     updated = volume.with_attachment(new, mac)
-    members = dict(entry.legs)
+    # Only a dom0 running the array knows its legs' states (not a migration's either side).
+    members = {} if entry.state in ("standby", "released") else dict(entry.legs)
     for leg in volume.legs:
         member = members.get(leg.node)
         if member is not None and member != leg.member:
@@ -344,8 +348,9 @@ def apply_dom0(volumes: Sequence[Volume], mac: str, report: Dom0Report,
         if current.detaching and entry is None:
             # Detached (or never attached, or gone with a reboot): the map is updated last.
             updated = volume.with_attachment(None, mac)
-            updated = replace(updated, legs=tuple(replace(g, member=None)
-                                                  for g in updated.legs))
+            if not updated.attachments:  # else the dom0 left running it reports them
+                updated = replace(updated, legs=tuple(replace(g, member=None)
+                                                      for g in updated.legs))
             changes.event(volume, "detached", node=mac)
             changes.bump = True  # the targets' ACLs drop this initiator
         elif entry is None:

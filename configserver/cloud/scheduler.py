@@ -39,9 +39,11 @@ def ceiling(instance: Instance) -> int:
 
 
 def pending_memory(instances: Sequence[Instance], mac: str) -> int:
-    """Memory the instances claimed on ``mac`` may take that its report does not count."""
+    """Memory the instances claimed on ``mac`` may take that its report does not count, and
+    that of the instances on their way to it (a live migration)."""
     return sum(ceiling(i) - (i.memory if i.actual == "running" else 0) for i in instances
-               if i.claim is not None and i.claim.node == mac)
+               if i.claim is not None and i.claim.node == mac) + sum(
+        ceiling(i) for i in instances if i.migration is not None and i.migration.target == mac)
 
 
 def choose(memory: int, dom0s: Sequence[Dom0], instances: Sequence[Instance]) -> str:

@@ -82,7 +82,10 @@ def reachable(volume: Volume) -> bool:
 
 def dom0_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
               portals: Mapping[str, str | None],
-              drained: Collection[str] = frozenset()) -> dict[str, Any]:
+              drained: Collection[str] = frozenset(),
+              standby: Collection[str] = frozenset()) -> dict[str, Any]:
+    """``standby``: ids of volumes this dom0 logs in to but does not assemble yet (the disk
+    of an instance migrating here, until its source released the array)."""
     attachments = []
     for volume in sorted(volumes, key=lambda v: v.id):
         attachment = volume.attachment(mac)
@@ -92,7 +95,8 @@ def dom0_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
         attachments.append({
             "volume": volume.id, "name": volume.name, "size": volume.size,
             "md_name": volume.lv, "device": f"/dev/md/{volume.lv}",
-            "create": not volume.initialized, "user": chap_user(mac),
+            "create": not volume.initialized and volume.id not in standby,
+            "standby": volume.id in standby, "user": chap_user(mac),
             "secret": chap_secret(key, volume.id, mac),
             "legs": [{"node": leg.node, "portal": portals.get(leg.node),
                       "target": volume.target, "lun": 0, "leaving": leg.node in drained}
@@ -104,7 +108,8 @@ def dom0_work(volumes: Sequence[Volume], mac: str, *, key: bytes,
 def node_work(generation: int, role: str | None, mac: str, volumes: Sequence[Volume], *,
               key: bytes, images: Mapping[str, ImageSource],
               portals: Mapping[str, str | None],
-              drained: Collection[str] = frozenset()) -> dict[str, Any]:
+              drained: Collection[str] = frozenset(),
+              standby: Collection[str] = frozenset()) -> dict[str, Any]:
     """The whole answer of ``GET /api/v1/agent/work`` for node ``mac`` of role ``role``;
     ``drained`` names the drained nodes."""
     work: dict[str, Any] = {"generation": generation, "role": role}
@@ -112,7 +117,8 @@ def node_work(generation: int, role: str | None, mac: str, volumes: Sequence[Vol
         work["storage"] = storage_work(volumes, mac, key=key, images=images,
                                        drained=mac in drained)
     elif role == "dom0":
-        work["dom0"] = dom0_work(volumes, mac, key=key, portals=portals, drained=drained)
+        work["dom0"] = dom0_work(volumes, mac, key=key, portals=portals, drained=drained,
+                                 standby=standby)
     return work
 
 

@@ -50,6 +50,7 @@ def setup_routes(app: web.Application) -> None:
     r.add_delete("/api/v1/instances/{name}", destroy_instance)
     r.add_post("/api/v1/instances/{name}/start", start_instance)
     r.add_post("/api/v1/instances/{name}/stop", stop_instance)
+    r.add_post("/api/v1/instances/{name}/migrate", migrate_instance)
     r.add_post("/api/v1/instances/{name}/reboot", reboot_instance)
     r.add_get("/api/v1/instances/{name}/usage", instance_usage)
     r.add_patch("/api/v1/instances/{name}", change_instance)
@@ -202,6 +203,22 @@ async def start_instance(request: web.Request) -> web.Response:
     started, generation = await asyncio.to_thread(functools.partial(
         request.app[REGISTRY].start_instance, instance.name, node, expect=instance.id))
     return await _answer(request, started, generation)
+
+
+async def migrate_instance(request: web.Request) -> web.Response:
+    """``{"to"?: dom0 hostname or MAC}`` (admins only) -> 202, the instance with its
+    ``migration``: checked first (running, the target's memory and Xen version, a leg of the
+    disk in sync), then carried out by the two dom0s; the map changes once both are done."""
+    instance = await find_instance(request)
+    to = (await _body(request, {"to"})).get("to")
+    if to is not None and (not isinstance(to, str) or not to):
+        raise InvalidRequest("to must be a dom0's hostname or MAC")
+    if not request[IDENTITY].is_admin:
+        raise Forbidden("only an admin migrates an instance",
+                        hint="ask the provider; a tenant's instances move with maintenance")
+    moving, generation = await asyncio.to_thread(functools.partial(
+        request.app[REGISTRY].migrate_instance, instance.name, to, expect=instance.id))
+    return await _answer(request, moving, generation, status=202)
 
 
 async def _asked(request: web.Request, change: str) -> web.Response:

@@ -18,14 +18,24 @@ from typing import Any
 
 from aiohttp import web
 
-from configserver.cloud.guestwork import GuestBoot, guest_network, guest_work
+from configserver.cloud.guestwork import (
+    GuestBoot,
+    Peer,
+    guest_network,
+    guest_work,
+    incoming_work,
+)
 from configserver.cloud.instances import holds
+from configserver.cloud.migration import RELEASED
 from configserver.cloud.work import ImageSource, node_work, portal
 from configserver.errors import InvalidRequest
 from configserver.http import limits
 from configserver.http.agentapi import _authenticate, _json_body, _require_session, _session
 from configserver.http.appkeys import CATALOG, CLOUD, CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.consoleapi import agent_api
 from configserver.images import Image
+from configserver.pki.identity import Identity
+from configserver.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +118,16 @@ def _images(request: web.Request, names: Iterable[str]) -> dict[str, ImageSource
     return found
 
 
+def _peer(registry: Registry, mac: str) -> Peer:
+    """How another dom0 reaches ``mac`` in a migration: its identity in its current boot,
+    and the address its heartbeat came from."""
+    node = registry.lookup(mac)
+    session = registry.agent_session(mac)
+    where = agent_api(node) if node is not None else None
+    return Peer(Identity("node", mac, boot_id=session.boot_id).uri() if session else None,
+                where[0] if where else None)
+
+
 def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
     """The node's work now (on a worker thread). The generation is read before the volumes,
     so the volumes are at least as new as it: a change in between only makes the agent
@@ -125,14 +145,25 @@ def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:
             portals[node_mac] = portal(next((n.ip for n in node.nics if n.ip), None)
                                        if node else None)
     images = _images(request, {v.image for v in volumes if v.image and v.leg(mac)})
+    instances = registry.instances() if role == "dom0" else []
+    coming = [i for i in instances if i.migration and i.migration.target == mac]
     answer = node_work(generation, role, mac, volumes, key=request.app[SECRET_KEY],
-                       images=images, portals=portals, drained=drained)
+                       images=images, portals=portals, drained=drained,
+                       standby={i.volume for i in coming if i.volume
+                                and i.migration and i.migration.phase != RELEASED})
     if "dom0" in answer:
-        held = [i for i in registry.instances() if i.claim and i.claim.node == mac]
+        held = [i for i in instances if i.claim and i.claim.node == mac]
+        moving = {m for i in held + coming if i.migration
+                  for m in (i.migration.source, i.migration.target)}
+        by_id = {v.id: v for v in volumes}
+        boots = _boots(request, {i.image for i in held + coming if i.image})
+        peers = {m: _peer(registry, m) for m in moving}
         answer["dom0"]["guests"] = guest_work(
-            held, mac, volumes={v.id: v for v in volumes},
-            boots=_boots(request, {i.image for i in held if i.image}),
-            server_url=_http_base(request))
+            held, mac, volumes=by_id, boots=boots, server_url=_http_base(request),
+            peers=peers)
+        answer["dom0"]["incoming"] = incoming_work(
+            coming, mac, volumes=by_id, boots=boots, server_url=_http_base(request),
+            peers=peers)
         config = request.app[CONFIG]
         subnets = [config.dhcp.subnet, *config.dhcp.relayed]
         base = urllib.parse.urlsplit(_http_base(request))

@@ -17,6 +17,7 @@ from configserver.model import Node
 from configserver.registry import ReportOutcome
 from configserver.registry import drain as cloud_drain
 from configserver.registry import instances as cloud_instances
+from configserver.registry import migrations as cloud_migrations
 from configserver.registry import volumes as cloud_volumes
 from configserver.registry.cache import ReadCache
 from configserver.registry.drain import settling
@@ -130,6 +131,11 @@ class CloudStore:
                          resources=resources)
 
     # ``expect``: the id of the instance the caller was allowed to act on (else NotFound).
+    def migrate_instance(self, name: str, to: str | None = None, *,
+                         expect: str | None = None) -> tuple[Instance, int]:
+        return self._run(cloud_migrations.migrate, name=name, to=to, now=self._now(),
+                         expect=expect)
+
     def start_instance(self, name: str, node: str | None = None, *,
                        expect: str | None = None) -> tuple[Instance, int]:
         return self._run(cloud_instances.start, name=name, node=node, now=self._now(),

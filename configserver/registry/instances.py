@@ -27,6 +27,8 @@ from configserver.cloud.instances import (
     release,
     validate_memory,
 )
+from configserver.cloud.migration import from_json as migration_from_json
+from configserver.cloud.migration import parse_reports
 from configserver.cloud.model import Volume, new_volume_id
 from configserver.cloud.resources import Resources, updated
 from configserver.cloud.resources import from_json as resources_from_json
@@ -58,6 +60,7 @@ def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
         reboots=row["reboots"], delete_disk=bool(row["delete_disk"]),
         desired_generation=row["desired_generation"],
         resources=resources_from_json(json.loads(row["resources"])),
+        migration=migration_from_json(json.loads(row["migration"]) if row["migration"] else None),
         nics=tuple(InstanceNic(n["mac"], n["ip"]) for n in nics))
 
 
@@ -108,21 +111,22 @@ def save(db: sqlite3.Connection, instance: Instance) -> None:
     db.execute(
         "INSERT INTO instances (id, name, memory, vcpus, volume, image, tenant, desired,"
         " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, reboots, delete_disk,"
-        " desired_generation, resources, created, updated)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " desired_generation, resources, created, updated, migration)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(id) DO UPDATE SET"
         " memory=excluded.memory, vcpus=excluded.vcpus, volume=excluded.volume,"
         " desired=excluded.desired, actual=excluded.actual, claim_node=excluded.claim_node,"
         " claim_epoch=excluded.claim_epoch, epoch=excluded.epoch, usage=excluded.usage,"
         " reboots=excluded.reboots, delete_disk=excluded.delete_disk,"
         " desired_generation=excluded.desired_generation, resources=excluded.resources,"
-        " updated=excluded.updated",
+        " updated=excluded.updated, migration=excluded.migration",
         (instance.id, instance.name, instance.memory, instance.vcpus, instance.volume,
          instance.image, instance.tenant, str(instance.desired), instance.actual,
          held.node if held else None, held.epoch if held else None, instance.epoch,
          _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.reboots,
          int(instance.delete_disk), instance.desired_generation,
-         _encode(instance.resources.to_json()), instance.created, instance.updated))
+         _encode(instance.resources.to_json()), instance.created, instance.updated,
+         _encode(instance.migration.to_json()) if instance.migration else None))
     db.execute("DELETE FROM instance_nics WHERE instance=?", (instance.id,))
     db.executemany("INSERT INTO instance_nics VALUES (?,?,?,?)",
                    [(n.mac, instance.id, i, n.ip) for i, n in enumerate(instance.nics)])
@@ -231,7 +235,7 @@ def _existing(db: sqlite3.Connection, name: str, expect: str | None = None) -> I
     return found
 
 
-def _dom0s(db: sqlite3.Connection) -> list[Dom0]:
+def dom0s(db: sqlite3.Connection) -> list[Dom0]:
     """Every dom0 as the scheduler sees it: ready, drained, free memory last reported."""
     rows = db.execute("SELECT n.mac, n.hostname, n.state, n.drained, r.facts FROM nodes n "
                       "LEFT JOIN dom0_reports r ON r.mac=n.mac WHERE n.role='dom0'").fetchall()
@@ -254,7 +258,7 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     else:
         if current.desired == Desired.DESTROYED:
             claim(current, "")  # raises: it is being destroyed
-        mac = choose(ceiling(current), _dom0s(db),
+        mac = choose(ceiling(current), dom0s(db),
                      [i for i in load_all(db) if i.id != current.id])
     if current.claim is None:
         _disk_not_in_use(db, current)
@@ -394,6 +398,7 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     is parsed before anything is written, so a malformed report stores nothing."""
     body = report.get("dom0") if isinstance(report.get("dom0"), dict) else None
     xen, guests, reported = parse_guests(body) if body is not None else (None, [], [])
+    moves = parse_reports(body.get("migrations")) if body is not None else []
     outcome = cloud_volumes.record_report(db, mac=mac, report=report, now=now)
     node = owner(db, mac)
     if body is None or node is None:
@@ -413,7 +418,12 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
             event(db, instance, f"agent.{stage}", now, node=node, **detail)
         if instance not in held:  # not this dom0's guest: on the node's own timeline too
             node_events.add(db, node, f"guest.{stage}", detail, now)
-    changed = 0
+    from configserver.registry import migrations  # it builds on this module
+
+    changed = migrations.apply_reports(db, node, moves, now)
+    if changed:
+        everything = load_all(db)
+        held = [i for i in everything if i.claim is not None and i.claim.node == node]
     for changed_one, stages, released in apply_guests(held, node, guests, seen):
         instance = replace(changed_one, updated=now)
         save(db, instance)
@@ -470,6 +480,6 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
 
 
 __all__ = ["by_name", "create", "create_with_disk", "delete_volume",
-           "destroy", "detach_volume", "dom0_facts", "events", "gone", "load_all", "nic",
+           "destroy", "detach_volume", "dom0_facts", "dom0s", "events", "gone", "load_all", "nic",
            "reboot", "record_report", "save", "set_resources", "start", "stop", "usage",
            "used_addresses"]

@@ -213,6 +213,11 @@ MIGRATIONS: tuple[str, ...] = (
     );
     CREATE INDEX instance_usage_instance ON instance_usage(instance, time);
     """,
+    # 8: ``migration``: a live migration in progress (``configserver.cloud.migration``),
+    # JSON; NULL when none.
+    """
+    ALTER TABLE instances ADD COLUMN migration TEXT;
+    """,
 )
 
 

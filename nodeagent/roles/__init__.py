@@ -51,6 +51,9 @@ class ServerHooks:
 
     confirm: Callable[[str, int], Awaitable[bool]]
     fetch: Callable[[str, Path], Awaitable[None]]
+    # This boot's certificate, key and the server's CA as files (live migrations' stream).
+    credentials: tuple[Path, Path, Path] | None = None
+    api_port: int = 9898  # the agents' own API (a migration's source tells its target there)
 
 
 def role_for(name: str | None, hooks: ServerHooks | None = None) -> Role | None:
@@ -62,7 +65,12 @@ def role_for(name: str | None, hooks: ServerHooks | None = None) -> Role | None:
         from nodeagent.roles import xen
         from nodeagent.roles.dom0 import Dom0Role
         from nodeagent.roles.dom0_guests import Guests
-        return Dom0Role(Guests(xen, hooks.confirm, hooks.fetch) if hooks else None)
+        from nodeagent.roles.migration import Credentials, Migrations
+        if hooks is None:
+            return Dom0Role(None)
+        moves = Migrations(Credentials(*hooks.credentials) if hooks.credentials else None,
+                           xen.exists, xen.unpause, api_port=hooks.api_port)
+        return Dom0Role(Guests(xen, hooks.confirm, hooks.fetch, migrations=moves))
     return None
 
 

@@ -24,13 +24,14 @@ facts (``xen``) and what was done (``events``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import time
 from typing import Any
 
 from nodeagent.errors import IscsiError, MdError, RoleError
-from nodeagent.roles import iscsi, md
+from nodeagent.roles import blockmap, iscsi, md
 from nodeagent.roles.dom0_guests import Guests
 from nodeagent.roles.xenstore import DomainWatch
 
@@ -58,6 +59,9 @@ class Dom0Role:
         # Legs whose last login failed: (target, portal) -> (monotonic time, error).
         self._failed_logins: dict[tuple[str, str], tuple[float, str]] = {}
         self._domains = DomainWatch()
+        self._attachments: dict[str, dict[str, Any]] = {}  # array name -> its latest work
+        if guests is not None and guests.migrations is not None:
+            guests.migrations.assemble = self._assemble
 
     def busy(self) -> bool:
         """Not every attachment is whole: look again soon (a leg may be back)."""
@@ -73,10 +77,11 @@ class Dom0Role:
         guests, a new domain (xenstore's ``@introduceDomain``: one made by hand without the
         claim is destroyed by the pass that follows, within seconds)."""
         arrays = md.arrays()
+        moves = self.guests.migrations if self.guests is not None else None
         return (tuple(sorted((a.name, a.degraded, a.sync_action, a.members)
                              for a in arrays.values())),
                 tuple(sorted((k, s.state) for k, s in iscsi.sessions().items())),
-                self._domains.events)
+                self._domains.events, moves.fingerprint() if moves is not None else None)
 
     async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
         initiator = work.get("initiator")
@@ -85,7 +90,17 @@ class Dom0Role:
         if wanted and isinstance(initiator, str) and initiator != self._initiator:
             await iscsi.ensure_iface(initiator)
             self._initiator = initiator
+        moves = self.guests.migrations if self.guests is not None else None
+        given_up = moves.given_up if moves is not None else set()
+        resuming = moves.resuming() if moves is not None else set()
+        self._attachments = {a["md_name"]: a for a in wanted}
         for attachment in wanted:
+            if attachment["md_name"] in given_up:  # a guest that left: its array stays down
+                report["attachments"].append({**self._state(attachment), "state": "released"})
+                continue
+            if attachment["md_name"] in resuming:  # a migration's task assembles it
+                report["attachments"].append({**self._state(attachment), "state": "standby"})
+                continue
             try:
                 report["attachments"].append(await self._attach(attachment))
             except RoleError as exc:
@@ -97,13 +112,15 @@ class Dom0Role:
             try:
                 report.update(await self.guests.reconcile(
                     [g for g in work.get("guests") or [] if isinstance(g, dict)],
-                    devices_ready=os.path.exists, network=work.get("guest_network")))
+                    devices_ready=os.path.exists, network=work.get("guest_network"),
+                    incoming=[g for g in work.get("incoming") or [] if isinstance(g, dict)]))
             except (RoleError, OSError) as exc:  # xl itself failed: the volumes' report
                 log.warning("guests: %s", exc)  # still goes
         leaving = {(a["volume"], leg["node"]) for a in wanted for leg in a.get("legs") or []
                    if leg.get("leaving")}
         self._settled = all(
-            a["state"] == "attached" or (a["state"] == "degraded" and all(
+            a["state"] in ("attached", "standby", "released") or (
+                a["state"] == "degraded" and all(
                 leg["state"] == "active" or (a["volume"], leg["node"]) in leaving
                 for leg in a["legs"]))
             for a in report["attachments"])
@@ -148,6 +165,11 @@ class Dom0Role:
                     errors.append(f"leg on {leg['node']}: {exc}")
         devices = await self._leg_devices([leg for leg in legs if not leg.get("leaving")])
         array = md.arrays().get(name)
+        if attachment.get("standby") and array is None:
+            # A guest migrating here: its legs are logged in, but the array is the source's
+            # until it released it.
+            return {**self._state(attachment, error="; ".join(errors) or None),
+                    "state": "standby"}
         if array is None:
             await self._start(attachment, devices)
         else:
@@ -197,6 +219,15 @@ class Dom0Role:
             if not pending or loop.time() > deadline:
                 return devices
             await asyncio.sleep(0.5)
+
+    async def _assemble(self, name: str) -> None:
+        """Array ``name`` assembled from its legs, for a guest that migrated here (its source
+        stopped it): the legs are logged in since the migration began (``standby``)."""
+        attachment = self._attachments.get(name)
+        if attachment is None:
+            raise MdError(f"{name}: not in this dom0's work")
+        legs = [leg for leg in attachment.get("legs") or [] if not leg.get("leaving")]
+        await self._start({**attachment, "create": False}, await self._leg_devices(legs))
 
     async def _start(self, attachment: dict[str, Any], devices: dict[str, str | None]) -> None:
         name = attachment["md_name"]
@@ -256,10 +287,15 @@ class Dom0Role:
         wanted_ids = {a["volume"] for a in wanted}
         detached = []
         busy: set[str] = set()
+        for name in blockmap.names():  # a guest's disk device, gone with its array
+            if name not in names:
+                with contextlib.suppress(MdError):  # still open: its guest is still here
+                    await blockmap.remove(name)
         for name in md.arrays():
             if name in names:
                 continue
             try:
+                await blockmap.remove(name)
                 await md.stop(name)
             except MdError as exc:
                 log.warning("array %s is not wanted here but cannot stop: %s", name, exc)

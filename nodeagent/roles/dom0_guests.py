@@ -23,8 +23,9 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from nodeagent.errors import RoleError, ServerError, XenError
-from nodeagent.roles import guestnet, guestusage
+from nodeagent.roles import blockmap, guestnet, guestusage
 from nodeagent.roles.guests import Action, Do, plan
+from nodeagent.roles.migration import Migrations
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,13 @@ Confirm = Callable[[str, int], Awaitable[bool]]  # (instance name, epoch) -> hel
 Fetch = Callable[[str, Path], Awaitable[None]]  # (url, destination) -> file written
 Usage = Callable[[int], dict[str, int]]  # domid -> its network and disk byte counters
 LoadRules = Callable[[str, Path], Awaitable[None]]  # (nft ruleset, file to keep it in)
+Disk = Callable[[str], Awaitable[str]]  # the array's path -> the guest's disk device
+
+
+async def mapped_disk(array: str) -> str:
+    """The guest's disk: the device-mapper device over the array (``blockmap``), the same
+    path on every dom0, and one a migration's target can make before the array is there."""
+    return await blockmap.linear(array.rsplit("/", 1)[-1])
 
 
 class Toolstack(Protocol):
@@ -57,8 +65,11 @@ class Guests:
                  config_dir: Path = CONFIG_DIR, kernel_dir: Path = KERNEL_DIR,
                  shutdown_timeout: float = SHUTDOWN_TIMEOUT,
                  usage: Usage = guestusage.counters,
-                 load_rules: LoadRules = guestnet.apply) -> None:
+                 load_rules: LoadRules = guestnet.apply,
+                 migrations: Migrations | None = None, disk: Disk = mapped_disk) -> None:
         self.xl = xl
+        self.disk = disk
+        self.migrations = migrations
         self.usage = usage
         self.load_rules = load_rules
         self._loaded: str | None = None  # the guest network rules last loaded
@@ -71,7 +82,8 @@ class Guests:
 
     async def reconcile(self, entries: Sequence[Mapping[str, Any]],
                         devices_ready: Callable[[str], bool],
-                        network: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                        network: Mapping[str, Any] | None = None,
+                        incoming: Sequence[Mapping[str, Any]] = ()) -> dict[str, Any]:
         """One pass over the work's guests; the report's ``guests`` part.
 
         First the guest network rules (``guestnet``) for these guests and ``network``, the
@@ -80,10 +92,17 @@ class Guests:
         reboots run side by side, each bounded by its own timeout; creates one at a time
         (each maps a guest's memory). One guest's failure, whether ``xl``, the claim check,
         the kernel's download or the local files, is that guest's error in the report, never
-        the end of the pass."""
+        the end of the pass.
+
+        ``incoming``: guests migrating here (``migration``): their network rules are loaded
+        before they arrive, and their domains are left alone until they run here under the
+        claim. A guest that left for another dom0 is neither created again nor reported."""
         facts = await self.xl.info()
-        rules_error = await self._rules(entries, network)
+        rules_error = await self._rules([*entries, *incoming], network)
+        moves = self.migrations
         specs, errors, kept, sources = [], {}, set(), {}
+        if moves is not None:
+            kept |= moves.arriving() | moves.leaving()
         for entry in entries:
             try:
                 spec = spec_from_work(entry)
@@ -115,13 +134,17 @@ class Guests:
             if action.do == Do.CREATE:
                 await attempt(action)
         await asyncio.gather(*(attempt(a) for a in actions if a.do == Do.REBOOT))
+        if moves is not None:
+            moves.step(incoming, [e for e in entries if e.get("migrate")], self._fetch_files)
         now = await self.xl.domains()
         for spec in specs:
             try:
                 await self._controls(spec, now, facts.get("scheduler"))
             except (RoleError, OSError) as exc:
                 errors[spec.id] = getattr(exc, "message", None) or str(exc)
-        report = self._report(specs, now, facts, errors)
+        report = self._report([s for s in specs if moves is None or s.name not in moves.sent],
+                              now, facts, errors)
+        report["migrations"] = moves.report() if moves is not None else []
         report["network"] = {"rules": self._loaded is not None and not rules_error,
                              "ports": len(guestnet.ports(entries)), "error": rules_error}
         return report
@@ -149,6 +172,10 @@ class Guests:
             raise XenError("the work names no kernel for it")
         ramdisk = await self._file(entry.get("ramdisk")) if entry.get("ramdisk") else None
         return replace(spec, kernel=kernel, ramdisk=ramdisk)
+
+    async def _fetch_files(self, entry: Mapping[str, Any]) -> None:
+        """A guest's kernel and initramfs here, under the same paths as on any dom0."""
+        await self._with_kernel(spec_from_work(entry), entry)
 
     async def _file(self, source: Any) -> str | None:
         """A kernel or initramfs from the config server, kept under its sha256."""
@@ -260,6 +287,7 @@ class Guests:
         if not devices_ready(spec.device):
             return  # its volume is not assembled here yet: a later pass starts it
         spec = await self._with_kernel(spec, entry)
+        spec = replace(spec, device=await self.disk(spec.device))
         instance = spec.name.removeprefix("nb-")
         if not await self.confirm(instance, spec.epoch):
             self._event(spec.name, "not started", reason="the config server says this "

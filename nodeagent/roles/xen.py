@@ -22,6 +22,10 @@ TIMEOUT = 30.0
 CREATE_TIMEOUT = 180.0
 GUEST_SLICE = "netboot-guests.slice"
 DOM0 = "Domain-0"
+# The dom0 image's lean hotplug scripts (elements/xen-dom0): xl runs them while a migrating
+# guest is suspended, so their cost is downtime.
+VIF_SCRIPT = "/etc/xen/scripts/vif-netboot"
+BLOCK_SCRIPT = "/etc/xen/scripts/block-netboot"
 _SAFE = re.compile(r"^[A-Za-z0-9_.:/=,+@ -]*$")  # what a value in a guest config may hold
 _STATES = {"r": "running", "b": "blocked", "p": "paused", "s": "shutdown", "c": "crashed",
            "d": "dying"}
@@ -138,8 +142,10 @@ def guest_config(spec: GuestSpec, *, hap: bool) -> str:
     vif is named after its MAC (``guestnet.vifname``): the guest network rules know it by
     that name on any dom0."""
     rate = f",rate={int(spec.net_rate)}B/s" if spec.net_rate else ""
-    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge},vifname={vifname(mac, index)}{rate}",
-                             "vif") for index, (mac, bridge) in enumerate(spec.nics))
+    vifs = ", ".join(_quoted(f"mac={mac},bridge={bridge},vifname={vifname(mac, index)}{rate},"
+                             f"script={VIF_SCRIPT}", "vif")
+                     for index, (mac, bridge) in enumerate(spec.nics))
+    disk = f"format=raw,vdev=xvda,access=rw,script={BLOCK_SCRIPT},target={spec.device}"
     lines = [
         f"name = {_quoted(spec.name, 'name')}",
         f"uuid = {_quoted(spec.uuid, 'uuid')}",
@@ -153,7 +159,7 @@ def guest_config(spec: GuestSpec, *, hap: bool) -> str:
         f"kernel = {_quoted(spec.kernel, 'kernel')}",
         *([f"ramdisk = {_quoted(spec.ramdisk, 'ramdisk')}"] if spec.ramdisk else []),
         f"extra = {_quoted(spec.cmdline, 'kernel command line')}",
-        f"disk = [ {_quoted(f'phy:{spec.device},xvda,w', 'disk')} ]",
+        f"disk = [ {_quoted(disk, 'disk')} ]",
         f"vif = [ {vifs} ]",
         'on_poweroff = "destroy"',
         'on_reboot = "restart"',
@@ -224,6 +230,15 @@ async def sched_credit(name: str, weight: int, cap: int, scheduler: str | None) 
     await _xl(f"sched-{scheduler}", "-d", name, "-w", str(int(weight)), "-c", str(int(cap)))
 
 
+async def unpause(name: str) -> None:
+    await _xl("unpause", name)
+
+
+async def exists(name: str) -> bool:
+    """Whether a domain of that name is here (in any state)."""
+    return any(d.name == name for d in parse_list(await _xl("list")))
+
+
 async def mem_set(name: str, mib: int) -> None:
     await _xl("mem-set", name, f"{int(mib)}m")
 
@@ -265,6 +280,6 @@ def spec_from_work(entry: Mapping[str, Any], kernel: str = "",
 
 
 __all__ = ["DOM0", "GUEST_SLICE", "Domain", "GuestSpec", "create", "create_argv", "destroy",
-           "domains", "guest_config", "info", "mem_set", "parse_info", "parse_list",
+           "domains", "exists", "guest_config", "info", "mem_set", "parse_info", "parse_list",
            "parse_list_long", "reboot", "sched_credit", "shutdown", "spec_from_work",
-           "vif_rate"]
+           "unpause", "vif_rate"]

@@ -40,18 +40,20 @@ def stream(pki, identity: Identity, peer: Identity, *argv: str) -> list[str]:
             *argv]
 
 
-def receiver(pki, port: int, expect: Identity, timeout: float = 20) -> subprocess.Popen:
+def receiver(pki, expect: Identity, timeout: float = 20) -> tuple[subprocess.Popen, int]:
+    """The target's side on any free port (as the agent runs it): the process and its port."""
     process = subprocess.Popen(
-        stream(pki, TARGET, expect, "receive", "--listen", f"127.0.0.1:{port}", "--timeout",
+        stream(pki, TARGET, expect, "receive", "--listen", "127.0.0.1:0", "--timeout",
                str(timeout), "--", sys.executable, "-c", RECEIVER, str(SIZE)),
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    assert process.stdout.readline().strip() == "listening", process.stderr.read()
-    return process
+    said = process.stdout.readline().split()
+    assert said[:1] == ["listening"] and said[1].isdigit() and int(said[1]) > 0, \
+        process.stderr.read()
+    return process, int(said[1])
 
 
 def test_the_guest_bytes_cross_and_the_receivers_answer_and_status_come_back(pki):
-    port = free_port()
-    target = receiver(pki, port, SOURCE)
+    target, port = receiver(pki, SOURCE)
     payload = os.urandom(SIZE)
     began = time.monotonic()
     # As xl runs it: `exec CMD HOST xl migrate-receive ...` with CMD ending in '#'.
@@ -73,8 +75,7 @@ def test_the_guest_bytes_cross_and_the_receivers_answer_and_status_come_back(pki
     Identity("admin", "someone"),  # a person, even an admin
 ])
 def test_anyone_but_the_expected_source_is_refused_before_the_command_runs(pki, caller):
-    port = free_port()
-    target = receiver(pki, port, SOURCE, timeout=4)
+    target, port = receiver(pki, SOURCE, timeout=4)
     done = subprocess.run(stream(pki, caller, TARGET, "connect", f"127.0.0.1:{port}"),
                           input=b"x" * 1024, capture_output=True, timeout=30, check=False)
     assert done.stdout == b""  # nothing answered: the command never ran
@@ -91,7 +92,7 @@ def test_the_source_refuses_a_target_that_is_not_the_node_it_was_sent_to(pki):
         stream(pki, impostor, SOURCE, "receive", "--listen", f"127.0.0.1:{port}",
                "--timeout", "5", "--", "cat"), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True)
-    assert process.stdout.readline().strip() == "listening"
+    assert process.stdout.readline().split() == ["listening", str(port)]
     done = subprocess.run(stream(pki, SOURCE, TARGET, "connect", f"127.0.0.1:{port}"),
                           input=b"secret guest memory", capture_output=True, timeout=30,
                           check=False)

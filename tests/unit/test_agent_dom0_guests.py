@@ -97,8 +97,13 @@ def guests(tmp_path, xl, held=True, rules=None):
     made = Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
                   kernel_dir=tmp_path / "kernels", shutdown_timeout=1.0,
                   usage=lambda domid: {"net_rx_bytes": 100 * domid, "disk_write_bytes": 512},
-                  load_rules=load_rules)
+                  load_rules=load_rules, disk=mapped)
     return made, asked, fetched
+
+
+async def mapped(array):
+    """blockmap's device over the array, without device-mapper."""
+    return "/dev/mapper/nbdisk-" + array.removeprefix("/dev/md/nb-")
 
 
 async def test_creates_a_claimed_guest_after_confirming_and_reports_it(tmp_path):
@@ -106,7 +111,8 @@ async def test_creates_a_claimed_guest_after_confirming_and_reports_it(tmp_path)
     made, asked, fetched = guests(tmp_path, xl)
     report = await made.reconcile([entry()], lambda device: True)
     assert asked == [("web", 2)] and xl.calls == [("create", "nb-web")]
-    assert 'type = "pv"' in xl.configs[0] and "phy:/dev/md/nb-fedcba9876543210" in xl.configs[0]
+    assert 'type = "pv"' in xl.configs[0]
+    assert "target=/dev/mapper/nbdisk-fedcba9876543210" in xl.configs[0]
     [guest] = report["guests"]
     assert guest["state"] == "blocked" and guest["epoch"] == 2 and guest["error"] is None
     assert guest["net_rx_bytes"] == 700 and guest["disk_write_bytes"] == 512  # domid 7
@@ -337,3 +343,22 @@ async def test_a_guest_found_running_is_taken_to_have_xens_defaults(tmp_path):
     made, _, _ = guests(tmp_path / "other", xl)
     await made.reconcile([entry(cpu_cap=20)], lambda device: True)
     assert xl.calls == [("sched-credit", "nb-web", 256, 20)]
+
+
+async def test_a_domain_in_flight_under_xls_names_is_left_alone(tmp_path):
+    """``xl migrate-receive`` builds ``NAME--incoming`` and the source's domain becomes
+    ``NAME--migratedaway``: neither holds a claim, neither may be destroyed meanwhile (the
+    receive would fail populating its memory, the send would lose the guest)."""
+    from nodeagent.roles.migration import Migrations
+    xl = FakeXl([Domain("nb-web--incoming", 3, 0, 1, "paused", 0.0, UUID),
+                 Domain("nb-db--migratedaway", 4, 256, 1, "paused", 9.0, UUID),
+                 Domain("nb-stray--incoming", 5, 0, 1, "paused", 0.0, UUID)])
+    made, _, _ = guests(tmp_path, xl)
+    made.migrations = moves = Migrations(None, exists=None, unpause=None)
+    moves.states["m1"] = {"id": "m1", "side": "target", "state": "listening",
+                          "domain": "nb-web", "md": "nb-1", "port": 1, "error": None}
+    moves.states["m2"] = {"id": "m2", "side": "source", "state": "sending",
+                          "domain": "nb-db", "md": "nb-2", "port": None, "error": None}
+    moves.step = lambda *args: None
+    await made.reconcile([], lambda device: True)
+    assert xl.calls == [("destroy", "nb-stray--incoming")]

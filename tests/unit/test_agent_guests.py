@@ -83,8 +83,11 @@ def test_parse_list_long_and_info():
 def test_guest_config_is_pv_without_hap_and_pvh_with_it():
     text = guest_config(spec(), hap=False)
     assert 'type = "pv"' in text and 'name = "nb-web"' in text and f'uuid = "{UUID}"' in text
-    assert 'disk = [ "phy:/dev/md/nb-fedcba9876543210,xvda,w" ]' in text
-    assert 'vif = [ "mac=00:16:3e:00:00:01,bridge=xenbr0,vifname=nb000001.0" ]' in text
+    # The image's lean hotplug scripts: their cost is a migrating guest's downtime.
+    assert ('disk = [ "format=raw,vdev=xvda,access=rw,script=/etc/xen/scripts/block-netboot,'
+            'target=/dev/md/nb-fedcba9876543210" ]') in text
+    assert ('vif = [ "mac=00:16:3e:00:00:01,bridge=xenbr0,vifname=nb000001.0,'
+            'script=/etc/xen/scripts/vif-netboot" ]') in text
     assert 'extra = "root=/dev/xvda ro console=hvc0"' in text and "memory = 256" in text
     assert 'type = "pvh"' in guest_config(spec(), hap=True)
 

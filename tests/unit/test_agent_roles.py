@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import types
 from pathlib import Path
 from typing import Any
 
@@ -409,6 +410,85 @@ async def test_a_new_volume_is_created_across_both_legs(monkeypatch):
     assert fake.calls == []  # nothing to do twice
 
 
+async def test_a_migration_s_target_logs_in_but_assembles_only_once_released(monkeypatch):
+    """Standby (the source runs the array): both legs logged in, no array; then released:
+    assembled from the legs' superblocks, never created."""
+    fake = FakeDom0(monkeypatch, superblocks={"/dev/sda": f"nb-{VID}",
+                                              "/dev/sdb": f"nb-{VID}"})
+    role = dom0.Dom0Role()
+    standby = {**_attachment(create=False), "standby": True}
+    report = await role.reconcile(_work(standby))
+    assert [c for c in fake.calls if c[0] == "login"] == [
+        ("login", "198.18.0.50:3260"), ("login", "198.18.0.51:3260")]
+    assert not fake.arrays and report["attachments"][0]["state"] == "standby"
+    assert not role.busy()  # standby is settled: no fast retries
+    report = await role.reconcile(_work({**standby, "standby": False}))
+    assert ("assemble", f"nb-{VID}", ("/dev/sda", "/dev/sdb")) in fake.calls
+    assert report["attachments"][0]["state"] == "attached"
+
+
+async def test_a_migration_s_source_leaves_the_array_it_gave_up_down(monkeypatch):
+    """Once the guest left and its array was stopped for the target, a pass with the same
+    work (the server has not heard yet) does not assemble it again."""
+    from nodeagent.roles.migration import Migrations
+    fake = FakeDom0(monkeypatch, superblocks={"/dev/sda": f"nb-{VID}",
+                                              "/dev/sdb": f"nb-{VID}"})
+    moves = Migrations(None, exists=None, unpause=None)
+    moves.given_up.add(f"nb-{VID}")
+
+    async def no_guests(entries, devices_ready, network=None, incoming=()):
+        return {"guests": [], "migrations": moves.report()}
+
+    role = dom0.Dom0Role(types.SimpleNamespace(migrations=moves, reconcile=no_guests))
+    monkeypatch.setattr(role._domains, "start", lambda: None)
+    report = await role.reconcile(_work(_attachment(create=False)))
+    assert not [c for c in fake.calls if c[0] in ("assemble", "create", "login")], fake.calls
+    assert report["attachments"][0]["state"] == "released" and not fake.arrays
+
+
+async def test_a_migration_s_target_resumes_on_the_source_s_own_word(monkeypatch):
+    """The source's ``released`` (its certificate's identity, through the agent API) lets
+    the target's task assemble the array from the standby legs, switch the guest's disk over
+    and unpause it, before the config server says anything; anyone else's is refused, and
+    passes meanwhile leave the array to the task."""
+    from nodeagent.roles import blockmap
+    from nodeagent.roles.migration import Migrations
+    fake = FakeDom0(monkeypatch, superblocks={"/dev/sda": f"nb-{VID}",
+                                              "/dev/sdb": f"nb-{VID}"})
+    switched, unpaused = [], []
+
+    async def linear(name):
+        switched.append(name)
+
+    async def unpause(domain):
+        unpaused.append(domain)
+
+    monkeypatch.setattr(blockmap, "linear", linear)
+    moves = Migrations(None, exists=None, unpause=unpause)
+
+    async def no_guests(entries, devices_ready, network=None, incoming=()):
+        return {"guests": [], "migrations": moves.report()}
+
+    role = dom0.Dom0Role(types.SimpleNamespace(migrations=moves, reconcile=no_guests))
+    monkeypatch.setattr(role._domains, "start", lambda: None)
+    standby = {**_attachment(create=False), "standby": True}
+    await role.reconcile(_work(standby))
+    source = "urn:netboot:node:52:54:00:fa:d0:01:boot"
+    moves.states["m1"] = {"id": "m1", "side": "target", "state": "received",
+                          "domain": "nb-web", "md": f"nb-{VID}", "port": 1, "error": None,
+                          "peer": source}
+    assert not moves.notify_released("m1", "urn:netboot:node:52:54:00:fa:d0:03:boot")
+    assert not moves.notify_released("m2", source) and moves.resuming() == set()
+    assert moves.notify_released("m1", source)
+    assert moves.resuming() == {f"nb-{VID}"}
+    report = await role.reconcile(_work(standby))  # the server has not heard yet
+    assert not fake.arrays and report["attachments"][0]["state"] == "standby"
+    await moves._resume("m1", {"device": f"/dev/md/nb-{VID}"})
+    assert ("assemble", f"nb-{VID}", ("/dev/sda", "/dev/sdb")) in fake.calls
+    assert switched == [f"nb-{VID}"] and unpaused == ["nb-web"]
+    assert moves.states["m1"]["state"] == "running" and moves.resuming() == set()
+
+
 async def test_an_initialized_volume_is_assembled_never_created(monkeypatch):
     fake = FakeDom0(monkeypatch, superblocks={"/dev/sdb": f"nb-{VID}"})
     fake.reachable = {"198.18.0.51:3260"}
@@ -681,7 +761,7 @@ async def test_a_change_on_the_node_runs_a_pass_without_waiting_for_the_server(m
 async def test_a_dom0_with_guests_reports_them_after_its_volumes(monkeypatch, tmp_path):
     """The guests' part runs after the arrays: a guest on a volume assembled in this same
     pass is created in it (the device exists), and the report carries guests and Xen facts."""
-    from test_agent_dom0_guests import FakeXl, entry
+    from test_agent_dom0_guests import FakeXl, entry, mapped
 
     from nodeagent.roles.dom0_guests import Guests
 
@@ -701,7 +781,7 @@ async def test_a_dom0_with_guests_reports_them_after_its_volumes(monkeypatch, tm
     loaded = []
     role = dom0.Dom0Role(Guests(xl, confirm, fetch, config_dir=tmp_path / "cfg",
                                 kernel_dir=tmp_path / "k", load_rules=load_rules,
-                                usage=lambda domid: {}))
+                                usage=lambda domid: {}, disk=mapped))
     assembled = []
     monkeypatch.setattr(dom0.os.path, "exists",
                         lambda path: assembled.append(path) or path == f"/dev/md/nb-{VID}")

@@ -197,7 +197,7 @@ async def test_work_for_storage_and_dom0_follows_the_reports(aiohttp_client, adm
     work = (await get_work(nobody, dom0, dom0_who))["dom0"]
     assert work.pop("guest_network")["protected"]  # the storage nodes' addresses
     assert work == {"initiator": "iqn.2026-12.net.netboot:node-52540000d001",
-                    "attachments": [], "guests": []}
+                    "attachments": [], "guests": [], "incoming": []}
     resp = await report(nobody, sn1, sn1_who, storage_report(GIB, exported(vid)))
     assert resp.status == 200 and (await resp.json())["stored"] is True
     registry.record_cloud_report(SN2, storage_report(GIB, exported(vid)))
@@ -205,8 +205,8 @@ async def test_work_for_storage_and_dom0_follows_the_reports(aiohttp_client, adm
     assert work["role"] == "dom0" and "storage" not in work
     assert work["dom0"]["attachments"] == [{
         "volume": vid, "name": "db", "size": 2 * GIB, "md_name": f"nb-{vid}",
-        "device": f"/dev/md/nb-{vid}", "create": True, "user": "node-52540000d001",
-        "secret": secret, "legs": [
+        "device": f"/dev/md/nb-{vid}", "create": True, "standby": False,
+        "user": "node-52540000d001", "secret": secret, "legs": [
             {"node": SN1, "portal": "198.18.0.51:3260",
              "target": f"iqn.2026-12.net.netboot:vol-{vid}", "lun": 0, "leaving": False},
             {"node": SN2, "portal": "198.18.0.52:3260",

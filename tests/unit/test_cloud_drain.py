@@ -80,7 +80,7 @@ def test_a_schema_4_registry_upgrades_keeping_nodes_and_volumes(tmp_path):
         assert node.to_json()["drained"] is False and node.to_json()["drained_since"] is None
         assert [v.name for v in registry.volumes()] == ["keep"]
         assert registry.cloud_generation() == 7
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 7
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 8
         drained, generation = registry.drain_node("old1")
         assert drained.drained is not None and generation == 8
     finally:
