@@ -244,7 +244,7 @@ class AgentSession:
             return
         role = self._cloud_roles(self.status.node.role,
                                  ServerHooks(self._confirm_claim, self.client.download,
-                                             self._credentials(), self.config.api_port))
+                                             self._credentials()))
         if role is None:
             return
         self.reconciler = Reconciler(role, self._fetch_work, self._post_report)

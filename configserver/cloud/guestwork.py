@@ -37,10 +37,11 @@ class GuestBoot:
 @dataclass(frozen=True)
 class Peer:
     """A dom0 as another dom0 reaches it in a migration: its certificate's identity (its
-    current boot) and the address its heartbeat came from."""
+    current boot), the address its heartbeat came from and its agent's API port."""
 
     identity: str | None
     address: str | None
+    api_port: int | None = None
 
 
 def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str, Volume],
@@ -61,7 +62,7 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
         if moving is not None and moving.phase == SENDING:
             peer = (peers or {}).get(moving.target) or Peer(None, None)
             entry["migrate"] = {"id": moving.id, "address": peer.address, "port": moving.port,
-                                "peer": peer.identity}
+                                "peer": peer.identity, "api_port": peer.api_port}
         entries.append(entry)
     return entries
 

@@ -189,17 +189,22 @@ async def _body(request: web.Request, allowed: set[str]) -> dict[str, Any]:
     return data
 
 
+async def _dom0_field(request: web.Request, field: str) -> str | None:
+    """The body's only field ``field``, a dom0's hostname or MAC, if given."""
+    value = (await _body(request, {field})).get(field)
+    if value is not None and (not isinstance(value, str) or not value):
+        raise InvalidRequest(f"{field} must be a dom0's hostname or MAC")
+    return value
+
+
 async def start_instance(request: web.Request) -> web.Response:
     """``{"node"?: dom0 hostname or MAC}`` (admins only; else the scheduler's choice, or the
     dom0 already holding it) -> the instance, wanted running there."""
     instance = await find_instance(request)
-    node = (await _body(request, {"node"})).get("node")
-    if node is not None:
-        if not isinstance(node, str) or not node:
-            raise InvalidRequest("node must be a dom0's hostname or MAC")
-        if not request[IDENTITY].is_admin:
-            raise Forbidden("only an admin places an instance on a dom0",
-                            hint="leave out the node: the scheduler picks one")
+    node = await _dom0_field(request, "node")
+    if node is not None and not request[IDENTITY].is_admin:
+        raise Forbidden("only an admin places an instance on a dom0",
+                        hint="leave out the node: the scheduler picks one")
     started, generation = await asyncio.to_thread(functools.partial(
         request.app[REGISTRY].start_instance, instance.name, node, expect=instance.id))
     return await _answer(request, started, generation)
@@ -210,9 +215,7 @@ async def migrate_instance(request: web.Request) -> web.Response:
     ``migration``: checked first (running, the target's memory and Xen version, a leg of the
     disk in sync), then carried out by the two dom0s; the map changes once both are done."""
     instance = await find_instance(request)
-    to = (await _body(request, {"to"})).get("to")
-    if to is not None and (not isinstance(to, str) or not to):
-        raise InvalidRequest("to must be a dom0's hostname or MAC")
+    to = await _dom0_field(request, "to")
     if not request[IDENTITY].is_admin:
         raise Forbidden("only an admin migrates an instance",
                         hint="ask the provider; a tenant's instances move with maintenance")

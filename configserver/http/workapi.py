@@ -120,12 +120,12 @@ def _images(request: web.Request, names: Iterable[str]) -> dict[str, ImageSource
 
 def _peer(registry: Registry, mac: str) -> Peer:
     """How another dom0 reaches ``mac`` in a migration: its identity in its current boot,
-    and the address its heartbeat came from."""
+    and the address its heartbeat came from with its agent's API port."""
     node = registry.lookup(mac)
     session = registry.agent_session(mac)
     where = agent_api(node) if node is not None else None
     return Peer(Identity("node", mac, boot_id=session.boot_id).uri() if session else None,
-                where[0] if where else None)
+                where[0] if where else None, where[1] if where else None)
 
 
 def _work(request: web.Request, mac: str, role: str | None) -> dict[str, Any]:

@@ -53,7 +53,6 @@ class ServerHooks:
     fetch: Callable[[str, Path], Awaitable[None]]
     # This boot's certificate, key and the server's CA as files (live migrations' stream).
     credentials: tuple[Path, Path, Path] | None = None
-    api_port: int = 9898  # the agents' own API (a migration's source tells its target there)
 
 
 def role_for(name: str | None, hooks: ServerHooks | None = None) -> Role | None:
@@ -69,7 +68,7 @@ def role_for(name: str | None, hooks: ServerHooks | None = None) -> Role | None:
         if hooks is None:
             return Dom0Role(None)
         moves = Migrations(Credentials(*hooks.credentials) if hooks.credentials else None,
-                           xen.exists, xen.unpause, api_port=hooks.api_port)
+                           xen.exists, xen.unpause)
         return Dom0Role(Guests(xen, hooks.confirm, hooks.fetch, migrations=moves))
     return None
 

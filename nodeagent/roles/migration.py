@@ -31,15 +31,14 @@ import asyncio
 import contextlib
 import logging
 import shutil
-import ssl
 import sys
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from nodeagent import migratestream
 from nodeagent.errors import MdError, RoleError, XenError
-from nodeagent.peers import peer_identity
 from nodeagent.roles import blockmap, md
 from nodeagent.roles.xen import GUEST_SLICE
 
@@ -86,12 +85,11 @@ def _scope(argv: list[str], what: str) -> list[str]:
 
 class Migrations:
     def __init__(self, credentials: Credentials | None, exists: Exists, unpause: Unpause, *,
-                 python: str = sys.executable, api_port: int = 9898) -> None:
+                 python: str = sys.executable) -> None:
         self.credentials = credentials
         self.exists = exists
         self.unpause = unpause
         self.python = python
-        self.api_port = api_port  # the agents' API: where a target hears of the release
         self.assemble: Assemble | None = None  # set by the dom0 role
         self._released: dict[str, asyncio.Event] = {}
         self.states: dict[str, dict[str, Any]] = {}  # migration id -> its report line
@@ -335,38 +333,36 @@ class Migrations:
         await self._notify(key, entry.get("migrate") or {})
 
     async def _notify(self, key: str, moving: Mapping[str, Any]) -> None:
-        """Tell the target's agent the array is stopped (mutual TLS: this boot's certificate,
-        the target's checked against the identity the work names). A failure only costs
-        time: the target hears it from the config server too."""
-        if self.credentials is None or not moving.get("address") or not moving.get("peer"):
+        """Tell the target's agent the array is stopped (``migratestream``'s mutual TLS: this
+        boot's certificate, the target's checked against the identity the work names). A
+        failure only costs time: the target hears it from the config server too."""
+        if (self.credentials is None or not moving.get("address") or not moving.get("peer")
+                or not moving.get("api_port")):
             return
-        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH,
-                                             cafile=str(self.credentials.ca))
-        context.check_hostname = False  # node certificates name identities, not addresses
-        context.load_cert_chain(str(self.credentials.cert), str(self.credentials.key))
-        address, path = str(moving["address"]), f"/v1/migrations/{key}/released"
-        url = f"https://{address}:{self.api_port}{path}"
+        _, context = migratestream.contexts(str(self.credentials.cert),
+                                            str(self.credentials.key),
+                                            str(self.credentials.ca))
+        address, port = str(moving["address"]), int(moving["api_port"])
+        path = f"/v1/migrations/{key}/released"
+        url = f"https://{address}:{port}{path}"
         try:
             async with asyncio.timeout(NOTIFY_TIMEOUT):
-                reader, writer = await asyncio.open_connection(address, self.api_port,
-                                                               ssl=context, server_hostname="")
+                reader, writer = await asyncio.open_connection(address, port, ssl=context,
+                                                               server_hostname="")
                 try:
-                    tls = writer.get_extra_info("ssl_object")
-                    found = peer_identity(tls.getpeercert() if tls is not None else None)
-                    if found != moving["peer"]:
-                        raise XenError(f"{url} answered as {found}, not {moving['peer']}")
+                    migratestream.check_peer(writer, str(moving["peer"]))
                     writer.write(f"POST {path} HTTP/1.1\r\nHost: {address}\r\n"
                                  "Content-Length: 0\r\nConnection: close\r\n\r\n".encode())
                     await writer.drain()
                     status = (await reader.readline()).decode(errors="replace").split()
                 finally:
                     writer.close()
-                    with contextlib.suppress(OSError, ssl.SSLError):
+                    with contextlib.suppress(OSError):
                         await writer.wait_closed()
             if status[1:2] != ["200"]:
                 raise XenError(f"{url} answered {' '.join(status[1:]) or 'nothing'}")
             log.info("migration %s: the target heard of the release", key)
-        except (TimeoutError, OSError, XenError) as exc:
+        except (TimeoutError, OSError, XenError, migratestream.StreamError) as exc:
             log.warning("migration %s: could not tell the target itself (%s); it hears it "
                         "from the config server", key, exc)
 

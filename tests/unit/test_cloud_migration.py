@@ -154,8 +154,8 @@ def test_each_dom0_s_work_during_a_migration():
                    desired="running", nics=(InstanceNic("00:16:3e:00:00:01", "198.18.0.100"),),
                    image="guest", migration=new_migration(DOM0, DOM0B, 2, 5.0))
     boots = {"guest": GuestBoot("http://s/k", "a" * 64, "http://s/r", "b" * 64, "ro")}
-    peers = {DOM0: Peer("urn:netboot:node:a:1", "198.18.0.10"),
-             DOM0B: Peer("urn:netboot:node:b:2", "198.18.0.11")}
+    peers = {DOM0: Peer("urn:netboot:node:a:1", "198.18.0.10", 9898),
+             DOM0B: Peer("urn:netboot:node:b:2", "198.18.0.11", 9898)}
     kwargs = {"volumes": {volume.id: volume}, "boots": boots, "server_url": "http://s",
               "peers": peers}
     # Preparing: the source runs it as before, the target prepares, its legs in standby.
@@ -173,7 +173,8 @@ def test_each_dom0_s_work_during_a_migration():
     sending = replace(web, migration=replace(web.migration, phase="sending", port=40123))
     [entry] = guest_work([sending], DOM0, **kwargs)
     assert entry["migrate"] == {"id": web.migration.id, "address": "198.18.0.11",
-                                "port": 40123, "peer": "urn:netboot:node:b:2"}
+                                "port": 40123, "peer": "urn:netboot:node:b:2",
+                                "api_port": 9898}
     # Released: the source no longer has it; the target resumes it.
     released = replace(web, migration=replace(web.migration, phase="released", port=40123))
     assert guest_work([released], DOM0, **kwargs) == []
