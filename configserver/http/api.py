@@ -12,12 +12,13 @@ loop that also answers DHCP and TFTP.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
 
-from configserver.cloud.drain import drain_status
+from configserver.cloud.drain import drain_status, parallel
 from configserver.errors import InvalidRequest, NotFound
 from configserver.http.appkeys import CATALOG, CLOUD, REGISTRY
 from configserver.model import (
@@ -169,7 +170,7 @@ def _node_json(registry: Registry, node: Node) -> dict[str, Any]:
     body["timeline"] = boot_timeline(events)
     body["inventory"] = registry.inventory(node.mac)
     body["events"] = [e.to_json() for e in events[-50:]]
-    body["drain"] = drain_status(node, registry.volumes())
+    body["drain"] = drain_status(node, registry.volumes()) or registry.dom0_drain(node)
     return body
 
 
@@ -197,8 +198,14 @@ async def _drain_answer(request: web.Request,
 
 
 async def drain_node(request: web.Request) -> web.Response:
-    """Planned maintenance: no new volume there; a storage node's legs leave the arrays."""
-    return await _drain_answer(request, request.app[REGISTRY].drain_node)
+    """Planned maintenance: nothing new placed there; a storage node's legs leave the
+    arrays, a dom0's instances migrate away (``{"parallel": N}`` at a time)."""
+    body = await read_body(request) if request.can_read_body else {}
+    if not isinstance(body, dict) or set(body) - {"parallel"}:
+        raise InvalidRequest('the body of a drain is {} or {"parallel": N}')
+    limit = None if body.get("parallel") is None else parallel(body["parallel"])
+    return await _drain_answer(request, functools.partial(request.app[REGISTRY].drain_node,
+                                                          parallel=limit))
 
 
 async def undrain_node(request: web.Request) -> web.Response:

@@ -80,8 +80,11 @@ class CloudStore:
         return self._run(settling(cloud_instances.record_report), mac=mac, report=report,
                          now=self._now(), seen=seen)
 
-    def drain_node(self, ref: str) -> tuple[Node, int]:
-        return self._run(cloud_drain.drain, ref=ref, now=self._now())
+    def drain_node(self, ref: str, parallel: int | None = None) -> tuple[Node, int]:
+        return self._run(cloud_drain.drain, ref=ref, now=self._now(), parallel=parallel)
+
+    def dom0_drain(self, node: Node) -> dict[str, Any] | None:
+        return cloud_drain.dom0_status(self._db(), node)
 
     def undrain_node(self, ref: str) -> tuple[Node, int]:
         return self._run(cloud_drain.undrain, ref=ref, now=self._now())

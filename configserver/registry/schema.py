@@ -218,6 +218,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE instances ADD COLUMN migration TEXT;
     """,
+    # 9: ``drain_limit``: how many live migrations at once a drained dom0 sends its
+    # instances away with (``configserver.cloud.drain``); NULL: the default.
+    """
+    ALTER TABLE nodes ADD COLUMN drain_limit INTEGER;
+    """,
 )
 
 

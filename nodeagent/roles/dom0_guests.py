@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import os
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
@@ -188,13 +189,16 @@ class Guests:
         if path.exists():
             return str(path)
         self.kernel_dir.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(".part")
-        await self.fetch(str(source["url"]), partial)
-        got = await asyncio.to_thread(_sha256, partial)
-        if got != digest:
+        # Its own partial file: two guests (or a migration) may fetch the same one at once.
+        partial = path.with_name(f"{digest}.{secrets.token_hex(4)}.part")
+        try:
+            await self.fetch(str(source["url"]), partial)
+            got = await asyncio.to_thread(_sha256, partial)
+            if got != digest:
+                raise XenError(f"{source['url']}: sha256 {got} is not the announced {digest}")
+            os.replace(partial, path)
+        finally:
             partial.unlink(missing_ok=True)
-            raise XenError(f"{source['url']}: sha256 {got} is not the announced {digest}")
-        os.replace(partial, path)
         return str(path)
 
     async def _carry_out(self, action: Action, facts: Mapping[str, Any],

@@ -196,12 +196,22 @@ class Migrations:
                 raise
             except (RoleError, OSError) as exc:
                 message = getattr(exc, "message", None) or str(exc)
-                self.states[key]["error"] = message
+                self._failed(key, message)
                 log.warning("migration %s: %s", key, message)
             except Exception as exc:  # a bug must still be reported, not left in a task
-                self.states[key]["error"] = f"{type(exc).__name__}: {exc}"
+                self._failed(key, f"{type(exc).__name__}: {exc}")
                 log.exception("migration %s failed", key)
         self._tasks[key] = asyncio.create_task(guarded(), name=f"migration-{key}")
+
+    def _failed(self, key: str, message: str) -> None:
+        """A task's error. A target that has not been given the array yet reports the
+        migration failed (the server aborts it; the guest runs on at the source); past that
+        point, and on the source, only the error is shown: the guest may be here already."""
+        state = self.states[key]
+        state["error"] = message
+        if state["side"] == "target" and state["state"] in ("preparing", "listening") \
+                and not self._release_event(key).is_set():
+            state["state"] = "failed"
 
     def _stream(self, peer: str) -> list[str]:
         if self.credentials is None:

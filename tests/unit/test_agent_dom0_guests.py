@@ -170,6 +170,27 @@ async def test_a_kernel_with_the_wrong_sha256_is_refused_and_not_kept(tmp_path):
     assert guest["state"] == "stopped" and "is not the announced" in guest["error"]
 
 
+async def test_two_fetches_of_one_kernel_at_once_both_get_it(tmp_path):
+    """Two guests (or two migrations coming in) with the same kernel fetch it side by side:
+    each into its own partial file; both end with the one kept under its sha256."""
+    made, _, _ = guests(tmp_path, FakeXl())
+    turns = asyncio.Event()
+
+    async def slow_fetch(url, dest):
+        dest.write_bytes(KERNEL[:10])
+        await turns.wait()  # both are half way before either finishes
+        dest.write_bytes(KERNEL)
+
+    made.fetch = slow_fetch
+    source = {"url": "http://s/k", "sha256": hashlib.sha256(KERNEL).hexdigest()}
+    both = asyncio.gather(made._file(source), made._file(source))
+    await asyncio.sleep(0.05)
+    turns.set()
+    first, second = await both
+    assert first == second and Path(first).read_bytes() == KERNEL
+    assert [f.name for f in (tmp_path / "kernels").iterdir()] == [Path(first).name]
+
+
 async def test_a_running_guest_outlives_an_unusable_kernel_or_a_malformed_entry(tmp_path):
     """A kernel is only fetched to create: a running guest needs none, and a work entry the
     agent cannot read leaves its domain alone (a bug, not a reason to destroy a guest)."""

@@ -791,3 +791,22 @@ async def test_a_dom0_with_guests_reports_them_after_its_volumes(monkeypatch, tm
     assert xl.calls == [("create", "nb-web")] and report["guests"][0]["state"] == "blocked"
     assert len(loaded) == 1 and report["network"]["rules"] is True
     assert report["xen"]["free_memory_mib"] == 1400 and assembled == [f"/dev/md/nb-{VID}"]
+
+
+async def test_a_target_that_cannot_prepare_reports_the_migration_failed():
+    """An error before anything was received (here: the guest's kernel could not be had) is
+    the migration's failure, so the server aborts it and the guest runs on at the source;
+    the migration is not left preparing for ever."""
+    from nodeagent.roles.migration import Migrations
+    moves = Migrations(None, exists=None, unpause=None)
+
+    async def prepare(entry):
+        raise OSError(2, "No such file or directory", "/var/lib/nodeagent/kernels/x.part")
+
+    entry = {"domain": "nb-web", "device": f"/dev/md/nb-{VID}",
+             "migration": {"id": "m1", "peer": "urn:netboot:node:x:boot", "size": 1 << 30}}
+    moves.step([entry], [], prepare)
+    await asyncio.sleep(0)
+    await moves._tasks["m1"]
+    [line] = moves.report()
+    assert line["state"] == "failed" and "x.part" in line["error"], line

@@ -25,6 +25,7 @@ from cloudtest import (
 from configserver.cloud.drain import drain_status, legs_held
 from configserver.cloud.work import node_work
 from configserver.errors import NodeDrained, NotDrainable, NotFound, TooFewStorageNodes, VolumeInUse
+from configserver.registry.schema import MIGRATIONS
 from configserver.registry.sqlite import SqliteRegistry
 
 KEY = b"k" * 32
@@ -80,7 +81,8 @@ def test_a_schema_4_registry_upgrades_keeping_nodes_and_volumes(tmp_path):
         assert node.to_json()["drained"] is False and node.to_json()["drained_since"] is None
         assert [v.name for v in registry.volumes()] == ["keep"]
         assert registry.cloud_generation() == 7
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 8
+        version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
+        assert version == len(MIGRATIONS)
         drained, generation = registry.drain_node("old1")
         assert drained.drained is not None and generation == 8
     finally:
@@ -108,8 +110,9 @@ def test_drain_and_undrain_are_idempotent_and_bump_the_generation(registry):
 
 def test_refusals(registry):
     attached_volume(registry)
-    with pytest.raises(VolumeInUse, match="detach its volumes first; moving them live "
-                                          "comes with instances") as refused:
+    # A volume attached by hand is no instance's disk: a drain cannot move it live.
+    with pytest.raises(VolumeInUse, match=r"attached that are no instance's disk there "
+                                          r"\(db\): detach them first") as refused:
         registry.drain_node("dom0-1")
     assert refused.value.status == 409 and "db" in refused.value.message
     assert registry.lookup(DOM0).drained is None

@@ -48,7 +48,7 @@ async def test_refusals_over_http(admin, registry):  # noqa: F811
     await attached(admin, registry)
     resp = await admin.post("/api/v1/nodes/dom0-1/drain")
     body = await resp.json()
-    assert resp.status == 409 and "detach its volumes first" in body["message"]
+    assert resp.status == 409 and "detach them first" in body["message"]
     resp = await admin.post("/api/v1/nodes/nosuch/drain")
     assert resp.status == 404
 
@@ -73,3 +73,17 @@ async def test_a_drain_wakes_the_long_poll(aiohttp_client, admin, pki, registry)
     assert (await admin.post("/api/v1/nodes/sn1/drain")).status == 200
     answer = await asyncio.wait_for(waiting, 5)
     assert answer["generation"] == current + 1 and answer["storage"]["drained"] is True
+
+
+async def test_a_dom0_drain_takes_a_parallel_limit_and_shows_what_is_left(admin,  # noqa: F811
+                                                                          registry):  # noqa: F811
+    for body in ({"parallel": 0}, {"parallel": "2"}, {"limit": 2}, []):
+        resp = await admin.post("/api/v1/nodes/dom0-1/drain", json=body)
+        assert resp.status == 400, (body, await resp.text())
+    assert registry.lookup(DOM0).drained is None  # nothing stored by a bad request
+    resp = await admin.post("/api/v1/nodes/dom0-1/drain", json={"parallel": 3})
+    node = await resp.json()
+    assert resp.status == 200, node
+    assert node["drain"] == {"requested": node["drained_since"], "parallel": 3,
+                             "instances_left": 0, "moving": [], "stuck": []}
+    assert [e["stage"] for e in node["events"]][-2:] == ["node.drain", "node.drained"]

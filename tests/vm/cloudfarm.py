@@ -23,6 +23,7 @@ from configserver.farm.farm import Farm, FarmConfig, FarmState, plan_nodes
 
 WRITER = (Path(__file__).with_name("volume_writer.py")).read_text()
 SETTLE = 300  # seconds for a volume to reach a state under TCG, four VMs on two cores
+GUEST_BOOT = 420  # seconds for a PV guest to boot and answer, inside a TCG dom0
 TARGETS = "/sys/kernel/config/target/iscsi"
 
 
@@ -164,16 +165,25 @@ def boot_cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cloud]:
     if reuse:
         yield Cloud(farm)
         return
+    pids: list[int] = []
     try:
         started = time.monotonic()
         farm.up()
         print(f"cloud farm ready after {time.monotonic() - started:.0f}s", flush=True)
+        state = FarmState.load(farm.dir)
+        assert state is not None
+        pids = [n["pid"] for n in state.nodes] + [state.server_pid]
         yield Cloud(farm)
     except BootFailed as exc:
         pytest.fail(f"{exc.message} ({exc.hint})")
     finally:
-        farm.down()
-        assert farm.net.namespace not in network.namespaces()
+        removed = farm.down()
+    # ``farm down`` leaves nothing: no namespace (bridge, taps), no process, no state.
+    assert any(r.startswith("namespace ") for r in removed), removed
+    assert farm.net.namespace not in network.namespaces()
+    assert not [p for p in pids if network.alive(p)], "processes survived 'down'"
+    assert FarmState.load(farm.dir) is None
+    assert not Path(f"/etc/netns/{farm.net.namespace}").exists()
 
 
 class Instances:

@@ -14,6 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import cloudfarm
 import netlab
 import pytest
 import testimage
@@ -22,6 +23,14 @@ from configserver.farm import network, qemu
 from configserver.farm.network import FarmNetwork, NetworkPlan
 
 ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="session")
+def cloud(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cloudfarm.Cloud]:
+    """The cloud farm (``cloudfarm.boot_cloud``), shared by ``test_volumes.py`` and
+    ``test_volumes_migration.py``, which come last in the tier and run in that order: the
+    second's guests are the first's."""
+    yield from cloudfarm.boot_cloud(tmp_path_factory)
 
 
 @pytest.fixture(scope="session")
