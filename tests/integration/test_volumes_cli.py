@@ -181,7 +181,10 @@ def test_drain_and_undrain_through_the_cli(server):
     dom0 = Dom0(server, DOM0)
     sn1, sn2 = STORAGE
     dom0.report(volume["id"], [(sn1, "active"), (sn2, "active")])
-    refused(server, "node", "drain", "dom0-1", says="detach its volumes first")
+    # A volume attached by hand is no instance's disk: a drain cannot move it live.
+    refused(server, "node", "drain", "dom0-1", says="no instance's disk there (v): detach them")
+    refused(server, "node", "drain", "dom0-1", "--parallel", "0",
+            says="parallel must be an integer from 1 to 16")
 
     assert ok(server, "node", "drain", "sn1").strip() == \
         "draining sn1: 1 leg still held by dom0s"

@@ -160,7 +160,8 @@ function nodeRow(node) {
     actions.append(node.drained
       ? actionButton("Undrain", "undrain", () => act(`Undrain ${name}?`, "POST",
           `${path}/undrain`, undefined, `${name}: undrain asked`))
-      : actionButton("Drain", "drain", () => act(`Drain ${name}? Nothing new is placed there.`,
+      : actionButton("Drain", "drain", () => act(`Drain ${name}? Nothing new is placed there`
+          + (node.role === "dom0" ? "; its instances migrate away live." : "."),
           "POST", `${path}/drain`, undefined, `${name}: drain asked`)));
   }
   actions.append(actionButton("Timeline", "timeline", () => showNode(node.mac)));
