@@ -131,7 +131,7 @@ def _given_up(node: dict[str, Any]) -> None:
     if drain.get("instances_left") and not drain.get("moving") \
             and len(failed) == drain["instances_left"]:
         label = node.get("hostname") or node["mac"]
-        raise Conflict(f"{drain_line(node)}", hint=f"each failed to migrate {TRIES} times: see "
+        raise Conflict(drain_line(node), hint=f"each failed to migrate {TRIES} times: see "
                        f"'configserver instance show {failed[0]['instance']}'; "
                        f"'configserver node undrain {label}' then 'node drain {label}' "
                        "tries again, as does 'configserver instance migrate'")

@@ -18,7 +18,7 @@ from typing import Any
 
 from aiohttp import web
 
-from configserver.cloud.drain import drain_status, parallel
+from configserver.cloud.drain import drain_status
 from configserver.errors import InvalidRequest, NotFound
 from configserver.http.appkeys import CATALOG, CLOUD, REGISTRY
 from configserver.model import (
@@ -201,11 +201,11 @@ async def drain_node(request: web.Request) -> web.Response:
     """Planned maintenance: nothing new placed there; a storage node's legs leave the
     arrays, a dom0's instances migrate away (``{"parallel": N}`` at a time)."""
     body = await read_body(request) if request.can_read_body else {}
-    if not isinstance(body, dict) or set(body) - {"parallel"}:
+    if set(body) - {"parallel"}:
         raise InvalidRequest('the body of a drain is {} or {"parallel": N}')
-    limit = None if body.get("parallel") is None else parallel(body["parallel"])
+    # Its value is the registry's to check (``cloud.drain.parallel``), before any write.
     return await _drain_answer(request, functools.partial(request.app[REGISTRY].drain_node,
-                                                          parallel=limit))
+                                                          parallel=body.get("parallel")))
 
 
 async def undrain_node(request: web.Request) -> web.Response:

@@ -122,8 +122,9 @@ def settle(db: sqlite3.Connection, now: float) -> bool:
     for row in waiting:
         mac = row["mac"]
         if row["role"] == "dom0":
-            moved = _move_away(db, row, now) or moved
-            if policy.held_by(cloud_instances.load_all(db), mac):
+            started, held = _move_away(db, row, now)
+            moved = moved or started
+            if held:
                 continue
         elif legs_held(current, mac) != 0:
             continue
@@ -141,12 +142,13 @@ def _failures(db: sqlite3.Connection, instance: Instance, since: float) -> list[
     return [str(json.loads(r["detail"]).get("error") or "failed") for r in rows]
 
 
-def _move_away(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> bool:
-    """Start the next migrations out of draining dom0 ``row``; whether any started."""
+def _move_away(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> tuple[bool, int]:
+    """Start the next migrations out of draining dom0 ``row``: whether any started, and how
+    many instances it still holds (a migration moves the claim only once it is done)."""
     mac, limit = row["mac"], row["drain_limit"] or policy.DEFAULT_PARALLEL
     everything = cloud_instances.load_all(db)
-    failures = {i.id: len(_failures(db, i, row["drained"]))
-                for i in policy.held_by(everything, mac) if i.migration is None}
+    held = policy.held_by(everything, mac)
+    failures = {i.id: len(_failures(db, i, row["drained"])) for i in held if i.migration is None}
     started = False
     for instance in policy.next_moves(everything, mac, limit, failures):
         try:
@@ -155,7 +157,7 @@ def _move_away(db: sqlite3.Connection, row: sqlite3.Row, now: float) -> bool:
             continue  # not yet (see ``dom0_status``): the next report tries again
         started = True
         log.info("%s: drain sends %s away", mac, instance.name)
-    return started
+    return started, len(held)
 
 
 def dom0_status(db: sqlite3.Connection, node: Node) -> dict[str, Any] | None:

@@ -209,8 +209,9 @@ class Migrations:
         point, and on the source, only the error is shown: the guest may be here already."""
         state = self.states[key]
         state["error"] = message
+        released = self._released.get(key)
         if state["side"] == "target" and state["state"] in ("preparing", "listening") \
-                and not self._release_event(key).is_set():
+                and not (released is not None and released.is_set()):
             state["state"] = "failed"
 
     def _stream(self, peer: str) -> list[str]:
