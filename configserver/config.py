@@ -133,6 +133,13 @@ class CloudConfig:
     # DHCP to that NIC's MAC alone. Inside the DHCP subnet, outside its dynamic pool; without
     # it, instances can still be created with an explicit address (--ip).
     instance_pool: tuple[str, str] | None = None
+    # A dom0 that is lost (no heartbeat for ``lost_after``) is fenced at the storage and its
+    # instances restarted on other dom0s; off: they wait for an operator.
+    failover: bool = True
+    # A dom0 that had no heartbeat accepted for this long destroys its guests itself, so
+    # that none can still run when the control plane restarts it elsewhere. Seconds; 0: never.
+    # Unset: two thirds of ``lost_after``. Must be below ``lost_after``.
+    self_fence_after: float | None = None
 
 
 @dataclass(frozen=True)
@@ -159,6 +166,17 @@ class ServerConfig:
     dhcp: DhcpConfig = field(default_factory=DhcpConfig)
     tftp: TftpConfig = field(default_factory=TftpConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
+
+    @property
+    def self_fence_after(self) -> float | None:
+        """Seconds without an accepted heartbeat after which a dom0 destroys its guests
+        (None: never; only with failover on)."""
+        if not self.cloud.failover:
+            return None
+        fence = self.cloud.self_fence_after
+        if fence is None:
+            return round(self.lost_after * 2 / 3, 1)
+        return fence or None
 
     @property
     def registry_path(self) -> Path:
@@ -280,6 +298,12 @@ def _check(config: Any, prefix: str) -> None:
                               f"not {config.silent_timeout}")
     elif isinstance(config, ServerConfig):
         _check_instance_pool(config, prefix)
+        fence = config.cloud.self_fence_after
+        if fence is not None and not 0 <= fence < config.lost_after:
+            raise ConfigError(f"{prefix}cloud.self_fence_after must be 0 (never) or below "
+                              f"lost_after ({config.lost_after:g} s), not {fence:g}",
+                              hint="a dom0 must destroy its guests before the control plane "
+                                   "restarts them elsewhere")
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):
             port(getattr(config, name), name)

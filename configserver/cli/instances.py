@@ -129,6 +129,8 @@ def instance_details(item: dict[str, Any]) -> str:
         f"Dom0:         {claim}",
         *([f"Migrating:    to {item['migration']['target']} ({item['migration']['phase']}, "
            f"epoch {item['migration']['epoch']})"] if item.get("migration") else []),
+        *([f"Failover:     {item['failover']['reason'] or 'fenced: restarting elsewhere'}"]
+          if item.get("failover") else []),
         f"Domain:       {item['domain']} {item['uuid']}",
         f"Memory:       {format_size(item['memory'])}, {item['vcpus']} vCPU(s)",
         f"Image:        {item['image'] or '-'}",

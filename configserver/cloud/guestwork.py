@@ -52,8 +52,8 @@ def guest_work(instances: Sequence[Instance], mac: str, *, volumes: Mapping[str,
     out once the source released it (it runs on the target now, paused or not)."""
     entries = []
     for instance in sorted(instances, key=lambda i: i.name):
-        if instance.claim is None or instance.claim.node != mac:
-            continue
+        if instance.claim is None or instance.claim.node != mac or instance.failover:
+            continue  # not this dom0's, or fenced from it: its domain here is destroyed
         moving = instance.migration
         if moving is not None and moving.phase == RELEASED:
             continue

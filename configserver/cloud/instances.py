@@ -21,6 +21,7 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from configserver.cloud.failover import Failover
 from configserver.cloud.migration import Migration
 from configserver.cloud.model import MIB
 from configserver.cloud.resources import Resources
@@ -80,6 +81,7 @@ class Instance:
     # Scheduler weight and cap, vif rate, memory ceiling.
     resources: Resources = field(default_factory=Resources)
     migration: Migration | None = None  # a live migration in progress
+    failover: Failover | None = None  # its dom0 is lost: fencing, then a restart elsewhere
 
     @property
     def domain(self) -> str:
@@ -197,7 +199,8 @@ def release(instance: Instance, node: str, epoch: int) -> Instance:
 
 def holds(instance: Instance, node: str, epoch: int) -> bool:
     """Whether ``node`` may run ``instance`` under ``epoch`` now."""
-    return instance.claim == Claim(node, epoch) and instance.desired == Desired.RUNNING
+    return (instance.claim == Claim(node, epoch) and instance.desired == Desired.RUNNING
+            and instance.failover is None)
 
 
 def to_json(instance: Instance) -> dict[str, Any]:
@@ -213,6 +216,7 @@ def to_json(instance: Instance) -> dict[str, Any]:
         "reboots": instance.reboots, "ssh_keys": len(instance.ssh_keys),
         "resources": instance.resources.to_json(),
         "migration": instance.migration.to_json() if instance.migration else None,
+        "failover": instance.failover.to_json() if instance.failover else None,
     }
 
 

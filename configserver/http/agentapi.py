@@ -47,7 +47,7 @@ from aiohttp import web
 from configserver.errors import InvalidMac, InvalidRequest, NotFound, RateLimited, Unauthorized
 from configserver.http import limits, metricsapi
 from configserver.http.api import bearer_token
-from configserver.http.appkeys import AUTHORITY, CONFIG, REGISTRY, SECRET_KEY
+from configserver.http.appkeys import AUTHORITY, CLOUD, CONFIG, REGISTRY, SECRET_KEY
 from configserver.http.auth import IDENTITY
 from configserver.http.tickets import ticket_time
 from configserver.model import Node, NodeState, normalize_mac
@@ -364,8 +364,11 @@ async def heartbeat(request: web.Request) -> web.Response:
                                       status)
     if node.state != NodeState.READY and updated.state == NodeState.READY:
         await metricsapi.observe_boot(request.app, node.mac)
-    return web.json_response({"state": str(updated.state),
-                              "heartbeat_interval": request.app[CONFIG].heartbeat_interval})
+    answer: dict[str, Any] = {"state": str(updated.state),
+                              "heartbeat_interval": request.app[CONFIG].heartbeat_interval}
+    if updated.role == "dom0":
+        answer["self_fence_after"] = request.app[CONFIG].self_fence_after
+    return web.json_response(answer)
 
 
 async def push_inventory(request: web.Request) -> web.Response:
@@ -404,3 +407,12 @@ async def _sweep_lost_nodes(app: web.Application) -> None:
         app[AGENT_API].limiter.forget_idle()
         for mac in lost:
             log.warning("node %s is lost: no heartbeat for %.0fs", mac, config.lost_after)
+        if not config.cloud.failover:
+            continue
+        try:  # every pass: a fence a crash cut short is taken up again
+            generation = await asyncio.to_thread(app[REGISTRY].fail_over_lost)
+        except Exception:
+            log.exception("failing over the instances of lost dom0s failed")
+            continue
+        if generation is not None and CLOUD in app:
+            app[CLOUD].publish(generation)

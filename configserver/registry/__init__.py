@@ -142,6 +142,10 @@ class Registry(Protocol):
     # A drained dom0's drain (``registry.drain.dom0_status``); None for any other node.
     def dom0_drain(self, node: Node) -> dict[str, Any] | None: ...
     def undrain_node(self, ref: str) -> tuple[Node, int]: ...
+    # Failover: the instances of lost dom0s fenced at the storage, then (once every storage
+    # node confirmed) restarted elsewhere (``registry.failover``); the new generation if
+    # anything changed, else None.
+    def fail_over_lost(self) -> int | None: ...
 
     # Instances and the guest map: a claim (dom0, epoch) moves only inside one of these
     # writes (``configserver.cloud.instances``); each change bumps the generation.

@@ -16,6 +16,7 @@ from configserver.cloud.resources import Resources
 from configserver.model import Node
 from configserver.registry import ReportOutcome
 from configserver.registry import drain as cloud_drain
+from configserver.registry import failover as cloud_failover
 from configserver.registry import instances as cloud_instances
 from configserver.registry import migrations as cloud_migrations
 from configserver.registry import volumes as cloud_volumes
@@ -88,6 +89,9 @@ class CloudStore:
 
     def undrain_node(self, ref: str) -> tuple[Node, int]:
         return self._run(cloud_drain.undrain, ref=ref, now=self._now())
+
+    def fail_over_lost(self) -> int | None:
+        return self._run(cloud_failover.fail_over, now=self._now())
 
     def storage_facts(self, mac: str) -> dict[str, Any] | None:
         return cloud_volumes.storage_facts(self._db(), mac)

@@ -23,7 +23,7 @@ from configserver.cloud.instances import Instance
 from configserver.cloud.model import VolumeEvent
 from configserver.errors import MigrationRefused, NotDrainable, NotFound, VolumeInUse
 from configserver.model import Node, NodeState
-from configserver.registry import ReportOutcome, migrations, volumes
+from configserver.registry import ReportOutcome, failover, migrations, volumes
 from configserver.registry import events as boot_events
 from configserver.registry import instances as cloud_instances
 from configserver.registry.schema import load
@@ -185,11 +185,12 @@ def dom0_status(db: sqlite3.Connection, node: Node) -> dict[str, Any] | None:
 
 
 def settling(job: Callable[..., T]) -> Callable[..., T]:
-    """``job`` (a writer job of ``volumes``), then ``settle`` in the same transaction; a
-    generation in what the job answers is the one after both."""
+    """``job`` (a writer job of ``volumes``), then the failovers' and the drains' ``settle``
+    in the same transaction; a generation in what the job answers is the one after all."""
     def run(db: sqlite3.Connection, **kwargs: Any) -> T:
         result = job(db, **kwargs)
-        if not settle(db, kwargs["now"]):
+        restarted = failover.settle(db, kwargs["now"])
+        if not settle(db, kwargs["now"]) and not restarted:
             return result
         current = volumes.generation(db)
         if isinstance(result, ReportOutcome):

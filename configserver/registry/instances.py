@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import replace
 from typing import Any
 
+from configserver.cloud.failover import from_json as failover_from_json
 from configserver.cloud.guestreports import apply_guests, parse_guests, totals
 from configserver.cloud.instances import (
     Claim,
@@ -30,6 +31,7 @@ from configserver.cloud.instances import (
 from configserver.cloud.migration import from_json as migration_from_json
 from configserver.cloud.migration import parse_reports
 from configserver.cloud.model import Volume, new_volume_id
+from configserver.cloud.reports import parse_storage
 from configserver.cloud.resources import Resources, updated
 from configserver.cloud.resources import from_json as resources_from_json
 from configserver.cloud.scheduler import Dom0, ceiling, choose, free_memory
@@ -61,6 +63,7 @@ def _instance(row: sqlite3.Row, nics: Sequence[sqlite3.Row]) -> Instance:
         desired_generation=row["desired_generation"],
         resources=resources_from_json(json.loads(row["resources"])),
         migration=migration_from_json(json.loads(row["migration"]) if row["migration"] else None),
+        failover=failover_from_json(json.loads(row["failover"]) if row["failover"] else None),
         nics=tuple(InstanceNic(n["mac"], n["ip"]) for n in nics))
 
 
@@ -111,22 +114,24 @@ def save(db: sqlite3.Connection, instance: Instance) -> None:
     db.execute(
         "INSERT INTO instances (id, name, memory, vcpus, volume, image, tenant, desired,"
         " actual, claim_node, claim_epoch, epoch, ssh_keys, usage, reboots, delete_disk,"
-        " desired_generation, resources, created, updated, migration)"
-        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
+        " desired_generation, resources, created, updated, migration, failover)"
+        " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)"
         " ON CONFLICT(id) DO UPDATE SET"
         " memory=excluded.memory, vcpus=excluded.vcpus, volume=excluded.volume,"
         " desired=excluded.desired, actual=excluded.actual, claim_node=excluded.claim_node,"
         " claim_epoch=excluded.claim_epoch, epoch=excluded.epoch, usage=excluded.usage,"
         " reboots=excluded.reboots, delete_disk=excluded.delete_disk,"
         " desired_generation=excluded.desired_generation, resources=excluded.resources,"
-        " updated=excluded.updated, migration=excluded.migration",
+        " updated=excluded.updated, migration=excluded.migration,"
+        " failover=excluded.failover",
         (instance.id, instance.name, instance.memory, instance.vcpus, instance.volume,
          instance.image, instance.tenant, str(instance.desired), instance.actual,
          held.node if held else None, held.epoch if held else None, instance.epoch,
          _encode(list(instance.ssh_keys)), _encode(instance.usage), instance.reboots,
          int(instance.delete_disk), instance.desired_generation,
          _encode(instance.resources.to_json()), instance.created, instance.updated,
-         _encode(instance.migration.to_json()) if instance.migration else None))
+         _encode(instance.migration.to_json()) if instance.migration else None,
+         _encode(instance.failover.to_json()) if instance.failover else None))
     db.execute("DELETE FROM instance_nics WHERE instance=?", (instance.id,))
     db.executemany("INSERT INTO instance_nics VALUES (?,?,?,?)",
                    [(n.mac, instance.id, i, n.ip) for i, n in enumerate(instance.nics)])
@@ -158,7 +163,7 @@ def create(db: sqlite3.Connection, instance: Instance, now: float) -> tuple[Inst
     return fresh, bump(db)
 
 
-def _volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: float, *,
+def volume_follows(db: sqlite3.Connection, instance: Instance, node: str, now: float, *,
                     attach: bool) -> None:
     """The instance's volume attached to the dom0 given its claim (VolumeInUse while it is
     still attached to, or detaching from, another: the start then stores nothing), or
@@ -266,10 +271,10 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     if started == current:
         # Already wanted running there: its disk attached there again if it was taken away
         # (an admin's force detach); VolumeInUse if it is attached elsewhere meanwhile.
-        _volume_follows(db, current, mac, now, attach=True)
+        volume_follows(db, current, mac, now, attach=True)
         return current, generation(db)
     started = replace(started, updated=now, desired_generation=generation(db) + 1)
-    _volume_follows(db, started, mac, now, attach=True)
+    volume_follows(db, started, mac, now, attach=True)
     save(db, started)
     event(db, started, "start.requested", now, node=mac, epoch=started.claim.epoch
           if started.claim else None)
@@ -338,13 +343,13 @@ def destroy(db: sqlite3.Connection, name: str, now: float, *,
                      desired_generation=generation(db) + 1)
     event(db, doomed, "destroy.requested", now, delete_disk=doomed.delete_disk)
     if doomed.claim is None:
-        _forget(db, doomed, now)
+        forget(db, doomed, now)
     else:
         save(db, doomed)
     return doomed, bump(db)
 
 
-def _forget(db: sqlite3.Connection, instance: Instance, now: float) -> None:
+def forget(db: sqlite3.Connection, instance: Instance, now: float) -> None:
     """The instance's row gone (its NICs and addresses freed, its timeline and usage samples
     kept, its final totals on the ``destroyed`` event); its volume deleted if asked: any
     attachment left is revoked at once, as no guest uses it now."""
@@ -383,11 +388,11 @@ def gone(db: sqlite3.Connection, name: str, node: str, epoch: int,
     if released == current:
         return current, generation(db)
     released = replace(released, updated=now)
-    _volume_follows(db, released, node, now, attach=False)
+    volume_follows(db, released, node, now, attach=False)
     save(db, released)
     event(db, released, "claim.released", now, node=node, epoch=epoch)
     if released.desired == Desired.DESTROYED:
-        _forget(db, released, now)
+        forget(db, released, now)
     return released, bump(db)
 
 
@@ -401,6 +406,10 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     moves = parse_reports(body.get("migrations")) if body is not None else []
     outcome = cloud_volumes.record_report(db, mac=mac, report=report, now=now)
     node = owner(db, mac)
+    if "storage" in report and node is not None:
+        from configserver.registry import failover  # it builds on this module
+
+        failover.storage_report(db, node, parse_storage(report["storage"]), seen, now)
     if body is None or node is None:
         return outcome
     if xen is not None:
@@ -413,6 +422,8 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
         stage = str(item.get("stage"))[:40]
         detail = {k[:40]: str(v)[:300] for k, v in list(item.items())[:20]
                   if k not in _NOT_DETAIL}
+        if isinstance(item.get("time"), int | float) and not isinstance(item["time"], bool):
+            detail["at"] = round(float(item["time"]), 3)  # when the dom0 did it
         instance = by_domain.get(str(item.get("domain")))
         if instance is not None:  # also what a dom0 without its claim did to a domain of it
             event(db, instance, f"agent.{stage}", now, node=node, **detail)
@@ -480,6 +491,7 @@ def dom0_facts(db: sqlite3.Connection, mac: str) -> dict[str, Any] | None:
 
 
 __all__ = ["by_name", "create", "create_with_disk", "delete_volume",
-           "destroy", "detach_volume", "dom0_facts", "dom0s", "events", "gone", "load_all", "nic",
+           "destroy", "detach_volume", "dom0_facts", "dom0s", "events", "forget", "gone",
+           "load_all", "nic",
            "reboot", "record_report", "save", "set_resources", "start", "stop", "usage",
-           "used_addresses"]
+           "used_addresses", "volume_follows"]

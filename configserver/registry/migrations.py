@@ -39,6 +39,10 @@ def check(db: sqlite3.Connection, instance: Instance, to: str | None) -> str:
     """The MAC of the dom0 ``instance`` can move to now (``to``, or the scheduler's choice
     among the others); MigrationRefused saying why not."""
     name = instance.name
+    if instance.failover is not None:
+        raise MigrationRefused(f"instance {name} is being failed over: its dom0 "
+                               f"{cloud_volumes.label(db, instance.failover.source)} is lost",
+                               hint=f"see 'configserver instance show {name}'")
     if instance.migration is not None:
         raise MigrationRefused(f"instance {name} is already moving to "
                                f"{cloud_volumes.label(db, instance.migration.target)}",

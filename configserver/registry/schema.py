@@ -223,6 +223,11 @@ MIGRATIONS: tuple[str, ...] = (
     """
     ALTER TABLE nodes ADD COLUMN drain_limit INTEGER;
     """,
+    # 10: ``failover``: the instance's dom0 is lost; its fencing at the storage nodes and
+    # the restart elsewhere that follows (``configserver.cloud.failover``), JSON; NULL: none.
+    """
+    ALTER TABLE instances ADD COLUMN failover TEXT;
+    """,
 )
 
 

@@ -8,6 +8,7 @@ import time
 
 import pytest
 
+from configserver.cloud.instances import Instance
 from configserver.config import HttpConfig, ServerConfig
 from configserver.http.agentapi import AGENT_API, AgentApiState, LookupRateLimiter
 from configserver.http.app import create_app
@@ -245,6 +246,31 @@ async def test_silent_ready_nodes_are_marked_lost(aiohttp_client, tmp_path, regi
     # A heartbeat brings it back.
     assert (await heartbeat(client, token)).status == 200
     assert registry.lookup(MAC).state == NodeState.READY
+
+
+async def test_a_silent_dom0_is_fenced_by_the_sweep_and_told_its_self_fence_limit(
+        aiohttp_client, tmp_path, registry):
+    registry.add_node(NodeSpec(mac=OTHER, role="dom0", hostname="dom0-9"))
+    client = await aiohttp_client(make_app(tmp_path, registry, heartbeat_interval=0.1,
+                                           lost_after=0.3))
+    token = (await (await lookup(client, macs=(OTHER,))).json())["token"]
+    answer = await (await heartbeat(client, token, mac=OTHER)).json()
+    assert answer["self_fence_after"] == 0.2  # two thirds of lost_after
+    stored = await (await heartbeat(client, (await (await lookup(client)).json())["token"])
+                    ).json()
+    assert "self_fence_after" not in stored  # a storage node has no guests to fence
+    registry.create_instance(Instance(id="0123456789abcdef", name="web", memory=256 << 20,
+                                      vcpus=1, volume=None))  # no disk: no storage to ask
+    registry.start_instance("web", OTHER)
+    for _ in range(40):
+        await asyncio.sleep(0.1)
+        if registry.instance("web").failover is not None:
+            break
+    assert registry.lookup(OTHER).state == NodeState.LOST
+    fenced = registry.instance("web")
+    assert fenced.actual == "unknown" and fenced.failover.source == OTHER
+    assert fenced.failover.fenced and fenced.claim.node == OTHER  # no other dom0 to take it
+    assert fenced.failover.reason.startswith("fenced, but not restarted yet: ")
 
 
 NONCE = "n" * 43

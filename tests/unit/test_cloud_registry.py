@@ -57,7 +57,7 @@ def test_a_schema_3_registry_upgrades_and_keeps_its_nodes(tmp_path):
         assert node is not None and node.hostname == "old1" and node.ip == "198.18.0.9"
         assert registry.volumes() == [] and registry.cloud_generation() == 0
         version = sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0]
-        assert version == len(MIGRATIONS) == 9
+        assert version == len(MIGRATIONS) == 10
     finally:
         registry.close()
 
