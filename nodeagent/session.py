@@ -43,6 +43,7 @@ from nodeagent.identity import (
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
 from nodeagent.roles import Reconciler, Role, ServerHooks, role_for
+from nodeagent.selffence import SelfFence
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +213,8 @@ class AgentSession:
         self.reconciler: Reconciler | None = None
         self._cloud_roles = cloud_roles
         self._reconcile_task: asyncio.Task[None] | None = None
+        self.self_fence = SelfFence(config.state_dir)
+        self._fence_task: asyncio.Task[None] | None = None
 
     # -- public ------------------------------------------------------------------------------
 
@@ -233,10 +236,11 @@ class AgentSession:
             pusher.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await pusher
-            if self._reconcile_task is not None:
-                self._reconcile_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._reconcile_task
+            for task in (self._reconcile_task, self._fence_task):
+                if task is not None:
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
 
     def _start_reconciling(self) -> None:
         """Run the role's reconcile loop (once per agent; it survives a new lookup)."""
@@ -250,6 +254,10 @@ class AgentSession:
         self.reconciler = Reconciler(role, self._fetch_work, self._post_report)
         self._reconcile_task = asyncio.create_task(self.reconciler.run(),
                                                    name=f"reconcile-{role.name}")
+        fence = getattr(role, "self_fence", None)
+        if fence is not None:  # a dom0: its guests go if the server loses sight of it
+            self._fence_task = asyncio.create_task(self.self_fence.run(fence),
+                                                   name="self-fence")
         log.info("%s: reconciling the %s role toward the control plane", self._mac(),
                  role.name)
 
@@ -500,6 +508,7 @@ class AgentSession:
             self.status.last_heartbeat_seconds = took
             self.status.last_heartbeat = time.time()
             self.status.last_error = None
+            self.self_fence.accepted(answer.get("self_fence_after"))
             with contextlib.suppress(TypeError, ValueError):
                 interval = max(MIN_INTERVAL, float(answer.get("heartbeat_interval", interval)))
             await asyncio.sleep(interval * self._rng.uniform(1 - jitter, 1 + jitter))

@@ -63,6 +63,11 @@ class Dom0Role:
         if guests is not None and guests.migrations is not None:
             guests.migrations.assemble = self._assemble
 
+    async def self_fence(self, reason: str) -> int:
+        """Every guest here destroyed (the server has not heard of this dom0 for too long);
+        how many."""
+        return await self.guests.self_fence(reason) if self.guests is not None else 0
+
     def busy(self) -> bool:
         """Not every attachment is whole: look again soon (a leg may be back)."""
         return not self._settled
@@ -84,6 +89,12 @@ class Dom0Role:
                 self._domains.events, moves.fingerprint() if moves is not None else None)
 
     async def reconcile(self, work: dict[str, Any]) -> dict[str, Any]:
+        if self.guests is not None:  # a guest restarted elsewhere goes before anything else
+            try:
+                await self.guests.destroy_unclaimed(
+                    [g for g in work.get("guests") or [] if isinstance(g, dict)])
+            except (RoleError, OSError) as exc:
+                log.warning("guests: %s", exc)
         initiator = work.get("initiator")
         wanted = [a for a in work.get("attachments") or [] if isinstance(a, dict)]
         report: dict[str, Any] = {"initiator": initiator, "attachments": [], "detached": []}

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from nodeagent.errors import RoleError, ServerError, XenError
 from nodeagent.roles import blockmap, guestnet, guestusage
-from nodeagent.roles.guests import Action, Do, plan
+from nodeagent.roles.guests import DOMAIN_PREFIX, Action, Do, plan
 from nodeagent.roles.migration import Migrations
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
@@ -149,6 +149,34 @@ class Guests:
         report["network"] = {"rules": self._loaded is not None and not rules_error,
                              "ports": len(guestnet.ports(entries)), "error": rules_error}
         return report
+
+    async def destroy_unclaimed(self, entries: Sequence[Mapping[str, Any]]) -> None:
+        """Destroy, before anything else in a pass, every domain of ours that the work names
+        no claim of (a dom0 back from a lost link: its guests restarted elsewhere)."""
+        named = {e.get("domain") for e in entries}
+        kept = (self.migrations.arriving() | self.migrations.leaving()
+                if self.migrations is not None else set())
+        for domain in await self.xl.domains():
+            if (domain.name.startswith(DOMAIN_PREFIX) and domain.name not in named
+                    and domain.name not in kept and domain.state != "dying"):
+                await self._stop_hard(domain.name, "this dom0 holds no claim on it")
+
+    async def self_fence(self, reason: str) -> int:
+        """Destroy every guest here (no heartbeat accepted for too long: the control plane
+        may restart them elsewhere); how many were destroyed."""
+        doomed = [d.name for d in await self.xl.domains()
+                  if d.name.startswith(DOMAIN_PREFIX) and d.state != "dying"]
+        for name in doomed:
+            await self._stop_hard(name, f"self-fenced: {reason}")
+        return len(doomed)
+
+    async def _stop_hard(self, name: str, reason: str) -> None:
+        try:
+            await self.xl.destroy(name)
+        except XenError as exc:
+            log.warning("guest %s: destroy failed: %s", name, exc.message)
+            return
+        self._event(name, "destroyed", reason=reason)
 
     async def _rules(self, entries: Sequence[Mapping[str, Any]],
                      network: Mapping[str, Any] | None) -> str | None:

@@ -439,7 +439,8 @@ async def test_a_migration_s_source_leaves_the_array_it_gave_up_down(monkeypatch
     async def no_guests(entries, devices_ready, network=None, incoming=()):
         return {"guests": [], "migrations": moves.report()}
 
-    role = dom0.Dom0Role(types.SimpleNamespace(migrations=moves, reconcile=no_guests))
+    role = dom0.Dom0Role(types.SimpleNamespace(migrations=moves, reconcile=no_guests,
+                                              destroy_unclaimed=nothing_unclaimed))
     monkeypatch.setattr(role._domains, "start", lambda: None)
     report = await role.reconcile(_work(_attachment(create=False)))
     assert not [c for c in fake.calls if c[0] in ("assemble", "create", "login")], fake.calls
@@ -469,7 +470,8 @@ async def test_a_migration_s_target_resumes_on_the_source_s_own_word(monkeypatch
     async def no_guests(entries, devices_ready, network=None, incoming=()):
         return {"guests": [], "migrations": moves.report()}
 
-    role = dom0.Dom0Role(types.SimpleNamespace(migrations=moves, reconcile=no_guests))
+    role = dom0.Dom0Role(types.SimpleNamespace(migrations=moves, reconcile=no_guests,
+                                              destroy_unclaimed=nothing_unclaimed))
     monkeypatch.setattr(role._domains, "start", lambda: None)
     standby = {**_attachment(create=False), "standby": True}
     await role.reconcile(_work(standby))
@@ -810,3 +812,7 @@ async def test_a_target_that_cannot_prepare_reports_the_migration_failed():
     await moves._tasks["m1"]
     [line] = moves.report()
     assert line["state"] == "failed" and "x.part" in line["error"], line
+
+
+async def nothing_unclaimed(entries):
+    """``Guests.destroy_unclaimed`` of a dom0 running nothing but the work's guests."""

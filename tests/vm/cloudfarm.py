@@ -4,11 +4,15 @@ calls its tests make through the real CLI and ssh (``test_volumes.py``)."""
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import os
+import re
+import signal
 import ssl
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -242,6 +246,17 @@ class Instances:
                                           "--state-dir", str(farm.state_dir), "instance",
                                           "console", name), until_seen, timeout)
 
+    def ssh_up(self, address: str, timeout: float) -> float:
+        """Seconds until the guest at ``address`` takes an ssh login (it answers ping a
+        while before its sshd listens)."""
+        began = time.monotonic()
+        while network.run(self.cloud.farm.ssh_to(address, ["true"]), timeout=60,
+                          check=False).returncode != 0:
+            if time.monotonic() - began > timeout:
+                pytest.fail(f"{address} took no ssh login within {timeout:.0f}s")
+            time.sleep(3)
+        return time.monotonic() - began
+
     def ssh(self, address: str, command: str, timeout: float = 60) -> str:
         done = network.run(self.cloud.farm.ssh_to(address, [command]), timeout=timeout,
                            check=False)
@@ -339,3 +354,38 @@ def farm_dashboard(cloud: Cloud, port: int) -> Iterator[tuple[str, ssl.SSLContex
     finally:
         forwarder.terminate()
         forwarder.wait(10)
+
+
+def ping_gaps(lines: list[str]) -> tuple[int, int, float]:
+    """(answers, lost, longest silence in seconds) of ``ping -D`` output (answers only: not
+    the router's "Destination Host Unreachable")."""
+    seen = [(float(m[1]), int(m[2])) for line in lines
+            if (m := re.match(r"\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", line))]
+    if len(seen) < 2:
+        return len(seen), 0, float("inf")
+    longest = max(b[0] - a[0] for a, b in itertools.pairwise(seen))
+    return len(seen), seen[-1][1] - seen[0][1] + 1 - len(seen), longest
+
+
+@contextlib.contextmanager
+def pinging(cloud: Cloud, *addresses: str) -> Iterator[dict[str, list[str]]]:
+    """Ping each address every 100 ms while the block runs; then the output lines of each.
+    Into files, not pipes: nobody reads a pipe meanwhile, and a full one (some 900 lines)
+    stops ping before the guest has even moved."""
+    found: dict[str, list[str]] = {}
+    with contextlib.ExitStack() as stack:
+        logs = {a: stack.enter_context(tempfile.TemporaryFile("w+")) for a in addresses}
+        pingers = [subprocess.Popen(cloud.farm.net.cmd("ping", "-D", "-i", "0.1", "-W", "1",
+                                                       address),
+                                    stdout=log, stderr=subprocess.DEVNULL, text=True)
+                   for address, log in logs.items()]
+        try:
+            yield found
+        finally:
+            for pinger in pingers:
+                pinger.send_signal(signal.SIGINT)  # ping flushes its output on SIGINT
+            for pinger in pingers:
+                pinger.wait(timeout=10)
+            for address, log in logs.items():
+                log.seek(0)
+                found[address] = log.read().splitlines()

@@ -9,20 +9,22 @@ a goal of under 1 s (see docs/migration.md): the tests catch a return to 50 s an
 
 from __future__ import annotations
 
-import contextlib
 import http.client
-import itertools
 import json
-import re
-import signal
 import subprocess
-import tempfile
 import time
 import urllib.parse
-from collections.abc import Iterator
 
 import pytest
-from cloudfarm import SETTLE, Cloud, Instances, farm_dashboard, serial_console
+from cloudfarm import (
+    SETTLE,
+    Cloud,
+    Instances,
+    farm_dashboard,
+    ping_gaps,
+    pinging,
+    serial_console,
+)
 
 from configserver.http.client import ApiClient, ApiError
 
@@ -30,40 +32,6 @@ pytestmark = pytest.mark.vm
 
 SILENCE = 45  # seconds: the longest silence of a guest allowed during a migration
 
-
-def ping_gaps(lines: list[str]) -> tuple[int, int, float]:
-    """(answers, lost, longest silence in seconds) of ``ping -D`` output (answers only: not
-    the router's "Destination Host Unreachable")."""
-    seen = [(float(m[1]), int(m[2])) for line in lines
-            if (m := re.match(r"\[(\d+\.\d+)\] \d+ bytes from .*icmp_seq=(\d+)", line))]
-    if len(seen) < 2:
-        return len(seen), 0, float("inf")
-    longest = max(b[0] - a[0] for a, b in itertools.pairwise(seen))
-    return len(seen), seen[-1][1] - seen[0][1] + 1 - len(seen), longest
-
-
-@contextlib.contextmanager
-def pinging(cloud: Cloud, *addresses: str) -> Iterator[dict[str, list[str]]]:
-    """Ping each address every 100 ms while the block runs; then the output lines of each.
-    Into files, not pipes: nobody reads a pipe meanwhile, and a full one (some 900 lines)
-    stops ping before the guest has even moved."""
-    found: dict[str, list[str]] = {}
-    with contextlib.ExitStack() as stack:
-        logs = {a: stack.enter_context(tempfile.TemporaryFile("w+")) for a in addresses}
-        pingers = [subprocess.Popen(cloud.farm.net.cmd("ping", "-D", "-i", "0.1", "-W", "1",
-                                                       address),
-                                    stdout=log, stderr=subprocess.DEVNULL, text=True)
-                   for address, log in logs.items()]
-        try:
-            yield found
-        finally:
-            for pinger in pingers:
-                pinger.send_signal(signal.SIGINT)  # ping flushes its output on SIGINT
-            for pinger in pingers:
-                pinger.wait(timeout=10)
-            for address, log in logs.items():
-                log.seek(0)
-                found[address] = log.read().splitlines()
 
 def _free_mib(cloud: Cloud, dom0: str) -> int:
     """dom0's free memory as the config server last heard it from its agent (``xl info``)."""
