@@ -416,7 +416,7 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
         db.execute("INSERT OR REPLACE INTO dom0_reports VALUES (?,?,?)",
                    (node, _encode(xen), now))
     everything = load_all(db)
-    held = [i for i in everything if i.claim is not None and i.claim.node == node]
+    held = _held(everything, node)
     by_domain = {i.domain: i for i in everything}
     for item in reported:
         stage = str(item.get("stage"))[:40]
@@ -434,7 +434,7 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
     changed = migrations.apply_reports(db, node, moves, now)
     if changed:
         everything = load_all(db)
-        held = [i for i in everything if i.claim is not None and i.claim.node == node]
+        held = _held(everything, node)
     for changed_one, stages, released in apply_guests(held, node, guests, seen):
         instance = replace(changed_one, updated=now)
         save(db, instance)
@@ -446,6 +446,13 @@ def record_report(db: sqlite3.Connection, mac: str, report: dict[str, Any],
         changed += 1
     current = bump(db) if changed else outcome.generation
     return ReportOutcome(current, outcome.changed + changed, outcome.ignored)
+
+
+def _held(instances: Sequence[Instance], node: str) -> list[Instance]:
+    """The instances whose claim ``node`` holds and whose guests' reports count: not one
+    being failed over (its dom0 was lost; what it says now moves nothing)."""
+    return [i for i in instances if i.claim is not None and i.claim.node == node
+            and i.failover is None]
 
 
 # -- usage over time ----------------------------------------------------------------------

@@ -76,6 +76,10 @@ def test_a_lost_dom0_is_cut_off_from_the_disk_before_anything_restarts(registry)
         assert export["initiators"] == []
     assert guest_work([now], DOM0, volumes={}, boots={}, server_url="http://x") == []
     assert not holds(now, DOM0, 1)  # the claim check refuses an xl create there
+    # Back before the restart, its report of the old guest moves nothing.
+    registry.record_cloud_report(DOM0, report(web.volume, state=None,
+                                              guests=[running(web.id, 1)]))
+    assert registry.instance("web").actual == "unknown"
     assert lose(registry) is None  # fenced once: a second sweep changes nothing
     stages = [e["stage"] for e in registry.instance_events(web.id)]
     assert "failover.fencing" in stages
