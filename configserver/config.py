@@ -304,6 +304,10 @@ def _check(config: Any, prefix: str) -> None:
                               f"lost_after ({config.lost_after:g} s), not {fence:g}",
                               hint="a dom0 must destroy its guests before the control plane "
                                    "restarts them elsewhere")
+        if fence and fence < 2 * config.heartbeat_interval:
+            raise ConfigError(f"{prefix}cloud.self_fence_after must be at least two heartbeat "
+                              f"intervals ({2 * config.heartbeat_interval:g} s), not {fence:g}",
+                              hint="else a dom0 destroys its guests between two heartbeats")
     elif isinstance(config, DhcpConfig):
         for name in ("port", "client_port", "proxy_port"):
             port(getattr(config, name), name)

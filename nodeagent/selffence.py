@@ -86,4 +86,17 @@ class SelfFence:
                 log.warning("self-fenced: %d guests destroyed", destroyed)
 
 
-__all__ = ["SelfFence"]
+async def destroy_guests(reason: str) -> int:
+    """``xl destroy`` every domain named like an instance; how many (no role needed)."""
+    from nodeagent.roles import xen
+    from nodeagent.roles.guests import DOMAIN_PREFIX
+
+    doomed = [d.name for d in await xen.domains()
+              if d.name.startswith(DOMAIN_PREFIX) and d.state != "dying"]
+    for name in doomed:
+        await xen.destroy(name)
+        log.warning("guest %s destroyed: self-fenced: %s", name, reason)
+    return len(doomed)
+
+
+__all__ = ["SelfFence", "destroy_guests"]

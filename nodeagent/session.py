@@ -43,7 +43,7 @@ from nodeagent.identity import (
 from nodeagent.inventory import platform, procfs
 from nodeagent.plugins import PluginContext, ToolUnavailable, role_facts, run_tool
 from nodeagent.roles import Reconciler, Role, ServerHooks, role_for
-from nodeagent.selffence import SelfFence
+from nodeagent.selffence import SelfFence, destroy_guests
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,10 @@ class AgentSession:
 
     async def run(self) -> None:
         pusher = asyncio.create_task(self._push_inventory_forever(), name="inventory-push")
+        # From the start, not from the first lookup: an agent restarted while its dom0 is
+        # cut off knows the limit from its state directory and must still act on it.
+        self._fence_task = asyncio.create_task(self.self_fence.run(self._self_fence),
+                                               name="self-fence")
         try:
             if self.key is not None:
                 await self._trust_pinned_ca()
@@ -254,12 +258,14 @@ class AgentSession:
         self.reconciler = Reconciler(role, self._fetch_work, self._post_report)
         self._reconcile_task = asyncio.create_task(self.reconciler.run(),
                                                    name=f"reconcile-{role.name}")
-        fence = getattr(role, "self_fence", None)
-        if fence is not None:  # a dom0: its guests go if the server loses sight of it
-            self._fence_task = asyncio.create_task(self.self_fence.run(fence),
-                                                   name="self-fence")
         log.info("%s: reconciling the %s role toward the control plane", self._mac(),
                  role.name)
+
+    async def _self_fence(self, reason: str) -> int:
+        """The dom0 role's self-fence (its events reach the next report), or, before the
+        lookup named the role, ``xl destroy`` of our domains directly."""
+        fence = getattr(self.reconciler.role if self.reconciler else None, "self_fence", None)
+        return await (fence(reason) if fence is not None else destroy_guests(reason))
 
     async def _fetch_work(self, after: int | None, wait: float) -> dict[str, Any]:
         await self._authenticated.wait()

@@ -112,6 +112,7 @@ class ExportSeen:
     state: str
     error: str | None
     sessions: tuple[str, ...]
+    acls: tuple[str, ...] | None = None  # None: the agent does not report them
 
 
 def confirm(record: Failover, node: str, seen: int | None,
@@ -129,9 +130,12 @@ def confirm(record: Failover, node: str, seen: int | None,
     if export is not None and export.state == "error":
         return replace(record, reason=f"storage node {label} could not apply the fence: "
                                       f"{export.error or 'export error'}")
-    if export is not None and initiator_iqn(record.source) in export.sessions:
-        return replace(record, reason=f"storage node {label} still has a session of "
-                                      f"{labels.get(record.source, record.source)}")
+    fenced = initiator_iqn(record.source)
+    lost = labels.get(record.source, record.source)
+    if export is not None and fenced in export.sessions:
+        return replace(record, reason=f"storage node {label} still has a session of {lost}")
+    if export is not None and export.acls is not None and fenced in export.acls:
+        return replace(record, reason=f"storage node {label} still lets {lost} in")
     return replace(record, confirmed=tuple(sorted({*record.confirmed, node})), reason="")
 
 

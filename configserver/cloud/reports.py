@@ -44,6 +44,7 @@ class ExportReport:
     error: str | None = None
     sessions: tuple[str, ...] = ()
     progress: float | None = None
+    acls: tuple[str, ...] | None = None  # the initiators LIO lets in (None: not reported)
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,10 @@ def parse_storage(data: Any) -> StorageReport:
             error=_text(entry.get("error"), f"{where}.error"),
             sessions=tuple(str(_text(s, f"{where}.sessions", optional=False))
                            for s in sessions),
-            progress=_number(entry.get("progress"), f"{where}.progress", optional=True)))
+            progress=_number(entry.get("progress"), f"{where}.progress", optional=True),
+            acls=None if entry.get("acls") is None else tuple(
+                str(_text(a, f"{where}.acls", optional=False))
+                for a in _list(entry.get("acls"), f"{where}.acls"))))
     removed = tuple(_volume_id(v, "storage.removed[]")
                     for v in _list(data.get("removed"), "storage.removed"))
     orphans = tuple(str(_text(v, "storage.orphans[]", optional=False))

@@ -396,8 +396,14 @@ async def _lost_node_sweeper(app: web.Application) -> AsyncIterator[None]:
 async def _sweep_lost_nodes(app: web.Application) -> None:
     config = app[CONFIG]
     period = max(0.5, min(config.heartbeat_interval, config.lost_after / 3))
+    started = time.monotonic()
     while True:
         await asyncio.sleep(period)
+        if time.monotonic() - started < config.lost_after:
+            # Heard by nobody while this server was down is not silence: a node is lost only
+            # after lost_after with the server up (a restart after a long outage fences no
+            # dom0 that heartbeats again within it).
+            continue
         try:
             lost = await asyncio.to_thread(app[REGISTRY].mark_lost,
                                            time.time() - config.lost_after)

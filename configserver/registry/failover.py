@@ -86,6 +86,11 @@ def fence_lost(db: sqlite3.Connection, now: float) -> bool:
             current = policy.start_failover(current, mac, legs, 0, now)
             fenced.append(current)
             break  # fenced: nothing more to settle for it
+    for volume in cloud_volumes.load_all(db):  # an ordered detach it will never finish
+        for attachment in volume.attachments:
+            if attachment.node in lost and attachment.detaching:
+                _revoke(db, volume, attachment.node, now)
+                aborted = True
     if not fenced:
         return aborted  # the revocation bumped the generation
     generation = cloud_volumes.bump(db)  # its work, and any later, leaves the dom0s out
@@ -119,7 +124,7 @@ def storage_report(db: sqlite3.Connection, mac: str, report: StorageReport,
                and mac not in i.failover.confirmed]
     if not waiting:
         return
-    exports = {e.volume: policy.ExportSeen(e.state, e.error, e.sessions)
+    exports = {e.volume: policy.ExportSeen(e.state, e.error, e.sessions, e.acls)
                for e in report.exports}
     names, gone = labels(db), _lost(db)
     for instance in waiting:
@@ -180,7 +185,12 @@ def _restart(db: sqlite3.Connection, instance: Instance, free: Instance,
         mac = choose(ceiling(instance), candidates, others)
         placed = claim(free, mac)
         placed = replace(placed, desired_generation=cloud_volumes.generation(db) + 1)
-        cloud_instances.volume_follows(db, placed, mac, now, attach=True)
+        volume = _volume_of(db, instance)
+        if volume is not None and volume.attachment(record.source) is not None:
+            raise VolumeInUse(f"volume {volume.name} is attached to the lost dom0 again",
+                              hint="that must not happen: report it")
+        if volume is not None:
+            cloud_volumes.attach(db, name=volume.name, node=mac, now=now, failover=True)
     except (NoRoom, VolumeInUse, Conflict) as exc:
         reason = f"fenced, but not restarted yet: {exc.message}"
         if record.reason != reason:

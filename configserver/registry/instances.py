@@ -256,6 +256,10 @@ def start(db: sqlite3.Connection, name: str, node: str | None,
     scheduler puts it (``node`` None: the dom0 holding its claim if one does). The claim is
     handed over in this one write; ClaimHeld if another dom0 holds it."""
     current = _existing(db, name, expect)
+    if current.failover is not None:  # its disk must stay away from the lost dom0
+        raise Conflict(f"instance {name} is being failed over: "
+                       f"{current.failover.reason or 'it restarts elsewhere by itself'}",
+                       hint=f"see 'configserver instance show {name}'")
     if node is not None:
         mac = cloud_volumes.dom0(db, node)
     elif current.claim is not None:

@@ -255,11 +255,22 @@ def dom0(db: sqlite3.Connection, ref: str) -> str:
     return mac
 
 
-def attach(db: sqlite3.Connection, name: str, node: str, now: float) -> tuple[Volume, int]:
+def attach(db: sqlite3.Connection, name: str, node: str, now: float, *,
+           failover: bool = False) -> tuple[Volume, int]:
+    """``name`` attached to dom0 ``node``; refused to a lost dom0 and, but for the failover's
+    own restart (``failover``), while the volume is the disk of an instance failing over."""
     volume = _existing(db, name)
     mac = dom0(db, node)
     if volume.state not in EXPORTED_STATES:
         raise Conflict(f"volume {name} is {volume.state}: it cannot be attached")
+    row = db.execute("SELECT state FROM nodes WHERE mac=?", (mac,)).fetchone()
+    if row is not None and row["state"] == NodeState.LOST:
+        raise Conflict(f"{label(db, mac)} is lost: no volume is attached to it",
+                       hint="wait until it heartbeats again")
+    if not failover and db.execute("SELECT 1 FROM instances WHERE volume=? AND failover IS "
+                                   "NOT NULL", (volume.id,)).fetchone():
+        raise VolumeInUse(f"volume {name} is the disk of an instance being failed over",
+                          hint="it is attached where the instance restarts")
     current = volume.attachment(mac)
     if current is not None and not current.detaching:
         return volume, generation(db)  # already: nothing changes

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 from nodeagent.errors import RoleError, ServerError, XenError
 from nodeagent.roles import blockmap, guestnet, guestusage
 from nodeagent.roles.guests import DOMAIN_PREFIX, Action, Do, plan
-from nodeagent.roles.migration import Migrations
+from nodeagent.roles.migration import INCOMING, Migrations
 from nodeagent.roles.xen import Domain, GuestSpec, guest_config, spec_from_work
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,21 @@ class Guests:
 
     async def destroy_unclaimed(self, entries: Sequence[Mapping[str, Any]]) -> None:
         """Destroy, before anything else in a pass, every domain of ours that the work names
-        no claim of (a dom0 back from a lost link: its guests restarted elsewhere)."""
+        no claim of (a dom0 back from a lost link: its guests restarted elsewhere), and what
+        an aborted migration left received here (even if the claim came here since)."""
         named = {e.get("domain") for e in entries}
-        kept = (self.migrations.arriving() | self.migrations.leaving()
-                if self.migrations is not None else set())
+        moves = self.migrations
+        kept = moves.arriving() | moves.leaving() if moves is not None else set()
+        abandoned = set(moves.abandoned) if moves is not None else set()
         for domain in await self.xl.domains():
-            if (domain.name.startswith(DOMAIN_PREFIX) and domain.name not in named
-                    and domain.name not in kept and domain.state != "dying"):
+            if domain.state == "dying" or not domain.name.startswith(DOMAIN_PREFIX):
+                continue
+            if domain.name.removesuffix(INCOMING) in abandoned and domain.name not in kept:
+                await self._stop_hard(domain.name, "its migration here was aborted")
+            elif domain.name not in named and domain.name not in kept:
                 await self._stop_hard(domain.name, "this dom0 holds no claim on it")
+        if moves is not None:
+            moves.abandoned -= abandoned
 
     async def self_fence(self, reason: str) -> int:
         """Destroy every guest here (no heartbeat accepted for too long: the control plane

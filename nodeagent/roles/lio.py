@@ -116,7 +116,6 @@ def _apply_one(rtslib: Any, fabric: Any, stores: dict[str, Any],
         if acl.node_wwn not in wanted:
             log.info("%s: dropping initiator %s", export.target, acl.node_wwn)
             acl.delete()  # closes its live session: fencing
-    sessions = []
     for initiator in export.initiators:
         acl = rtslib.NodeACL(tpg, initiator.iqn, mode="any")
         if acl.chap_userid != initiator.user:
@@ -125,9 +124,15 @@ def _apply_one(rtslib: Any, fabric: Any, stores: dict[str, Any],
             acl.chap_password = initiator.secret
         if not any(m.mapped_lun == 0 for m in acl.mapped_luns):
             rtslib.MappedLUN(acl, 0, lun)
-        session = acl.session
-        if session and session.get("state") == "LOGGED_IN":
-            sessions.append(initiator.iqn)
     if not tpg.enable:
         tpg.enable = True
-    return {"state": "exported", "error": None, "sessions": sessions}
+    # Read back from LIO, not from what was asked: the control plane's proof that a fenced
+    # initiator is out (no ACL, so no session) before it restarts that dom0's guests.
+    acls, sessions = [], []
+    for acl in tpg.node_acls:
+        acls.append(acl.node_wwn)
+        session = acl.session
+        if session and session.get("state") == "LOGGED_IN":
+            sessions.append(acl.node_wwn)
+    return {"state": "exported", "error": None, "sessions": sorted(sessions),
+            "acls": sorted(acls)}

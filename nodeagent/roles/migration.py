@@ -95,6 +95,8 @@ class Migrations:
         self.states: dict[str, dict[str, Any]] = {}  # migration id -> its report line
         self.sent: set[str] = set()  # domains that left this dom0
         self.given_up: set[str] = set()  # arrays stopped here for a migration
+        # Domains received for a migration that was then aborted: destroyed next pass.
+        self.abandoned: set[str] = set()
         self._tasks: dict[str, asyncio.Task[None]] = {}
 
     def fingerprint(self) -> object:
@@ -165,6 +167,10 @@ class Migrations:
                 self._released.pop(key, None)
                 self.sent.discard(state["domain"])
                 self.given_up.discard(state["md"])
+                if state["side"] == "target" and state["state"] != "running":
+                    # Aborted here: what xl received (paused, never resumed under the
+                    # claim) goes, even if this dom0 is given the instance's claim next.
+                    self.abandoned.add(state["domain"])
             elif key not in listed and self.states[key]["side"] == "target":
                 self._tasks[key].cancel()  # aborted: the receiver goes (its helper with it)
 

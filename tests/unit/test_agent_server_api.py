@@ -238,14 +238,32 @@ async def test_silent_ready_nodes_are_marked_lost(aiohttp_client, tmp_path, regi
     token = (await (await lookup(client)).json())["token"]
     assert (await heartbeat(client, token)).status == 200
     assert registry.lookup(MAC).state == NodeState.READY
-    for _ in range(40):
-        await asyncio.sleep(0.1)
-        if registry.lookup(MAC).state == NodeState.LOST:
-            break
-    assert registry.lookup(MAC).state == NodeState.LOST
+    assert await until_lost(registry, MAC, 4.0)
     # A heartbeat brings it back.
     assert (await heartbeat(client, token)).status == 200
     assert registry.lookup(MAC).state == NodeState.READY
+
+
+async def until_lost(registry, mac, seconds):
+    """Whether ``mac`` is marked lost within ``seconds`` (the sweep's background task)."""
+    for _ in range(int(seconds * 10)):
+        if registry.lookup(mac).state == NodeState.LOST:
+            return True
+        await asyncio.sleep(0.1)
+    return registry.lookup(mac).state == NodeState.LOST
+
+
+async def test_a_restarted_server_waits_lost_after_before_it_calls_anyone_lost(
+        aiohttp_client, tmp_path, registry):
+    first = await aiohttp_client(make_app(tmp_path, registry, lost_after=60))
+    token = (await (await lookup(first)).json())["token"]
+    assert (await heartbeat(first, token)).status == 200
+    await first.close()
+    await asyncio.sleep(1.6)  # the "outage": longer than the new server's lost_after
+    await aiohttp_client(make_app(tmp_path, registry, heartbeat_interval=0.1, lost_after=1.5))
+    await asyncio.sleep(1.0)  # sweeps ran (every 0.5 s), but the server is not up that long
+    assert registry.lookup(MAC).state == NodeState.READY
+    assert await until_lost(registry, MAC, 3.0)
 
 
 async def test_a_silent_dom0_is_fenced_by_the_sweep_and_told_its_self_fence_limit(

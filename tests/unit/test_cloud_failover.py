@@ -5,6 +5,7 @@ epoch; nothing restarts while a storage node has not confirmed, and the reason s
 
 from __future__ import annotations
 
+import pytest
 from cloudtest import DOM0, DOM0B, GIB, SN1, SN2
 from cloudtest import storage_report as storage
 from test_cloud_migration import XEN, registry, report, running  # noqa: F401
@@ -23,7 +24,7 @@ from configserver.cloud.migration import RELEASED, SENDING, new_migration
 from configserver.cloud.model import MIB, initiator_iqn
 from configserver.cloud.work import storage_work
 from configserver.config import from_mapping
-from configserver.errors import ConfigError
+from configserver.errors import ConfigError, Conflict, VolumeInUse
 from configserver.model import NodeState
 
 KEY = b"k" * 32
@@ -94,6 +95,10 @@ def test_it_restarts_elsewhere_only_once_every_storage_node_confirmed(registry):
     now = registry.instance("web")
     assert now.failover.confirmed == (SN1,) and now.claim == Claim(DOM0, 1)
     assert "waiting for storage node sn2 to confirm" in now.failover.reason
+    registry.record_cloud_report(SN2, storage(40 * GIB, [{
+        "volume": web.volume, "state": "exported", "error": None, "sessions": [],
+        "acls": [initiator_iqn(DOM0)], "progress": None}]), registry.cloud_generation())
+    assert registry.instance("web").failover.reason == "storage node sn2 still lets dom0-1 in"
     confirm_from(registry, SN2, web.volume, DOM0)  # LIO still shows dom0-1's session
     now = registry.instance("web")
     assert now.failover.confirmed == (SN1,)
@@ -186,6 +191,34 @@ def test_a_source_lost_mid_migration_is_fenced_and_the_target_let_go(registry):
     assert registry.volume("web-disk").attachment(DOM0B) is not None
 
 
+def test_nothing_gives_the_disk_back_to_the_lost_dom0_while_it_fails_over(registry):
+    web_on_dom0_1(registry)
+    lose(registry)
+    with pytest.raises(Conflict, match="is being failed over"):
+        registry.start_instance("web")  # it would attach the disk to its claim's dom0
+    with pytest.raises(Conflict, match="dom0-1 is lost"):
+        registry.attach_volume("web-disk", "dom0-1")
+    registry.set_state(DOM0, NodeState.READY, "heartbeat")  # back, still fenced
+    with pytest.raises(VolumeInUse, match="being failed over"):
+        registry.attach_volume("web-disk", "dom0-1")
+    assert registry.volume("web-disk").attachments == ()
+
+
+def test_a_source_lost_after_the_release_loses_its_detaching_access(registry):
+    web = web_on_dom0_1(registry)
+    step, _ = registry.migrate_instance("web", "dom0-2")
+    moving = step.migration
+    registry.record_cloud_report(DOM0B, report(web.volume, state="standby", moves=[
+        {"id": moving.id, "side": "target", "state": "listening", "port": 40100}]))
+    registry.record_cloud_report(DOM0, report(web.volume, state="released", moves=[
+        {"id": moving.id, "side": "source", "state": "released"}]))
+    assert registry.volume("web-disk").attachment(DOM0).detaching
+    lose(registry, DOM0)  # the target finishes the move; the source keeps no access
+    assert registry.volume("web-disk").attachment(DOM0) is None
+    now = registry.instance("web")
+    assert now.failover is None and now.migration.phase == RELEASED
+
+
 def test_the_fate_of_a_migration_by_phase():
     base = Instance(id="a" * 16, name="web", memory=256 * MIB, vcpus=1, volume="v",
                     desired=Desired.RUNNING, claim=Claim(DOM0, 1), epoch=2)
@@ -222,6 +255,10 @@ def test_confirmations_need_new_enough_work_and_no_session():
     assert seen("other", 12, {}) == record
     held = {"v": ExportSeen("exported", None, (initiator_iqn(DOM0),))}
     assert seen(SN1, 12, held).confirmed == ()
+    let_in = {"v": ExportSeen("exported", None, (), (initiator_iqn(DOM0B), initiator_iqn(DOM0)))}
+    assert seen(SN1, 12, let_in).reason == "storage node sn1 still lets dom0-1 in"
+    others = {"v": ExportSeen("exported", None, (), (initiator_iqn(DOM0B),))}
+    assert seen(SN1, 12, others).confirmed == (SN1,)
     both = seen(SN2, 11, clean, base=seen(SN1, 10, clean))
     assert both.fenced and waiting_reason(both, labels) == ""
     assert from_json(both.to_json()) == both and from_json(None) is None
@@ -233,10 +270,8 @@ def test_self_fencing_follows_lost_after_and_failover():
     assert from_mapping({"cloud": {"self_fence_after": 45}}).self_fence_after == 45.0
     assert from_mapping({"cloud": {"self_fence_after": 0}}).self_fence_after is None
     assert from_mapping({"cloud": {"failover": False}}).self_fence_after is None
-    for wrong in (90, 120, -1):
-        try:
+    for wrong, says in ((90, "below lost_after (90 s)"), (120, "below lost_after"),
+                        (-1, "below lost_after"), (20, "two heartbeat intervals (30 s)")):
+        with pytest.raises(ConfigError) as refused:
             from_mapping({"cloud": {"self_fence_after": wrong}})
-        except ConfigError as exc:
-            assert "below lost_after (90 s)" in exc.message
-        else:
-            raise AssertionError(wrong)
+        assert says in refused.value.message, wrong
