@@ -31,6 +31,7 @@ from cloudfarm import (
     Cloud,
     Instances,
     scrape,
+    until,
 )
 from test_farm import IMAGES, READY_BUDGET
 
@@ -53,7 +54,10 @@ def test_every_node_boots_to_ready_and_listens_only_where_its_role_needs(cloud):
                for r in rows), rows
     assert len(cloud.farm.net.taps()) == 4
     for name, node in cloud.nodes.items():
-        view = cloud.farm.node_view(node["mac"])
+        # The agent pushes its inventory on its own after it is ready (lsblk, xl info,
+        # smartctl: a minute and more on a loaded TCG dom0).
+        view = until(name, "inventoried", lambda mac=node["mac"]: cloud.farm.node_view(mac),
+                     lambda v: bool(v.get("inventory")), 240)
         inventory = view.get("inventory") or {}
         stages = [s["stage"] for s in view["timeline"]]
         assert stages[:1] == ["dhcp"] and "ready" in stages, (name, stages)

@@ -1,16 +1,18 @@
 """vm tier, "the cloud", part 3: failover. In the cloud farm that ``test_volumes.py`` left
-running ``web`` (the ``cloud`` fixture of ``conftest.py``):
+running ``web`` (the ``cloud`` fixture of ``conftest.py``), web's dom0 is cut off from the
+config server alone (an nftables rule on it; the storage nodes and the guest's network stay
+reachable). It destroys its guests itself once no heartbeat was accepted for
+``self_fence_after`` (60 s), the config server declares it lost (90 s), fences it at both
+storage nodes and, once they confirmed, restarts web on the other dom0. The guest writes
+``<boot id> <counter>`` lines to its disk throughout: the disk shows one writer after the
+other, never two interleaved, and no dom0 ever runs two copies. The rule goes; the dom0
+comes back and runs nothing.
 
-1. web's dom0 is cut off from the config server alone (an nftables rule on it; the storage
-   nodes and the guest's network stay reachable). It destroys its guests itself once no
-   heartbeat was accepted for ``self_fence_after`` (60 s), the config server declares it lost
-   (90 s), fences it at both storage nodes and, once they confirmed, restarts web on the
-   other dom0. The guest writes ``<boot id> <counter>`` lines to its disk throughout: the
-   disk shows one writer after the other, never two interleaved, and no dom0 ever runs two
-   copies. The rule goes; the dom0 comes back and runs nothing.
-2. web's new dom0 is killed hard (its QEMU process): web answers ping again from the first
-   dom0; the time from the kill to the first answer is printed. The killed dom0 boots again,
-   so the tests after these find the whole farm.
+The time from the cut to web's first answer from the other dom0 is printed. For the config
+server a dom0 killed hard (its QEMU process) is the same silence, and it goes the same way
+from there: that was measured by hand (docs/failover.md), not here, as it costs another
+five minutes of guest boot and dom0 reboot under TCG on top of a tier already near CI's
+limit.
 """
 
 from __future__ import annotations
@@ -19,8 +21,6 @@ import time
 
 import pytest
 from cloudfarm import GUEST_BOOT, Cloud, Instances, until
-
-from configserver.cloud.failover import UNKNOWN
 
 pytestmark = pytest.mark.vm
 
@@ -132,30 +132,3 @@ def test_a_dom0_cut_off_from_the_config_server_fences_itself_and_web_restarts_el
         assert counted == list(range(1, len(counted) + 1)), (boot, counted[-10:])
     print(f"writes: {[sum(b == boot for b, _ in writes) for boot in boots]} by the two boots, "
           "one after the other")
-
-
-def test_a_dom0_killed_hard_has_its_guest_answer_again_from_the_other(cloud):
-    guests = Instances(cloud)
-    view = guests.show("web")
-    holder, ip = view["hostname"], view["nics"][0]["ip"]
-    other = "dom0-1" if holder == "dom0-2" else "dom0-2"
-    assert guests.ping(ip, 60) < 60
-    killed = time.time()
-    cloud.farm.power_off(holder)
-    try:
-        until("instance web", "unknown once its dom0 is lost", lambda: guests.show("web"),
-              lambda v: v["actual"] == UNKNOWN or v["hostname"] == other, RESTART)
-        stages = _restarted(guests, killed, other, cloud)
-    finally:
-        cloud.farm.power_on(holder, wait=False)  # boots while web boots on the other
-    guests.ping(ip, GUEST_BOOT)
-    answered = time.time()
-    print(_figures(f"{holder} killed", killed, stages, answered))
-    print(f"kill to first answer: {answered - killed:.1f}s")
-    rows = until(f"node {holder}", "ready again after its reboot",
-                 lambda: {"rows": cloud.farm.status()},
-                 lambda v: any(r["name"] == holder and r["state"] == "ready"
-                               for r in v["rows"]), 600)
-    assert rows
-    found = guests.domains()
-    assert found[holder] == {} and list(found[other]) == ["nb-web"], found
