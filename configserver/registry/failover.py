@@ -26,6 +26,7 @@ from configserver.errors import Conflict, NoRoom, VolumeInUse
 from configserver.model import NodeState
 from configserver.registry import instances as cloud_instances
 from configserver.registry import volumes as cloud_volumes
+from configserver.registry.migrations import volume_of
 
 log = logging.getLogger(__name__)
 
@@ -38,13 +39,6 @@ def labels(db: sqlite3.Connection) -> dict[str, str]:
 def _lost(db: sqlite3.Connection) -> set[str]:
     return {r["mac"] for r in db.execute("SELECT mac FROM nodes WHERE state=?",
                                          (str(NodeState.LOST),))}
-
-
-def _volume_of(db: sqlite3.Connection, instance: Instance) -> Volume | None:
-    if instance.volume is None:
-        return None
-    row = db.execute("SELECT name FROM volumes WHERE id=?", (instance.volume,)).fetchone()
-    return cloud_volumes.by_name(db, row["name"]) if row else None
 
 
 def _revoke(db: sqlite3.Connection, volume: Volume | None, mac: str, now: float) -> None:
@@ -68,7 +62,7 @@ def fence_lost(db: sqlite3.Connection, now: float) -> bool:
             fate = policy.migration_fate(current, mac)
             if fate is None:
                 continue
-            volume = _volume_of(db, current)
+            volume = volume_of(db, current)
             moving = current.migration
             if fate.abort and moving is not None:
                 if moving.target != mac:
@@ -185,7 +179,7 @@ def _restart(db: sqlite3.Connection, instance: Instance, free: Instance,
         mac = choose(ceiling(instance), candidates, others)
         placed = claim(free, mac)
         placed = replace(placed, desired_generation=cloud_volumes.generation(db) + 1)
-        volume = _volume_of(db, instance)
+        volume = volume_of(db, instance)
         if volume is not None and volume.attachment(record.source) is not None:
             raise VolumeInUse(f"volume {volume.name} is attached to the lost dom0 again",
                               hint="that must not happen: report it")

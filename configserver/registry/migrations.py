@@ -28,7 +28,8 @@ from configserver.registry import volumes as cloud_volumes
 from configserver.registry.volumes import bump
 
 
-def _volume_of(db: sqlite3.Connection, instance: Instance) -> Volume | None:
+def volume_of(db: sqlite3.Connection, instance: Instance) -> Volume | None:
+    """The instance's disk, if it has one."""
     if instance.volume is None:
         return None
     row = db.execute("SELECT name FROM volumes WHERE id=?", (instance.volume,)).fetchone()
@@ -79,7 +80,7 @@ def check(db: sqlite3.Connection, instance: Instance, to: str | None) -> str:
             f"{facts.get('version') or 'unknown'}, {cloud_volumes.label(db, target)} "
             f"{there.get('version') or 'unknown'}",
             hint="migrate between dom0s booted from the same image")
-    volume = _volume_of(db, instance)
+    volume = volume_of(db, instance)
     if volume is None:
         raise MigrationRefused(f"instance {name} has no disk to run from")
     safe = [g for g in volume.legs if g.state == "exported" and g.member == "active"]
@@ -105,7 +106,7 @@ def migrate(db: sqlite3.Connection, name: str, to: str | None, now: float,
     epoch = instance.epoch + 1
     moving = replace(instance, epoch=epoch, updated=now,
                      migration=new_migration(instance.claim.node, target, epoch, now))
-    volume = _volume_of(db, instance)
+    volume = volume_of(db, instance)
     assert volume is not None
     if volume.attachment(target) is None:
         cloud_volumes.save(db, replace(volume.with_attachment(Attachment(target), target),
@@ -142,7 +143,7 @@ def _apply(db: sqlite3.Connection, instance: Instance, outcome: Outcome,
            now: float) -> Instance:
     migration = instance.migration
     assert migration is not None
-    volume = _volume_of(db, instance)
+    volume = volume_of(db, instance)
     detail: dict[str, object] = {
         "node": migration.target if report.side == "target" else migration.source}
     if report.error:
@@ -171,4 +172,4 @@ def _apply(db: sqlite3.Connection, instance: Instance, outcome: Outcome,
     return moved
 
 
-__all__ = ["apply_reports", "check", "migrate"]
+__all__ = ["apply_reports", "check", "migrate", "volume_of"]
